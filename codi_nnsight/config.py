@@ -1,0 +1,182 @@
+"""CODI model description: the `codi.json` file, its dataclass, and the built-in presets."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+#: LoRA target modules used by the official CODI training scripts, per model family.
+DEFAULT_LORA_TARGETS: dict[str, list[str]] = {
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"],
+}
+
+SUPPORTED_FAMILIES = tuple(DEFAULT_LORA_TARGETS)
+
+
+@dataclass
+class CODIConfig:
+    """Everything needed to rebuild a CODI model.
+
+    `base` is a local directory or a Hugging Face id holding the tokenizer and config of the base LM;
+    `checkpoint` is a `model.safetensors` / `pytorch_model.bin` file (a local path, or
+    `hf://<repo id>/<file>` for a file on the hub) with the state_dict of the official `CODI` module.
+    """
+
+    base: str
+    checkpoint: str
+    num_latent: int = 6
+    lora_r: int = 128
+    lora_alpha: int = 32
+    lora_target_modules: list[str] | None = None
+    prj_dim: int | None = None
+    use_prj: bool = True
+    prj_no_ln: bool = False
+    remove_eos: bool = True
+    name: str | None = None
+    revision: str | None = None
+    #: Folder of the json the config came from (not serialized; resolves relative paths).
+    root: str | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.num_latent < 0:
+            raise UserError(f"codi config: num_latent must be >= 0, got {self.num_latent}")
+        if self.lora_r < 0:
+            raise UserError(f"codi config: lora_r must be >= 0, got {self.lora_r}")
+
+    # -- paths -------------------------------------------------------------------------------
+    def _resolve(self, value: str) -> str:
+        """Resolve a relative local path against the json's folder; leave hub ids alone."""
+        if value.startswith("hf://") or self.root is None or Path(value).is_absolute():
+            return value
+        candidate = Path(self.root) / value
+        # "gpt2" is a hub id unless a folder of that name sits beside the json.
+        return str(candidate) if candidate.exists() else value
+
+    @property
+    def base_path(self) -> str:
+        """The base LM location with relative paths resolved."""
+        return self._resolve(self.base)
+
+    @property
+    def checkpoint_path(self) -> str:
+        """The checkpoint location with relative paths resolved."""
+        if self.checkpoint.startswith("hf://") or self.root is None:
+            return self.checkpoint
+        p = Path(self.checkpoint)
+        return str(p if p.is_absolute() else Path(self.root) / p)
+
+    def display_name(self) -> str:
+        """A short human name for titles and provenance."""
+        return self.name or Path(self.checkpoint).parent.name or self.base
+
+    # -- (de)serialization --------------------------------------------------------------------
+    def to_dict(self, resolved: bool = False) -> dict[str, Any]:
+        """The json-ready dict (with absolute paths when `resolved`)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "root"}
+        if resolved:
+            d["base"] = self.base_path
+            d["checkpoint"] = self.checkpoint_path
+        return d
+
+    def to_json(self, resolved: bool = False) -> str:
+        """Canonical JSON (sorted keys) — also what the NDIF model key carries."""
+        return json.dumps(self.to_dict(resolved=resolved), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "codi config", root: str | None = None) -> CODIConfig:
+        """Build from a parsed json object, rejecting unknown keys and wrong types."""
+        if not isinstance(data, dict):
+            raise UserError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        known = {f.name: f for f in dataclasses.fields(cls) if f.name != "root"}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise UserError(f"{source}: unknown key(s) {', '.join(map(repr, unknown))}; "
+                            f"known keys: {', '.join(sorted(known))}")
+        for key in ("base", "checkpoint"):
+            if key not in data:
+                raise UserError(f"{source}: missing required key {key!r}")
+        types: dict[str, tuple[type, ...]] = {
+            "base": (str,), "checkpoint": (str,), "num_latent": (int,), "lora_r": (int,),
+            "lora_alpha": (int, float), "lora_target_modules": (list, type(None)),
+            "prj_dim": (int, type(None)), "use_prj": (bool,), "prj_no_ln": (bool,),
+            "remove_eos": (bool,), "name": (str, type(None)), "revision": (str, type(None)),
+        }
+        for key, value in data.items():
+            ok = isinstance(value, types[key])
+            # bool is an int subclass: a `true` where a number belongs is a typo, not a 1.
+            if isinstance(value, bool) and bool not in types[key]:
+                ok = False
+            if key == "lora_target_modules" and isinstance(value, list):
+                ok = all(isinstance(v, str) for v in value)
+            if not ok:
+                want = " or ".join("null" if t is type(None) else t.__name__ for t in types[key])
+                raise UserError(f"{source}: key {key!r} must be {want}, got {json.dumps(value)}")
+        return cls(**data, root=root)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> CODIConfig:
+        """Read a `codi.json` file (relative paths resolve against its folder)."""
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise UserError(f"{path}: no such file") from None
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path}: not UTF-8 (byte {e.start})") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+        return cls.from_dict(data, source=str(path), root=str(path.parent.resolve()))
+
+    def save(self, path: str | Path) -> None:
+        """Write this config as a `codi.json` (paths as given, not resolved)."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+
+#: Public CODI checkpoints (need internet; the checkpoint file is fetched from the hub).
+PRESETS: dict[str, CODIConfig] = {
+    "codi-gpt2": CODIConfig(
+        base="gpt2", checkpoint="hf://zen-E/CODI-gpt2/pytorch_model.bin", num_latent=6,
+        lora_r=128, lora_alpha=32, prj_dim=768, remove_eos=True, name="CODI-gpt2"),
+    "codi-llama3.2-1b": CODIConfig(
+        base="meta-llama/Llama-3.2-1B-Instruct",
+        checkpoint="hf://zen-E/CODI-llama3.2-1b-Instruct/pytorch_model.bin", num_latent=6,
+        lora_r=128, lora_alpha=32, prj_dim=2048, remove_eos=True, name="CODI-llama3.2-1b-Instruct"),
+}
+PRESETS["zen-E/CODI-gpt2"] = PRESETS["codi-gpt2"]
+PRESETS["zen-E/CODI-llama3.2-1b-Instruct"] = PRESETS["codi-llama3.2-1b"]
+
+
+def bundled_model_dir() -> Path:
+    """Folder of the toy CODI model shipped inside the package."""
+    return Path(__file__).parent / "assets" / "toy-codi"
+
+
+def resolve_model_spec(spec: str | Path | CODIConfig | None) -> CODIConfig:
+    """Turn a `--model` value (codi.json path, folder holding one, preset name, or None) into a config."""
+    if isinstance(spec, CODIConfig):
+        return spec
+    if spec is None:
+        path = bundled_model_dir() / "codi.json"
+        if not path.exists():
+            raise UserError("no --model given and the bundled toy model is not installed")
+        return CODIConfig.from_json(path)
+    s = str(spec)
+    p = Path(s)
+    if p.is_dir():
+        if not (p / "codi.json").exists():
+            raise UserError(f"{p}: folder holds no codi.json")
+        return CODIConfig.from_json(p / "codi.json")
+    if p.suffix == ".json" or p.exists():
+        return CODIConfig.from_json(p)
+    if s in PRESETS:
+        return dataclasses.replace(PRESETS[s])
+    raise UserError(f"--model {s!r}: not a codi.json file, a folder holding one, or a preset "
+                    f"({', '.join(sorted(PRESETS))})")

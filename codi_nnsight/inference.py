@@ -1,0 +1,108 @@
+"""Greedy CODI inference and accuracy, run as nnsight traces (local or remote)."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .model import CODIModel
+
+_NUMBER = re.compile(r"-?\d+\.?\d*")
+
+
+def extract_answer_number(text: str) -> float | None:
+    """The answer the way the official CODI code reads it: the last number, commas removed.
+
+    Returns None where the text holds no number (the official code uses `inf`).
+    """
+    found = _NUMBER.findall(text.replace(",", ""))
+    if not found:
+        return None
+    value = float(found[-1])
+    return value if math.isfinite(value) else None
+
+
+def format_answer(value: float) -> str:
+    """An answer as the model writes it: integers without a decimal point."""
+    if float(value).is_integer():
+        return str(int(value))
+    return repr(float(value))
+
+
+def decode(model: CODIModel, ids: Iterable[int]) -> str:
+    """Decode generated ids (stopping at -1 padding; CODI's added pad/bot/eot ids dropped)."""
+    keep = [int(i) for i in ids if 0 <= int(i) < model.codi.pad_id]
+    return model.tokenizer.decode(keep, skip_special_tokens=True)
+
+
+def generate(model: CODIModel, questions: list[str], max_new_tokens: int = 64,
+             remote: bool | str = False) -> list[str]:
+    """Greedy completions after `[eot]` for a batch of questions, in one trace."""
+    inputs = model.prepare(questions, max_new_tokens=max_new_tokens)
+    with model.trace(**inputs, remote=remote):
+        generated = model.output["generated"].save()
+    return [decode(model, row) for row in torch.as_tensor(generated).cpu().tolist()]
+
+
+@dataclass
+class Answer:
+    """One evaluated question."""
+
+    pair_id: int
+    variant: str
+    question: str
+    answer: float
+    completion: str
+    predicted: float | None
+
+    @property
+    def correct(self) -> bool:
+        """Whether the parsed prediction equals the true answer."""
+        return self.predicted is not None and self.predicted == self.answer
+
+    def to_record(self) -> dict[str, Any]:
+        """The `--out` json record."""
+        return {"pair_id": self.pair_id, "variant": self.variant, "question": self.question,
+                "answer": self.answer, "completion": self.completion, "predicted": self.predicted,
+                "correct": self.correct}
+
+
+def evaluate_pairs(model: CODIModel, pairs: Any, max_new_tokens: int = 64, batch_size: int = 16,
+                   progress: bool = False, remote: bool | str = False) -> list[Answer]:
+    """Greedy answers for the clean and corrupted variant of every pair."""
+    items = [(p.pair_id, v, getattr(p, v)) for p in pairs for v in ("clean", "corrupted")]
+    answers: list[Answer] = []
+    bar = _progress(len(items), "evaluate", progress)
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        texts = generate(model, [q.question for _, _, q in chunk], max_new_tokens, remote=remote)
+        for (pid, variant, q), text in zip(chunk, texts):
+            answers.append(Answer(pid, variant, q.question, float(q.answer), text,
+                                  extract_answer_number(text)))
+        bar.update(len(chunk))
+    bar.close()
+    return answers
+
+
+def accuracy_summary(answers: list[Answer]) -> dict[str, float]:
+    """Accuracy per variant and for pairs with both variants right."""
+    out: dict[str, float] = {}
+    for variant in ("clean", "corrupted"):
+        sel = [a for a in answers if a.variant == variant]
+        out[variant] = sum(a.correct for a in sel) / len(sel) if sel else float("nan")
+    by_pair: dict[int, list[bool]] = {}
+    for a in answers:
+        by_pair.setdefault(a.pair_id, []).append(a.correct)
+    out["both"] = (sum(all(v) for v in by_pair.values()) / len(by_pair)) if by_pair else float("nan")
+    return out
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False)

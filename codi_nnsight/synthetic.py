@@ -1,0 +1,257 @@
+"""Synthetic multi-step arithmetic word problems with a tiny vocabulary.
+
+Used to train a toy CODI model with a char-level tokenizer and as test data.  Every problem is a
+left-to-right chain: step 0 combines the first two question numbers, every later step combines
+the previous result with the next question number, so ``steps[i]`` looks like ``"12-2=10"``.
+Question numbers are distinct and appear exactly once as standalone tokens, in chain order,
+which makes a one-number corruption (and its recomputed answer) unambiguous.
+
+Characters used: ASCII letters, digits, space and ``.,?*+-=/`` (questions use only letters,
+digits, space, ``.`` and ``?``; the steps add the operators).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from codi_nnsight.pairs import Pair, PairSet, Question
+
+__all__ = [
+    "MAX_RESULT",
+    "Problem",
+    "apply_op",
+    "corrupt",
+    "make_problem",
+    "make_problems",
+    "make_synthetic_pairs",
+]
+
+MAX_RESULT = 99
+_MIN_STEPS, _MAX_STEPS = 2, 4
+_NAMES = (
+    ("Tom", "He"),
+    ("Ann", "She"),
+    ("Sam", "He"),
+    ("Mia", "She"),
+    ("Ben", "He"),
+    ("Eva", "She"),
+)
+_OBJECTS = ("apples", "pens", "cards", "coins", "eggs", "books")
+_CONTAINERS = ("boxes", "bags", "baskets")
+_STEP = re.compile(r"(\d+)([-+*/])(\d+)=(\d+)")
+_TOKEN = re.compile(r"\b\d+\b")
+
+# Sentence templates per operator; {p} pronoun, {o} object, {k} the question number.
+_OP_TEMPLATES = {
+    "+": ("{p} buys {k} more {o}.", "{p} finds {k} more {o}.", "Then {p2} gets {k} more {o}."),
+    "-": ("{p} eats {k} {o}.", "{p} gives {k} {o} away.", "Then {p2} loses {k} {o}."),
+    "*": ("Then the number of {o} is multiplied by {k}.", "{p} makes the pile {k} times bigger."),
+    "/": (
+        "{p} splits the {o} into {k} equal groups and keeps one group.",
+        "Then {p2} puts them into {k} equal piles and keeps one pile.",
+    ),
+}
+
+
+@dataclass
+class Problem:
+    """A word problem, its chain of steps (``"3*4=12"``), answer and question numbers."""
+
+    question: str
+    steps: list[str]
+    answer: int
+    numbers: list[int]
+
+
+def apply_op(a: int, op: str, b: int) -> int | None:
+    """Result of ``a op b`` if it stays an integer in [0, MAX_RESULT], else None."""
+    if op == "+":
+        r = a + b
+    elif op == "-":
+        r = a - b
+    elif op == "*":
+        r = a * b
+    elif op == "/":
+        if b == 0 or a % b:
+            return None
+        r = a // b
+    else:
+        raise ValueError(f"unknown operator {op!r}")
+    return r if 0 <= r <= MAX_RESULT else None
+
+
+def _chain(numbers: Sequence[int], ops: Sequence[str]) -> list[int] | None:
+    """Left-to-right results, or None if any step is invalid."""
+    results = []
+    acc = numbers[0]
+    for op, b in zip(ops, numbers[1:]):
+        r = apply_op(acc, op, b)
+        if r is None:
+            return None
+        results.append(r)
+        acc = r
+    return results
+
+
+def _choose_operand(
+    rng: random.Random, acc: int, op: str, used: set[int], max_value: int
+) -> int | None:
+    """An unused operand for ``acc op k`` giving a valid (and non-trivial) result."""
+    if op in "*/":
+        # Multipliers/divisors stay small: they read naturally and keep results in range.
+        pool = range(2, min(max_value, 9) + 1)
+    else:
+        pool = range(2, max_value + 1)  # avoid "1 apples"
+    options = [k for k in pool if k not in used and apply_op(acc, op, k) not in (None, 0)]
+    return rng.choice(options) if options else None
+
+
+def make_problem(rng: random.Random, n_steps: int, max_value: int = 20) -> Problem:
+    """A templated word problem with ``n_steps`` (2-4) integer steps, results in [1, 99]."""
+    if not _MIN_STEPS <= n_steps <= _MAX_STEPS:
+        raise ValueError(f"n_steps must be in [{_MIN_STEPS}, {_MAX_STEPS}], got {n_steps}")
+    if max_value < 4:
+        raise ValueError("max_value must be >= 4")
+    name, pron = rng.choice(_NAMES)
+    obj = rng.choice(_OBJECTS)
+    for _ in range(1000):  # rejection sampling; almost always succeeds on the first tries
+        product_start = rng.random() < 0.5
+        first = rng.randint(2, min(max_value, 9) if product_start else max_value)
+        numbers = [first]
+        ops: list[str] = []
+        acc = first
+        n_ops = n_steps
+        if product_start:
+            k = _choose_operand(rng, acc, "*", set(numbers), max_value)
+            if k is None:
+                continue
+            numbers.append(k)
+            ops.append("*")
+            acc *= k
+            n_ops -= 1
+        ok = True
+        for _ in range(n_ops):
+            for op in rng.sample("+-*/", 4):
+                k = _choose_operand(rng, acc, op, set(numbers), max_value)
+                if k is not None:
+                    break
+            else:
+                ok = False
+                break
+            numbers.append(k)
+            ops.append(op)
+            acc = apply_op(acc, op, k)
+        if ok:
+            return _render(rng, name, pron, obj, product_start, numbers, ops)
+    raise RuntimeError("could not generate a valid problem")  # pragma: no cover
+
+
+def _render(
+    rng: random.Random,
+    name: str,
+    pron: str,
+    obj: str,
+    product_start: bool,
+    numbers: list[int],
+    ops: list[str],
+) -> Problem:
+    if product_start:
+        box = rng.choice(_CONTAINERS)
+        sentences = [f"{name} has {numbers[0]} {box} with {numbers[1]} {obj} each."]
+        rest = list(zip(ops[1:], numbers[2:]))
+    else:
+        sentences = [f"{name} has {numbers[0]} {obj}."]
+        rest = list(zip(ops, numbers[1:]))
+    for op, k in rest:
+        template = rng.choice(_OP_TEMPLATES[op])
+        sentences.append(template.format(p=pron, p2=pron.lower(), o=obj, k=k))
+    sentences.append(f"How many {obj} does {pron.lower()} have now?")
+    question = " ".join(sentences)
+    results = _chain(numbers, ops)
+    assert results is not None  # guaranteed by construction
+    steps = _format_steps(numbers, ops, results)
+    return Problem(question=question, steps=steps, answer=results[-1], numbers=list(numbers))
+
+
+def _format_steps(numbers: Sequence[int], ops: Sequence[str], results: Sequence[int]) -> list[str]:
+    lhs = [numbers[0], *results[:-1]]
+    return [f"{a}{op}{b}={r}" for a, op, b, r in zip(lhs, ops, numbers[1:], results)]
+
+
+def make_problems(
+    n: int, seed: int, steps: tuple[int, int] = (2, 4), max_value: int = 20
+) -> list[Problem]:
+    """``n`` problems with step counts uniform in ``steps`` (inclusive); deterministic."""
+    rng = random.Random(seed)
+    return [make_problem(rng, rng.randint(*steps), max_value) for _ in range(n)]
+
+
+def _ops_of(problem: Problem) -> list[str]:
+    ops = []
+    for s in problem.steps:
+        m = _STEP.fullmatch(s)
+        if m is None:
+            raise ValueError(f"malformed step {s!r}")
+        ops.append(m.group(2))
+    return ops
+
+
+def corrupt(
+    problem: Problem, rng: random.Random, offsets: Sequence[int] = (-1, 1)
+) -> Problem | None:
+    """Change exactly one question number by an offset and recompute the chain.
+
+    Numbers and offsets are tried in ``rng`` order; returns the first valid variant (all
+    results in [0, 99], exact divisions, the new number still unique and >= 2, answer
+    changed), or None if there is none.
+    """
+    ops = _ops_of(problem)
+    spans = [m.span() for m in _TOKEN.finditer(problem.question)]
+    if len(spans) != len(problem.numbers):
+        raise ValueError("question numbers do not match problem.numbers")
+    for j in rng.sample(range(len(problem.numbers)), len(problem.numbers)):
+        for off in rng.sample(list(offsets), len(offsets)):
+            new = problem.numbers[j] + off
+            # >= 2: "multiplied by 1" or "1 apples" would make degenerate problems.
+            if new < 2 or new == problem.numbers[j] or new in problem.numbers:
+                continue
+            numbers = list(problem.numbers)
+            numbers[j] = new
+            results = _chain(numbers, ops)
+            if results is None or results[-1] == problem.answer:
+                continue
+            start, end = spans[j]
+            question = problem.question[:start] + str(new) + problem.question[end:]
+            return Problem(question, _format_steps(numbers, ops, results), results[-1], numbers)
+    return None
+
+
+def make_synthetic_pairs(
+    n: int,
+    seed: int,
+    steps: tuple[int, int] = (2, 4),
+    max_value: int = 20,
+    offsets: Sequence[int] = (-1, 1),
+) -> PairSet:
+    """``n`` clean/corrupted pairs (ids 0..n-1) with meta ``reasoning_steps``, ``steps``."""
+    rng = random.Random(seed)
+    pairs: list[Pair] = []
+    while len(pairs) < n:
+        clean = make_problem(rng, rng.randint(*steps), max_value)
+        bad = corrupt(clean, rng, offsets)
+        if bad is None:
+            continue
+        changed = next(f"{a}->{b}" for a, b in zip(clean.numbers, bad.numbers) if a != b)
+        qs = [
+            Question(
+                p.question,
+                float(p.answer),
+                {"reasoning_steps": len(p.steps), "steps": list(p.steps), "changed": changed},
+            )
+            for p in (clean, bad)
+        ]
+        pairs.append(Pair(len(pairs), qs[0], qs[1]))
+    return PairSet.from_pairs(pairs)

@@ -1,0 +1,163 @@
+"""Tiny CODI models in exactly the official layout, for tests and offline dry runs.
+
+`write_tiny_codi(out_dir, family="gpt2"|"llama")` writes:
+
+    out_dir/codi.json
+    out_dir/base/{config.json, tokenizer.json, tokenizer_config.json, ...}
+    out_dir/ckpt/model.safetensors      (keys `codi.base_model.model.*` with peft LoRA, `prj.*`)
+
+The tokenizer is byte-level (every byte one token), so it encodes any text with a tiny vocab.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import DEFAULT_LORA_TARGETS, CODIConfig
+from .errors import UserError
+
+BYTE_VOCAB = 256
+
+
+def _byte_chars() -> list[str]:
+    """The printable stand-in character of each byte, as in GPT-2's byte-level BPE."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars = {b: chr(b) for b in keep}
+    n = 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + n)
+            n += 1
+    return [chars[b] for b in range(256)]
+
+
+def byte_tokenizer(family: str) -> Any:
+    """A byte-level fast tokenizer: ids 0-255 are bytes, then the family's special tokens.
+
+    GPT-2 family: `<|endoftext|>` (id 256) is bos/eos and nothing is added to a text.
+    Llama family: `<s>` (256) is prepended to every text, `</s>` (257) is eos.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(_byte_chars())}
+    specials = ["<|endoftext|>"] if family == "gpt2" else ["<s>", "</s>"]
+    for s in specials:
+        vocab[s] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    if family == "gpt2":
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=specials[0],
+                                       eos_token=specials[0], unk_token=specials[0])
+    else:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])])
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                       unk_token="</s>")
+    return fast
+
+
+def tiny_hf_config(family: str, n_layers: int = 2, hidden: int = 32, heads: int = 4,
+                   kv_heads: int | None = None, intermediate: int | None = None,
+                   vocab: int = BYTE_VOCAB + 2, max_positions: int = 512) -> Any:
+    """A small transformers config of the given family (vocab before CODI's +3)."""
+    from transformers import GPT2Config, LlamaConfig
+
+    if family == "gpt2":
+        return GPT2Config(vocab_size=vocab, n_positions=max_positions, n_embd=hidden, n_layer=n_layers,
+                          n_head=heads, bos_token_id=BYTE_VOCAB, eos_token_id=BYTE_VOCAB,
+                          tie_word_embeddings=True)
+    if family == "llama":
+        return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate or hidden * 2,
+                           num_hidden_layers=n_layers, num_attention_heads=heads,
+                           num_key_value_heads=kv_heads or heads, max_position_embeddings=max_positions,
+                           bos_token_id=BYTE_VOCAB, eos_token_id=BYTE_VOCAB + 1, tie_word_embeddings=True,
+                           rms_norm_eps=1e-5)
+    raise UserError(f"unknown family {family!r}: expected one of {sorted(DEFAULT_LORA_TARGETS)}")
+
+
+def official_state_dict(lm: torch.nn.Module, prj: torch.nn.Module, family: str, lora_r: int,
+                        lora_alpha: int, targets: list[str], seed: int = 0,
+                        tied_key: str = "both") -> dict[str, torch.Tensor]:
+    """The state_dict an official `CODI` module would save: peft-wrapped LM under `codi.`, `prj.`.
+
+    LoRA weights are random (not peft's zero-B default) so that merging really matters.
+    `tied_key` chooses how a tied embedding is stored: `both`, `lm_head` or `embedding`.
+    """
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    g = torch.Generator().manual_seed(seed + 1)
+    peft_lm = get_peft_model(copy.deepcopy(lm), LoraConfig(
+        r=lora_r, lora_alpha=lora_alpha, target_modules=targets, lora_dropout=0.0,
+        init_lora_weights=False, fan_in_fan_out=(family == "gpt2")))
+    with torch.no_grad():
+        for name, p in peft_lm.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    sd = {"codi." + k: v.detach().clone().contiguous() for k, v in peft_lm.state_dict().items()}
+    emb = "codi.base_model.model." + ("transformer.wte.weight" if family == "gpt2"
+                                      else "model.embed_tokens.weight")
+    head = "codi.base_model.model.lm_head.weight"
+    if tied_key == "lm_head":
+        sd[head] = sd.pop(emb) if emb in sd else sd[head]
+    elif tied_key == "embedding":
+        sd.pop(head, None)
+    else:
+        sd.setdefault(head, sd[emb].clone())
+    sd.update({"prj." + k: v.detach().clone().contiguous() for k, v in prj.state_dict().items()})
+    return sd
+
+
+def write_tiny_codi(out_dir: str | Path, family: str = "gpt2", n_layers: int = 2, hidden: int = 32,
+                    heads: int = 4, kv_heads: int | None = None, num_latent: int = 3, lora_r: int = 4,
+                    lora_alpha: int = 8, prj_dim: int | None = None, seed: int = 0,
+                    remove_eos: bool = True, checkpoint_format: str = "safetensors",
+                    tied_key: str = "both", init_std: float = 0.2) -> Path:
+    """Write a tiny random CODI model in the official layout; return the path of its `codi.json`.
+
+    `init_std` scales the random weights: larger values give sharper, more varied predictions
+    (a default-initialized tiny model predicts almost uniformly, which tests nothing).
+    """
+    from transformers import AutoModelForCausalLM
+
+    from .codi import make_prj
+
+    out = Path(out_dir)
+    (out / "base").mkdir(parents=True, exist_ok=True)
+    (out / "ckpt").mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    hf_config = tiny_hf_config(family, n_layers=n_layers, hidden=hidden, heads=heads, kv_heads=kv_heads)
+    hf_config.save_pretrained(out / "base")
+    byte_tokenizer(family).save_pretrained(out / "base")
+    vocab = hf_config.vocab_size
+    big = type(hf_config).from_dict(hf_config.to_dict())
+    big.vocab_size = vocab + 3
+    lm = AutoModelForCausalLM.from_config(big, attn_implementation="eager")
+    with torch.no_grad():  # larger random weights than HF's init so outputs are not uniform
+        g = torch.Generator().manual_seed(seed)
+        for _name, p in lm.named_parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * init_std)
+    prj = make_prj(hidden, prj_dim or hidden, True, False)
+    targets = DEFAULT_LORA_TARGETS[family]
+    sd = official_state_dict(lm, prj, family, lora_r, lora_alpha, targets, seed=seed, tied_key=tied_key)
+    if checkpoint_format == "safetensors":
+        from safetensors.torch import save_file
+
+        ckpt = Path("ckpt/model.safetensors")
+        save_file(sd, str(out / ckpt))
+    else:
+        ckpt = Path("ckpt/pytorch_model.bin")
+        torch.save(sd, out / ckpt)
+    cfg = CODIConfig(base="base", checkpoint=str(ckpt), num_latent=num_latent, lora_r=lora_r,
+                     lora_alpha=lora_alpha, lora_target_modules=targets, prj_dim=prj_dim or hidden,
+                     remove_eos=remove_eos, name=f"tiny-{family}")
+    cfg.save(out / "codi.json")
+    return out / "codi.json"

@@ -1,0 +1,100 @@
+"""The command line, end to end: real files in, real files and exit codes out."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import xarray as xr
+from click.testing import CliRunner
+
+from codi_nnsight.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli") / "tiny"
+    result = CliRunner().invoke(main, ["make-tiny", "--out", str(d), "--num-latent", "3"])
+    assert result.exit_code == 0, result.output
+    return d
+
+
+def run(*args, **kw):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False, **kw)
+
+
+def test_patch_analyze_report(tiny_dir, tmp_path):
+    out = tmp_path / "r.nc"
+    r = run("patch", "--model", str(tiny_dir), "--out", str(out), "--limit", "3", "--layers", "0-1")
+    assert r.exit_code == 0, r.output
+    assert "wrote" in r.output and "sanity checks passed" in r.output
+    ds = xr.open_dataset(out)
+    assert ds.sizes["pair"] == 3 and list(ds["layer"].values) == [0, 1]
+    assert ds["kl"].attrs["units"] == "nats" and ds.attrs["command"].startswith("codi-nnsight patch")
+    assert not (tmp_path / "r.nc.partial").exists()
+    r = run("analyze", str(out))
+    assert r.exit_code == 0 and "layer" in r.output and "95% CI" in r.output
+    r = run("report", str(out), "--out", str(tmp_path / "rep"))
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "rep" / "report.md").stat().st_size > 0
+    assert (tmp_path / "rep" / "report.html").stat().st_size > 0
+
+
+def test_evaluate_writes_answers(tiny_dir, tmp_path):
+    out = tmp_path / "answers.json"
+    r = run("evaluate", "--model", str(tiny_dir), "--limit", "2", "--max-new-tokens", "4", "--out", str(out))
+    assert r.exit_code == 0, r.output
+    records = json.loads(out.read_text())
+    assert len(records) == 4
+    assert set(records[0]) >= {"pair_id", "variant", "question", "answer", "completion", "predicted"}
+    assert "accuracy clean" in r.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["patch", "--layers", "7", "--out", "x.nc"], "error: --layers: layer 7 out of range (model has 2 layers, 0-1)"),
+    (["patch", "--layers", "", "--out", "x.nc"], "error: --layers: empty layer list"),
+    (["patch", "--pairs", "missing.json", "--out", "x.nc"], "error: missing.json: file not found"),
+    (["analyze", "nope.nc"], "error: nope.nc: no such file"),
+])
+def test_errors_are_one_line_exit_2(tiny_dir, tmp_path, args, message, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    if args[0] == "patch":
+        args = [args[0], "--model", str(tiny_dir), *args[1:]]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 2
+    assert r.output.strip().splitlines()[0].startswith(message)
+    assert "Traceback" not in r.output
+
+
+def test_pairs_validate_make_filter(tiny_dir, tmp_path):
+    made = tmp_path / "made.json"
+    r = run("pairs", "make", "--synthetic", "5", "--out", str(made), "--seed", "3")
+    assert r.exit_code == 0 and made.exists()
+    r = run("pairs", "validate", str(made))
+    assert r.exit_code == 0 and "5" in r.output
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"pair_id": 0, "variant": "clean", "question": "q", "answer": "x"}]')
+    r = CliRunner().invoke(main, ["pairs", "validate", str(bad)])
+    assert r.exit_code == 2
+    assert f"{bad}: record 0 (pair_id 0), field 'answer': not a number: \"x\"" in r.output
+    r = run("pairs", "filter", str(made), "--model", str(tiny_dir), "--out", str(tmp_path / "f.json"))
+    assert r.exit_code == 0 and "kept" in r.output
+
+
+def test_module_entry_point_and_real_exit_code(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "codi_nnsight", "analyze", str(tmp_path / "none.nc")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: {tmp_path / 'none.nc'}: no such file"
+    assert "Traceback" not in proc.stderr
+
+
+def test_bundled_demo_pairs_match_data_folder():
+    from pathlib import Path
+
+    from codi_nnsight.cli import default_pairs
+
+    repo = Path(__file__).resolve().parent.parent
+    assert default_pairs().read_bytes() == (repo / "data" / "demo_pairs.json").read_bytes()

@@ -1,0 +1,189 @@
+"""The model layer against an independent eager re-implementation of the official CODI loop."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import nnsight
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from codi_nnsight.codi import build_codi
+from codi_nnsight.config import CODIConfig, resolve_model_spec
+from codi_nnsight.errors import UserError
+from codi_nnsight.model import CODIModel, load_model
+from codi_nnsight.tiny import write_tiny_codi
+
+QUESTIONS = ["Tom has 3 apples and buys 4 more. How many?", "What is 7-2?",
+             "A box holds 12 eggs; 5 break. How many are left?"]
+TOL = 1e-9
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_latents_and_logits_match_reference(family, tiny_models, references):
+    model, ref = tiny_models[family], references[family]
+    K = model.num_latent
+    for q in QUESTIONS:
+        inputs = model.prepare([q], max_new_tokens=6)
+        with model.trace(**inputs) as tracer:
+            outs = nnsight.save({})
+            for step in tracer.iter[1:K + 1]:
+                for L in range(model.n_layers):
+                    outs[(step, L)] = model.layers[L].output.save()
+            result = model.output.save()
+        expected = ref.run(q, max_new_tokens=6)
+        assert (result["latents"][0] - expected["latents"]).abs().max() < TOL
+        for L in range(model.n_layers):
+            mine = torch.cat([outs[(k, L)][0, -1:] for k in range(1, K + 1)])
+            assert (mine - expected["block_latent_outputs"][L]).abs().max() < TOL
+        assert (result["logits"][0] - expected["logits"]).abs().max() < TOL
+        gen = [int(t) for t in result["generated"][0] if t >= 0]
+        assert gen == expected["generated"][: len(gen)]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_batched_mixed_lengths_equal_one_at_a_time(family, tiny_models):
+    model = tiny_models[family]
+    batched = model.codi(**model.prepare(QUESTIONS, max_new_tokens=5))
+    for i, q in enumerate(QUESTIONS):
+        single = model.codi(**model.prepare([q], max_new_tokens=5))
+        assert (batched["logits"][i] - single["logits"][0]).abs().max() < TOL
+        assert (batched["latents"][i] - single["latents"][0]).abs().max() < TOL
+        n = single["generated"].shape[1]
+        assert torch.equal(batched["generated"][i, :n], single["generated"][0])
+
+
+def test_shared_prefix_rows_equal_separate_prompts(tiny_models):
+    model = tiny_models["llama"]
+    inp = model.prepare(QUESTIONS[:2])
+    shared = model.codi(**inp, rows=torch.tensor([1, 0, 1, 1]))
+    separate = model.codi(**model.prepare([QUESTIONS[1], QUESTIONS[0], QUESTIONS[1], QUESTIONS[1]]))
+    assert (shared["logits"] - separate["logits"]).abs().max() < TOL
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_candidate_logprobs_match_reference(family, tiny_models, references):
+    model, ref = tiny_models[family], references[family]
+    q = QUESTIONS[0]
+    eot = model.codi.eot_id
+    suffix = [eot] + model.tokenizer("The answer is:", add_special_tokens=False).input_ids
+    cands = [[ord("1"), ord("2")], [ord("7")], [ord("1"), ord("0"), ord("4")]]
+    padded = torch.full((1, 3, 3), -1)
+    for i, c in enumerate(cands):
+        padded[0, i, : len(c)] = torch.tensor(c)
+    out = model.codi(**model.prepare([q]), suffix_ids=torch.tensor(suffix), candidates=padded)
+    expected = ref.run(q, suffix=suffix, candidates=cands)
+    assert (out["candidate_logprobs"][0] - expected["candidate_logprobs"]).abs().max() < TOL
+
+
+def test_remote_local_simulation_equals_local(tiny_models):
+    model = tiny_models["gpt2"]
+    inputs = model.prepare(QUESTIONS[:2], max_new_tokens=3)
+    with model.trace(**inputs, remote="local"):
+        remote_logits = model.output["logits"].save()
+    local = model.codi(**inputs)["logits"]
+    assert (remote_logits - local).abs().max() < TOL
+
+
+def test_model_key_round_trip(tiny_models, tiny_dirs):
+    model = tiny_models["llama"]
+    key = model.to_model_key()
+    assert key.startswith("codi_nnsight.model.CODIModel:")
+    rebuilt = CODIModel.from_model_key(key, dtype="float64")
+    assert rebuilt.to_model_key() == key
+    for (k1, v1), (k2, v2) in zip(model.codi.state_dict().items(), rebuilt.codi.state_dict().items()):
+        assert k1 == k2 and torch.equal(v1, v2)
+
+
+def test_bin_checkpoint_and_tied_key_variants(tmp_path, references):
+    for i, (fmt, tied) in enumerate((("bin", "both"), ("safetensors", "lm_head"),
+                                     ("safetensors", "embedding"))):
+        path = write_tiny_codi(tmp_path / str(i), family="gpt2", seed=1, checkpoint_format=fmt,
+                               tied_key=tied)
+        m = load_model(path, dtype="float64")
+        out = m.codi(**m.prepare([QUESTIONS[1]]))
+        ref = load_model(write_tiny_codi(tmp_path / f"r{i}", family="gpt2", seed=1), dtype="float64")
+        assert (out["logits"] - ref.codi(**ref.prepare([QUESTIONS[1]]))["logits"]).abs().max() < TOL
+
+
+def _mutate_checkpoint(codi_json, fn):
+    ckpt = codi_json.parent / "ckpt" / "model.safetensors"
+    sd = load_file(str(ckpt))
+    fn(sd)
+    save_file(sd, str(ckpt))
+    return str(ckpt)
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("missing", "model weights missing from the checkpoint: transformer.h.1.ln_2.weight"),
+    ("extra", "checkpoint keys not used by a CODI gpt2 model: codi.base_model.model.bogus.weight"),
+    ("shape", "codi.base_model.model.transformer.h.0.ln_1.bias has shape (3,) in the checkpoint, model expects (32,)"),
+    ("prj", "projection weights missing from the checkpoint: prj.ln.weight"),
+])
+def test_bad_checkpoint_keys_are_named(tmp_path, case, needle):
+    path = write_tiny_codi(tmp_path / case, family="gpt2")
+    key = "codi.base_model.model.transformer.h.1.ln_2.weight"
+    mutate = {
+        "missing": lambda sd: sd.pop(key),
+        "extra": lambda sd: sd.__setitem__("codi.base_model.model.bogus.weight", torch.zeros(2)),
+        "shape": lambda sd: sd.__setitem__("codi.base_model.model.transformer.h.0.ln_1.bias",
+                                           torch.zeros(3)),
+        "prj": lambda sd: sd.pop("prj.ln.weight"),
+    }[case]
+    ckpt = _mutate_checkpoint(path, mutate)
+    with pytest.raises(UserError) as e:
+        build_codi(CODIConfig.from_json(path))
+    assert str(e.value) == f"{ckpt}: {needle}"
+
+
+def test_wrong_family_checkpoint_is_refused(tmp_path):
+    g = write_tiny_codi(tmp_path / "g", family="gpt2")
+    lla = write_tiny_codi(tmp_path / "l", family="llama")
+    shutil.copy(lla.parent / "ckpt" / "model.safetensors", g.parent / "ckpt" / "model.safetensors")
+    with pytest.raises(UserError, match="checkpoint keys not used by a CODI gpt2 model: "
+                                        "codi.base_model.model.model.embed_tokens.weight"):
+        build_codi(CODIConfig.from_json(g))
+
+
+def test_pickle_checkpoint_that_runs_code_is_refused(tmp_path):
+    path = write_tiny_codi(tmp_path / "p", family="gpt2", checkpoint_format="bin")
+    ckpt = path.parent / "ckpt" / "pytorch_model.bin"
+
+    class Evil:
+        def __reduce__(self):
+            return (exec, ("open('/tmp/codi_nnsight_pwned', 'w').write('x')",))
+
+    torch.save({"x": Evil()}, ckpt)
+    with pytest.raises(UserError, match=r"refused to load \(weights_only=True\)"):
+        build_codi(CODIConfig.from_json(path))
+    import os
+
+    assert not os.path.exists("/tmp/codi_nnsight_pwned")
+
+
+@pytest.mark.parametrize("data,message", [
+    ({"base": "b", "checkpoint": "c", "num_latnet": 6}, "unknown key(s) 'num_latnet'"),
+    ({"base": "b", "checkpoint": "c", "num_latent": "6"}, "key 'num_latent' must be int, got \"6\""),
+    ({"base": "b", "checkpoint": "c", "use_prj": 1}, "key 'use_prj' must be bool, got 1"),
+    ({"checkpoint": "c"}, "missing required key 'base'"),
+])
+def test_codi_json_errors(tmp_path, data, message):
+    p = tmp_path / "codi.json"
+    p.write_text(json.dumps(data))
+    with pytest.raises(UserError) as e:
+        CODIConfig.from_json(p)
+    assert str(e.value).startswith(f"{p}: {message}")
+
+
+def test_model_spec_resolution(tmp_path, tiny_dirs):
+    cfg = resolve_model_spec(tiny_dirs["gpt2"])
+    assert cfg.num_latent == 3
+    folder = resolve_model_spec(str(tmp_path.parent))  if False else None  # noqa: F841
+    from pathlib import Path
+
+    assert resolve_model_spec(Path(tiny_dirs["gpt2"]).parent) == cfg
+    assert resolve_model_spec("codi-gpt2").checkpoint == "hf://zen-E/CODI-gpt2/pytorch_model.bin"
+    with pytest.raises(UserError, match="not a codi.json file, a folder holding one, or a preset"):
+        resolve_model_spec("no-such-model")

@@ -1,0 +1,144 @@
+"""Tests for codi_nnsight.synthetic: chain correctness, corruption, determinism, demo file."""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+
+import pytest
+
+from codi_nnsight.pairs import load_pairs
+from codi_nnsight.synthetic import (
+    MAX_RESULT,
+    Problem,
+    apply_op,
+    corrupt,
+    make_problem,
+    make_problems,
+    make_synthetic_pairs,
+)
+
+DEMO = Path(__file__).resolve().parents[1] / "data" / "demo_pairs.json"
+ALLOWED_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,?*+-=/")
+STEP = re.compile(r"(\d+)([-+*/])(\d+)=(\d+)")
+
+
+def check_chain(p: Problem) -> None:
+    """Steps are left-to-right over the question numbers and evaluate exactly."""
+    assert len(p.numbers) == len(p.steps) + 1
+    acc = p.numbers[0]
+    for i, step in enumerate(p.steps):
+        a, op, b, r = STEP.fullmatch(step).groups()
+        assert int(a) == acc and int(b) == p.numbers[i + 1]
+        expected = {"+": acc + int(b), "-": acc - int(b), "*": acc * int(b)}.get(op)
+        if op == "/":
+            assert acc % int(b) == 0
+            expected = acc // int(b)
+        assert int(r) == expected and 0 <= expected <= MAX_RESULT
+        acc = expected
+    assert p.answer == acc
+    # each question number appears exactly once, as a standalone token, in chain order
+    assert [int(t) for t in re.findall(r"\b\d+\b", p.question)] == p.numbers
+    assert len(set(p.numbers)) == len(p.numbers)
+
+
+def test_problems_are_valid() -> None:
+    problems = make_problems(300, seed=1, steps=(2, 4))
+    for p in problems:
+        check_chain(p)
+        assert 2 <= len(p.steps) <= 4
+        assert set(p.question) <= ALLOWED_CHARS
+        assert all(set(s) <= ALLOWED_CHARS for s in p.steps)
+        assert p.question.endswith("?")
+    assert {len(p.steps) for p in problems} == {2, 3, 4}
+    assert len({p.question for p in problems}) > 250  # text varies
+
+
+def test_step_count_range() -> None:
+    assert {len(p.steps) for p in make_problems(50, seed=2, steps=(3, 3))} == {3}
+    with pytest.raises(ValueError):
+        make_problem(random.Random(0), 5)
+    with pytest.raises(ValueError):
+        make_problem(random.Random(0), 1)
+
+
+def test_example_shape() -> None:
+    p = make_problem(random.Random(0), 3)
+    assert p.question.startswith(("Tom", "Ann", "Sam", "Mia", "Ben", "Eva"))
+    assert "How many" in p.question
+
+
+def test_apply_op() -> None:
+    assert apply_op(12, "/", 4) == 3
+    assert apply_op(12, "/", 5) is None  # inexact division
+    assert apply_op(3, "-", 4) is None  # negative
+    assert apply_op(50, "*", 2) is None  # out of range
+    with pytest.raises(ValueError):
+        apply_op(1, "%", 2)
+
+
+def test_corrupt_changes_exactly_one_number() -> None:
+    rng = random.Random(5)
+    n_ok = 0
+    for p in make_problems(200, seed=3):
+        c = corrupt(p, rng)
+        if c is None:
+            continue
+        n_ok += 1
+        check_chain(c)
+        diffs = [(a, b) for a, b in zip(p.numbers, c.numbers) if a != b]
+        assert len(diffs) == 1 and abs(diffs[0][0] - diffs[0][1]) == 1
+        assert c.answer != p.answer
+        assert len(c.steps) == len(p.steps)
+        # the text outside the changed number is untouched
+        assert re.sub(r"\d+", "#", c.question) == re.sub(r"\d+", "#", p.question)
+    assert n_ok > 150  # most problems admit some valid +-1 change
+
+
+def test_corrupt_returns_none_when_impossible() -> None:
+    p = Problem(
+        "Tom has 2 pens. He buys 97 more pens. How many pens does he have now?",
+        ["2+97=99"],
+        99,
+        [2, 97],
+    )
+    # +1 on either number pushes the answer to 100, out of range
+    assert corrupt(p, random.Random(0), offsets=(1,)) is None
+    # 2 -> 1 is below the minimum, so only 97 -> 96 remains
+    c = corrupt(p, random.Random(0), offsets=(-1,))
+    assert c is not None and c.numbers == [2, 96] and c.steps == ["2+96=98"]
+    assert c.question.startswith("Tom has 2 pens. He buys 96 more")
+    assert corrupt(p, random.Random(0), offsets=(0,)) is None  # offset 0 changes nothing
+
+
+def test_determinism() -> None:
+    assert make_problems(20, seed=9) == make_problems(20, seed=9)
+    assert make_problems(20, seed=9) != make_problems(20, seed=10)
+    a, b = make_synthetic_pairs(10, seed=4), make_synthetic_pairs(10, seed=4)
+    assert a == b and a.sha256 == b.sha256
+
+
+def test_synthetic_pairs() -> None:
+    ps = make_synthetic_pairs(30, seed=0)
+    assert ps.ids == list(range(30))
+    for pair in ps:
+        for q in (pair.clean, pair.corrupted):
+            assert q.meta["reasoning_steps"] == len(q.meta["steps"])
+            assert q.answer == int(q.meta["steps"][-1].split("=")[1])
+        assert pair.clean.answer != pair.corrupted.answer
+        assert pair.clean.meta["changed"] == pair.corrupted.meta["changed"]
+    ds = ps.to_xarray()
+    assert set(ds["reasoning_steps"].values.tolist()) <= {2, 3, 4}
+
+
+def test_demo_file_is_reproducible() -> None:
+    expected = make_synthetic_pairs(24, seed=0, steps=(2, 4))
+    loaded = load_pairs(DEMO)
+    assert loaded == expected
+    assert len(loaded) == 24
+
+
+def test_demo_file_bytes_match_save(tmp_path: Path) -> None:
+    out = make_synthetic_pairs(24, seed=0, steps=(2, 4)).save(tmp_path / "demo.json")
+    assert out.read_bytes() == DEMO.read_bytes()
