@@ -136,8 +136,8 @@ def _write_json(path: Path, data: Any) -> None:
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="Results netCDF file.")
 @click.option("--layers", default=None, help="e.g. 0-3,7 (default: all).")
 @click.option("--positions", type=click.Choice(["all", "each"]), default="all", show_default=True)
-@click.option("--component", type=click.Choice(["resid", "attn", "mlp", "latent"]), default="resid",
-              show_default=True)
+@click.option("--component", default="resid", show_default=True,
+              help="resid, attn, mlp or latent; a comma list (resid,attn,mlp) adds a component dim.")
 @click.option("--mode", type=click.Choice(["recurrent", "frozen"]), default="recurrent", show_default=True)
 @click.option("--direction", type=click.Choice(["denoise", "noise"]), default="denoise", show_default=True)
 @click.option("--batch-size", default="auto", show_default=True, help="Pairs per trace, or auto.")
@@ -163,14 +163,17 @@ def patch(ctx, model_spec, dtype, device, pairs_path, out, layers, positions, co
     pairs = load_pairs(pairs_path or default_pairs()).limit(limit)
     model = _load(model_spec, dtype, device)
     layer_list = parse_layers(layers, model.n_layers)
-    ctx.meta["partial_store"] = f"{out}.partial"
-    ds = patch_sweep(model, pairs, layers=layer_list, component=component, positions=positions, mode=mode,
-                     direction=direction, batch_size=batch_size, max_new_tokens=max_new_tokens,
+    comps = [c.strip() for c in component.split(",") if c.strip()]
+    ctx.meta["partial_store"] = (f"{out}.partial" if len(comps) == 1
+                                 else f"{out}.<component>.nc.partial")
+    ds = patch_sweep(model, pairs, layers=layer_list, component=comps if len(comps) > 1 else comps[0],
+                     positions=positions, mode=mode, direction=direction, batch_size=batch_size,
+                     max_new_tokens=max_new_tokens,
                      remote=_remote_value(remote), out=out, resume=resume, progress=sys.stderr.isatty(),
                      seed=seed, command=shlex.join(["codi-nnsight", *ctx.meta.get("argv", sys.argv[1:])]))
     best = ds["kl"].mean("pair")
-    while best.ndim > 1:
-        best = best.max(best.dims[-1])
+    for dim in [d for d in best.dims if d != "layer"]:
+        best = best.max(dim)
     layer = int(ds["layer"].values[int(np.nanargmax(best.values))])
     flipped = float(ds["flipped"].mean("pair").max())
     status = "passed" if ds.attrs["sanity_passed"] else "FAILED"

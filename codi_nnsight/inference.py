@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from .model import CODIModel
+from .remote import remote_errors, trace_kwargs
 
 _NUMBER = re.compile(r"-?\d+\.?\d*")
 
@@ -44,7 +45,7 @@ def generate(model: CODIModel, questions: list[str], max_new_tokens: int = 64,
              remote: bool | str = False) -> list[str]:
     """Greedy completions after `[eot]` for a batch of questions, in one trace."""
     inputs = model.prepare(questions, max_new_tokens=max_new_tokens)
-    with model.trace(**inputs, remote=remote):
+    with remote_errors(remote), model.trace(**inputs, **trace_kwargs(remote)):
         generated = model.output["generated"].save()
     return [decode(model, row) for row in torch.as_tensor(generated).cpu().tolist()]
 

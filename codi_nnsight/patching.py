@@ -36,6 +36,7 @@ import torch
 from .errors import UserError
 from .inference import decode, extract_answer_number, format_answer
 from .model import CODIModel
+from .remote import remote_errors, trace_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +279,7 @@ def run_batch(model: CODIModel, plan: BatchPlan, cfg: SweepConfig, remote: bool 
     baseline_of = torch.tensor(_baseline_index(plan))
     layers = sorted(sites)
     prj = model.prj
-    with model.trace(**plan.inputs, remote=remote) as tracer:
+    with remote_errors(remote), model.trace(**plan.inputs, **trace_kwargs(remote)) as tracer:
         if 0 in prj_plan:  # prj call 0 happens before the first latent layer call
             e = prj.output
             e[prj_plan[0][0]] = e[prj_plan[0][1]]
@@ -407,7 +408,7 @@ FULL_PATCH_TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 5e-2
 
 
 def full_patch_check(model: CODIModel, pairs: Sequence[Any], remote: bool | str = False) -> dict[str, Any]:
-    """Patch `resid` at every position of every token (first and last layer) on an equal-length pair.
+    """Patch `resid` at every position of every token (layer 0) on an equal-length pair.
 
     The corrupted run must then reproduce the clean run's answer-position logits. Returns
     {"max_abs": float (NaN if no equal-length pair), "pair_id": id or None}.
@@ -419,11 +420,12 @@ def full_patch_check(model: CODIModel, pairs: Sequence[Any], remote: bool | str 
     toks = answer_tokens(model, pair.clean.answer, pair.corrupted.answer)
     worst = 0.0
     K = model.num_latent
-    for L in sorted({0, model.n_layers - 1}):
+    # Layer 0 is the strictest case: every later layer is recomputed from the patched state.
+    for L in (0,):
         inputs = model.prepare([pair.clean.question, pair.corrupted.question],
                                suffix_ids=torch.tensor(toks.suffix))
         block = model.layers[L]
-        with model.trace(**inputs, remote=remote) as tracer:
+        with remote_errors(remote), model.trace(**inputs, **trace_kwargs(remote)) as tracer:
             for _step in tracer.iter[0:K + 2]:  # prefill, every latent step, the suffix
                 out = block.output
                 h = out[0] if isinstance(out, tuple) else out

@@ -106,15 +106,10 @@ def patch_sweep(
     """
     components = [component] if isinstance(component, str) else list(component)
     if len(components) > 1:
-        if out is not None:
-            raise UserError("several components with --out: run one sweep per component")
-        parts = [patch_sweep(model, pairs, layers, c, positions, mode, direction, batch_size,
-                             max_new_tokens, remote, None, False, progress, seed, command)
-                 for c in components]
-        ds = xr.concat(parts, dim=xr.DataArray(components, dims="component", name="component"),
-                       data_vars="different", coords="minimal", join="outer", combine_attrs="override")
-        ds.attrs["component"] = ",".join(components)
-        return ds
+        return _multi_component_sweep(model, pairs, components, out=out, resume=resume, layers=layers,
+                                      positions=positions, mode=mode, direction=direction,
+                                      batch_size=batch_size, max_new_tokens=max_new_tokens, remote=remote,
+                                      progress=progress, seed=seed, command=command)
     torch.manual_seed(seed)
     cfg = SweepConfig(layers=list(range(model.n_layers)) if layers is None else list(layers),
                       component=components[0], positions=positions, mode=mode, direction=direction,
@@ -192,6 +187,33 @@ def patch_sweep(
     attrs.update(sanity_attrs(ds, full, model.dtype))
     attrs["end_time"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     ds.attrs.update(clean_attrs(attrs))
+    return ds
+
+
+def _multi_component_sweep(model: CODIModel, pairs: Any, components: list[str], out: str | Path | None,
+                           resume: bool, **kw: Any) -> xr.Dataset:
+    """One sweep per component, stacked along a `component` dim (each streams to its own file)."""
+    from .results import _write_atomic_nc
+
+    parts = []
+    for c in components:
+        sub = None if out is None else Path(f"{out}.{c}.nc")
+        if sub is not None and resume and sub.exists():  # finished before the interruption
+            with xr.open_dataset(sub) as f:
+                parts.append(f.load())
+            continue
+        parts.append(patch_sweep(model, pairs, component=c, out=sub, resume=resume, **kw))
+    ds = xr.concat(parts, dim=xr.DataArray(components, dims="component", name="component"),
+                   data_vars="different", coords="minimal", join="outer", combine_attrs="override")
+    ds.attrs["component"] = ",".join(components)
+    for name in ("sanity_self_patch_max_kl", "sanity_full_patch_max_abs"):
+        ds.attrs[name] = max(float(p.attrs[name]) for p in parts)
+    ds.attrs["sanity_min_kl"] = min(float(p.attrs["sanity_min_kl"]) for p in parts)
+    ds.attrs["sanity_passed"] = int(all(int(p.attrs["sanity_passed"]) for p in parts))
+    if out is not None:
+        _write_atomic_nc(ds, Path(out))
+        for c in components:
+            Path(f"{out}.{c}.nc").unlink(missing_ok=True)
     return ds
 
 

@@ -62,6 +62,27 @@ def byte_tokenizer(family: str) -> Any:
     return fast
 
 
+def bpe_tokenizer(family: str, vocab_size: int = 1000, seed: int = 1) -> Any:
+    """A small byte-level BPE trained on our synthetic word problems (GPT-2-like segmentation).
+
+    Realistic token counts for benchmarks: `The answer is: 18` is 5 tokens, a question ~30.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from .synthetic import make_problems
+
+    texts = [f"{p.question} The answer is: {p.answer}" for p in make_problems(2000, seed=seed)]
+    eos = "<|endoftext|>" if family == "gpt2" else "</s>"
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[eos], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, bos_token=eos, unk_token=eos)
+
+
 def tiny_hf_config(family: str, n_layers: int = 2, hidden: int = 32, heads: int = 4,
                    kv_heads: int | None = None, intermediate: int | None = None,
                    vocab: int = BYTE_VOCAB + 2, max_positions: int = 512) -> Any:
@@ -161,3 +182,43 @@ def write_tiny_codi(out_dir: str | Path, family: str = "gpt2", n_layers: int = 2
                      remove_eos=remove_eos, name=f"tiny-{family}")
     cfg.save(out / "codi.json")
     return out / "codi.json"
+
+
+SHAPES: dict[str, dict[str, Any]] = {
+    "toy": {"family": "llama", "n_layers": 4, "hidden": 64, "heads": 4, "kv_heads": 2, "vocab": BYTE_VOCAB + 2},
+    "gpt2-small": {"family": "gpt2", "n_layers": 12, "hidden": 768, "heads": 12, "vocab": 50257},
+    "llama-1b": {"family": "llama", "n_layers": 16, "hidden": 2048, "heads": 32, "kv_heads": 8,
+                 "intermediate": 8192, "vocab": 128256},
+}
+
+
+def random_codi(shape: str = "toy", num_latent: int = 6, dtype: torch.dtype = torch.float32,
+                device: str | torch.device = "cpu", seed: int = 0, tokenizer: str = "byte") -> Any:
+    """A random-weight `CODIModel` of a named shape, built in memory (benchmarks, no checkpoint).
+
+    The tokenizer (`byte`, or a small `bpe` for realistic token counts) encodes any text whatever
+    the vocabulary size; the output layer still spans the full vocabulary of the shape
+    (e.g. 128256 + 3 for `llama-1b`).
+    """
+    from transformers import AutoModelForCausalLM
+
+    from .codi import CODIModule, make_prj, register_attention
+    from .model import CODIModel
+
+    if shape not in SHAPES:
+        raise UserError(f"unknown shape {shape!r}: expected one of {', '.join(SHAPES)}")
+    s = dict(SHAPES[shape])
+    family, vocab = s.pop("family"), s.pop("vocab")
+    tok = byte_tokenizer(family) if tokenizer == "byte" else bpe_tokenizer(family)
+    vocab = max(vocab, len(tok))  # the toy shape's vocab is sized for bytes
+    torch.manual_seed(seed)
+    hf_config = tiny_hf_config(family, vocab=vocab, max_positions=1024, **s)
+    big = type(hf_config).from_dict(hf_config.to_dict())
+    big.vocab_size = vocab + 3
+    with torch.device(device):
+        lm = AutoModelForCausalLM.from_config(big, attn_implementation=register_attention(), dtype=dtype)
+        prj = make_prj(big.hidden_size, big.hidden_size, True, False).to(dtype)
+    module = CODIModule(lm, prj, num_latent=num_latent, vocab_size=vocab, eos_token_id=tok.eos_token_id)
+    module.eval()
+    cfg = CODIConfig(base=f"random:{shape}", checkpoint="", num_latent=num_latent, name=f"random-{shape}")
+    return CODIModel(module, tokenizer=tok, config=cfg)

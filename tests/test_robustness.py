@@ -1,0 +1,182 @@
+"""Nothing lost, nothing silent, same numbers every time — end to end through the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from codi_nnsight import sweep as sweep_mod
+from codi_nnsight.errors import UserError
+from codi_nnsight.model import load_model
+from codi_nnsight.pairs import load_pairs
+from codi_nnsight.synthetic import make_synthetic_pairs
+from codi_nnsight.tiny import write_tiny_codi
+
+TIMING_ATTRS = {"start_time", "end_time", "command"}
+ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("robust")
+    model_json = write_tiny_codi(d / "tiny", family="llama", num_latent=3, seed=2)
+    pairs = make_synthetic_pairs(8, seed=5)
+    pairs_file = pairs.save(d / "pairs.json")
+    return d, model_json, pairs_file
+
+
+def cli(*args, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "codi_nnsight", *map(str, args)], capture_output=True,
+                          text=True, env=ENV, timeout=300, **kw)
+
+
+def assert_same_results(a: xr.Dataset, b: xr.Dataset) -> None:
+    xr.testing.assert_identical(a.drop_attrs(deep=False), b.drop_attrs(deep=False))
+    keys = (set(a.attrs) | set(b.attrs)) - TIMING_ATTRS
+    assert {k: a.attrs.get(k) for k in keys} == {k: b.attrs.get(k) for k in keys}
+
+
+def test_interrupted_api_sweep_resumes_to_the_same_file(setup, tmp_path, monkeypatch):
+    _, model_json, pairs_file = setup
+    model = load_model(model_json, dtype="float32")
+    pairs = load_pairs(pairs_file)
+    full = sweep_mod.patch_sweep(model, pairs, out=tmp_path / "full.nc", batch_size=2)
+    real = sweep_mod.run_batch
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(sweep_mod, "run_batch", flaky)
+    out = tmp_path / "r.nc"
+    with pytest.raises(KeyboardInterrupt):
+        sweep_mod.patch_sweep(model, pairs, out=out, batch_size=2)
+    assert not out.exists()
+    assert len(list((tmp_path / "r.nc.partial").glob("batch-*.nc"))) == 2
+    with pytest.raises(UserError, match="a partial run exists; rerun with --resume"):
+        sweep_mod.patch_sweep(model, pairs, out=out, batch_size=2)
+    monkeypatch.setattr(sweep_mod, "run_batch", real)
+    calls["n"] = 0
+    resumed = sweep_mod.patch_sweep(model, pairs, out=out, batch_size=2, resume=True)
+    assert_same_results(resumed, full)
+    assert_same_results(xr.open_dataset(out).load(), xr.open_dataset(tmp_path / "full.nc").load())
+    assert not (tmp_path / "r.nc.partial").exists()
+
+
+def test_resume_refuses_a_different_configuration(setup, tmp_path, monkeypatch):
+    _, model_json, pairs_file = setup
+    model = load_model(model_json, dtype="float32")
+    monkeypatch.setattr(sweep_mod, "run_batch", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        sweep_mod.patch_sweep(model, load_pairs(pairs_file), out=tmp_path / "r.nc", mode="recurrent")
+    with pytest.raises(UserError) as e:
+        sweep_mod.patch_sweep(model, load_pairs(pairs_file), out=tmp_path / "r.nc", mode="frozen", resume=True)
+    assert "partial run has a different configuration (mode differ; e.g. mode: stored 'recurrent', " \
+           "now 'frozen'); refusing to mix results" in str(e.value)
+
+
+def test_sigkill_then_resume_equals_uninterrupted_run(setup, tmp_path):
+    d, model_json, pairs_file = setup
+    common = ["patch", "--model", model_json, "--pairs", pairs_file, "--batch-size", "1", "--seed", "7"]
+    ref = cli(*common, "--out", tmp_path / "ref.nc")
+    assert ref.returncode == 0, ref.stderr
+    out = tmp_path / "r.nc"
+    proc = subprocess.Popen([sys.executable, "-m", "codi_nnsight", *map(str, common), "--out", str(out)],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    partial = tmp_path / "r.nc.partial"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(partial.glob("batch-*.nc"))) < 2 and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists(), "killed run must not leave a final file"
+    done = len(list(partial.glob("batch-*.nc")))
+    assert 1 <= done < 8
+    resumed = cli(*common, "--out", out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_results(xr.open_dataset(out).load(), xr.open_dataset(tmp_path / "ref.nc").load())
+
+
+def test_sigint_prints_where_results_are_and_exits_130(setup, tmp_path):
+    d, model_json, pairs_file = setup
+    out = tmp_path / "r.nc"
+    proc = subprocess.Popen([sys.executable, "-m", "codi_nnsight", "patch", "--model", str(model_json),
+                             "--pairs", str(pairs_file), "--batch-size", "1", "--out", str(out)],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    partial = tmp_path / "r.nc.partial"
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(partial.glob("batch-*.nc")) and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert f"finished pairs are kept in {out}.partial" in err and "--resume" in err
+    assert "Traceback" not in err
+
+
+def test_two_cpu_runs_are_bitwise_identical(setup, tmp_path):
+    _, model_json, pairs_file = setup
+    a = cli("patch", "--model", model_json, "--pairs", pairs_file, "--out", tmp_path / "a.nc", "--limit", "3")
+    b = cli("patch", "--model", model_json, "--pairs", pairs_file, "--out", tmp_path / "b.nc", "--limit", "3")
+    assert a.returncode == 0 and b.returncode == 0
+    da, db = xr.open_dataset(tmp_path / "a.nc"), xr.open_dataset(tmp_path / "b.nc")
+    for name in da.data_vars:
+        assert np.array_equal(da[name].values, db[name].values, equal_nan=True), name
+    assert da.attrs["seed"] == 0 and da.attrs["version_torch"] and da.attrs["version_nnsight"]
+
+
+def test_truncated_results_file_is_named(setup, tmp_path):
+    _, model_json, pairs_file = setup
+    out = tmp_path / "r.nc"
+    assert cli("patch", "--model", model_json, "--pairs", pairs_file, "--out", out, "--limit", "2").returncode == 0
+    data = out.read_bytes()
+    out.write_bytes(data[: len(data) // 2])
+    for cmd in (["analyze", out], ["report", out, "--out", tmp_path / "rep"]):
+        r = cli(*cmd)
+        assert r.returncode == 2
+        assert r.stderr.strip() == f"error: {out}: not a readable netCDF file (truncated or corrupt?)"
+
+
+def test_unwritable_output_keeps_nothing_half_written(setup, tmp_path):
+    _, model_json, pairs_file = setup
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user who can write anywhere (root)")
+        r = cli("patch", "--model", model_json, "--pairs", pairs_file, "--out", locked / "r.nc", "--limit", "2")
+        assert r.returncode == 2 and "cannot write" in r.stderr and "Traceback" not in r.stderr
+    finally:
+        locked.chmod(0o700)
+
+
+def test_question_too_long_for_context(setup, tmp_path):
+    d, model_json, _ = setup
+    long_pairs = tmp_path / "long.json"
+    q = "What is " + "1 + " * 200 + "1?"
+    long_pairs.write_text(json.dumps([{"pair_id": 3, "variant": "clean", "question": q, "answer": 201},
+                                      {"pair_id": 3, "variant": "corrupted", "question": "What is 2?",
+                                       "answer": 2}]))
+    r = cli("patch", "--model", model_json, "--pairs", long_pairs, "--out", tmp_path / "x.nc")
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith("error: pair_id 3, clean question: 812 tokens + 51 for latents and "
+                                       "answer exceed the model's context of 512")
+
+
+def test_debug_flag_shows_traceback(setup, tmp_path):
+    r = cli("--debug", "analyze", tmp_path / "missing.nc")
+    assert r.returncode != 0 and "Traceback" in r.stderr
+    assert Path(tmp_path / "missing.nc").exists() is False
