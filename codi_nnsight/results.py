@@ -39,12 +39,21 @@ def _write_atomic_nc(ds: xr.Dataset, path: Path) -> None:
                 encoded[name] = encoded[name].astype(str)
         encoded.to_netcdf(tmp, engine="netcdf4")
         os.replace(tmp, path)
-    except OSError as e:
+    except Exception as e:
         tmp.unlink(missing_ok=True)
-        raise DiskError(f"{path}: cannot write ({e.strerror or e})") from None
-    except Exception:
-        tmp.unlink(missing_ok=True)
-        raise
+        raise DiskError(f"{path}: cannot write ({_write_failure(e, path.parent)})") from None
+
+
+def _write_failure(e: Exception, folder: Path) -> str:
+    """Why a write failed, in words: netCDF/HDF5 hide ENOSPC behind a generic 'HDF error'."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    try:
+        if shutil.disk_usage(folder).free < (1 << 20):
+            return "No space left on device"
+    except OSError:
+        pass
+    return f"{type(e).__name__}: {e}"
 
 
 class PartialStore:

@@ -180,3 +180,79 @@ def test_debug_flag_shows_traceback(setup, tmp_path):
     r = cli("--debug", "analyze", tmp_path / "missing.nc")
     assert r.returncode != 0 and "Traceback" in r.stderr
     assert Path(tmp_path / "missing.nc").exists() is False
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 160 KiB tmpfs, so 'disk full' really happens (needs mount rights; skipped without)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_disk_full_gives_clear_error_and_keeps_finished_pairs(setup, tiny_disk):
+    _, model_json, pairs_file = setup
+    out = tiny_disk / "r.nc"
+    r = cli("patch", "--model", model_json, "--pairs", pairs_file, "--batch-size", "1", "--out", out,
+            "--positions", "each")
+    assert r.returncode == 2, r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "cannot write (No space left on device)" in line
+    assert "Traceback" not in r.stderr
+    assert not out.exists()
+    kept = list((tiny_disk / "r.nc.partial").glob("batch-*.nc"))
+    assert kept, "batches finished before the disk filled must be kept"
+    for path in kept:  # every kept batch is complete and readable
+        assert xr.open_dataset(path).sizes["pair"] == 1
+
+
+def _codi_json(setup, tmp_path, **changes) -> Path:
+    d, model_json, _ = setup
+    data = json.loads(Path(model_json).read_text())
+    data.update(changes)
+    data["base"] = str(Path(model_json).parent / "base")
+    data["checkpoint"] = changes.get("checkpoint", str(Path(model_json).parent / "ckpt" / "model.safetensors"))
+    path = tmp_path / "codi.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"num_latents": 6}, "unknown key(s) 'num_latents'"),
+    ({"lora_r": "4"}, "key 'lora_r' must be int, got \"4\""),
+    ({"checkpoint": "/nonexistent/model.safetensors"}, "checkpoint /nonexistent/model.safetensors: no such file"),
+    ({"num_latent": -1}, "codi config: num_latent must be >= 0, got -1"),
+])
+def test_bad_codi_json_via_cli(setup, tmp_path, changes, message):
+    path = _codi_json(setup, tmp_path, **changes)
+    r = cli("evaluate", "--model", path, "--limit", "1")
+    assert r.returncode == 2
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_wrong_family_and_malicious_checkpoint_via_cli(setup, tmp_path):
+    gpt2 = write_tiny_codi(tmp_path / "g", family="gpt2", checkpoint_format="bin")
+    llama_ckpt = Path(setup[1]).parent / "ckpt" / "model.safetensors"
+    path = _codi_json(setup, tmp_path, checkpoint=str(llama_ckpt))
+    data = json.loads(path.read_text())
+    data["base"] = str(gpt2.parent / "base")
+    path.write_text(json.dumps(data))
+    r = cli("evaluate", "--model", path, "--limit", "1")
+    assert r.returncode == 2 and "checkpoint keys not used by a CODI gpt2 model" in r.stderr
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch /tmp/codi_nnsight_cli_pwned",))
+
+    import torch
+
+    torch.save({"w": Evil()}, gpt2.parent / "ckpt" / "pytorch_model.bin")
+    r = cli("evaluate", "--model", gpt2, "--limit", "1")
+    assert r.returncode == 2 and "refused to load (weights_only=True)" in r.stderr
+    assert not Path("/tmp/codi_nnsight_cli_pwned").exists()
