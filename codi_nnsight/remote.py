@@ -10,6 +10,7 @@ and it is scrubbed from any error message that passes through here.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 from collections.abc import Iterator
@@ -51,26 +52,42 @@ def scrub(text: str) -> str:
 
 @contextlib.contextmanager
 def remote_errors(remote: bool | str) -> Iterator[None]:
-    """Turn transport and server failures of a remote trace into one clear line."""
-    if not remote or remote == "local":
+    """Turn transport and server failures of a remote trace into one clear line.
+
+    Under debug logging, nnsight's verbose output (the request payload size of every trace)
+    is captured and re-emitted through `logging`, with the key scrubbed.
+    """
+    if not remote:
         yield
         return
+    buf = io.StringIO() if log.isEnabledFor(logging.DEBUG) else None
     try:
-        yield
+        with contextlib.redirect_stdout(buf) if buf is not None else contextlib.nullcontext():
+            yield
     except UserError:
         raise
     except Exception as e:
-        text = scrub(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
-        status = getattr(e, "status_code", None) or getattr(getattr(e, "response", None), "status_code", None)
-        lowered = text.lower()
-        if status in (401, 403) or "401" in text or "403" in text or "unauthorized" in lowered \
-                or "api key" in lowered or "forbidden" in lowered:
-            raise RemoteUnavailable(f"remote {describe(remote)}: API key refused ({text}); set NDIF_API_KEY "
-                                    "or nnsight's CONFIG.set_default_api_key") from None
-        if isinstance(e, (ConnectionError, OSError, TimeoutError)) or "connect" in lowered \
-                or "refused" in lowered or "resolve" in lowered:
-            raise RemoteUnavailable(f"remote {describe(remote)}: host unreachable ({text})") from None
-        raise RemoteUnavailable(f"remote {describe(remote)}: request failed ({type(e).__name__}: {text})") from None
+        if remote == "local":
+            raise
+        raise _classify(remote, e) from None
+    finally:
+        if buf is not None:
+            for line in buf.getvalue().splitlines():
+                log.debug("remote %s: %s", describe(remote), scrub(line.strip()))
+
+
+def _classify(remote: bool | str, e: Exception) -> RemoteUnavailable:
+    text = scrub(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+    status = getattr(e, "status_code", None) or getattr(getattr(e, "response", None), "status_code", None)
+    lowered = text.lower()
+    if status in (401, 403) or "401" in text or "403" in text or "unauthorized" in lowered \
+            or "api key" in lowered or "forbidden" in lowered:
+        return RemoteUnavailable(f"remote {describe(remote)}: API key refused ({text}); set NDIF_API_KEY "
+                                 "or nnsight's CONFIG.set_default_api_key")
+    if isinstance(e, (ConnectionError, OSError, TimeoutError)) or "connect" in lowered \
+            or "refused" in lowered or "resolve" in lowered:
+        return RemoteUnavailable(f"remote {describe(remote)}: host unreachable ({text})")
+    return RemoteUnavailable(f"remote {describe(remote)}: request failed ({type(e).__name__}: {text})")
 
 
 def trace_kwargs(remote: bool | str) -> dict[str, Any]:

@@ -107,3 +107,12 @@ def test_key_never_lands_in_results(tiny_models, secret_key, tmp_path):
     assert all(SECRET not in str(v) for v in ds.attrs.values())
     assert SECRET.encode() not in (tmp_path / "r.nc").read_bytes()
     assert isinstance(xr.open_dataset(tmp_path / "r.nc"), xr.Dataset)
+
+
+def test_request_size_is_reported_in_debug_logging(tiny_models, caplog):
+    import logging
+
+    with caplog.at_level(logging.DEBUG, logger="codi_nnsight.remote"):
+        sweep_mod.patch_sweep(tiny_models["gpt2"], make_synthetic_pairs(1, seed=4), remote="local")
+    sizes = [r.getMessage() for r in caplog.records if "payload" in r.getMessage()]
+    assert sizes and all("bytes" in m for m in sizes)
