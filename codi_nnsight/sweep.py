@@ -205,6 +205,7 @@ def _multi_component_sweep(model: CODIModel, pairs: Any, components: list[str], 
         parts.append(patch_sweep(model, pairs, component=c, out=sub, resume=resume, **kw))
     ds = xr.concat(parts, dim=xr.DataArray(components, dims="component", name="component"),
                    data_vars="different", coords="minimal", join="outer", combine_attrs="override")
+    ds = ds.transpose("pair", "layer", ...)  # the schema's order: component last
     ds.attrs["component"] = ",".join(components)
     for name in ("sanity_self_patch_max_kl", "sanity_full_patch_max_abs"):
         ds.attrs[name] = max(float(p.attrs[name]) for p in parts)

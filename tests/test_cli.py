@@ -98,3 +98,59 @@ def test_bundled_demo_pairs_match_data_folder():
 
     repo = Path(__file__).resolve().parent.parent
     assert default_pairs().read_bytes() == (repo / "data" / "demo_pairs.json").read_bytes()
+
+
+def test_pairs_validate_with_model_reports_lengths_and_correctness(tiny_dir, tmp_path):
+    made = tmp_path / "made.json"
+    assert run("pairs", "make", "--synthetic", "3", "--out", str(made)).exit_code == 0
+    r = run("pairs", "validate", str(made), "--model", str(tiny_dir))
+    assert r.exit_code == 0, r.output
+    assert "token length clean - corrupted: equal for" in r.output
+    assert "answers correctly: clean 0/3" in r.output or "answers correctly: clean" in r.output
+
+
+def test_check_flag_fails_the_run_when_a_sanity_check_fails(tiny_dir, tmp_path, monkeypatch):
+    from codi_nnsight import patching
+
+    real = patching.sanity_attrs
+
+    def failing(ds, full, dtype):
+        attrs = real(ds, full, dtype)
+        attrs["sanity_passed"] = 0
+        return attrs
+
+    monkeypatch.setattr("codi_nnsight.sweep.sanity_attrs", failing)
+    out = tmp_path / "r.nc"
+    r = CliRunner().invoke(main, ["patch", "--model", str(tiny_dir), "--out", str(out), "--limit", "1", "--check"])
+    assert r.exit_code == 3
+    assert "sanity checks FAILED" in r.output and out.exists()
+    r = CliRunner().invoke(main, ["patch", "--model", str(tiny_dir), "--out", str(tmp_path / "s.nc"), "--limit", "1"])
+    assert r.exit_code == 0
+
+
+def test_several_components_stack_along_a_component_dim(tiny_dir, tmp_path):
+    out = tmp_path / "c.nc"
+    r = run("patch", "--model", str(tiny_dir), "--out", str(out), "--limit", "2", "--component", "resid,attn,mlp")
+    assert r.exit_code == 0, r.output
+    ds = xr.open_dataset(out)
+    assert list(ds["component"].values) == ["resid", "attn", "mlp"]
+    assert ds["kl"].dims == ("pair", "layer", "component")
+    assert not list(tmp_path.glob("c.nc.*"))
+
+
+def test_hub_checkpoint_location_downloads_through_huggingface_hub(monkeypatch, tmp_path):
+    from codi_nnsight import codi
+
+    calls = []
+
+    def fake_download(repo, filename, revision=None):
+        calls.append((repo, filename, revision))
+        path = tmp_path / "model.safetensors"
+        path.write_bytes(b"x")
+        return str(path)
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    assert codi.fetch_file("hf://zen-E/CODI-gpt2/pytorch_model.bin", "main").name == "model.safetensors"
+    assert calls == [("zen-E/CODI-gpt2", "pytorch_model.bin", "main")]
