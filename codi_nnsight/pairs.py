@@ -511,6 +511,17 @@ def _is_nested(records: list[Any]) -> bool:
     return False
 
 
+def _record_pair_id(rec: dict, i: int, col: _Collector) -> int | None:
+    """The record's pair_id, or None after reporting why it is missing or unusable."""
+    if "pair_id" not in rec:
+        col.add("missing required field", i, None, "pair_id")
+        return None
+    pid, err = _parse_pair_id(rec["pair_id"])
+    if err is not None:
+        col.add(err, i, None, "pair_id")
+    return pid
+
+
 def _build_flat(records: list[Any], col: _Collector) -> list[Pair]:
     # pair_id -> {variant: record index}; tracks presence even for records with bad content,
     # so one bad answer does not also produce a spurious "no partner" problem.
@@ -521,13 +532,7 @@ def _build_flat(records: list[Any], col: _Collector) -> list[Pair]:
         if not isinstance(rec, dict):
             col.add(f"record is not an object (got {_json_type(rec)})", i)
             continue
-        pid = None
-        if "pair_id" not in rec:
-            col.add("missing required field", i, None, "pair_id")
-        else:
-            pid, err = _parse_pair_id(rec["pair_id"])
-            if err is not None:
-                col.add(err, i, None, "pair_id")
+        pid = _record_pair_id(rec, i, col)
         variant = None
         if "variant" not in rec:
             col.add("missing required field", i, pid, "variant")
@@ -577,13 +582,7 @@ def _build_nested(records: list[Any], col: _Collector) -> list[Pair]:
         if not isinstance(rec, dict):
             col.add(f"record is not an object (got {_json_type(rec)})", i)
             continue
-        pid = None
-        if "pair_id" not in rec:
-            col.add("missing required field", i, None, "pair_id")
-        else:
-            pid, err = _parse_pair_id(rec["pair_id"])
-            if err is not None:
-                col.add(err, i, None, "pair_id")
+        pid = _record_pair_id(rec, i, col)
         duplicate = False
         if pid is not None:
             if pid in first_index:
