@@ -174,6 +174,9 @@ class CODIModule(nn.Module):
         candidates: torch.Tensor | None = None,
         max_new_tokens: int = 0,
         num_latent: int | None = None,
+        prefix_ids: torch.Tensor | None = None,
+        prefix_mask: torch.Tensor | None = None,
+        prompt_prefix: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Run CODI inference.
 
@@ -187,6 +190,12 @@ class CODIModule(nn.Module):
                 -1; each candidate starts right after the suffix.
             max_new_tokens: greedy tokens to decode after the suffix (stops at eos).
             num_latent: override the number of latent steps.
+            prefix_ids, prefix_mask: (Q, Tp) left-padded token prefixes shared by several prompts
+                (a clean question and its corrupted twin share everything before the changed
+                number); `input_ids` then holds only the rest of each prompt, and
+                `prompt_prefix` (P,) says which prefix each prompt continues. The prefill then
+                takes two decoder calls (prefixes, then the rests) and every later call index
+                shifts by one.
 
         Returns:
             dict with `logits` (R, V) at the last suffix position, `latents` (R, K, d) the latent
@@ -196,16 +205,25 @@ class CODIModule(nn.Module):
         # No autograd outside training: patching edits activations in place, and it is faster.
         with torch.inference_mode(not self.training):
             return self._forward(input_ids, attention_mask, rows, suffix_ids, candidates,
-                                 max_new_tokens, num_latent)
+                                 max_new_tokens, num_latent, prefix_ids, prefix_mask, prompt_prefix)
 
     def _forward(self, input_ids, attention_mask, rows, suffix_ids, candidates, max_new_tokens,
-                 num_latent) -> dict[str, torch.Tensor]:
+                 num_latent, prefix_ids=None, prefix_mask=None, prompt_prefix=None) -> dict[str, torch.Tensor]:
         K = self.num_latent if num_latent is None else num_latent
         dev = input_ids.device
         mask = attention_mask.to(dtype=torch.long)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = self._new_cache()
-        hidden = self._run(cache, mask, pos, input_ids=input_ids)  # call 0: prefill
+        if prefix_ids is None:
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        else:  # call 0: the shared prefixes, once each; call 1 (below): the rest of every prompt
+            pmask = prefix_mask.to(device=dev, dtype=torch.long)
+            self._run(cache, pmask, (pmask.cumsum(-1) - 1).clamp(min=0), input_ids=prefix_ids.to(dev))
+            sel = prompt_prefix.to(dev)
+            cache.batch_select_indices(sel)
+            seen = pmask.sum(-1)[sel]
+            pos = (seen[:, None] + mask.cumsum(-1) - 1).clamp(min=0)
+            mask = torch.cat([pmask[sel], mask], dim=1)
+        hidden = self._run(cache, mask, pos, input_ids=input_ids)  # call 0 (or 1): prefill
         last = hidden[:, -1:, :]
         next_pos = pos[:, -1:] + 1
         if rows is not None:

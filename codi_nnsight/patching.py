@@ -181,6 +181,37 @@ class BatchPlan:
     layer_plan: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]
     prj_plan: dict[int, tuple[torch.Tensor, torch.Tensor]]
     tokens: list[AnswerTokens]
+    prefill_calls: int = 1  # 2 when the pairs' shared question prefixes are prefilled first
+
+
+#: Share a pair's common question prefix when it saves at least this many tokens per pair.
+MIN_SHARED_PREFIX = 4
+
+
+def prompt_inputs(model: CODIModel, questions: list[str]) -> tuple[dict[str, Any], int]:
+    """Model inputs for consecutive (source, target) question pairs, and the prefill call count.
+
+    A clean question and its corrupted twin agree up to the changed number, so their common
+    token prefix is prefilled once per pair (`prefix_ids`) and only the rests per question.
+    """
+    from .model import left_pad
+
+    seqs = [model.encode_question(q) for q in questions]
+    shared = []
+    for a, b in zip(seqs[0::2], seqs[1::2]):
+        n = 0
+        limit = min(len(a), len(b)) - 1  # keep at least [bot] in each rest
+        while n < limit and a[n] == b[n]:
+            n += 1
+        shared.append(n)
+    if not shared or sum(shared) < MIN_SHARED_PREFIX * len(shared):
+        return left_pad(seqs, model.codi.pad_id), 1
+    prefixes = [seqs[2 * i][:n] for i, n in enumerate(shared)]
+    rests = [s[shared[i // 2]:] for i, s in enumerate(seqs)]
+    pre = left_pad(prefixes, model.codi.pad_id)
+    return {**left_pad(rests, model.codi.pad_id), "prefix_ids": pre["input_ids"],
+            "prefix_mask": pre["attention_mask"],
+            "prompt_prefix": torch.arange(len(seqs)) // 2}, 2
 
 
 def variants_of(cfg: SweepConfig, num_latent: int) -> list[tuple[int, int]]:
@@ -189,7 +220,8 @@ def variants_of(cfg: SweepConfig, num_latent: int) -> list[tuple[int, int]]:
     return [(L, p) for L in cfg.layers for p in positions]
 
 
-def plan_batch(model: CODIModel, pairs: Sequence[Any], cfg: SweepConfig) -> BatchPlan:
+def plan_batch(model: CODIModel, pairs: Sequence[Any], cfg: SweepConfig, share_prefix: bool = True
+               ) -> BatchPlan:
     """Lay out the rows of one batch and the (destination, source) index of every patch."""
     K = model.num_latent
     variants = variants_of(cfg, K)
@@ -213,6 +245,12 @@ def plan_batch(model: CODIModel, pairs: Sequence[Any], cfg: SweepConfig) -> Batc
     if len({tuple(t.suffix) for t in tokens}) != 1:
         raise UserError("pairs in one batch need the same answer prompt tokens; use --batch-size 1")
 
+    if share_prefix:
+        enc, prefill_calls = prompt_inputs(model, questions)
+    else:
+        from .model import left_pad
+
+        enc, prefill_calls = left_pad([model.encode_question(q) for q in questions], model.codi.pad_id), 1
     # Patch plan: which rows take which source row, per site and call.
     layer_dst: dict[tuple[int, int], list[int]] = {}
     layer_src: dict[tuple[int, int], list[int]] = {}
@@ -234,12 +272,12 @@ def plan_batch(model: CODIModel, pairs: Sequence[Any], cfg: SweepConfig) -> Batc
                         add(prj_dst, prj_src, k, row, base_rows[i])
                     continue
                 if patched:
-                    add(layer_dst, layer_src, (L, k + 1), row, src_rows[i])
+                    add(layer_dst, layer_src, (L, k + prefill_calls), row, src_rows[i])
                 if cfg.mode == "frozen" and k > 0:
                     add(prj_dst, prj_src, k, row, base_rows[i])
         for L in (cfg.layers if cfg.component != "latent" else []):
             for k in range(K):
-                add(layer_dst, layer_src, (L, k + 1), self_rows[i], base_rows[i])
+                add(layer_dst, layer_src, (L, k + prefill_calls), self_rows[i], base_rows[i])
         if cfg.component == "latent":
             for k in range(K):
                 add(prj_dst, prj_src, k, self_rows[i], base_rows[i])
@@ -247,9 +285,6 @@ def plan_batch(model: CODIModel, pairs: Sequence[Any], cfg: SweepConfig) -> Batc
     def tensors(dst_map, src_map):
         return {key: (torch.tensor(dst_map[key]), torch.tensor(src_map[key])) for key in dst_map}
 
-    from .model import left_pad
-
-    enc = left_pad([model.encode_question(q) for q in questions], model.codi.pad_id)
     n_cand = max(max(len(t.clean), len(t.corrupted)) for t in tokens)
     cands = torch.full((len(rows), 2, n_cand), -1, dtype=torch.long)
     row_pair = []
@@ -263,7 +298,7 @@ def plan_batch(model: CODIModel, pairs: Sequence[Any], cfg: SweepConfig) -> Batc
     inputs = {**enc, "rows": torch.tensor(rows), "suffix_ids": torch.tensor(tokens[0].suffix),
               "candidates": cands, "max_new_tokens": max_new}
     return BatchPlan(inputs, src_rows, base_rows, self_rows, var_rows, variants,
-                     tensors(layer_dst, layer_src), tensors(prj_dst, prj_src), tokens)
+                     tensors(layer_dst, layer_src), tensors(prj_dst, prj_src), tokens, prefill_calls)
 
 
 def run_batch(model: CODIModel, plan: BatchPlan, cfg: SweepConfig, remote: bool | str = False
@@ -274,6 +309,7 @@ def run_batch(model: CODIModel, plan: BatchPlan, cfg: SweepConfig, remote: bool 
     uses only torch and nnsight, so it runs unchanged on an NDIF server.
     """
     K = model.num_latent
+    first = plan.prefill_calls  # decoder call of latent position 0
     sites = {L: model.sublayer(L, cfg.component) for L in cfg.layers} if cfg.component != "latent" else {}
     layer_plan, prj_plan = plan.layer_plan, plan.prj_plan
     baseline_of = torch.tensor(_baseline_index(plan))
@@ -283,16 +319,26 @@ def run_batch(model: CODIModel, plan: BatchPlan, cfg: SweepConfig, remote: bool 
         if 0 in prj_plan:  # prj call 0 happens before the first latent layer call
             e = prj.output
             e[prj_plan[0][0]] = e[prj_plan[0][1]]
-        for step in tracer.iter[1:K + 1]:
-            for L in layers:
-                if (L, step) in layer_plan:
-                    out = sites[L].output
-                    h = out[0] if isinstance(out, tuple) else out
-                    dst, src = layer_plan[(L, step)]
-                    h[dst] = h[src]
-            if step < K and step in prj_plan:
-                e = prj.output
-                e[prj_plan[step][0]] = e[prj_plan[step][1]]
+        if layers:
+            # Every (layer, step) has at least the self row's patch, so each step's first request
+            # is a layer output pinned to decoder call `step`; the prj request after it is
+            # relaxed and binds to the next prj call, which makes latent position k's input.
+            for step in tracer.iter[first:first + K]:
+                for L in layers:
+                    if (L, step) in layer_plan:
+                        out = sites[L].output
+                        h = out[0] if isinstance(out, tuple) else out
+                        dst, src = layer_plan[(L, step)]
+                        h[dst] = h[src]
+                k = step - first + 1
+                if k < K and k in prj_plan:
+                    e = prj.output
+                    e[prj_plan[k][0]] = e[prj_plan[k][1]]
+        else:  # the latent component: only prj calls 1 .. K-1 (call 0 was handled above)
+            for k in tracer.iter[1:K]:
+                if k in prj_plan:
+                    e = prj.output
+                    e[prj_plan[k][0]] = e[prj_plan[k][1]]
         result = model.output
         logits = result["logits"].to(torch.float64)
         logp = torch.log_softmax(logits, dim=-1)

@@ -187,3 +187,20 @@ def test_model_spec_resolution(tmp_path, tiny_dirs):
     assert resolve_model_spec("codi-gpt2").checkpoint == "hf://zen-E/CODI-gpt2/pytorch_model.bin"
     with pytest.raises(UserError, match="not a codi.json file, a folder holding one, or a preset"):
         resolve_model_spec("no-such-model")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_shared_question_prefix_equals_full_prefill(family, tiny_models):
+    from codi_nnsight.patching import prompt_inputs
+
+    model = tiny_models[family]
+    qs = ["Tom has 3 apples and buys 4 more. How many?", "Tom has 3 apples and buys 5 more. How many?",
+          "What is 7-2?", "Why is 7-2?"]
+    shared, calls = prompt_inputs(model, qs)
+    assert calls == 2 and shared["prefix_ids"].shape[0] == 2
+    rows = torch.tensor([0, 1, 1, 2, 3, 3])
+    a = model.codi(**shared, rows=rows, max_new_tokens=4)
+    b = model.codi(**model.prepare(qs), rows=rows, max_new_tokens=4)
+    assert (a["logits"] - b["logits"]).abs().max() < TOL
+    assert (a["latents"] - b["latents"]).abs().max() < TOL
+    assert torch.equal(a["generated"], b["generated"])

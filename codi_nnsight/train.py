@@ -1,0 +1,437 @@
+"""Train and evaluate the bundled toy CODI model (continuous chain-of-thought, arXiv 2502.21074).
+
+One shared tiny Llama (byte tokenizer, trained from scratch) learns by CODI self-distillation:
+
+* teacher: ``<s>question [bot] steps [eot] The answer is: X</s>`` with CE on everything after
+  ``[bot]`` (the explicit chain of thought and the answer);
+* student: ``<s>question [bot]``, ``num_latent`` latent steps feeding ``prj(last hidden)`` back
+  as the next input embedding (gradients flow through the loop), then
+  ``[eot] The answer is: X</s>`` with CE on the answer text;
+* distillation: SmoothL1 between the student's and the detached teacher's hidden states at every
+  layer, at the token that predicts the first answer digit (the space after ``is:``), each layer
+  divided by the teacher's std as in the official code.
+
+``train_toy`` writes the official on-disk layout (``codi.json``, ``base/``,
+``ckpt/model.safetensors`` with ``codi.<hf keys>`` and ``prj.*``) that
+`codi_nnsight.model.load_model` reads; ``evaluate_toy`` measures greedy accuracy with real CODI
+inference plus latent ablations (zeros, another problem's latents).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .codi import CODIModule, make_prj, register_attention
+from .config import CODIConfig
+from .synthetic import Problem, make_problem
+from .tiny import BYTE_VOCAB, byte_tokenizer, tiny_hf_config
+
+BOS = BYTE_VOCAB  # `<s>`, prepended by the llama byte tokenizer
+EOS = BYTE_VOCAB + 1  # `</s>`
+BASE_VOCAB = BYTE_VOCAB + 2
+PAD, BOT, EOT = BASE_VOCAB, BASE_VOCAB + 1, BASE_VOCAB + 2
+ANSWER_PREFIX = "The answer is: "
+#: Problems whose arithmetic chain hashes into this bucket (of HOLDOUT_MOD) never appear in
+#: training, so evaluation measures generalization to unseen number/operator chains.
+HOLDOUT_MOD = 10
+
+
+@dataclass
+class ToyConfig:
+    """Hyper-parameters of a toy CODI run (the defaults are the shipped model's)."""
+
+    seed: int = 0
+    steps: int = 1500
+    batch_size: int = 32
+    lr: float = 3e-3
+    warmup: int = 100
+    weight_decay: float = 0.01
+    n_layers: int = 4
+    hidden: int = 128
+    heads: int = 4
+    intermediate: int = 256
+    prj_dim: int = 128
+    num_latent: int = 6
+    min_steps: int = 2
+    max_steps: int = 2
+    max_value: int = 8
+    distill_factor: float = 20.0
+    #: Train a "no latent" baseline instead: num_latent 0, student CE only, no teacher.
+    baseline: bool = False
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+def encode(text: str) -> list[int]:
+    """Byte ids of `text` (exactly what the llama byte tokenizer gives, without `<s>`)."""
+    return list(text.encode("utf-8"))
+
+
+def is_held_out(problem: Problem) -> bool:
+    """Whether the problem's arithmetic chain is reserved for evaluation."""
+    return zlib.crc32(" ".join(problem.steps).encode()) % HOLDOUT_MOD == 0
+
+
+def sample_problems(rng: random.Random, n: int, cfg: ToyConfig, held_out: bool) -> list[Problem]:
+    """`n` problems from the training (or held-out) side of the chain split."""
+    out: list[Problem] = []
+    while len(out) < n:
+        p = make_problem(rng, rng.randint(cfg.min_steps, cfg.max_steps), cfg.max_value)
+        if is_held_out(p) == held_out:
+            out.append(p)
+    return out
+
+
+def eval_problems(n: int, seed: int, cfg: ToyConfig | None = None) -> list[Problem]:
+    """The fixed held-out evaluation set: `n` problems from chains never used in training."""
+    return sample_problems(random.Random(seed), n, cfg or ToyConfig(), held_out=True)
+
+
+def _pad(seqs: list[list[int]], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), PAD, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        sl = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[i, sl] = torch.tensor(s, dtype=torch.long)
+        mask[i, sl] = 1
+    return ids, mask
+
+
+def make_batch(problems: list[Problem]) -> dict[str, torch.Tensor]:
+    """Tensors for one training batch.
+
+    Questions are left-padded like inference prompts; the student suffix
+    ``[eot] The answer is: X</s>`` and the teacher continuation
+    ``steps [eot] The answer is: X</s>`` (both run after the shared question prefix) are
+    right-padded. ``*_labels`` hold the target of each position (-100 = no loss);
+    ``*_distill`` index the position predicting the first digit.
+    """
+    question = [[BOS, *encode(p.question), BOT] for p in problems]
+    answer = [encode(ANSWER_PREFIX + str(p.answer)) + [EOS] for p in problems]
+    q_ids, q_mask = _pad(question, left=True)
+    s_ids, s_mask = _pad([[EOT, *a] for a in answer], left=False)
+    s_labels = torch.full_like(s_ids, -100)
+    s_labels[:, :-1] = torch.where(s_mask[:, 1:].bool(), s_ids[:, 1:], -100)
+    # Teacher continuation after the shared `question [bot]` prefix: steps [eot] answer </s>.
+    cont = [encode(" ".join(p.steps)) + [EOT] + a for p, a in zip(problems, answer)]
+    t_ids, t_mask = _pad(cont, left=False)
+    # Target of the prefix's last ([bot]) position, then of each continuation position.
+    t_labels = torch.full((len(problems), t_ids.shape[1] + 1), -100, dtype=torch.long)
+    t_labels[:, :-1] = torch.where(t_mask.bool(), t_ids, -100)
+    # In the continuation the space after ':' sits len(prefix) - 1 tokens into the answer.
+    t_distill = torch.tensor([len(c) - len(a) + len(ANSWER_PREFIX) - 1
+                              for c, a in zip(cont, answer)])
+    # In the student suffix [eot] + answer the same space is at index len(prefix).
+    s_distill = torch.full((len(problems),), len(ANSWER_PREFIX), dtype=torch.long)
+    return {"q_ids": q_ids, "q_mask": q_mask, "s_ids": s_ids, "s_mask": s_mask,
+            "s_labels": s_labels, "t_ids": t_ids, "t_mask": t_mask, "t_labels": t_labels,
+            "t_distill": t_distill, "s_distill": s_distill}
+
+
+# ---------------------------------------------------------------------------------------------
+# Model and losses
+# ---------------------------------------------------------------------------------------------
+def build_model(cfg: ToyConfig) -> tuple[CODIModule, Any]:
+    """A freshly initialized CODI module (tiny Llama + prj) and its HF base config."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(cfg.seed)
+    hf_config = tiny_hf_config("llama", n_layers=cfg.n_layers, hidden=cfg.hidden, heads=cfg.heads,
+                               intermediate=cfg.intermediate, max_positions=512)
+    big = type(hf_config).from_dict(hf_config.to_dict())
+    big.vocab_size = BASE_VOCAB + 3  # pad, bot, eot
+    lm = AutoModelForCausalLM.from_config(big, attn_implementation=register_attention())
+    prj = make_prj(cfg.hidden, cfg.prj_dim, True, False)
+    num_latent = 0 if cfg.baseline else cfg.num_latent
+    module = CODIModule(lm, prj, num_latent=num_latent, vocab_size=BASE_VOCAB, eos_token_id=EOS,
+                        remove_eos=True)
+    return module, hf_config
+
+
+def _base(module: CODIModule, mask: torch.Tensor, pos: torch.Tensor, cache: Any = None,
+          **inputs: torch.Tensor) -> Any:
+    """One decoder pass with CODI's own additive mask (same as inference), all hidden states."""
+    q = next(iter(inputs.values())).shape[1]
+    kw = {module._cache_kw: cache} if cache is not None else {}
+    return module.base(**inputs, attention_mask=module._additive_mask(mask, q), position_ids=pos,
+                       use_cache=cache is not None, output_hidden_states=True, **kw)
+
+
+def _ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                       ignore_index=-100)
+
+
+def compute_losses(module: CODIModule, batch: dict[str, torch.Tensor], cfg: ToyConfig
+                   ) -> dict[str, torch.Tensor]:
+    """Teacher CE, student CE, distillation loss and their weighted total for one batch."""
+    from transformers import DynamicCache
+
+    rows = torch.arange(batch["q_ids"].shape[0])
+    # Shared prefill of `question [bot]`: teacher and student continue from the same KV cache,
+    # which saves a second pass over the (long) question.
+    mask = batch["q_mask"]
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache()
+    prefix = _base(module, mask, pos, cache, input_ids=batch["q_ids"]).last_hidden_state[:, -1:]
+    q_mask, next_pos = mask, pos[:, -1:] + 1
+    t_cache = None
+    if not cfg.baseline:
+        t_cache = DynamicCache()
+        for i, layer in enumerate(cache.layers):
+            t_cache.update(layer.keys, layer.values, i)
+    # Student: latent loop with gradients, then the answer suffix.
+    last = prefix
+    ones = torch.ones_like(mask[:, :1])
+    for _ in range(module.num_latent):
+        emb = module.prj(last)
+        mask = torch.cat([mask, ones], dim=1)
+        last = _base(module, mask, next_pos, cache, inputs_embeds=emb).last_hidden_state
+        next_pos = next_pos + 1
+    s_ids = batch["s_ids"]
+    mask = torch.cat([mask, batch["s_mask"]], dim=1)
+    spos = next_pos + torch.arange(s_ids.shape[1])
+    out = _base(module, mask, spos, cache, inputs_embeds=module.embed(s_ids))
+    student_ce = _ce(module.lm.lm_head(out.last_hidden_state), batch["s_labels"])
+    losses = {"student_ce": student_ce}
+    if cfg.baseline:
+        losses["total"] = student_ce
+        return losses
+    # Teacher: the explicit chain of thought after the same prefix.
+    t_ids, t_mask = batch["t_ids"], torch.cat([q_mask, batch["t_mask"]], dim=1)
+    t_pos = q_mask.sum(1, keepdim=True) + torch.arange(t_ids.shape[1])
+    t_out = _base(module, t_mask, t_pos, t_cache, input_ids=t_ids)
+    t_hidden = torch.cat([prefix, t_out.last_hidden_state], dim=1)
+    teacher_ce = _ce(module.lm.lm_head(t_hidden), batch["t_labels"])
+    distill = student_ce.new_zeros(())
+    # hidden_states[0] is the embedding (identical for both); the rest are the layers' outputs.
+    layers = list(zip(out.hidden_states[1:], t_out.hidden_states[1:]))
+    for s_h, t_h in layers:
+        s_vec = s_h[rows, batch["s_distill"]]
+        t_vec = t_h[rows, batch["t_distill"]].detach()
+        distill = distill + nn.functional.smooth_l1_loss(s_vec, t_vec) / t_vec.std()
+    distill = distill / len(layers)
+    losses.update(teacher_ce=teacher_ce, distill=distill,
+                  total=teacher_ce + student_ce + cfg.distill_factor * distill)
+    return losses
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+# ---------------------------------------------------------------------------------------------
+def save_toy(module: CODIModule, hf_config: Any, cfg: ToyConfig, out_dir: str | Path,
+             name: str = "toy-codi") -> Path:
+    """Write the official layout (`codi.json`, `base/`, `ckpt/model.safetensors`).
+
+    Returns the path of `codi.json`.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    (out / "base").mkdir(parents=True, exist_ok=True)
+    (out / "ckpt").mkdir(parents=True, exist_ok=True)
+    hf_config.save_pretrained(out / "base")
+    byte_tokenizer("llama").save_pretrained(out / "base")
+    sd = {"codi." + k: v.detach().clone().contiguous()
+          for k, v in module.lm.state_dict().items() if k != "lm_head.weight"}  # tied to embed
+    sd.update({"prj." + k: v.detach().clone().contiguous()
+               for k, v in module.prj.state_dict().items()})
+    save_file(sd, str(out / "ckpt" / "model.safetensors"))
+    codi_cfg = CODIConfig(base="base", checkpoint="ckpt/model.safetensors",
+                          num_latent=module.num_latent, lora_r=0, prj_dim=cfg.prj_dim, use_prj=True,
+                          prj_no_ln=False, remove_eos=True, name=name)
+    codi_cfg.save(out / "codi.json")
+    return out / "codi.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+def _lr_factor(step: int, cfg: ToyConfig) -> float:
+    """Linear warmup then cosine decay to 10%."""
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def train_toy(out_dir: str | Path, seed: int = 0, steps: int | None = None, evaluate: bool = True,
+              eval_n: int = 200, log_every: int = 100, verbose: bool = True,
+              **overrides: Any) -> dict[str, Any]:
+    """Train a toy CODI model (or, with `baseline=True`, the no-latent baseline) into `out_dir`.
+
+    Deterministic for a seed on CPU. `overrides` set `ToyConfig` fields. Returns the training
+    log (also written to `out_dir/train_log.json`): config, loss history, wall time and, when
+    `evaluate`, the `evaluate_toy` metrics on `eval_n` held-out problems.
+    """
+    cfg = ToyConfig(seed=seed, **overrides)
+    if steps is not None:
+        cfg.steps = steps
+    module, hf_config = build_model(cfg)
+    module.train()
+    decay = [p for n, p in module.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in module.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=cfg.lr, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
+    rng = random.Random(cfg.seed)
+    history: list[dict[str, float]] = []
+    running: dict[str, float] = {}
+    t0 = time.time()
+    for step in range(cfg.steps):
+        batch = make_batch(sample_problems(rng, cfg.batch_size, cfg, held_out=False))
+        losses = compute_losses(module, batch, cfg)
+        opt.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        for k, v in losses.items():
+            running[k] = running.get(k, 0.0) + float(v.detach())
+        if (step + 1) % log_every == 0 or step + 1 == cfg.steps:
+            n = (step % log_every) + 1
+            entry = {"step": step + 1, "time_s": round(time.time() - t0, 1),
+                     **{k: round(v / n, 5) for k, v in running.items()}}
+            history.append(entry)
+            running = {}
+            if verbose:
+                print(json.dumps(entry), flush=True)
+    train_time = time.time() - t0
+    module.eval()
+    name = "toy-codi-baseline" if cfg.baseline else "toy-codi"
+    save_toy(module, hf_config, cfg, out_dir, name=name)
+    log: dict[str, Any] = {"config": asdict(cfg), "train_time_s": round(train_time, 1),
+                           "torch_threads": torch.get_num_threads(), "history": history}
+    if evaluate:
+        log["eval"] = evaluate_toy(out_dir, n=eval_n, teacher=not cfg.baseline, cfg=cfg)
+    Path(out_dir, "train_log.json").write_text(json.dumps(log, indent=2) + "\n", encoding="utf-8")
+    return log
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------
+class _ReplacePrj:
+    """Forward hook on `prj` replacing its k-th call's output with `latents[:, k:k+1]`."""
+
+    def __init__(self, latents: torch.Tensor) -> None:
+        self.latents = latents
+        self.calls = 0
+
+    def __call__(self, module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+        k = self.calls
+        self.calls += 1
+        return self.latents[:, k:k + 1, :].to(output.dtype).expand_as(output).clone()
+
+
+def _accuracy(texts: list[str], problems: list[Problem]) -> float:
+    from .inference import extract_answer_number
+
+    right = sum(extract_answer_number(t) == float(p.answer) for t, p in zip(texts, problems))
+    return right / len(problems)
+
+
+def teacher_generate(module: CODIModule, questions: list[str],
+                     max_new_tokens: int = 48) -> list[str]:
+    """Explicit-CoT greedy decoding after `question [bot]` (no latents); text after `[eot]`."""
+    ids, mask = _pad([[BOS, *encode(q), BOT] for q in questions], left=True)
+    done = torch.zeros(len(questions), dtype=torch.bool)
+    gen: list[torch.Tensor] = []
+    with torch.inference_mode():
+        for _ in range(max_new_tokens):
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            h = module.base(input_ids=ids, attention_mask=module._additive_mask(mask, ids.shape[1]),
+                            position_ids=pos).last_hidden_state[:, -1]
+            logits = module.lm.lm_head(h)
+            logits[:, [PAD, BOT]] = -math.inf  # only text, eos and [eot] can follow
+            nxt = torch.where(done, torch.full_like(done, PAD, dtype=torch.long), logits.argmax(-1))
+            gen.append(nxt)
+            done = done | (nxt == EOS)
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+            mask = torch.cat([mask, (~done | (nxt == EOS)).long()[:, None]], dim=1)
+            if bool(done.all()):
+                break
+    texts = []
+    for row in torch.stack(gen, dim=1).tolist():
+        after = row[row.index(EOT) + 1:] if EOT in row else []
+        texts.append(bytes(t for t in after if t < BYTE_VOCAB).decode("utf-8", "replace"))
+    return texts
+
+
+def evaluate_toy(model_dir: str | Path, n: int = 200, seed: int = 12345, batch_size: int = 100,
+                 teacher: bool = True, max_new_tokens: int = 24,
+                 cfg: ToyConfig | None = None) -> dict[str, Any]:
+    """Held-out accuracy of a toy model with real CODI inference, and latent ablations.
+
+    Problems come from `eval_problems(n, seed)` (chains never seen in training; the default seed
+    differs from any training seed). Returns `accuracy` (greedy student), `zero_latent`
+    (every latent input embedding replaced by zeros), `other_latent` (each problem run with the
+    latents of the next problem in the set, whose answer differs), `teacher` (explicit CoT) and
+    the per-problem completions. `cfg` (default: the model's `train_log.json`) sets the
+    problem distribution.
+    """
+    from .inference import generate
+    from .model import load_model
+
+    model = load_model(str(Path(model_dir) / "codi.json"), dtype="float32", device="cpu")
+    codi = model.codi
+    log_path = Path(model_dir, "train_log.json")
+    if cfg is None:  # evaluate on the training distribution of this model
+        cfg = ToyConfig(**json.loads(log_path.read_text())["config"]) if log_path.exists() \
+            else ToyConfig()
+    problems = eval_problems(n, seed, cfg)
+    questions = [p.question for p in problems]
+    # "Other" problem: the next one with a different answer, so copying its latents is detectable.
+    other = []
+    for i, p in enumerate(problems):
+        j = next(((i + d) % n for d in range(1, n) if problems[(i + d) % n].answer != p.answer), i)
+        other.append(j)
+
+    def run(qs: list[str], latents: torch.Tensor | None = None) -> list[str]:
+        hook = None
+        if latents is not None:
+            hook = codi.prj.register_forward_hook(_ReplacePrj(latents))
+        try:
+            return generate(model, qs, max_new_tokens=max_new_tokens)
+        finally:
+            if hook is not None:
+                hook.remove()
+
+    texts, zero, swapped = [], [], []
+    K, d = codi.num_latent, codi.lm.config.hidden_size
+    for start in range(0, n, batch_size):
+        qs = questions[start:start + batch_size]
+        texts += run(qs)
+        if K:
+            zero += run(qs, torch.zeros(len(qs), K, d))
+            idx = other[start:start + batch_size]
+            with torch.inference_mode():
+                lat = codi(**model.prepare([questions[j] for j in idx]))["latents"]
+            swapped += run(qs, lat)
+    out: dict[str, Any] = {"n": n, "seed": seed, "num_latent": K,
+                           "accuracy": _accuracy(texts, problems)}
+    if K:
+        out["zero_latent"] = _accuracy(zero, problems)
+        out["other_latent"] = _accuracy(swapped, problems)
+        out["other_latent_copies_other"] = _accuracy(swapped, [problems[j] for j in other])
+    if teacher and K:
+        t_texts = []
+        for start in range(0, n, batch_size):
+            t_texts += teacher_generate(codi, questions[start:start + batch_size])
+        out["teacher"] = _accuracy(t_texts, problems)
+    out["examples"] = [{"question": p.question, "answer": p.answer, "completion": t}
+                       for p, t in zip(problems[:5], texts[:5])]
+    return out
