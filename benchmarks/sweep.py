@@ -180,11 +180,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--naive-repeats", type=int, default=None, help="repeats of the slow naive run")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--batch-size", type=int, default=None, help="pairs per trace (default: all)")
     ap.add_argument("--skip-naive", action="store_true", help="only ours and raw (large GPU runs)")
     ap.add_argument("--each", action="store_true", help="also time the positions=each sweep")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     t = time.perf_counter()
@@ -207,7 +211,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tol = 1e-6 if dtype == torch.float64 else (2e-3 if dtype == torch.float32 else 5e-2)
     res["max_abs_diff"] = {"ours_vs_raw": float(np.nanmax(np.abs(m_ours[..., :2] - m_raw[..., :2])))}
     if not args.skip_naive:
-        naive_s, m_naive = timed(lambda: naive(model, list(pairs), layers, max_new), args.repeats, device)
+        naive_s, m_naive = timed(lambda: naive(model, list(pairs), layers, max_new),
+                                 args.naive_repeats or args.repeats, device)
         res["seconds"]["naive"] = naive_s
         res["ratio_naive_over_ours"] = naive_s / ours_s
         res["max_abs_diff"]["ours_vs_naive"] = float(np.nanmax(np.abs(m_ours[..., :2] - m_naive[..., :2])))

@@ -63,6 +63,8 @@ METRICS: dict[str, tuple[str, str]] = {
 #: Columns computed inside the trace, per row.
 TRACE_COLUMNS = ("kl", "l2", "top1_changed", "logit_diff", "p_clean", "p_corrupted",
                  "logp_clean_answer", "logp_corrupted_answer")
+#: Answer metrics also stored per pair for the unpatched baseline and source runs.
+ANSWER_COLUMNS = ("p_clean", "p_corrupted", "logp_clean_answer", "logp_corrupted_answer")
 
 
 @dataclass
@@ -384,7 +386,8 @@ def batch_dataset(model: CODIModel, pairs: Sequence[Any], cfg: SweepConfig, plan
     data = {name: np.full(shape, np.nan) for name in METRICS}
     per_pair: dict[str, list[float]] = {k: [] for k in (
         "clean_predicted", "corrupted_predicted", "clean_correct", "corrupted_correct",
-        "baseline_logit_diff", "target_logit_diff", "self_patch_kl", "self_patch_max_abs_logit")}
+        "baseline_logit_diff", "target_logit_diff", "self_patch_kl", "self_patch_l2",
+        *(f"{run}_{name}" for run in ("baseline", "source") for name in ANSWER_COLUMNS))}
     answers = [[extract_answer_number(decode(model, g)) for g in generated]]
     parsed = answers[0]
     min_kl = math.inf
@@ -411,8 +414,11 @@ def batch_dataset(model: CODIModel, pairs: Sequence[Any], cfg: SweepConfig, plan
             per_pair[f"{name}_correct"].append(float(value is not None and value == truth))
         per_pair["baseline_logit_diff"].append(float(b_ld))
         per_pair["target_logit_diff"].append(float(s_ld))
+        for name in ANSWER_COLUMNS:  # the unpatched runs' own values, for reference
+            per_pair[f"baseline_{name}"].append(float(metrics[base, col[name]]))
+            per_pair[f"source_{name}"].append(float(metrics[src, col[name]]))
         per_pair["self_patch_kl"].append(float(metrics[selfr, col["kl"]]))
-        per_pair["self_patch_max_abs_logit"].append(float(metrics[selfr, col["l2"]]))
+        per_pair["self_patch_l2"].append(float(metrics[selfr, col["l2"]]))
     dims = ("pair", "layer") + (("position",) if each else ())
     coords: dict[str, Any] = {"pair": np.array([p.pair_id for p in pairs], dtype=np.int64),
                               "layer": np.array(layers, dtype=np.int64)}
@@ -422,10 +428,13 @@ def batch_dataset(model: CODIModel, pairs: Sequence[Any], cfg: SweepConfig, plan
                      for name, arr in data.items()}, coords=coords)
     pair_units = {"clean_predicted": "1", "corrupted_predicted": "1", "clean_correct": "1",
                   "corrupted_correct": "1", "baseline_logit_diff": "logits", "target_logit_diff": "logits",
-                  "self_patch_kl": "nats", "self_patch_max_abs_logit": "logits"}
+                  "self_patch_kl": "nats", "self_patch_l2": "logits"}
     for name, values in per_pair.items():
-        ds[name] = ("pair", np.array(values, dtype=np.float64),
-                    {"long_name": name.replace("_", " "), "units": pair_units[name]})
+        run, _, metric = name.partition("_")
+        units = pair_units.get(name) or METRICS[metric][1]
+        long_name = (f"{METRICS[metric][0]} — unpatched {run} run" if metric in ANSWER_COLUMNS
+                     and run in ("baseline", "source") else name.replace("_", " "))
+        ds[name] = ("pair", np.array(values, dtype=np.float64), {"long_name": long_name, "units": units})
     ds = ds.assign_coords(pair_coords(pairs))
     ds.attrs["min_kl"] = min_kl
     return ds
