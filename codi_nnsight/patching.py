@@ -462,11 +462,13 @@ def pair_coords(pairs: Sequence[Any]) -> dict[str, Any]:
 FULL_PATCH_TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 5e-2}
 
 
-def full_patch_check(model: CODIModel, pairs: Sequence[Any], remote: bool | str = False) -> dict[str, Any]:
+def full_patch_check(model: CODIModel, pairs: Sequence[Any], remote: bool | str = False,
+                     skip_question: bool = False) -> dict[str, Any]:
     """Patch `resid` at every position of every token (layer 0) on an equal-length pair.
 
     The corrupted run must then reproduce the clean run's answer-position logits. Returns
-    {"max_abs": float (NaN if no equal-length pair), "pair_id": id or None}.
+    {"max_abs": float (NaN if no equal-length pair), "pair_id": id or None}. `skip_question`
+    leaves the question tokens unpatched — a deliberately incomplete patch that must fail.
     """
     # The shortest equal-length pair: the check costs one more (small) trace per sweep.
     equal = [(len(model.encode_question(p.clean.question)), i) for i, p in enumerate(pairs)
@@ -475,22 +477,21 @@ def full_patch_check(model: CODIModel, pairs: Sequence[Any], remote: bool | str 
     if pair is None:
         return {"max_abs": float("nan"), "pair_id": None}
     toks = answer_tokens(model, pair.clean.answer, pair.corrupted.answer)
-    worst = 0.0
     K = model.num_latent
+    inputs, first = prompt_inputs(model, [pair.clean.question, pair.corrupted.question])
+    inputs = {**inputs, "suffix_ids": torch.tensor(toks.suffix)}
+    # With a shared prefix (call 0), both questions already share those positions' states, so
+    # patching from the first call that differs — the rest of the question — covers every token.
     # Layer 0 is the strictest case: every later layer is recomputed from the patched state.
-    for L in (0,):
-        inputs = model.prepare([pair.clean.question, pair.corrupted.question],
-                               suffix_ids=torch.tensor(toks.suffix))
-        block = model.layers[L]
-        with remote_errors(remote), model.trace(**inputs, **trace_kwargs(remote)) as tracer:
-            for _step in tracer.iter[0:K + 2]:  # prefill, every latent step, the suffix
-                out = block.output
-                h = out[0] if isinstance(out, tuple) else out
-                h[1] = h[0]
-            logits = model.output["logits"].to(torch.float64).cpu().save()
-        logits = torch.as_tensor(logits)
-        worst = max(worst, float((logits[1] - logits[0]).abs().max()))
-    return {"max_abs": worst, "pair_id": int(pair.pair_id)}
+    block = model.layers[0]
+    with remote_errors(remote), model.trace(**inputs, **trace_kwargs(remote)) as tracer:
+        for _step in tracer.iter[first - (0 if skip_question else 1):first + K + 1]:  # question, latents, suffix
+            out = block.output
+            h = out[0] if isinstance(out, tuple) else out
+            h[1] = h[0]
+        logits = model.output["logits"].to(torch.float64).cpu().save()
+    logits = torch.as_tensor(logits)
+    return {"max_abs": float((logits[1] - logits[0]).abs().max()), "pair_id": int(pair.pair_id)}
 
 
 def sanity_attrs(ds: Any, full: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:

@@ -141,3 +141,15 @@ def test_parse_layers_errors():
         parse_layers("1,x", 4)
     with pytest.raises(UserError, match="--layers: empty layer list"):
         parse_layers("", 4)
+
+
+def test_full_patch_check_catches_a_broken_patch(tiny_models, monkeypatch):
+    from codi_nnsight import patching
+
+    model = tiny_models["llama"]
+    pairs = make_pairs()
+    ok = patching.full_patch_check(model, pairs)
+    assert ok["pair_id"] == 0 and ok["max_abs"] < TOL
+    # A patch that misses the question tokens must be caught (the check can fail).
+    broken = patching.full_patch_check(model, pairs, skip_question=True)
+    assert broken["max_abs"] > 1e-3
