@@ -315,6 +315,12 @@ def run_batch(model: CODIModel, plan: BatchPlan, cfg: SweepConfig, remote: bool 
     sites = {L: model.sublayer(L, cfg.component) for L in cfg.layers} if cfg.component != "latent" else {}
     layer_plan, prj_plan = plan.layer_plan, plan.prj_plan
     baseline_of = torch.tensor(_baseline_index(plan))
+    if not remote and model.device is not None and model.device.type != "cpu":
+        # Index tensors on the device up front: CPU indices into CUDA tensors cost a copy per patch.
+        dev = model.device
+        layer_plan = {k: (d.to(dev), s.to(dev)) for k, (d, s) in layer_plan.items()}
+        prj_plan = {k: (d.to(dev), s.to(dev)) for k, (d, s) in prj_plan.items()}
+        baseline_of = baseline_of.to(dev)
     layers = sorted(sites)
     prj = model.prj
     with remote_errors(remote), model.trace(**plan.inputs, **trace_kwargs(remote)) as tracer:
