@@ -204,3 +204,20 @@ def test_shared_question_prefix_equals_full_prefill(family, tiny_models):
     assert (a["logits"] - b["logits"]).abs().max() < TOL
     assert (a["latents"] - b["latents"]).abs().max() < TOL
     assert torch.equal(a["generated"], b["generated"])
+
+
+def test_several_invokes_are_batched_like_separate_runs(tiny_models):
+    """Questions of different lengths as separate invokes of one trace (`_batch` left-pads them)."""
+    model = tiny_models["llama"]
+    a, b = QUESTIONS[0], QUESTIONS[1]
+    with model.trace() as tracer:
+        with tracer.invoke(**model.prepare([a], max_new_tokens=3)):
+            ha = model.layers[1].output.save()
+            la = model.output["logits"].save()
+        with tracer.invoke(**model.prepare([b], max_new_tokens=3)):
+            hb = model.layers[1].output.save()
+            lb = model.output["logits"].save()
+    for q, logits, h in ((a, la, ha), (b, lb, hb)):
+        single = model.codi(**model.prepare([q], max_new_tokens=3))["logits"]
+        assert logits.shape == single.shape and (logits - single).abs().max() < TOL
+        assert h.shape[0] == 1  # each invoke sees only its own rows
