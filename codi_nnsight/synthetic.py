@@ -27,6 +27,10 @@ __all__ = [
     "make_problem",
     "make_problems",
     "make_synthetic_pairs",
+    "make_toy_pairs",
+    "make_toy_problem",
+    "make_toy_problems",
+    "toy_words",
 ]
 
 MAX_RESULT = 99
@@ -253,5 +257,99 @@ def make_synthetic_pairs(
             )
             for p in (clean, bad)
         ]
+        pairs.append(Pair(len(pairs), qs[0], qs[1]))
+    return PairSet.from_pairs(pairs)
+
+
+# ---------------------------------------------------------------------------------------------
+# The toy model's distribution: small additions and subtractions
+# ---------------------------------------------------------------------------------------------
+#: Operands of toy problems are in [2, TOY_MAX_OPERAND]; every result in [0, TOY_MAX_RESULT].
+TOY_MAX_OPERAND = 9
+TOY_MAX_RESULT = 19
+_TOY_TEMPLATES = {
+    "+": ("{p} buys {k} more {o} .", "{p} finds {k} more {o} .", "Then {p2} gets {k} more {o} ."),
+    "-": ("{p} eats {k} {o} .", "{p} gives {k} {o} away .", "Then {p2} loses {k} {o} ."),
+}
+
+
+def toy_words() -> list[str]:
+    """Every word and punctuation mark a toy (or `make_problem`) question can contain, sorted."""
+    texts = [n for pair in _NAMES for n in pair] + [n.lower() for _, n in _NAMES]
+    texts += list(_OBJECTS) + list(_CONTAINERS)
+    texts += [t for group in (*_TOY_TEMPLATES.values(), *_OP_TEMPLATES.values()) for t in group]
+    texts += ["has with each . How many does have now ?", "The answer is :"]
+    words = set()
+    for t in texts:
+        words.update(re.findall(r"[A-Za-z]+|[^\w\s]+", t.replace("{p}", "").replace("{p2}", "")
+                                .replace("{o}", "").replace("{k}", "")))
+    return sorted(words)
+
+
+def _toy_chain_ok(numbers: Sequence[int], ops: Sequence[str], max_operand: int, max_result: int) -> bool:
+    results = _chain(numbers, ops)
+    return (results is not None and all(0 <= r <= max_result for r in results)
+            and all(2 <= k <= max_operand for k in numbers) and len(set(numbers)) == len(numbers))
+
+
+def make_toy_problem(rng: random.Random, n_steps: int, max_operand: int = TOY_MAX_OPERAND,
+                     max_result: int = TOY_MAX_RESULT) -> Problem:
+    """A word problem of ``n_steps`` (2-4) additions/subtractions of distinct operands in
+    [2, max_operand], every intermediate result and the answer in [0, max_result].
+
+    E.g. ``Tom has 7 pens. He eats 3 pens. Then he gets 9 more pens. How many pens does he have
+    now?`` with steps ``7-3=4 4+9=13``. Numbers are standalone words, so `corrupt` applies.
+    """
+    if not _MIN_STEPS <= n_steps <= _MAX_STEPS:
+        raise ValueError(f"n_steps must be in [{_MIN_STEPS}, {_MAX_STEPS}], got {n_steps}")
+    name, pron = rng.choice(_NAMES)
+    obj = rng.choice(_OBJECTS)
+    for _ in range(1000):
+        numbers = [rng.randint(2, max_operand)]
+        ops: list[str] = []
+        for _ in range(n_steps):
+            acc = _chain(numbers, ops)[-1] if ops else numbers[0]
+            options = [(op, k) for op in "+-" for k in range(2, max_operand + 1)
+                       if k not in numbers and 0 <= (acc + k if op == "+" else acc - k) <= max_result]
+            if not options:
+                break
+            op, k = rng.choice(options)
+            numbers.append(k)
+            ops.append(op)
+        if len(ops) == n_steps and _toy_chain_ok(numbers, ops, max_operand, max_result):
+            break
+    else:  # pragma: no cover
+        raise RuntimeError("could not generate a valid toy problem")
+    sentences = [f"{name} has {numbers[0]} {obj} ."]
+    for op, k in zip(ops, numbers[1:]):
+        sentences.append(rng.choice(_TOY_TEMPLATES[op]).format(p=pron, p2=pron.lower(), o=obj, k=k))
+    sentences.append(f"How many {obj} does {pron.lower()} have now ?")
+    question = " ".join(sentences).replace(" .", ".").replace(" ?", "?")
+    results = _chain(numbers, ops)
+    assert results is not None
+    return Problem(question, _format_steps(numbers, ops, results), results[-1], list(numbers))
+
+
+def make_toy_problems(n: int, seed: int, steps: tuple[int, int] = (2, 4)) -> list[Problem]:
+    """``n`` toy problems (`make_toy_problem`) with step counts uniform in ``steps``."""
+    rng = random.Random(seed)
+    return [make_toy_problem(rng, rng.randint(*steps)) for _ in range(n)]
+
+
+def make_toy_pairs(n: int, seed: int, steps: tuple[int, int] = (2, 4),
+                   offsets: Sequence[int] = (-1, 1)) -> PairSet:
+    """``n`` clean/corrupted pairs of toy problems; both variants stay in the toy distribution
+    (operands in [2, 9], results in [0, 19]) and differ in one number and in their answers."""
+    rng = random.Random(seed)
+    pairs: list[Pair] = []
+    while len(pairs) < n:
+        clean = make_toy_problem(rng, rng.randint(*steps))
+        bad = corrupt(clean, rng, offsets)
+        if bad is None or not _toy_chain_ok(bad.numbers, _ops_of(bad), TOY_MAX_OPERAND, TOY_MAX_RESULT):
+            continue
+        changed = next(f"{a}->{b}" for a, b in zip(clean.numbers, bad.numbers) if a != b)
+        qs = [Question(p.question, float(p.answer),
+                       {"reasoning_steps": len(p.steps), "steps": list(p.steps), "changed": changed})
+              for p in (clean, bad)]
         pairs.append(Pair(len(pairs), qs[0], qs[1]))
     return PairSet.from_pairs(pairs)

@@ -1,6 +1,8 @@
 """Train and evaluate the bundled toy CODI model (continuous chain-of-thought, arXiv 2502.21074).
 
-One shared tiny Llama (byte tokenizer, trained from scratch) learns by CODI self-distillation:
+One shared tiny Llama (word-level tokenizer, every number 0-99 one token, trained from scratch)
+learns additions/subtractions word problems (`synthetic.make_toy_problem`) by CODI
+self-distillation:
 
 * teacher: ``<s>question [bot] steps [eot] The answer is: X</s>`` with CE on everything after
   ``[bot]`` (the explicit chain of thought and the answer);
@@ -8,8 +10,12 @@ One shared tiny Llama (byte tokenizer, trained from scratch) learns by CODI self
   as the next input embedding (gradients flow through the loop), then
   ``[eot] The answer is: X</s>`` with CE on the answer text;
 * distillation: SmoothL1 between the student's and the detached teacher's hidden states at every
-  layer, at the token that predicts the first answer digit (the space after ``is:``), each layer
-  divided by the teacher's std as in the official code.
+  layer, at the token that predicts the answer (the ``:`` after ``is``), each layer divided by
+  the teacher's std as in the official code;
+* latent-step CE (a toy-scale addition): latent k's hidden state, read through the LM head,
+  predicts the k-th intermediate result (the answer once the chain is done);
+* curriculum: the first ``teacher_steps`` train the teacher alone (cheap, and it learns the
+  arithmetic in a few hundred steps), then everything is trained jointly.
 
 ``train_toy`` writes the official on-disk layout (``codi.json``, ``base/``,
 ``ckpt/model.safetensors`` with ``codi.<hf keys>`` and ``prj.*``) that
@@ -22,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import time
 import zlib
 from dataclasses import asdict, dataclass
@@ -33,14 +40,19 @@ from torch import nn
 
 from .codi import CODIModule, make_prj, register_attention
 from .config import CODIConfig
-from .synthetic import Problem, make_problem
-from .tiny import BYTE_VOCAB, byte_tokenizer, tiny_hf_config
+from .synthetic import Problem, make_toy_problem, toy_words
 
-BOS = BYTE_VOCAB  # `<s>`, prepended by the llama byte tokenizer
-EOS = BYTE_VOCAB + 1  # `</s>`
-BASE_VOCAB = BYTE_VOCAB + 2
+#: Word-level vocabulary: specials, the numbers 0-99, operators, then every word of the
+#: generator's templates. Each number is ONE token, so the answer is a single token.
+SPECIALS = ["<s>", "</s>", "<unk>"]
+VOCAB = SPECIALS + [str(i) for i in range(100)] + ["+", "-", "*", "/", "="] + \
+    [w for w in toy_words() if w not in ("+", "-", "*", "/", "=")]
+BOS, EOS, UNK = 0, 1, 2  # `<s>` (prepended by the tokenizer), `</s>`, `<unk>`
+BASE_VOCAB = len(VOCAB)
 PAD, BOT, EOT = BASE_VOCAB, BASE_VOCAB + 1, BASE_VOCAB + 2
 ANSWER_PREFIX = "The answer is: "
+_WORD = re.compile(r"\w+|[^\w\s]+")  # the `Whitespace` pre-tokenizer's split
+_IDS = {w: i for i, w in enumerate(VOCAB)}
 #: Problems whose arithmetic chain hashes into this bucket (of HOLDOUT_MOD) never appear in
 #: training, so evaluation measures generalization to unseen number/operator chains.
 HOLDOUT_MOD = 10
@@ -51,10 +63,10 @@ class ToyConfig:
     """Hyper-parameters of a toy CODI run (the defaults are the shipped model's)."""
 
     seed: int = 0
-    steps: int = 1500
+    steps: int = 3600
     batch_size: int = 32
     lr: float = 3e-3
-    warmup: int = 100
+    warmup: int = 50
     weight_decay: float = 0.01
     n_layers: int = 4
     hidden: int = 128
@@ -63,19 +75,58 @@ class ToyConfig:
     prj_dim: int = 128
     num_latent: int = 6
     min_steps: int = 2
-    max_steps: int = 2
-    max_value: int = 8
+    max_steps: int = 3
+    max_operand: int = 9
+    max_result: int = 19
     distill_factor: float = 20.0
+    #: Divide each layer's distillation loss by the teacher's std (as the official code does).
+    distill_std: bool = True
+    #: Weight of the latent-step CE: latent k's last hidden state, read through the LM head, must
+    #: predict the k-th intermediate result (the answer from the last step on). 0 disables it.
+    latent_ce_factor: float = 1.0
+    #: Curriculum: the first `teacher_steps` of `steps` train the teacher (explicit CoT) only,
+    #: cheaper per step than a CODI step (no latent loop), and the teacher learns the arithmetic
+    #: much faster alone than jointly; then everything is trained.
+    #: Each phase has its own warmup and cosine schedule.
+    teacher_steps: int = 600
     #: Train a "no latent" baseline instead: num_latent 0, student CE only, no teacher.
     baseline: bool = False
 
 
 # ---------------------------------------------------------------------------------------------
-# Data
+# Tokenizer and data
 # ---------------------------------------------------------------------------------------------
+def word_tokenizer() -> Any:
+    """The toy model's word-level fast tokenizer (`<s>` prepended, `</s>` eos, `<unk>`).
+
+    Splits like `Whitespace` (words, numbers, punctuation runs); decoding joins words with
+    spaces and re-attaches `.`, `?`, `,`, `:` so `The answer is: 15` round-trips.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(dict(_IDS), unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS)])
+    tok.decoder = decoders.Sequence([decoders.WordPiece(prefix="##", cleanup=True),
+                                     decoders.Replace(" :", ":")])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
 def encode(text: str) -> list[int]:
-    """Byte ids of `text` (exactly what the llama byte tokenizer gives, without `<s>`)."""
-    return list(text.encode("utf-8"))
+    """Token ids of `text` (exactly what `word_tokenizer` gives, without `<s>`)."""
+    return [_IDS.get(w, UNK) for w in _WORD.findall(text)]
+
+
+def decode(ids: list[int]) -> str:
+    """Text of token ids below `BASE_VOCAB` (specials dropped), as `word_tokenizer` decodes."""
+    words = [VOCAB[i] for i in ids if len(SPECIALS) <= i < BASE_VOCAB]
+    text = " ".join(words)
+    for p in (".", "?", ",", ":"):
+        text = text.replace(" " + p, p)
+    return text
 
 
 def is_held_out(problem: Problem) -> bool:
@@ -87,7 +138,8 @@ def sample_problems(rng: random.Random, n: int, cfg: ToyConfig, held_out: bool) 
     """`n` problems from the training (or held-out) side of the chain split."""
     out: list[Problem] = []
     while len(out) < n:
-        p = make_problem(rng, rng.randint(cfg.min_steps, cfg.max_steps), cfg.max_value)
+        p = make_toy_problem(rng, rng.randint(cfg.min_steps, cfg.max_steps), cfg.max_operand,
+                             cfg.max_result)
         if is_held_out(p) == held_out:
             out.append(p)
     return out
@@ -130,12 +182,16 @@ def make_batch(problems: list[Problem]) -> dict[str, torch.Tensor]:
     # Target of the prefix's last ([bot]) position, then of each continuation position.
     t_labels = torch.full((len(problems), t_ids.shape[1] + 1), -100, dtype=torch.long)
     t_labels[:, :-1] = torch.where(t_mask.bool(), t_ids, -100)
-    # In the continuation the space after ':' sits len(prefix) - 1 tokens into the answer.
-    t_distill = torch.tensor([len(c) - len(a) + len(ANSWER_PREFIX) - 1
-                              for c, a in zip(cont, answer)])
-    # In the student suffix [eot] + answer the same space is at index len(prefix).
-    s_distill = torch.full((len(problems),), len(ANSWER_PREFIX), dtype=torch.long)
-    return {"q_ids": q_ids, "q_mask": q_mask, "s_ids": s_ids, "s_mask": s_mask,
+    # In the continuation the ':' predicting the answer sits len(prefix) - 1 tokens into it.
+    n_prefix = len(encode(ANSWER_PREFIX))
+    t_distill = torch.tensor([len(c) - len(a) + n_prefix - 1 for c, a in zip(cont, answer)])
+    # In the student suffix [eot] + answer the same ':' is at index len(prefix).
+    s_distill = torch.full((len(problems),), n_prefix, dtype=torch.long)
+    # Token id of each step's result; rows padded with the answer (the last result).
+    width = max(len(p.steps) for p in problems)
+    res = [[encode(s.split("=")[1])[0] for s in p.steps] for p in problems]
+    results = torch.tensor([r + [r[-1]] * (width - len(r)) for r in res], dtype=torch.long)
+    return {"q_ids": q_ids, "q_mask": q_mask, "s_ids": s_ids, "s_mask": s_mask, "results": results,
             "s_labels": s_labels, "t_ids": t_ids, "t_mask": t_mask, "t_labels": t_labels,
             "t_distill": t_distill, "s_distill": s_distill}
 
@@ -145,11 +201,13 @@ def make_batch(problems: list[Problem]) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------
 def build_model(cfg: ToyConfig) -> tuple[CODIModule, Any]:
     """A freshly initialized CODI module (tiny Llama + prj) and its HF base config."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(cfg.seed)
-    hf_config = tiny_hf_config("llama", n_layers=cfg.n_layers, hidden=cfg.hidden, heads=cfg.heads,
-                               intermediate=cfg.intermediate, max_positions=512)
+    hf_config = LlamaConfig(vocab_size=BASE_VOCAB, hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
+                            num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.heads,
+                            num_key_value_heads=cfg.heads, max_position_embeddings=256, bos_token_id=BOS,
+                            eos_token_id=EOS, tie_word_embeddings=True, rms_norm_eps=1e-5)
     big = type(hf_config).from_dict(hf_config.to_dict())
     big.vocab_size = BASE_VOCAB + 3  # pad, bot, eot
     lm = AutoModelForCausalLM.from_config(big, attn_implementation=register_attention())
@@ -174,9 +232,12 @@ def _ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                                        ignore_index=-100)
 
 
-def compute_losses(module: CODIModule, batch: dict[str, torch.Tensor], cfg: ToyConfig
-                   ) -> dict[str, torch.Tensor]:
-    """Teacher CE, student CE, distillation loss and their weighted total for one batch."""
+def compute_losses(module: CODIModule, batch: dict[str, torch.Tensor], cfg: ToyConfig,
+                   teacher_only: bool = False) -> dict[str, torch.Tensor]:
+    """Teacher CE, student CE, distillation loss and their weighted total for one batch.
+
+    `teacher_only` (curriculum phase 1): the teacher CE alone.
+    """
     from transformers import DynamicCache
 
     rows = torch.arange(batch["q_ids"].shape[0])
@@ -188,17 +249,28 @@ def compute_losses(module: CODIModule, batch: dict[str, torch.Tensor], cfg: ToyC
     prefix = _base(module, mask, pos, cache, input_ids=batch["q_ids"]).last_hidden_state[:, -1:]
     q_mask, next_pos = mask, pos[:, -1:] + 1
     t_cache = None
-    if not cfg.baseline:
+    if teacher_only:
+        t_cache = cache
+    elif not cfg.baseline:
         t_cache = DynamicCache()
         for i, layer in enumerate(cache.layers):
             t_cache.update(layer.keys, layer.values, i)
+    if teacher_only:
+        t_ids, t_mask = batch["t_ids"], torch.cat([q_mask, batch["t_mask"]], dim=1)
+        t_pos = q_mask.sum(1, keepdim=True) + torch.arange(t_ids.shape[1])
+        t_out = _base(module, t_mask, t_pos, t_cache, input_ids=t_ids)
+        t_hidden = torch.cat([prefix, t_out.last_hidden_state], dim=1)
+        teacher_ce = _ce(module.lm.lm_head(t_hidden), batch["t_labels"])
+        return {"teacher_ce": teacher_ce, "total": teacher_ce}
     # Student: latent loop with gradients, then the answer suffix.
     last = prefix
     ones = torch.ones_like(mask[:, :1])
+    latent_hidden = []
     for _ in range(module.num_latent):
         emb = module.prj(last)
         mask = torch.cat([mask, ones], dim=1)
         last = _base(module, mask, next_pos, cache, inputs_embeds=emb).last_hidden_state
+        latent_hidden.append(last)
         next_pos = next_pos + 1
     s_ids = batch["s_ids"]
     mask = torch.cat([mask, batch["s_mask"]], dim=1)
@@ -221,10 +293,18 @@ def compute_losses(module: CODIModule, batch: dict[str, torch.Tensor], cfg: ToyC
     for s_h, t_h in layers:
         s_vec = s_h[rows, batch["s_distill"]]
         t_vec = t_h[rows, batch["t_distill"]].detach()
-        distill = distill + nn.functional.smooth_l1_loss(s_vec, t_vec) / t_vec.std()
+        term = nn.functional.smooth_l1_loss(s_vec, t_vec)
+        distill = distill + (term / t_vec.std() if cfg.distill_std else term)
     distill = distill / len(layers)
-    losses.update(teacher_ce=teacher_ce, distill=distill,
-                  total=teacher_ce + student_ce + cfg.distill_factor * distill)
+    total = teacher_ce + student_ce + cfg.distill_factor * distill
+    losses.update(teacher_ce=teacher_ce, distill=distill)
+    if cfg.latent_ce_factor and latent_hidden:
+        res = batch["results"]
+        idx = torch.arange(len(latent_hidden)).clamp(max=res.shape[1] - 1)
+        latent_ce = _ce(module.lm.lm_head(torch.cat(latent_hidden, dim=1)), res[:, idx])
+        losses["latent_ce"] = latent_ce
+        total = total + cfg.latent_ce_factor * latent_ce
+    losses["total"] = total
     return losses
 
 
@@ -243,7 +323,7 @@ def save_toy(module: CODIModule, hf_config: Any, cfg: ToyConfig, out_dir: str | 
     (out / "base").mkdir(parents=True, exist_ok=True)
     (out / "ckpt").mkdir(parents=True, exist_ok=True)
     hf_config.save_pretrained(out / "base")
-    byte_tokenizer("llama").save_pretrained(out / "base")
+    word_tokenizer().save_pretrained(out / "base")
     sd = {"codi." + k: v.detach().clone().contiguous()
           for k, v in module.lm.state_dict().items() if k != "lm_head.weight"}  # tied to embed
     sd.update({"prj." + k: v.detach().clone().contiguous()
@@ -260,10 +340,16 @@ def save_toy(module: CODIModule, hf_config: Any, cfg: ToyConfig, out_dir: str | 
 # Training
 # ---------------------------------------------------------------------------------------------
 def _lr_factor(step: int, cfg: ToyConfig) -> float:
-    """Linear warmup then cosine decay to 10%."""
+    """Linear warmup then cosine decay to 10%, separately in each curriculum phase."""
+    n = cfg.steps
+    if 0 < cfg.teacher_steps and not cfg.baseline:
+        if step < cfg.teacher_steps:
+            n = cfg.teacher_steps
+        else:
+            step, n = step - cfg.teacher_steps, cfg.steps - cfg.teacher_steps
     if step < cfg.warmup:
         return (step + 1) / cfg.warmup
-    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    t = (step - cfg.warmup) / max(1, n - cfg.warmup)
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
 
 
@@ -293,7 +379,8 @@ def train_toy(out_dir: str | Path, seed: int = 0, steps: int | None = None, eval
     t0 = time.time()
     for step in range(cfg.steps):
         batch = make_batch(sample_problems(rng, cfg.batch_size, cfg, held_out=False))
-        losses = compute_losses(module, batch, cfg)
+        teacher_only = step < cfg.teacher_steps and not cfg.baseline
+        losses = compute_losses(module, batch, cfg, teacher_only=teacher_only)
         opt.zero_grad(set_to_none=True)
         losses["total"].backward()
         torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
@@ -367,7 +454,7 @@ def teacher_generate(module: CODIModule, questions: list[str],
     texts = []
     for row in torch.stack(gen, dim=1).tolist():
         after = row[row.index(EOT) + 1:] if EOT in row else []
-        texts.append(bytes(t for t in after if t < BYTE_VOCAB).decode("utf-8", "replace"))
+        texts.append(decode(after))
     return texts
 
 

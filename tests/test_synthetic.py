@@ -17,6 +17,7 @@ from codi_nnsight.synthetic import (
     make_problem,
     make_problems,
     make_synthetic_pairs,
+    make_toy_pairs,
 )
 
 DEMO = Path(__file__).resolve().parents[1] / "data" / "demo_pairs.json"
@@ -133,12 +134,12 @@ def test_synthetic_pairs() -> None:
 
 
 def test_demo_file_is_reproducible() -> None:
-    expected = make_synthetic_pairs(24, seed=0, steps=(2, 4))
+    expected = make_toy_pairs(24, seed=0, steps=(2, 3))
     loaded = load_pairs(DEMO)
     assert loaded == expected
     assert len(loaded) == 24
 
 
 def test_demo_file_bytes_match_save(tmp_path: Path) -> None:
-    out = make_synthetic_pairs(24, seed=0, steps=(2, 4)).save(tmp_path / "demo.json")
+    out = make_toy_pairs(24, seed=0, steps=(2, 3)).save(tmp_path / "demo.json")
     assert out.read_bytes() == DEMO.read_bytes()

@@ -10,13 +10,16 @@ import pytest
 import torch
 
 from codi_nnsight.config import bundled_model_dir
+from codi_nnsight.inference import extract_answer_number
 from codi_nnsight.train import (
     ANSWER_PREFIX,
     BOS,
     BOT,
     EOS,
     EOT,
+    UNK,
     ToyConfig,
+    decode,
     encode,
     eval_problems,
     evaluate_toy,
@@ -24,18 +27,24 @@ from codi_nnsight.train import (
     make_batch,
     sample_problems,
     train_toy,
+    word_tokenizer,
 )
 
 #: A model small enough that a few steps take about a second.
 TINY = dict(n_layers=1, hidden=32, heads=2, intermediate=64, prj_dim=32, num_latent=2, batch_size=4,
-            warmup=2, lr=1e-2, log_every=4, verbose=False)
+            warmup=2, lr=1e-2, log_every=4, verbose=False, teacher_steps=0)
 
 
-def test_byte_encoding_matches_tokenizer() -> None:
-    from codi_nnsight.tiny import byte_tokenizer
-
-    q = eval_problems(1, 0)[0].question
-    assert byte_tokenizer("llama")(q).input_ids == [BOS, *encode(q)]
+def test_word_encoding_matches_tokenizer() -> None:
+    tok = word_tokenizer()
+    for p in eval_problems(20, 0):
+        assert tok(p.question).input_ids == [BOS, *encode(p.question)]
+        assert UNK not in encode(p.question)
+        text = f"{ANSWER_PREFIX}{p.answer}"
+        ids = encode(text)
+        assert len(ids) == len(encode(ANSWER_PREFIX)) + 1  # the answer is one token
+        assert tok.decode(ids) == decode(ids) == text
+        assert extract_answer_number(tok.decode(ids)) == p.answer
 
 
 def test_batch_targets_and_distill_positions() -> None:
@@ -49,10 +58,26 @@ def test_batch_targets_and_distill_positions() -> None:
         assert student == answer
         teacher = [t for t in b["t_labels"][i].tolist() if t != -100]
         assert teacher == encode(" ".join(p.steps)) + [EOT] + answer
-        # Both distillation positions hold the space whose next token is the first digit.
+        # Both distillation positions hold the ':' whose next token is the answer.
         s_at, t_at = int(b["s_distill"][i]), int(b["t_distill"][i])
-        assert b["s_ids"][i, s_at] == ord(" ") and b["s_ids"][i, s_at + 1] == ord(str(p.answer)[0])
-        assert b["t_ids"][i, t_at] == ord(" ") and b["t_ids"][i, t_at + 1] == ord(str(p.answer)[0])
+        answer_id = encode(str(p.answer))[0]
+        assert b["s_ids"][i, s_at] == encode(":")[0] and b["s_ids"][i, s_at + 1] == answer_id
+        assert b["t_ids"][i, t_at] == encode(":")[0] and b["t_ids"][i, t_at + 1] == answer_id
+
+
+def test_toy_problems_and_pairs_stay_in_range() -> None:
+    from codi_nnsight.synthetic import make_toy_pairs, make_toy_problems
+
+    for p in make_toy_problems(200, seed=1, steps=(2, 4)):
+        assert 2 <= len(p.steps) <= 4 and len(set(p.numbers)) == len(p.numbers)
+        assert all(2 <= k <= 9 for k in p.numbers)
+        assert all(0 <= int(s.split("=")[1]) <= 19 for s in p.steps)
+        assert UNK not in encode(p.question) and UNK not in encode(" ".join(p.steps))
+    for pair in make_toy_pairs(30, seed=2):
+        c, k = pair.clean, pair.corrupted
+        assert c.answer != k.answer and 0 <= k.answer <= 19
+        assert len(encode(c.question)) == len(encode(k.question))  # one number token differs
+        assert sum(a != b for a, b in zip(encode(c.question), encode(k.question))) == 1
 
 
 def test_held_out_split_is_disjoint() -> None:
@@ -82,8 +107,9 @@ def test_train_toy_smoke(tmp_path) -> None:
 
 def test_train_toy_is_deterministic(tmp_path) -> None:
     paths = [tmp_path / "a", tmp_path / "b", tmp_path / "c"]
-    for path, seed in zip(paths, (3, 3, 4)):
-        train_toy(path, seed=seed, steps=2, evaluate=False, **TINY)
+    for path, seed in zip(paths, (3, 3, 4)):  # one teacher-only step, then two CODI steps
+        log = train_toy(path, seed=seed, steps=3, evaluate=False, **{**TINY, "teacher_steps": 1})
+        assert "student_ce" in log["history"][-1]
     blobs = [(p / "ckpt" / "model.safetensors").read_bytes() for p in paths]
     assert blobs[0] == blobs[1]
     assert blobs[0] != blobs[2]
@@ -114,17 +140,36 @@ def test_shipped_model_layout() -> None:
 
 def test_shipped_model_accuracy(shipped_metrics) -> None:
     # Measured on these 60 held-out problems: see docs/toy-model.md (margin 0.05).
-    assert shipped_metrics["accuracy"] >= SHIPPED_ACCURACY - 0.05
+    assert shipped_metrics["accuracy"] >= max(0.9, SHIPPED_ACCURACY - 0.05)
 
 
 def test_shipped_model_latent_ablations(shipped_metrics) -> None:
     acc = shipped_metrics["accuracy"]
-    assert acc - shipped_metrics["zero_latent"] >= SHIPPED_ZERO_DROP - 0.05
-    assert acc - shipped_metrics["other_latent"] >= SHIPPED_OTHER_DROP - 0.05
+    assert acc - shipped_metrics["zero_latent"] >= max(0.4, SHIPPED_ZERO_DROP - 0.05)
+    assert acc - shipped_metrics["other_latent"] >= max(0.4, SHIPPED_OTHER_DROP - 0.05)
+    assert shipped_metrics["other_latent_copies_other"] >= 0.8  # the latents carry the answer
 
 
-# Measured on the first 60 held-out problems (the shipped model misses the issue's targets; these
-# pin what it does reach so that a regression is caught): 7/60 right, zeros 3/60, other 5/60.
-SHIPPED_ACCURACY = 7 / 60
-SHIPPED_ZERO_DROP = 4 / 60
-SHIPPED_OTHER_DROP = 2 / 60
+def test_demo_pairs_patching_flips_answers() -> None:
+    """The default `codi-nnsight patch` (recurrent resid sweep) on the bundled demo pairs moves
+    the corrupted run to the clean answer for a non-zero share of pairs at some layer."""
+    from codi_nnsight.cli import default_pairs
+    from codi_nnsight.model import load_model
+    from codi_nnsight.pairs import load_pairs
+    from codi_nnsight.sweep import patch_sweep
+
+    if not (SHIPPED / "codi.json").exists():
+        pytest.skip("the toy model is not installed")
+    ds = patch_sweep(load_model(), load_pairs(default_pairs()))
+    best = float(ds["flipped"].mean("pair").max())
+    assert best >= SHIPPED_FLIPPED - 0.05 and best > 0
+
+
+# Measured on the first 60 held-out problems with the shipped model (see docs/toy-model.md):
+# 60/60 right, 5/60 with zero latents, 1/60 with another problem's latents (57/60 of those give
+# the other problem's answer). The issue's targets: accuracy >= 0.9, ablation drops >= 0.4.
+SHIPPED_ACCURACY = 60 / 60
+SHIPPED_ZERO_DROP = 55 / 60
+SHIPPED_OTHER_DROP = 59 / 60
+#: Best share of demo pairs flipped by the default sweep (resid, all positions): 24/24 at layer 3.
+SHIPPED_FLIPPED = 1.0
