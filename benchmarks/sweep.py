@@ -125,7 +125,40 @@ def raw(model: Any, pairs: list, layers: list[int], batch_size: int, max_new: in
         m = _metrics(logits, logits[torch.tensor(base_idx, device=logits.device)])
         for i in range(len(chunk)):
             out[start + i] = m[plan.variant_rows[i]]
+    raw_full_check(model, pairs)  # the same sanity work `patch_sweep` does, so only nnsight differs
     return out
+
+
+def raw_full_check(model: Any, pairs: list) -> float:
+    """`patching.full_patch_check` with a torch hook: layer 0 patched at every token."""
+    from codi_nnsight.patching import prompt_inputs
+
+    equal = [p for p in pairs if len(model.encode_question(p.clean.question))
+             == len(model.encode_question(p.corrupted.question))]
+    if not equal:
+        return float("nan")
+    pair = min(equal, key=lambda p: len(model.encode_question(p.clean.question)))
+    toks = answer_tokens(model, pair.clean.answer, pair.corrupted.answer)
+    inputs, first = prompt_inputs(model, [pair.clean.question, pair.corrupted.question])
+    K = model.num_latent
+    calls = {"n": 0}
+
+    def hook(mod, args, output):
+        n = calls["n"]
+        calls["n"] += 1
+        if first - 1 <= n <= first + K:
+            h = output[0] if isinstance(output, tuple) else output
+            h[1] = h[0]
+        return output
+
+    handle = model.codi.layers[0].register_forward_hook(hook)
+    try:
+        dev = model.device
+        inputs = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in inputs.items()}
+        logits = model.codi(**inputs, suffix_ids=torch.tensor(toks.suffix, device=dev))["logits"]
+    finally:
+        handle.remove()
+    return float((logits[1] - logits[0]).abs().max())
 
 
 def ours(model: Any, pairs: Any, layers: list[int], batch_size: int, max_new: int,
