@@ -68,14 +68,14 @@ class ToyConfig:
     lr: float = 3e-3
     warmup: int = 50
     weight_decay: float = 0.01
-    n_layers: int = 4
+    n_layers: int = 2
     hidden: int = 128
     heads: int = 4
     intermediate: int = 256
     prj_dim: int = 128
     num_latent: int = 6
-    min_steps: int = 2
-    max_steps: int = 3
+    min_steps: int = 3
+    max_steps: int = 4
     max_operand: int = 9
     max_result: int = 19
     distill_factor: float = 20.0

@@ -134,12 +134,12 @@ def test_synthetic_pairs() -> None:
 
 
 def test_demo_file_is_reproducible() -> None:
-    expected = make_toy_pairs(24, seed=0, steps=(2, 3))
+    expected = make_toy_pairs(24, seed=0, steps=(3, 4))
     loaded = load_pairs(DEMO)
     assert loaded == expected
     assert len(loaded) == 24
 
 
 def test_demo_file_bytes_match_save(tmp_path: Path) -> None:
-    out = make_toy_pairs(24, seed=0, steps=(2, 3)).save(tmp_path / "demo.json")
+    out = make_toy_pairs(24, seed=0, steps=(3, 4)).save(tmp_path / "demo.json")
     assert out.read_bytes() == DEMO.read_bytes()
