@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import xarray as xr
 
@@ -21,7 +20,6 @@ from .patching import (
     SweepConfig,
     batch_dataset,
     full_patch_check,
-    pair_coords,  # noqa: F401  (re-exported for notebook users)
     plan_batch,
     run_batch,
     sanity_attrs,
@@ -231,9 +229,3 @@ def check_context(model: CODIModel, pairs: list[Any]) -> None:
             if n + extra > limit:
                 raise UserError(f"pair_id {p.pair_id}, {variant} question: {n} tokens + {extra} for "
                                 f"latents and answer exceed the model's context of {limit}")
-
-
-def summary_counts(ds: xr.Dataset) -> dict[str, float]:
-    """Small numbers for the CLI's closing line."""
-    return {"pairs": int(ds.sizes["pair"]), "layers": int(ds.sizes["layer"]),
-            "max_mean_kl": float(np.nanmax(ds["kl"].mean("pair").values))}
