@@ -119,10 +119,7 @@ def raw(model: Any, pairs: list, layers: list[int], batch_size: int, max_new: in
             for h in handles:
                 h.remove()
         logits = result["logits"]
-        base_idx = []
-        for i, vr in enumerate(plan.variant_rows):
-            base_idx += [plan.baseline_rows[i]] * (3 + len(vr))
-        m = _metrics(logits, logits[torch.tensor(base_idx, device=logits.device)])
+        m = _metrics(logits, logits[torch.tensor(plan.baseline_of, device=logits.device)])
         for i in range(len(chunk)):
             out[start + i] = m[plan.variant_rows[i]]
     raw_full_check(model, pairs)  # the same sanity work `patch_sweep` does, so only nnsight differs

@@ -184,6 +184,7 @@ class BatchPlan:
     prj_plan: dict[int, tuple[torch.Tensor, torch.Tensor]]
     tokens: list[AnswerTokens]
     prefill_calls: int = 1  # 2 when the pairs' shared question prefixes are prefilled first
+    baseline_of: list[int] = field(default_factory=list)  # every row's unpatched baseline row
 
 
 #: Share a pair's common question prefix when it saves at least this many tokens per pair.
@@ -222,13 +223,13 @@ def variants_of(cfg: SweepConfig, num_latent: int) -> list[tuple[int, int]]:
     return [(L, p) for L in cfg.layers for p in positions]
 
 
-def plan_batch(model: CODIModel, pairs: Sequence[Any], cfg: SweepConfig, share_prefix: bool = True
-               ) -> BatchPlan:
+def plan_batch(model: CODIModel, pairs: Sequence[Any], cfg: SweepConfig) -> BatchPlan:
     """Lay out the rows of one batch and the (destination, source) index of every patch."""
     K = model.num_latent
     variants = variants_of(cfg, K)
     questions: list[str] = []
-    rows: list[int] = []
+    rows: list[int] = []  # prompt index of every row
+    row_pair: list[int] = []  # pair (within the batch) of every row
     src_rows, base_rows, self_rows, var_rows = [], [], [], []
     tokens = []
     for pair in pairs:
@@ -243,16 +244,12 @@ def plan_batch(model: CODIModel, pairs: Sequence[Any], cfg: SweepConfig, share_p
         rows.append(p_tgt)
         var_rows.append(list(range(len(rows), len(rows) + len(variants))))
         rows += [p_tgt] * len(variants)
+        row_pair += [len(tokens)] * (len(rows) - len(row_pair))
         tokens.append(answer_tokens(model, pair.clean.answer, pair.corrupted.answer))
     if len({tuple(t.suffix) for t in tokens}) != 1:
         raise UserError("pairs in one batch need the same answer prompt tokens; use --batch-size 1")
 
-    if share_prefix:
-        enc, prefill_calls = prompt_inputs(model, questions)
-    else:
-        from .model import left_pad
-
-        enc, prefill_calls = left_pad([model.encode_question(q) for q in questions], model.codi.pad_id), 1
+    enc, prefill_calls = prompt_inputs(model, questions)
     # Patch plan: which rows take which source row, per site and call.
     layer_dst: dict[tuple[int, int], list[int]] = {}
     layer_src: dict[tuple[int, int], list[int]] = {}
@@ -289,10 +286,6 @@ def plan_batch(model: CODIModel, pairs: Sequence[Any], cfg: SweepConfig, share_p
 
     n_cand = max(max(len(t.clean), len(t.corrupted)) for t in tokens)
     cands = torch.full((len(rows), 2, n_cand), -1, dtype=torch.long)
-    row_pair = []
-    for i, _t in enumerate(tokens):
-        n_rows_i = 3 + len(variants)
-        row_pair += [i] * n_rows_i
     for r, i in enumerate(row_pair):
         cands[r, 0, : len(tokens[i].clean)] = torch.tensor(tokens[i].clean)
         cands[r, 1, : len(tokens[i].corrupted)] = torch.tensor(tokens[i].corrupted)
@@ -300,7 +293,8 @@ def plan_batch(model: CODIModel, pairs: Sequence[Any], cfg: SweepConfig, share_p
     inputs = {**enc, "rows": torch.tensor(rows), "suffix_ids": torch.tensor(tokens[0].suffix),
               "candidates": cands, "max_new_tokens": max_new}
     return BatchPlan(inputs, src_rows, base_rows, self_rows, var_rows, variants,
-                     tensors(layer_dst, layer_src), tensors(prj_dst, prj_src), tokens, prefill_calls)
+                     tensors(layer_dst, layer_src), tensors(prj_dst, prj_src), tokens, prefill_calls,
+                     [base_rows[i] for i in row_pair])
 
 
 def run_batch(model: CODIModel, plan: BatchPlan, cfg: SweepConfig, remote: bool | str = False
@@ -314,7 +308,7 @@ def run_batch(model: CODIModel, plan: BatchPlan, cfg: SweepConfig, remote: bool 
     first = plan.prefill_calls  # decoder call of latent position 0
     sites = {L: model.sublayer(L, cfg.component) for L in cfg.layers} if cfg.component != "latent" else {}
     layer_plan, prj_plan = plan.layer_plan, plan.prj_plan
-    baseline_of = torch.tensor(_baseline_index(plan))
+    baseline_of = torch.tensor(plan.baseline_of)
     if not remote and model.device is not None and model.device.type != "cpu":
         # Index tensors on the device up front: CPU indices into CUDA tensors cost a copy per patch.
         dev = model.device
@@ -366,14 +360,6 @@ def run_batch(model: CODIModel, plan: BatchPlan, cfg: SweepConfig, remote: bool 
         metrics = torch.stack([kl, l2, top1, ld, pc, px, cand[:, 0], cand[:, 1]], dim=1).cpu().save()
         generated = result["generated"].cpu().save()
     return torch.as_tensor(metrics).numpy(), torch.as_tensor(generated).numpy()
-
-
-def _baseline_index(plan: BatchPlan) -> list[int]:
-    """For every row, the row of its pair's unpatched baseline (the baseline is its own)."""
-    out = []
-    for i, vr in enumerate(plan.variant_rows):
-        out += [plan.baseline_rows[i]] * (3 + len(vr))
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
