@@ -154,3 +154,19 @@ def test_hub_checkpoint_location_downloads_through_huggingface_hub(monkeypatch, 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
     assert codi.fetch_file("hf://zen-E/CODI-gpt2/pytorch_model.bin", "main").name == "model.safetensors"
     assert calls == [("zen-E/CODI-gpt2", "pytorch_model.bin", "main")]
+
+
+def test_train_toy_command_calls_train_toy(tmp_path, monkeypatch):
+    import codi_nnsight.train as train
+
+    seen = {}
+
+    def fake(out_dir, seed=0):
+        seen["args"] = (out_dir, seed)
+        return {"final": {"accuracy": 1.0}}
+
+    monkeypatch.setattr(train, "train_toy", fake)
+    r = run("train-toy", "--out", str(tmp_path / "toy"), "--seed", "3")
+    assert r.exit_code == 0, r.output
+    assert seen["args"] == (str(tmp_path / "toy"), 3)
+    assert r.output.startswith(f"wrote {tmp_path / 'toy'}: ") and '"accuracy": 1.0' in r.output
