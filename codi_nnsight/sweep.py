@@ -6,7 +6,9 @@ import datetime as _dt
 import importlib.metadata as _md
 import logging
 import shlex
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -147,6 +149,7 @@ def patch_sweep(
     bar = tqdm(total=len(pairs), initial=len(pairs) - len(todo), desc="patching pairs",
                disable=not progress, unit="pair")
     in_memory: list[xr.Dataset] = []
+    interrupt = _DeferredInterrupt()
     try:
         for i in range(0, len(todo), bs):
             chunk = todo[i:i + bs]
@@ -159,7 +162,9 @@ def patch_sweep(
             else:
                 in_memory.append(ds)
             bar.update(len(chunk))
+            interrupt.check()
     finally:
+        interrupt.restore()
         bar.close()
     full = full_patch_check(model, pairs, remote=remote)
     attrs = {
@@ -186,6 +191,37 @@ def patch_sweep(
     attrs["end_time"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     ds.attrs.update(clean_attrs(attrs))
     return ds
+
+
+class _DeferredInterrupt:
+    """Ctrl-C during a batch takes effect once the batch is stored; a second Ctrl-C is immediate.
+
+    A KeyboardInterrupt raised inside nnsight's interleaving (its worker greenlets) can leave the
+    trace hanging instead of unwinding, so the first SIGINT only sets a flag checked between
+    batches. Installed only in the main thread, where Python delivers signals.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous: Any = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:  # asked twice: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def check(self) -> None:
+        """Raise KeyboardInterrupt at this safe point if Ctrl-C was pressed."""
+        if self.requested:
+            raise KeyboardInterrupt
+
+    def restore(self) -> None:
+        """Put back the handler that was there before."""
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
 
 
 def _multi_component_sweep(model: CODIModel, pairs: Any, components: list[str], out: str | Path | None,
