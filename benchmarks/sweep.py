@@ -27,11 +27,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from codi_nnsight.model import DTYPES  # noqa: E402
-from codi_nnsight.patching import SweepConfig, answer_tokens, plan_batch  # noqa: E402
-from codi_nnsight.sweep import patch_sweep, versions  # noqa: E402
-from codi_nnsight.synthetic import make_synthetic_pairs  # noqa: E402
-from codi_nnsight.tiny import random_codi  # noqa: E402
+from codi_nnsight.data.synthetic import make_synthetic_pairs  # noqa: E402
+from codi_nnsight.model.wrapper import DTYPES  # noqa: E402
+from codi_nnsight.patching.sweep import patch_sweep, versions  # noqa: E402
+from codi_nnsight.patching.trace import SweepConfig, answer_tokens, plan_batch  # noqa: E402
+from codi_nnsight.testing.tiny import random_codi  # noqa: E402
 
 
 def _metrics(logits: torch.Tensor, base: torch.Tensor) -> np.ndarray:
@@ -128,7 +128,7 @@ def raw(model: Any, pairs: list, layers: list[int], batch_size: int, max_new: in
 
 def raw_full_check(model: Any, pairs: list) -> float:
     """`patching.full_patch_check` with a torch hook: layer 0 patched at every token."""
-    from codi_nnsight.patching import prompt_inputs
+    from codi_nnsight.patching.trace import prompt_inputs
 
     equal = [p for p in pairs if len(model.encode_question(p.clean.question))
              == len(model.encode_question(p.corrupted.question))]
@@ -168,8 +168,8 @@ def ours(model: Any, pairs: Any, layers: list[int], batch_size: int, max_new: in
 
 def realistic_pairs(n: int, model: Any, target_tokens: int = 100) -> Any:
     """Synthetic pairs whose questions are ~`target_tokens` long: a shared story precedes each."""
-    from codi_nnsight.pairs import Pair, PairSet, Question
-    from codi_nnsight.synthetic import make_problems
+    from codi_nnsight.data.pairs import Pair, PairSet, Question
+    from codi_nnsight.data.synthetic import make_problems
 
     base = make_synthetic_pairs(n, seed=0)
     filler = [p.question for p in make_problems(50, seed=99)]

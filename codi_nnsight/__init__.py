@@ -7,9 +7,9 @@
 
 __version__ = "0.1.0"
 
+from .data.pairs import PairSet, load_pairs  # noqa: E402
 from .errors import UserError  # noqa: E402
-from .model import CODIModel, load_model  # noqa: E402
-from .pairs import PairSet, load_pairs  # noqa: E402
-from .sweep import patch_sweep  # noqa: E402
+from .model.wrapper import CODIModel, load_model  # noqa: E402
+from .patching.sweep import patch_sweep  # noqa: E402
 
 __all__ = ["CODIModel", "PairSet", "UserError", "__version__", "load_model", "load_pairs", "patch_sweep"]

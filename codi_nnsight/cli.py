@@ -79,7 +79,7 @@ def _model_options(f: Any) -> Any:
 
 
 def _load(model_spec: str | None, dtype: str | None, device: str | None) -> Any:
-    from .model import load_model
+    from .model.wrapper import load_model
 
     return load_model(model_spec, dtype=dtype, device=device)
 
@@ -104,8 +104,8 @@ def _remote_value(remote: str | None) -> bool | str:
 @click.option("--remote", default=None, help="local | ndif | URL of an NDIF host.")
 def evaluate(model_spec, dtype, device, pairs_path, limit, max_new_tokens, batch_size, out, remote) -> None:
     """Greedy answers and accuracy for the clean and corrupted questions."""
-    from .inference import accuracy_summary, evaluate_pairs
-    from .pairs import load_pairs
+    from .data.pairs import load_pairs
+    from .model.inference import accuracy_summary, evaluate_pairs
 
     pairs = load_pairs(pairs_path or default_pairs()).limit(limit)
     model = _load(model_spec, dtype, device)
@@ -151,9 +151,9 @@ def _write_json(path: Path, data: Any) -> None:
 def patch(ctx, model_spec, dtype, device, pairs_path, out, layers, positions, component, mode, direction,
           batch_size, limit, max_new_tokens, seed, resume, check, remote) -> None:
     """Patch source activations into target runs at the CoT positions, layer by layer."""
-    from .pairs import load_pairs
-    from .patching import parse_layers
-    from .sweep import patch_sweep
+    from .data.pairs import load_pairs
+    from .patching.sweep import patch_sweep
+    from .patching.trace import parse_layers
 
     if batch_size != "auto":
         try:
@@ -229,7 +229,7 @@ def pairs() -> None:
 @_model_options
 def pairs_validate(file: str, model_spec, dtype, device) -> None:
     """Check a pairs file; with --model, token lengths and whether the model answers correctly."""
-    from .pairs import pairs_summary, validate_pairs
+    from .data.pairs import pairs_summary, validate_pairs
 
     pairset, problems = validate_pairs(file)
     if problems:
@@ -239,7 +239,7 @@ def pairs_validate(file: str, model_spec, dtype, device) -> None:
         sys.exit(EXIT_USAGE)
     click.echo(pairs_summary(pairset))
     if model_spec is not None:
-        from .inference import evaluate_pairs
+        from .model.inference import evaluate_pairs
 
         model = _load(model_spec, dtype, device)
         diffs = [len(model.encode_question(p.clean.question)) - len(model.encode_question(p.corrupted.question))
@@ -273,13 +273,13 @@ def pairs_make(gsm8k_path, n_synthetic, out, seed, offsets, limit) -> None:
     if (gsm8k_path is None) == (n_synthetic is None):
         raise UserError("give exactly one of --gsm8k FILE or --synthetic N")
     if n_synthetic is not None:
-        from .synthetic import make_synthetic_pairs
+        from .data.synthetic import make_synthetic_pairs
 
         pairset = make_synthetic_pairs(n_synthetic, seed=seed, offsets=offs)
         pairset.save(out)
         click.echo(f"wrote {out}: {len(pairset)} synthetic pairs")
         return
-    from .gsm8k import load_gsm8k_hub, make_pairs, read_gsm8k
+    from .data.gsm8k import load_gsm8k_hub, make_pairs, read_gsm8k
 
     try:
         records = load_gsm8k_hub() if gsm8k_path == "hub" else read_gsm8k(gsm8k_path)
@@ -303,8 +303,8 @@ def pairs_make(gsm8k_path, n_synthetic, out, seed, offsets, limit) -> None:
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
 def pairs_filter(file, model_spec, dtype, device, out, require_different, max_new_tokens) -> None:
     """Keep pairs the model answers correctly in both variants (writes baseline_correct)."""
-    from .inference import evaluate_pairs
-    from .pairs import Pair, PairSet, Question, load_pairs
+    from .data.pairs import Pair, PairSet, Question, load_pairs
+    from .model.inference import evaluate_pairs
 
     pairset = load_pairs(file)
     model = _load(model_spec, dtype, device)
@@ -334,7 +334,7 @@ def pairs_filter(file, model_spec, dtype, device, out, require_different, max_ne
 @click.option("--seed", type=int, default=0, show_default=True)
 def make_tiny(out: str, family: str, n_layers: int, hidden: int, num_latent: int, seed: int) -> None:
     """Write a tiny random CODI model in the official layout (a dry run without downloads)."""
-    from .tiny import write_tiny_codi
+    from .testing.tiny import write_tiny_codi
 
     path = write_tiny_codi(out, family=family, n_layers=n_layers, hidden=hidden, num_latent=num_latent,
                            seed=seed)
@@ -346,7 +346,7 @@ def make_tiny(out: str, family: str, n_layers: int, hidden: int, num_latent: int
 @click.option("--seed", type=int, default=0, show_default=True)
 def train_toy_cmd(out: str, seed: int) -> None:
     """Train the bundled toy CODI model from scratch (CPU)."""
-    from .train import train_toy
+    from .toy.train import train_toy
 
     info = train_toy(out, seed=seed)
     click.echo(f"wrote {out}: {json.dumps(info.get('final', info), default=str)[:300]}")

@@ -170,7 +170,7 @@ start_api() {
 
 model_key() {  # the key the client will send for CODI_JSON (absolute paths, as resolved there)
     "$VENV/bin/python" -c "import sys
-from codi_nnsight.config import resolve_model_spec
+from codi_nnsight.model.config import resolve_model_spec
 print('codi_nnsight.model.CODIModel:' + resolve_model_spec(sys.argv[1]).to_json(resolved=True))" "$1" 2>/dev/null
 }
 
@@ -207,7 +207,7 @@ cmd_start() {
     start_ray
     start_api
     if [ ! -f "$TINY/codi.json" ]; then
-        "$VENV/bin/python" -c "from codi_nnsight.tiny import write_tiny_codi; write_tiny_codi('$TINY', family='llama', num_latent=3)" \
+        "$VENV/bin/python" -c "from codi_nnsight.testing.tiny import write_tiny_codi; write_tiny_codi('$TINY', family='llama', num_latent=3)" \
             >>"$LOGS/tiny.log" 2>&1 || die "could not write the tiny model (see $LOGS/tiny.log)"
     fi
     cmd_deploy "$TINY/codi.json" "$@"

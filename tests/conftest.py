@@ -18,7 +18,7 @@ FAMILIES = ("gpt2", "llama")
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory) -> dict[str, str]:
     """`{family: path of codi.json}` for a 2-layer random GPT-2 and a 3-layer random Llama."""
-    from codi_nnsight.tiny import write_tiny_codi
+    from codi_nnsight.testing.tiny import write_tiny_codi
 
     out = {}
     for family, layers in (("gpt2", 2), ("llama", 3)):
@@ -31,7 +31,7 @@ def tiny_dirs(tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def tiny_models(tiny_dirs):
     """float64 `CODIModel`s for both families."""
-    from codi_nnsight.model import load_model
+    from codi_nnsight.model.wrapper import load_model
 
     return {f: load_model(p, dtype="float64", device="cpu") for f, p in tiny_dirs.items()}
 

@@ -110,7 +110,7 @@ def test_pairs_validate_with_model_reports_lengths_and_correctness(tiny_dir, tmp
 
 
 def test_check_flag_fails_the_run_when_a_sanity_check_fails(tiny_dir, tmp_path, monkeypatch):
-    from codi_nnsight import patching
+    from codi_nnsight.patching import trace as patching
 
     real = patching.sanity_attrs
 
@@ -119,7 +119,7 @@ def test_check_flag_fails_the_run_when_a_sanity_check_fails(tiny_dir, tmp_path, 
         attrs["sanity_passed"] = 0
         return attrs
 
-    monkeypatch.setattr("codi_nnsight.sweep.sanity_attrs", failing)
+    monkeypatch.setattr("codi_nnsight.patching.sweep.sanity_attrs", failing)
     out = tmp_path / "r.nc"
     r = CliRunner().invoke(main, ["patch", "--model", str(tiny_dir), "--out", str(out), "--limit", "1", "--check"])
     assert r.exit_code == 3
@@ -139,7 +139,7 @@ def test_several_components_stack_along_a_component_dim(tiny_dir, tmp_path):
 
 
 def test_hub_checkpoint_location_downloads_through_huggingface_hub(monkeypatch, tmp_path):
-    from codi_nnsight import codi
+    from codi_nnsight.model import module as codi
 
     calls = []
 
@@ -157,7 +157,7 @@ def test_hub_checkpoint_location_downloads_through_huggingface_hub(monkeypatch, 
 
 
 def test_train_toy_command_calls_train_toy(tmp_path, monkeypatch):
-    import codi_nnsight.train as train
+    import codi_nnsight.toy.train as train
 
     seen = {}
 

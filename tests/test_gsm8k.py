@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from codi_nnsight import gsm8k
-from codi_nnsight.gsm8k import (
+from codi_nnsight.data import gsm8k
+from codi_nnsight.data.gsm8k import (
     EvalError,
     load_gsm8k_hub,
     make_pair,
@@ -22,7 +22,7 @@ from codi_nnsight.gsm8k import (
     read_gsm8k,
     safe_eval,
 )
-from codi_nnsight.pairs import load_pairs
+from codi_nnsight.data.pairs import load_pairs
 
 # Every possible corruption of these records was computed by hand: changed -> new answer.
 BAKER = {

@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from codi_nnsight.codi import build_codi
-from codi_nnsight.config import CODIConfig, resolve_model_spec
 from codi_nnsight.errors import UserError
-from codi_nnsight.model import CODIModel, load_model
-from codi_nnsight.tiny import write_tiny_codi
+from codi_nnsight.model.config import CODIConfig, resolve_model_spec
+from codi_nnsight.model.module import build_codi
+from codi_nnsight.model.wrapper import CODIModel, load_model
+from codi_nnsight.testing.tiny import write_tiny_codi
 
 QUESTIONS = ["Tom has 3 apples and buys 4 more. How many?", "What is 7-2?",
              "A box holds 12 eggs; 5 break. How many are left?"]
@@ -191,7 +191,7 @@ def test_model_spec_resolution(tmp_path, tiny_dirs):
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_shared_question_prefix_equals_full_prefill(family, tiny_models):
-    from codi_nnsight.patching import prompt_inputs
+    from codi_nnsight.patching.trace import prompt_inputs
 
     model = tiny_models[family]
     qs = ["Tom has 3 apples and buys 4 more. How many?", "Tom has 3 apples and buys 5 more. How many?",

@@ -63,7 +63,7 @@ def ndif_server(request):
 
 def test_remote_sweep_equals_local(ndif_server):
     from codi_nnsight import load_model, patch_sweep
-    from codi_nnsight.synthetic import make_synthetic_pairs
+    from codi_nnsight.data.synthetic import make_synthetic_pairs
 
     url, model_path = ndif_server
     model = load_model(model_path, dtype="float32", device="cpu")

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from codi_nnsight.pairs import (
+from codi_nnsight.data.pairs import (
     Pair,
     PairsError,
     PairSet,

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from codi_nnsight.data.pairs import Pair, PairSet, Question
 from codi_nnsight.errors import UserError
-from codi_nnsight.pairs import Pair, PairSet, Question
-from codi_nnsight.patching import answer_tokens, parse_layers
-from codi_nnsight.sweep import patch_sweep
+from codi_nnsight.patching.sweep import patch_sweep
+from codi_nnsight.patching.trace import answer_tokens, parse_layers
 
 TOL = 1e-9
 
@@ -144,7 +144,7 @@ def test_parse_layers_errors():
 
 
 def test_full_patch_check_catches_a_broken_patch(tiny_models, monkeypatch):
-    from codi_nnsight import patching
+    from codi_nnsight.patching import trace as patching
 
     model = tiny_models["llama"]
     pairs = make_pairs()

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from codi_nnsight import sweep as sweep_mod
-from codi_nnsight.inference import generate
-from codi_nnsight.remote import RemoteUnavailable
-from codi_nnsight.synthetic import make_synthetic_pairs
+from codi_nnsight.data.synthetic import make_synthetic_pairs
+from codi_nnsight.model.inference import generate
+from codi_nnsight.model.remote import RemoteUnavailable
+from codi_nnsight.patching import sweep as sweep_mod
 
 SECRET = "sk-test-0123456789abcdef"
 
@@ -112,7 +112,7 @@ def test_key_never_lands_in_results(tiny_models, secret_key, tmp_path):
 def test_request_size_is_reported_in_debug_logging(tiny_models, caplog):
     import logging
 
-    with caplog.at_level(logging.DEBUG, logger="codi_nnsight.remote"):
+    with caplog.at_level(logging.DEBUG, logger="codi_nnsight.model.remote"):
         sweep_mod.patch_sweep(tiny_models["gpt2"], make_synthetic_pairs(1, seed=4), remote="local")
     sizes = [r.getMessage() for r in caplog.records if "payload" in r.getMessage()]
     assert sizes and all("bytes" in m for m in sizes)

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from codi_nnsight import sweep as sweep_mod
+from codi_nnsight.data.pairs import load_pairs
+from codi_nnsight.data.synthetic import make_synthetic_pairs
 from codi_nnsight.errors import UserError
-from codi_nnsight.model import load_model
-from codi_nnsight.pairs import load_pairs
-from codi_nnsight.synthetic import make_synthetic_pairs
-from codi_nnsight.tiny import write_tiny_codi
+from codi_nnsight.model.wrapper import load_model
+from codi_nnsight.patching import sweep as sweep_mod
+from codi_nnsight.testing.tiny import write_tiny_codi
 
 TIMING_ATTRS = {"start_time", "end_time", "command"}
 ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from codi_nnsight.pairs import load_pairs
-from codi_nnsight.synthetic import (
+from codi_nnsight.data.pairs import load_pairs
+from codi_nnsight.data.synthetic import (
     MAX_RESULT,
     Problem,
     apply_op,

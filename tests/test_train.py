@@ -9,9 +9,9 @@ import random
 import pytest
 import torch
 
-from codi_nnsight.config import bundled_model_dir
-from codi_nnsight.inference import extract_answer_number
-from codi_nnsight.train import (
+from codi_nnsight.model.config import bundled_model_dir
+from codi_nnsight.model.inference import extract_answer_number
+from codi_nnsight.toy.train import (
     ANSWER_PREFIX,
     BOS,
     BOT,
@@ -66,7 +66,7 @@ def test_batch_targets_and_distill_positions() -> None:
 
 
 def test_toy_problems_and_pairs_stay_in_range() -> None:
-    from codi_nnsight.synthetic import make_toy_pairs, make_toy_problems
+    from codi_nnsight.data.synthetic import make_toy_pairs, make_toy_problems
 
     for p in make_toy_problems(200, seed=1, steps=(2, 4)):
         assert 2 <= len(p.steps) <= 4 and len(set(p.numbers)) == len(p.numbers)
@@ -88,8 +88,8 @@ def test_held_out_split_is_disjoint() -> None:
 
 
 def test_train_toy_smoke(tmp_path) -> None:
-    from codi_nnsight.inference import generate
-    from codi_nnsight.model import load_model
+    from codi_nnsight.model.inference import generate
+    from codi_nnsight.model.wrapper import load_model
 
     log = train_toy(tmp_path, seed=0, steps=8, evaluate=False, **TINY)
     for name in ("codi.json", "base/config.json", "ckpt/model.safetensors", "train_log.json"):
@@ -154,9 +154,9 @@ def test_demo_pairs_patching_flips_answers() -> None:
     """The default `codi-nnsight patch` (recurrent resid sweep) on the bundled demo pairs moves
     the corrupted run to the clean answer for a non-zero share of pairs at some layer."""
     from codi_nnsight.cli import default_pairs
-    from codi_nnsight.model import load_model
-    from codi_nnsight.pairs import load_pairs
-    from codi_nnsight.sweep import patch_sweep
+    from codi_nnsight.data.pairs import load_pairs
+    from codi_nnsight.model.wrapper import load_model
+    from codi_nnsight.patching.sweep import patch_sweep
 
     if not (SHIPPED / "codi.json").exists():
         pytest.skip("the toy model is not installed")

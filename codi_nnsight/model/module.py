@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import DEFAULT_LORA_TARGETS, CODIConfig
-from .errors import UserError
+from ..errors import UserError
+from ..model.config import DEFAULT_LORA_TARGETS, CODIConfig
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from codi_nnsight.pairs import Pair, PairSet, Question
+from codi_nnsight.data.pairs import Pair, PairSet, Question
 
 __all__ = [
     "MAX_RESULT",

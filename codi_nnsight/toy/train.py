@@ -38,9 +38,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .codi import CODIModule, make_prj, register_attention
-from .config import CODIConfig
-from .synthetic import Problem, make_toy_problem, toy_words
+from ..data.synthetic import Problem, make_toy_problem, toy_words
+from ..model.config import CODIConfig
+from ..model.module import CODIModule, make_prj, register_attention
 
 #: Word-level vocabulary: specials, the numbers 0-99, operators, then every word of the
 #: generator's templates. Each number is ONE token, so the answer is a single token.
@@ -425,7 +425,7 @@ class _ReplacePrj:
 
 
 def _accuracy(texts: list[str], problems: list[Problem]) -> float:
-    from .inference import extract_answer_number
+    from ..model.inference import extract_answer_number
 
     right = sum(extract_answer_number(t) == float(p.answer) for t, p in zip(texts, problems))
     return right / len(problems)
@@ -470,8 +470,8 @@ def evaluate_toy(model_dir: str | Path, n: int = 200, seed: int = 12345, batch_s
     the per-problem completions. `cfg` (default: the model's `train_log.json`) sets the
     problem distribution.
     """
-    from .inference import generate
-    from .model import load_model
+    from ..model.inference import generate
+    from ..model.wrapper import load_model
 
     model = load_model(str(Path(model_dir) / "codi.json"), dtype="float32", device="cpu")
     codi = model.codi

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from .config import DEFAULT_LORA_TARGETS, CODIConfig
-from .errors import UserError
+from ..errors import UserError
+from ..model.config import DEFAULT_LORA_TARGETS, CODIConfig
 
 BYTE_VOCAB = 256
 
@@ -70,7 +70,7 @@ def bpe_tokenizer(family: str, vocab_size: int = 1000, seed: int = 1) -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from .synthetic import make_problems
+    from ..data.synthetic import make_problems
 
     texts = [f"{p.question} The answer is: {p.answer}" for p in make_problems(2000, seed=seed)]
     eos = "<|endoftext|>" if family == "gpt2" else "</s>"
@@ -148,7 +148,7 @@ def write_tiny_codi(out_dir: str | Path, family: str = "gpt2", n_layers: int = 2
     """
     from transformers import AutoModelForCausalLM
 
-    from .codi import make_prj
+    from ..model.module import make_prj
 
     out = Path(out_dir)
     (out / "base").mkdir(parents=True, exist_ok=True)
@@ -202,8 +202,8 @@ def random_codi(shape: str = "toy", num_latent: int = 6, dtype: torch.dtype = to
     """
     from transformers import AutoModelForCausalLM
 
-    from .codi import CODIModule, make_prj, register_attention
-    from .model import CODIModel
+    from ..model.module import CODIModule, make_prj, register_attention
+    from ..model.wrapper import CODIModel
 
     if shape not in SHAPES:
         raise UserError(f"unknown shape {shape!r}: expected one of {', '.join(SHAPES)}")

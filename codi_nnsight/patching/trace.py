@@ -33,10 +33,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import UserError
-from .inference import decode, extract_answer_number, format_answer
-from .model import CODIModel
-from .remote import remote_errors, trace_kwargs
+from ..errors import UserError
+from ..model.inference import decode, extract_answer_number, format_answer
+from ..model.remote import remote_errors, trace_kwargs
+from ..model.wrapper import CODIModel
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ def prompt_inputs(model: CODIModel, questions: list[str]) -> tuple[dict[str, Any
     A clean question and its corrupted twin agree up to the changed number, so their common
     token prefix is prefilled once per pair (`prefix_ids`) and only the rests per question.
     """
-    from .model import left_pad
+    from ..model.wrapper import left_pad
 
     seqs = [model.encode_question(q) for q in questions]
     shared = []

@@ -16,9 +16,10 @@ from typing import Any
 import torch
 import xarray as xr
 
-from .errors import UserError
-from .model import CODIModel
-from .patching import (
+from ..errors import UserError
+from ..model.wrapper import CODIModel
+from ..patching.store import SCHEMA, PartialStore, clean_attrs
+from ..patching.trace import (
     SweepConfig,
     batch_dataset,
     full_patch_check,
@@ -27,7 +28,6 @@ from .patching import (
     sanity_attrs,
     variants_of,
 )
-from .results import SCHEMA, PartialStore, clean_attrs
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def patch_sweep(
     check_context(model, pairs)
     start = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     if pairs_sha is None:
-        from .pairs import PairSet
+        from ..data.pairs import PairSet
 
         pairs_sha = PairSet.from_pairs(pairs).sha256
     fingerprint = {
@@ -227,7 +227,7 @@ class _DeferredInterrupt:
 def _multi_component_sweep(model: CODIModel, pairs: Any, components: list[str], out: str | Path | None,
                            resume: bool, **kw: Any) -> xr.Dataset:
     """One sweep per component, stacked along a `component` dim (each streams to its own file)."""
-    from .results import _write_atomic_nc
+    from ..patching.store import _write_atomic_nc
 
     parts = []
     for c in components:

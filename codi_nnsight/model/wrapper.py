@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from nnsight.modeling.mixins.remotable import Remotable
 
-from .codi import CODIModule, build_codi
-from .config import CODIConfig, resolve_model_spec
-from .errors import UserError
+from ..errors import UserError
+from ..model.config import CODIConfig, resolve_model_spec
+from ..model.module import CODIModule, build_codi
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
@@ -204,6 +204,10 @@ class CODIModel(Remotable):
                 if key in kw:
                     out[key] = max(out.get(key, 0), kw[key]) if key == "max_new_tokens" else kw[key]
         return (), out
+
+
+# The public import path names the class in NDIF model keys: keep keys stable across refactors.
+CODIModel.__module__ = "codi_nnsight.model"
 
 
 def left_pad(seqs: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from .errors import UserError
+from ..errors import UserError
 
 SCHEMA = "codi-nnsight/results/1"
 

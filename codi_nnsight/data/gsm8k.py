@@ -21,7 +21,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from codi_nnsight.pairs import Pair, PairSet, Question
+from codi_nnsight.data.pairs import Pair, PairSet, Question
 
 __all__ = [
     "REJECT_AMBIGUOUS",

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from ..errors import UserError
 
 #: LoRA target modules used by the official CODI training scripts, per model family.
 DEFAULT_LORA_TARGETS: dict[str, list[str]] = {
@@ -156,7 +156,7 @@ PRESETS["zen-E/CODI-llama3.2-1b-Instruct"] = PRESETS["codi-llama3.2-1b"]
 
 def bundled_model_dir() -> Path:
     """Folder of the toy CODI model shipped inside the package."""
-    return Path(__file__).parent / "assets" / "toy-codi"
+    return Path(__file__).resolve().parent.parent / "assets" / "toy-codi"
 
 
 def resolve_model_spec(spec: str | Path | CODIConfig | None) -> CODIConfig:

@@ -1,0 +1,1 @@
+"""Public test helpers: tiny CODI models in the official layout, random models of real shapes."""
