@@ -12,19 +12,19 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-FAMILIES = ("gpt2", "llama")
+FAMILIES = ("gpt2", "llama", "qwen2")
 
 
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory) -> dict[str, str]:
-    """`{family: path of codi.json}` for a 2-layer random GPT-2 and a 3-layer random Llama."""
+    """`{family: path of codi.json}`: 2-layer random GPT-2, 3-layer random Llama, 2-layer random Qwen2."""
     from codi_nnsight.testing.tiny import write_tiny_codi
 
     out = {}
-    for family, layers in (("gpt2", 2), ("llama", 3)):
+    for family, layers in (("gpt2", 2), ("llama", 3), ("qwen2", 2)):
         d = tmp_path_factory.mktemp(f"tiny-{family}")
-        out[family] = str(write_tiny_codi(d, family=family, n_layers=layers, kv_heads=2 if family == "llama"
-                                          else None, num_latent=3, seed=1))
+        out[family] = str(write_tiny_codi(d, family=family, n_layers=layers, kv_heads=None if family == "gpt2"
+                                          else 2, num_latent=3, seed=1))
     return out
 
 

@@ -139,7 +139,7 @@ def test_several_components_stack_along_a_component_dim(tiny_dir, tmp_path):
 
 
 def test_hub_checkpoint_location_downloads_through_huggingface_hub(monkeypatch, tmp_path):
-    from codi_nnsight.model import module as codi
+    from codi_nnsight.model import checkpoint as codi
 
     calls = []
 

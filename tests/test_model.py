@@ -11,17 +11,18 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from codi_nnsight.errors import UserError
+from codi_nnsight.model.checkpoint import build_codi
 from codi_nnsight.model.config import CODIConfig, resolve_model_spec
-from codi_nnsight.model.module import build_codi
 from codi_nnsight.model.wrapper import CODIModel, load_model
 from codi_nnsight.testing.tiny import write_tiny_codi
+from conftest import FAMILIES
 
 QUESTIONS = ["Tom has 3 apples and buys 4 more. How many?", "What is 7-2?",
              "A box holds 12 eggs; 5 break. How many are left?"]
 TOL = 1e-9
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_latents_and_logits_match_reference(family, tiny_models, references):
     model, ref = tiny_models[family], references[family]
     K = model.num_latent
@@ -43,7 +44,7 @@ def test_latents_and_logits_match_reference(family, tiny_models, references):
         assert gen == expected["generated"][: len(gen)]
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_batched_mixed_lengths_equal_one_at_a_time(family, tiny_models):
     model = tiny_models[family]
     batched = model.codi(**model.prepare(QUESTIONS, max_new_tokens=5))
@@ -63,7 +64,7 @@ def test_shared_prefix_rows_equal_separate_prompts(tiny_models):
     assert (shared["logits"] - separate["logits"]).abs().max() < TOL
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_candidate_logprobs_match_reference(family, tiny_models, references):
     model, ref = tiny_models[family], references[family]
     q = QUESTIONS[0]
@@ -189,7 +190,7 @@ def test_model_spec_resolution(tmp_path, tiny_dirs):
         resolve_model_spec("no-such-model")
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_shared_question_prefix_equals_full_prefill(family, tiny_models):
     from codi_nnsight.patching.trace import prompt_inputs
 

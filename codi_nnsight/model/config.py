@@ -10,14 +10,6 @@ from typing import Any
 
 from ..errors import UserError
 
-#: LoRA target modules used by the official CODI training scripts, per model family.
-DEFAULT_LORA_TARGETS: dict[str, list[str]] = {
-    "gpt2": ["c_attn", "c_proj", "c_fc"],
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"],
-}
-
-SUPPORTED_FAMILIES = tuple(DEFAULT_LORA_TARGETS)
-
 
 @dataclass
 class CODIConfig:

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from ..model.remote import remote_errors, trace_kwargs
-from ..model.wrapper import CODIModel
+from .remote import remote_errors, trace_kwargs
+from .wrapper import CODIModel
 
 _NUMBER = re.compile(r"-?\d+\.?\d*")
 

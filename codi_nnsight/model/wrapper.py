@@ -20,8 +20,11 @@ import torch
 from nnsight.modeling.mixins.remotable import Remotable
 
 from ..errors import UserError
-from ..model.config import CODIConfig, resolve_model_spec
-from ..model.module import CODIModule, build_codi
+from .checkpoint import build_codi
+from .config import CODIConfig, resolve_model_spec
+from .families import Family
+from .module import CODIModule
+from .schedule import CallSchedule
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
@@ -108,20 +111,26 @@ class CODIModel(Remotable):
         return self._module
 
     @property
-    def layers(self) -> Any:
-        """Envoys of the decoder blocks (`transformer.h` or `model.layers`)."""
-        return self.lm.transformer.h if self._module.family == "gpt2" else self.lm.model.layers
+    def family(self) -> Family:
+        """The model family's row of the family table (module paths, LoRA targets, ...)."""
+        return self._module.family
 
-    def sublayer(self, layer: int, component: str) -> Any:
-        """The envoy whose output is the patch site: `resid` block, `attn` or `mlp` sub-layer."""
+    @property
+    def layers(self) -> Any:
+        """Envoys of the decoder blocks (`transformer.h`, `model.layers`, ... by family)."""
+        return self.family.blocks(self.lm)
+
+    def block_part(self, layer: int, part: str | None) -> Any:
+        """Envoy of a decoder block (`part` None) or of one of its parts named in the family table.
+
+        `part` is `attention`, `attention_out` or `mlp` (see `families.Family`).
+        """
         block = self.layers[layer]
-        if component == "resid":
-            return block
-        if component == "attn":
-            return block.attn if self._module.family == "gpt2" else block.self_attn
-        if component == "mlp":
-            return block.mlp
-        raise UserError(f"unknown component {component!r}: expected resid, attn, mlp or latent")
+        return block if part is None else self.family.part(block, part)
+
+    def schedule(self, prefill_calls: int = 1) -> CallSchedule:
+        """Which decoder / prj call is which latent step (see `model.schedule`)."""
+        return self._module.schedule(prefill_calls)
 
     @property
     def n_layers(self) -> int:
@@ -154,56 +163,101 @@ class CODIModel(Remotable):
             questions = [questions]
         return {**left_pad([self.encode_question(q) for q in questions], self._module.pad_id), **extra}
 
+    def _invoke_inputs(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """One invoke's forward arguments as keywords; question text is encoded like `prepare`.
+
+        `model.trace("What is 2+3?")` and `tracer.invoke(["q1", "q2"])` work as with nnsight's
+        `LanguageModel`. Arguments `forward` has but that cannot be combined across invokes are
+        refused here rather than silently dropped.
+        """
+        kw = dict(kwargs)
+        if args and (isinstance(args[0], str) or (isinstance(args[0], (list, tuple)) and args[0]
+                                                   and all(isinstance(q, str) for q in args[0]))):
+            kw = {**self.prepare(args[0]), **kw}
+            args = args[1:]
+        for name, value in zip(("input_ids", "attention_mask"), args):
+            kw[name] = value
+        if len(args) > 2:
+            raise TypeError(f"CODIModel: give forward inputs after input_ids and attention_mask as keywords "
+                            f"({len(args)} positional arguments)")
+        unknown = sorted(set(kw) - set(BATCHED_INPUTS) - set(SHARED_INPUTS))
+        if unknown:
+            raise TypeError(f"CODIModel: unknown forward argument(s) {', '.join(unknown)}; "
+                            f"known: {', '.join(BATCHED_INPUTS + SHARED_INPUTS)}")
+        return kw
+
     def _batch_size(self, *inputs: Any, **kwargs: Any) -> int:
-        if "rows" in kwargs and kwargs["rows"] is not None:
-            return int(kwargs["rows"].shape[0])
-        if "input_ids" in kwargs:
-            return int(kwargs["input_ids"].shape[0])
-        if inputs and isinstance(inputs[0], torch.Tensor):
-            return int(inputs[0].shape[0])
-        return 0
+        if not inputs and not kwargs:
+            return 0
+        kw = self._invoke_inputs(inputs, kwargs)
+        if kw.get("rows") is not None:
+            return int(kw["rows"].shape[0])
+        return int(kw["input_ids"].shape[0]) if "input_ids" in kw else 0
 
     def _batch(self, invokes: list[tuple], fn: Any) -> tuple:
-        """Stack several invokes into one call: re-pad prompts on the left, offset `rows`."""
-        if len(invokes) <= 1:
-            return super()._batch(invokes, fn)
-        kws = [dict(kw) for _, kw in invokes]
-        for (args, kw) in zip([a for a, _ in invokes], kws):
-            for name, value in zip(("input_ids", "attention_mask"), args):
-                kw[name] = value
-        width = max(kw["input_ids"].shape[1] for kw in kws)
-        ids, masks, rows, suffix, cands, offset = [], [], [], [], [], 0
-        for kw in kws:
-            x, m = kw["input_ids"], kw["attention_mask"]
-            padn = width - x.shape[1]
-            ids.append(torch.nn.functional.pad(x, (padn, 0), value=self._module.pad_id))
-            masks.append(torch.nn.functional.pad(m, (padn, 0), value=0))
-            r = kw.get("rows")
-            r = torch.arange(x.shape[0]) if r is None else r
-            rows.append(r.to(torch.long).cpu() + offset)
-            offset += x.shape[0]
-            s = kw.get("suffix_ids")
-            if s is not None:
-                suffix.append(s if s.dim() == 2 else s.unsqueeze(0).expand(len(r), -1))
-            if kw.get("candidates") is not None:
-                cands.append(kw["candidates"])
-        out = {"input_ids": torch.cat(ids), "attention_mask": torch.cat(masks), "rows": torch.cat(rows)}
-        if suffix:
-            if len(suffix) != len(kws) or len({s.shape[1] for s in suffix}) != 1:
-                raise ValueError("batched invokes need suffixes of one length")
-            out["suffix_ids"] = torch.cat(suffix)
-        if cands:
-            if len(cands) != len(kws):
-                raise ValueError("batched invokes must all pass candidates, or none")
-            a = max(c.shape[2] for c in cands)
-            n = max(c.shape[1] for c in cands)
-            out["candidates"] = torch.cat([torch.nn.functional.pad(c, (0, a - c.shape[2], 0, n - c.shape[1]),
-                                                                   value=-1) for c in cands])
-        for kw in kws:
-            for key in ("max_new_tokens", "num_latent"):
-                if key in kw:
-                    out[key] = max(out.get(key, 0), kw[key]) if key == "max_new_tokens" else kw[key]
-        return (), out
+        """Combine invokes into one forward call: every argument in `BATCHED_INPUTS` is merged.
+
+        Prompts are re-padded on the left, `rows` and `prompt_prefix` offset, suffixes and
+        candidates stacked; `SHARED_INPUTS` must agree (max_new_tokens takes the largest). The
+        rows of invoke i follow those of invoke i-1, which is the order nnsight slices outputs in.
+        """
+        kws = [self._invoke_inputs(args, kw) for args, kw in invokes if args or kw]
+        if len(kws) <= 1:
+            return (), (kws[0] if kws else {})
+        return (), batch_invokes(kws, self._module.pad_id)
+
+
+#: Forward arguments with one entry per prompt or row; `_batch` merges them across invokes.
+BATCHED_INPUTS = ("input_ids", "attention_mask", "rows", "suffix_ids", "candidates", "prefix_ids", "prefix_mask",
+                  "prompt_prefix")
+#: Forward arguments that hold for the whole call.
+SHARED_INPUTS = ("max_new_tokens", "num_latent")
+
+
+def batch_invokes(kws: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
+    """Merge the keyword inputs of several invokes into one `CODIModule.forward` call."""
+    with_prefix = [kw.get("prefix_ids") is not None for kw in kws]
+    if any(with_prefix) and not all(with_prefix):
+        raise ValueError("batched invokes must all use shared prefixes (prefix_ids), or none")
+    if len({kw.get("num_latent") for kw in kws}) > 1:
+        raise ValueError("batched invokes need the same num_latent")
+    n_prompts = [kw["input_ids"].shape[0] for kw in kws]
+    offsets = [sum(n_prompts[:i]) for i in range(len(kws))]
+    rows = [(torch.arange(n) if kw.get("rows") is None else kw["rows"].to(torch.long).cpu()) + off
+            for kw, n, off in zip(kws, n_prompts, offsets)]
+    out: dict[str, Any] = {**_pad_left_cat([kw["input_ids"] for kw in kws], [kw["attention_mask"] for kw in kws],
+                                           pad_id), "rows": torch.cat(rows)}
+    if all(with_prefix):
+        pre = _pad_left_cat([kw["prefix_ids"] for kw in kws], [kw["prefix_mask"] for kw in kws], pad_id)
+        out["prefix_ids"], out["prefix_mask"] = pre["input_ids"], pre["attention_mask"]
+        n_pre = [kw["prefix_ids"].shape[0] for kw in kws]
+        out["prompt_prefix"] = torch.cat([kw["prompt_prefix"].cpu() + sum(n_pre[:i]) for i, kw in enumerate(kws)])
+    suffix = [kw.get("suffix_ids") for kw in kws]
+    if any(s is not None for s in suffix):
+        if any(s is None for s in suffix) or len({s.shape[-1] for s in suffix}) != 1:
+            raise ValueError("batched invokes need suffixes of one length")
+        out["suffix_ids"] = torch.cat([s if s.dim() == 2 else s.unsqueeze(0).expand(len(r), -1)
+                                       for s, r in zip(suffix, rows)])
+    cands = [kw.get("candidates") for kw in kws]
+    if any(c is not None for c in cands):
+        if any(c is None for c in cands):
+            raise ValueError("batched invokes must all pass candidates, or none")
+        a, n = max(c.shape[2] for c in cands), max(c.shape[1] for c in cands)
+        out["candidates"] = torch.cat([torch.nn.functional.pad(c, (0, a - c.shape[2], 0, n - c.shape[1]), value=-1)
+                                       for c in cands])
+    if any("max_new_tokens" in kw for kw in kws):
+        out["max_new_tokens"] = max(kw.get("max_new_tokens", 0) for kw in kws)
+    if kws[0].get("num_latent") is not None:
+        out["num_latent"] = kws[0]["num_latent"]
+    return out
+
+
+def _pad_left_cat(ids: list[torch.Tensor], masks: list[torch.Tensor], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-pad (ids, mask) blocks to one width and stack them."""
+    width = max(x.shape[1] for x in ids)
+    return {"input_ids": torch.cat([torch.nn.functional.pad(x, (width - x.shape[1], 0), value=pad_id) for x in ids]),
+            "attention_mask": torch.cat([torch.nn.functional.pad(m, (width - m.shape[1], 0), value=0)
+                                         for m in masks])}
 
 
 # The public import path names the class in NDIF model keys: keep keys stable across refactors.

@@ -1,6 +1,6 @@
 """Tiny CODI models in exactly the official layout, for tests and offline dry runs.
 
-`write_tiny_codi(out_dir, family="gpt2"|"llama")` writes:
+`write_tiny_codi(out_dir, family="gpt2"|"llama"|"qwen2")` writes (any family of `model.families`):
 
     out_dir/codi.json
     out_dir/base/{config.json, tokenizer.json, tokenizer_config.json, ...}
@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from ..errors import UserError
-from ..model.config import DEFAULT_LORA_TARGETS, CODIConfig
+from ..model.config import CODIConfig
+from ..model.families import family_named
 
 BYTE_VOCAB = 256
 
@@ -38,20 +39,21 @@ def _byte_chars() -> list[str]:
 def byte_tokenizer(family: str) -> Any:
     """A byte-level fast tokenizer: ids 0-255 are bytes, then the family's special tokens.
 
-    GPT-2 family: `<|endoftext|>` (id 256) is bos/eos and nothing is added to a text.
-    Llama family: `<s>` (256) is prepended to every text, `</s>` (257) is eos.
+    GPT-2 style (GPT-2, Qwen2): `<|endoftext|>` (id 256) is bos/eos and nothing is added to a text.
+    Llama style: `<s>` (256) is prepended to every text, `</s>` (257) is eos.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
+    style = family_named(family).tokenizer_style
     vocab = {c: i for i, c in enumerate(_byte_chars())}
-    specials = ["<|endoftext|>"] if family == "gpt2" else ["<s>", "</s>"]
+    specials = ["<|endoftext|>"] if style == "gpt2" else ["<s>", "</s>"]
     for s in specials:
         vocab[s] = len(vocab)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    if family == "gpt2":
+    if style == "gpt2":
         fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=specials[0],
                                        eos_token=specials[0], unk_token=specials[0])
     else:
@@ -73,7 +75,7 @@ def bpe_tokenizer(family: str, vocab_size: int = 1000, seed: int = 1) -> Any:
     from ..data.synthetic import make_problems
 
     texts = [f"{p.question} The answer is: {p.answer}" for p in make_problems(2000, seed=seed)]
-    eos = "<|endoftext|>" if family == "gpt2" else "</s>"
+    eos = "<|endoftext|>" if family_named(family).tokenizer_style == "gpt2" else "</s>"
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -87,19 +89,10 @@ def tiny_hf_config(family: str, n_layers: int = 2, hidden: int = 32, heads: int 
                    kv_heads: int | None = None, intermediate: int | None = None,
                    vocab: int = BYTE_VOCAB + 2, max_positions: int = 512) -> Any:
     """A small transformers config of the given family (vocab before CODI's +3)."""
-    from transformers import GPT2Config, LlamaConfig
-
-    if family == "gpt2":
-        return GPT2Config(vocab_size=vocab, n_positions=max_positions, n_embd=hidden, n_layer=n_layers,
-                          n_head=heads, bos_token_id=BYTE_VOCAB, eos_token_id=BYTE_VOCAB,
-                          tie_word_embeddings=True)
-    if family == "llama":
-        return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate or hidden * 2,
-                           num_hidden_layers=n_layers, num_attention_heads=heads,
-                           num_key_value_heads=kv_heads or heads, max_position_embeddings=max_positions,
-                           bos_token_id=BYTE_VOCAB, eos_token_id=BYTE_VOCAB + 1, tie_word_embeddings=True,
-                           rms_norm_eps=1e-5)
-    raise UserError(f"unknown family {family!r}: expected one of {sorted(DEFAULT_LORA_TARGETS)}")
+    fam = family_named(family)
+    eos = BYTE_VOCAB if fam.tokenizer_style == "gpt2" else BYTE_VOCAB + 1
+    return fam.tiny_config(vocab=vocab, n_layers=n_layers, hidden=hidden, heads=heads, kv_heads=kv_heads,
+                           intermediate=intermediate, max_positions=max_positions, bos=BYTE_VOCAB, eos=eos)
 
 
 def official_state_dict(lm: torch.nn.Module, prj: torch.nn.Module, family: str, lora_r: int,
@@ -117,14 +110,13 @@ def official_state_dict(lm: torch.nn.Module, prj: torch.nn.Module, family: str, 
     g = torch.Generator().manual_seed(seed + 1)
     peft_lm = get_peft_model(copy.deepcopy(lm), LoraConfig(
         r=lora_r, lora_alpha=lora_alpha, target_modules=targets, lora_dropout=0.0,
-        init_lora_weights=False, fan_in_fan_out=(family == "gpt2")))
+        init_lora_weights=False, fan_in_fan_out=family_named(family).conv1d))
     with torch.no_grad():
         for name, p in peft_lm.named_parameters():
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     sd = {"codi." + k: v.detach().clone().contiguous() for k, v in peft_lm.state_dict().items()}
-    emb = "codi.base_model.model." + ("transformer.wte.weight" if family == "gpt2"
-                                      else "model.embed_tokens.weight")
+    emb = "codi.base_model.model." + family_named(family).embedding_key
     head = "codi.base_model.model.lm_head.weight"
     if tied_key == "lm_head":
         sd[head] = sd.pop(emb) if emb in sd else sd[head]
@@ -163,11 +155,11 @@ def write_tiny_codi(out_dir: str | Path, family: str = "gpt2", n_layers: int = 2
     lm = AutoModelForCausalLM.from_config(big, attn_implementation="eager")
     with torch.no_grad():  # larger random weights than HF's init so outputs are not uniform
         g = torch.Generator().manual_seed(seed)
-        for _name, p in lm.named_parameters():
-            if p.dim() >= 2:
+        for name, p in lm.named_parameters():
+            if p.dim() >= 2 or name.endswith(".bias"):  # biases too: Qwen2's q/k/v biases must matter
                 p.copy_(torch.randn(p.shape, generator=g) * init_std)
     prj = make_prj(hidden, prj_dim or hidden, True, False)
-    targets = DEFAULT_LORA_TARGETS[family]
+    targets = list(family_named(family).lora_targets)
     sd = official_state_dict(lm, prj, family, lora_r, lora_alpha, targets, seed=seed, tied_key=tied_key)
     if checkpoint_format == "safetensors":
         from safetensors.torch import save_file

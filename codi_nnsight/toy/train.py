@@ -222,8 +222,8 @@ def _base(module: CODIModule, mask: torch.Tensor, pos: torch.Tensor, cache: Any 
           **inputs: torch.Tensor) -> Any:
     """One decoder pass with CODI's own additive mask (same as inference), all hidden states."""
     q = next(iter(inputs.values())).shape[1]
-    kw = {module._cache_kw: cache} if cache is not None else {}
-    return module.base(**inputs, attention_mask=module._additive_mask(mask, q), position_ids=pos,
+    kw = {module.cache_kw: cache} if cache is not None else {}
+    return module.base(**inputs, attention_mask=module.additive_mask(mask, q), position_ids=pos,
                        use_cache=cache is not None, output_hidden_states=True, **kw)
 
 
@@ -440,7 +440,7 @@ def teacher_generate(module: CODIModule, questions: list[str],
     with torch.inference_mode():
         for _ in range(max_new_tokens):
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            h = module.base(input_ids=ids, attention_mask=module._additive_mask(mask, ids.shape[1]),
+            h = module.base(input_ids=ids, attention_mask=module.additive_mask(mask, ids.shape[1]),
                             position_ids=pos).last_hidden_state[:, -1]
             logits = module.lm.lm_head(h)
             logits[:, [PAD, BOT]] = -math.inf  # only text, eos and [eot] can follow

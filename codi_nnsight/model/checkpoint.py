@@ -1,0 +1,226 @@
+"""Strict loading of official CODI checkpoints into a plain `CODIModule`.
+
+The official `CODI` module saves a peft-wrapped LM under `codi.` and the projection under `prj.`.
+Every checkpoint key must be used and every weight set; LoRA is merged into the base weights in
+float64 (`W += B @ A * alpha / r`), so nnsight sees ordinary transformers module paths.
+Loading is `weights_only=True` or safetensors: a checkpoint can never run code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from .config import CODIConfig
+from .families import Family, family_for
+from .module import CODIModule, make_prj, register_attention
+
+CKPT_PREFIXES = ("codi.base_model.model.", "codi.")
+
+
+# ---------------------------------------------------------------------------------------------
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file (provenance of the checkpoint)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch_file(location: str, revision: str | None = None) -> Path:
+    """A local path for `location`: itself, or a hub download for `hf://<repo>/<file>`."""
+    if location.startswith("hf://"):
+        rest = location[len("hf://"):]
+        parts = rest.split("/")
+        if len(parts) < 3:
+            raise UserError(f"checkpoint {location!r}: expected hf://<owner>/<repo>/<file>")
+        from huggingface_hub import hf_hub_download
+
+        try:
+            return Path(hf_hub_download("/".join(parts[:2]), "/".join(parts[2:]), revision=revision))
+        except Exception as e:  # network / auth failures are reported as one line
+            raise UserError(f"checkpoint {location!r}: download failed: {e}") from None
+    path = Path(location)
+    if not path.is_file():
+        raise UserError(f"checkpoint {location}: no such file")
+    return path
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Load a state_dict safely: safetensors, or `torch.load(weights_only=True)` for `.bin`."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as e:
+            raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+    try:
+        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: refused to load (weights_only=True): {first}") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise UserError(f"{path}: not a state_dict of tensors")
+    return sd
+
+
+def _short(keys: list[str], n: int = 5) -> str:
+    more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def merge_codi_state_dict(sd: dict[str, torch.Tensor], lm: nn.Module, prj: nn.Module,
+                          cfg: CODIConfig, family: Family, source: str) -> tuple[dict, dict]:
+    """Map official CODI keys onto the plain LM and prj, merging LoRA (`W += B @ A * alpha / r`).
+
+    Returns (lm_state, prj_state). Raises `UserError` naming the offending keys for unused
+    checkpoint keys, missing model weights, or shape mismatches.
+    """
+    targets = set(cfg.lora_target_modules or family.lora_targets)
+    lm_sd = lm.state_dict()
+    prj_sd = prj.state_dict()
+    used: set[str] = set()
+    lm_state: dict[str, torch.Tensor] = {}
+    prj_state: dict[str, torch.Tensor] = {}
+    lora: dict[str, dict[str, torch.Tensor]] = {}
+    unknown: list[str] = []
+    origin: dict[str, str] = {}  # model key -> checkpoint key, to name the user's key in errors
+    for key, value in sd.items():
+        if key.startswith("prj."):
+            prj_state[key[4:]] = value
+            used.add(key)
+            continue
+        inner = next((key[len(p):] for p in CKPT_PREFIXES if key.startswith(p)), None)
+        if inner is None:
+            unknown.append(key)
+            continue
+        if ".lora_A." in inner or ".lora_B." in inner:
+            mod, _, rest = inner.partition(".lora_A." if ".lora_A." in inner else ".lora_B.")
+            which = "A" if ".lora_A." in inner else "B"
+            if rest != "default.weight":
+                unknown.append(key)
+                continue
+            lora.setdefault(mod, {})[which] = value
+            origin[f"{mod}.lora_{which}"] = key
+            used.add(key)
+            continue
+        inner = inner.replace(".base_layer.", ".")
+        lm_state[inner] = value
+        origin[inner] = key
+        used.add(key)
+    # Keys this architecture has no place for (e.g. another family's checkpoint) come first:
+    # they explain every later mismatch.
+    unknown += [origin.get(k, k) for k in set(lm_state) - set(lm_sd)]
+    unknown += [origin[f"{m}.lora_{w}"] for m, ab in lora.items() for w in ab if m + ".weight" not in lm_sd]
+    if unknown:
+        raise UserError(f"{source}: checkpoint keys not used by a CODI {family.name} model: {_short(sorted(unknown))}")
+
+    # LoRA merge, in float64 for exactness, then cast back.
+    scale = cfg.lora_alpha / cfg.lora_r if cfg.lora_r else 0.0
+    conv1d = {name for name, m in lm.named_modules() if type(m).__name__ == "Conv1D"}
+    for mod, ab in sorted(lora.items()):
+        if set(ab) != {"A", "B"}:
+            raise UserError(f"{source}: LoRA weights for {mod} incomplete (have lora_{''.join(ab)} only)")
+        if mod.rsplit(".", 1)[-1] not in targets:
+            raise UserError(f"{source}: LoRA weights for {mod}, which is not in lora_target_modules "
+                            f"{sorted(targets)}")
+        wkey = mod + ".weight"
+        if wkey not in lm_state:
+            raise UserError(f"{source}: LoRA weights for {mod} but no base weight {wkey}")
+        a, b = ab["A"].double(), ab["B"].double()
+        if a.shape[0] != cfg.lora_r:
+            raise UserError(f"{source}: {mod}.lora_A has rank {a.shape[0]}, codi.json says lora_r={cfg.lora_r}")
+        delta = b @ a * scale
+        if mod in conv1d:  # GPT-2's Conv1D stores weights as (in, out)
+            delta = delta.T
+        w = lm_state[wkey]
+        if delta.shape != w.shape:
+            raise UserError(f"{source}: LoRA delta for {mod} has shape {tuple(delta.shape)}, "
+                            f"weight has {tuple(w.shape)}")
+        # Kept in float64: the load casts once, to the model's dtype (exact for float64 runs).
+        lm_state[wkey] = w.double() + delta
+
+    # Tied embeddings may be stored under either name.
+    tied = getattr(lm.config, "tie_word_embeddings", False)
+    emb_key = family.embedding_key
+    if tied:
+        if "lm_head.weight" in lm_state and emb_key not in lm_state:
+            lm_state[emb_key] = lm_state["lm_head.weight"]
+        if emb_key in lm_state and "lm_head.weight" in lm_state:
+            if not torch.equal(lm_state[emb_key], lm_state["lm_head.weight"]):
+                raise UserError(f"{source}: lm_head.weight differs from {emb_key}, but the base "
+                                f"config ties them")
+        lm_state.pop("lm_head.weight", None)
+    expected = {k for k in lm_sd if not (tied and k == "lm_head.weight")}
+    # Non-persistent buffers (e.g. rotary inv_freq, GPT-2 causal masks) are not weights.
+    missing = sorted(expected - set(lm_state))
+    if missing:
+        raise UserError(f"{source}: model weights missing from the checkpoint: {_short(missing)}")
+    for k, v in lm_state.items():
+        if tuple(v.shape) != tuple(lm_sd[k].shape):
+            raise UserError(f"{source}: {origin.get(k, k)} has shape {tuple(v.shape)} in the checkpoint, "
+                            f"model expects {tuple(lm_sd[k].shape)}")
+    pmissing = sorted(set(prj_sd) - set(prj_state))
+    pextra = sorted(set(prj_state) - set(prj_sd))
+    if pextra:
+        raise UserError(f"{source}: checkpoint keys not used by the projection: "
+                        f"{_short(['prj.' + k for k in pextra])}")
+    if pmissing:
+        raise UserError(f"{source}: projection weights missing from the checkpoint: "
+                        f"{_short(['prj.' + k for k in pmissing])}")
+    for k, v in prj_state.items():
+        if tuple(v.shape) != tuple(prj_sd[k].shape):
+            raise UserError(f"{source}: prj.{k} has shape {tuple(v.shape)} in the checkpoint, model "
+                            f"expects {tuple(prj_sd[k].shape)}")
+    return lm_state, prj_state
+
+
+def build_codi(cfg: CODIConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               meta: bool = False) -> tuple[CODIModule, Any, dict[str, str]]:
+    """Build the merged CODI module and its tokenizer from a config.
+
+    Returns (module, tokenizer, info) where info has `checkpoint_sha256` and `family`. With
+    `meta=True` only the structure is built (no weights read), for nnsight's lazy loading.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    base = cfg.base_path
+    try:
+        hf_config = AutoConfig.from_pretrained(base, revision=None)
+        tokenizer = AutoTokenizer.from_pretrained(base)
+    except Exception as e:
+        raise UserError(f"base {base!r}: cannot load config/tokenizer ({str(e).splitlines()[0]})") from None
+    family = family_for(hf_config)  # an unsupported architecture is refused before any weight is built
+    vocab = hf_config.vocab_size
+    hf_config.vocab_size = vocab + 3  # pad, bot, eot
+    # Our eager attention: exact in float64 (see codi_attention).
+    with torch.device("meta" if meta else "cpu"):
+        lm = AutoModelForCausalLM.from_config(hf_config, attn_implementation=register_attention())
+    hidden = hf_config.hidden_size
+    prj = make_prj(hidden, cfg.prj_dim or hidden, cfg.use_prj, cfg.prj_no_ln)
+    info = {"family": family.name, "checkpoint_sha256": ""}
+    if not meta:
+        if dtype == torch.float64:  # load straight into float64 so merged LoRA stays exact
+            lm.to(torch.float64)
+            prj.to(torch.float64)
+        path = fetch_file(cfg.checkpoint_path, cfg.revision)
+        sd = read_state_dict(path)
+        lm_state, prj_state = merge_codi_state_dict(sd, lm, prj, cfg, family, str(path))
+        lm.load_state_dict(lm_state, strict=False)  # strictness checked above, tied weights aside
+        if getattr(lm.config, "tie_word_embeddings", False):
+            lm.tie_weights()
+        prj.load_state_dict(prj_state, strict=True)
+        info["checkpoint_sha256"] = file_sha256(path)
+    module = CODIModule(lm, prj, num_latent=cfg.num_latent, vocab_size=vocab,
+                        eos_token_id=tokenizer.eos_token_id, remove_eos=cfg.remove_eos)
+    module.eval()
+    if not meta:
+        module.to(device=device, dtype=dtype)
+    return module, tokenizer, info
