@@ -29,18 +29,18 @@ import torch  # noqa: E402
 
 from codi_nnsight.data.synthetic import make_synthetic_pairs  # noqa: E402
 from codi_nnsight.model.wrapper import DTYPES  # noqa: E402
+from codi_nnsight.patching import SweepConfig, answer_tokens, plan_batch  # noqa: E402
 from codi_nnsight.patching.sweep import patch_sweep, versions  # noqa: E402
-from codi_nnsight.patching.trace import SweepConfig, answer_tokens, plan_batch  # noqa: E402
 from codi_nnsight.testing.tiny import random_codi  # noqa: E402
 
 
-def _metrics(logits: torch.Tensor, base: torch.Tensor) -> np.ndarray:
-    """kl, l2, top1_changed of logits rows against their baseline rows."""
+def _metrics(logits: torch.Tensor, base: torch.Tensor, n_decodable: int) -> np.ndarray:
+    """kl, l2, top1_changed (over the ids greedy decoding may emit) of rows against their baselines."""
     logits, base = logits.double(), base.double()
     lp, lb = torch.log_softmax(logits, -1), torch.log_softmax(base, -1)
     kl = (lp.exp() * (lp - lb)).sum(-1)
     l2 = (logits - base).pow(2).mean(-1).sqrt()
-    top1 = (logits.argmax(-1) != base.argmax(-1)).double()
+    top1 = (logits[:, :n_decodable].argmax(-1) != base[:, :n_decodable].argmax(-1)).double()
     return torch.stack([kl, l2, top1], -1).cpu().numpy()
 
 
@@ -52,7 +52,7 @@ def _sync(device: torch.device) -> None:
 def naive(model: Any, pairs: list, layers: list[int], max_new: int) -> np.ndarray:
     """Batch 1; per layer one extraction forward (clean) and one patched forward (corrupted)."""
     codi = model.codi
-    K = model.num_latent
+    latent_calls = model.schedule().latent_calls  # batch 1, no shared prefix
     out = np.zeros((len(pairs), len(layers), 3))
     for i, pair in enumerate(pairs):
         toks = answer_tokens(model, pair.clean.answer, pair.corrupted.answer)
@@ -66,7 +66,7 @@ def naive(model: Any, pairs: list, layers: list[int], max_new: int) -> np.ndarra
 
             def grab(mod, args, output, saved=saved, calls=calls):
                 h = output[0] if isinstance(output, tuple) else output
-                if 1 <= calls["n"] <= K:
+                if calls["n"] in latent_calls:
                     saved.append(h.clone())
                 calls["n"] += 1
 
@@ -78,16 +78,17 @@ def naive(model: Any, pairs: list, layers: list[int], max_new: int) -> np.ndarra
             def put(mod, args, output, saved=saved, calls=calls):
                 n = calls["n"]
                 calls["n"] += 1
-                if 1 <= n <= K:
+                if n in latent_calls:
+                    k = n - latent_calls.start
                     if isinstance(output, tuple):
-                        return (saved[n - 1],) + tuple(output[1:])
-                    return saved[n - 1]
+                        return (saved[k],) + tuple(output[1:])
+                    return saved[k]
                 return output
 
             handle = codi.layers[L].register_forward_hook(put)
             patched = codi(**corr_in)["logits"]
             handle.remove()
-            out[i, j] = _metrics(patched, base)[0]
+            out[i, j] = _metrics(patched, base, codi.eot_id)[0]
     return out
 
 
@@ -119,7 +120,7 @@ def raw(model: Any, pairs: list, layers: list[int], batch_size: int, max_new: in
             for h in handles:
                 h.remove()
         logits = result["logits"]
-        m = _metrics(logits, logits[torch.tensor(plan.baseline_of, device=logits.device)])
+        m = _metrics(logits, logits[torch.tensor(plan.baseline_of, device=logits.device)], codi.eot_id)
         for i in range(len(chunk)):
             out[start + i] = m[plan.variant_rows[i]]
     raw_full_check(model, pairs)  # the same sanity work `patch_sweep` does, so only nnsight differs
@@ -128,7 +129,7 @@ def raw(model: Any, pairs: list, layers: list[int], batch_size: int, max_new: in
 
 def raw_full_check(model: Any, pairs: list) -> float:
     """`patching.full_patch_check` with a torch hook: layer 0 patched at every token."""
-    from codi_nnsight.patching.trace import prompt_inputs
+    from codi_nnsight.patching import prompt_inputs
 
     equal = [p for p in pairs if len(model.encode_question(p.clean.question))
              == len(model.encode_question(p.corrupted.question))]
@@ -136,14 +137,14 @@ def raw_full_check(model: Any, pairs: list) -> float:
         return float("nan")
     pair = min(equal, key=lambda p: len(model.encode_question(p.clean.question)))
     toks = answer_tokens(model, pair.clean.answer, pair.corrupted.answer)
-    inputs, first = prompt_inputs(model, [pair.clean.question, pair.corrupted.question])
-    K = model.num_latent
+    inputs, prefill_calls = prompt_inputs(model, [pair.clean.question, pair.corrupted.question])
+    sched = model.schedule(prefill_calls)
     calls = {"n": 0}
 
     def hook(mod, args, output):
         n = calls["n"]
         calls["n"] += 1
-        if first - 1 <= n <= first + K:
+        if prefill_calls - 1 <= n <= sched.suffix_call:
             h = output[0] if isinstance(output, tuple) else output
             h[1] = h[0]
         return output
@@ -171,7 +172,7 @@ def realistic_pairs(n: int, model: Any, target_tokens: int = 100) -> Any:
     from codi_nnsight.data.pairs import Pair, PairSet, Question
     from codi_nnsight.data.synthetic import make_problems
 
-    base = make_synthetic_pairs(n, seed=0)
+    base = make_synthetic_pairs(n, seed=0, kind="wide")
     filler = [p.question for p in make_problems(50, seed=99)]
     out = []
     for i, p in enumerate(base):

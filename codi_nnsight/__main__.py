@@ -1,5 +1,5 @@
 """`python -m codi_nnsight` = the `codi-nnsight` command."""
 
-from .cli import main
+from .cli import run
 
-main(prog_name="codi-nnsight")
+run(prog_name="codi-nnsight")

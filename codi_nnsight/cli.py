@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-import numpy as np
 
 from .errors import UserError
 
@@ -75,13 +74,47 @@ def _model_options(f: Any) -> Any:
                      help="Default float32 on CPU, bfloat16 on CUDA; float64 for exactness checks.")(f)
     f = click.option("--model", "model_spec", default=None,
                      help="codi.json, a folder holding one, or a preset (default: the bundled toy model).")(f)
+    f = click.option("--question-normalization", "normalization", default="official", show_default=True,
+                     type=click.Choice(["official", "none"]),
+                     help="official: question.strip().replace('  ', ' ') as the official CODI evaluation; "
+                          "none: as written.")(f)
     return f
 
 
-def _load(model_spec: str | None, dtype: str | None, device: str | None) -> Any:
+def _load(model_spec: str | None, dtype: str | None, device: str | None, normalization: str = "official") -> Any:
     from .model.wrapper import load_model
 
-    return load_model(model_spec, dtype=dtype, device=device)
+    return load_model(model_spec, dtype=dtype, device=device, question_normalization=normalization)
+
+
+def _force_option(f: Any) -> Any:
+    return click.option("--force", is_flag=True, help="Overwrite an existing output.")(f)
+
+
+def prepare_output(path: str, force: bool, folder: bool = False) -> Path:
+    """Check an output location before any work: refuse to overwrite without --force, create its folder.
+
+    Returns the path. A missing parent folder is created (every command does the same), and a
+    folder that cannot be written is reported now, not after minutes of work.
+    """
+    if not str(path).strip():
+        raise UserError("--out: empty path")
+    out = Path(path)
+    if out.exists() and not force:
+        kind = "folder" if out.is_dir() else "file"
+        raise UserError(f"{out}: {kind} exists; add --force to overwrite it")
+    if out.exists() and out.is_dir() != folder:
+        raise UserError(f"{out}: exists and is {'a file' if folder else 'a folder'}, expected a "
+                        f"{'folder' if folder else 'file'}")
+    parent = out if folder else out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        probe = parent / f".codi-nnsight-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{parent}: cannot write there ({e.strerror or e})") from None
+    return out
 
 
 def _remote_value(remote: str | None) -> bool | str:
@@ -101,24 +134,29 @@ def _remote_value(remote: str | None) -> bool | str:
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write answers as JSON.")
+@_force_option
 @click.option("--remote", default=None, help="local | ndif | URL of an NDIF host.")
-def evaluate(model_spec, dtype, device, pairs_path, limit, max_new_tokens, batch_size, out, remote) -> None:
+def evaluate(model_spec, dtype, device, normalization, pairs_path, limit, max_new_tokens, batch_size, out, force,
+             remote) -> None:
     """Greedy answers and accuracy for the clean and corrupted questions."""
     from .data.pairs import load_pairs
     from .model.inference import accuracy_summary, evaluate_pairs
 
+    if out:
+        prepare_output(out, force)
     pairs = load_pairs(pairs_path or default_pairs()).limit(limit)
-    model = _load(model_spec, dtype, device)
+    model = _load(model_spec, dtype, device, normalization)
     answers = evaluate_pairs(model, pairs, max_new_tokens=max_new_tokens, batch_size=batch_size,
                              progress=sys.stderr.isatty(), remote=_remote_value(remote))
     acc = accuracy_summary(answers)
     if out:
-        _write_json(Path(out), [a.to_record() for a in answers])
+        write_json_atomic(Path(out), [a.to_record() for a in answers])
     click.echo(f"model {model.name}: {len(pairs)} pairs — accuracy clean {acc['clean']:.1%}, "
                f"corrupted {acc['corrupted']:.1%}, both {acc['both']:.1%}")
 
 
-def _write_json(path: Path, data: Any) -> None:
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to a temp file and rename it over `path`: the file is complete or absent."""
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     try:
         tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
@@ -129,17 +167,35 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+def _patch_choices() -> dict[str, list[str]]:
+    # The sweep's own tables (light modules: `--help` imports no torch).
+    from .patching.options import DIRECTIONS, MODE_ALIASES, MODES, POSITIONS
+
+    return {"positions": list(POSITIONS), "mode": [*MODES, *MODE_ALIASES], "direction": list(DIRECTIONS)}
+
+
+def _families() -> list[str]:
+    from .model.families import FAMILIES
+
+    return list(FAMILIES)
+
+
 @main.command()
 @_model_options
 @click.option("--pairs", "pairs_path", type=click.Path(dir_okay=False), default=None,
               help="Pairs file (default: the bundled demo pairs).")
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="Results netCDF file.")
+@_force_option
 @click.option("--layers", default=None, help="e.g. 0-3,7 (default: all).")
-@click.option("--positions", type=click.Choice(["all", "each"]), default="all", show_default=True)
+@click.option("--positions", type=click.Choice(_patch_choices()["positions"]), default="all", show_default=True,
+              help="all latent positions at once, or each one (adds a position dim).")
 @click.option("--component", default="resid", show_default=True,
               help="resid, attn, mlp or latent; a comma list (resid,attn,mlp) adds a component dim.")
-@click.option("--mode", type=click.Choice(["recurrent", "frozen"]), default="recurrent", show_default=True)
-@click.option("--direction", type=click.Choice(["denoise", "noise"]), default="denoise", show_default=True)
+@click.option("--mode", type=click.Choice(_patch_choices()["mode"]), default="recurrent", show_default=True,
+              help="recurrent: total effect through the latent loop; no-feedback: fed-back latents held at the "
+                   "baseline's (effect through attention only; 'frozen' is its old name).")
+@click.option("--direction", type=click.Choice(_patch_choices()["direction"]), default="denoise",
+              show_default=True)
 @click.option("--batch-size", default="auto", show_default=True, help="Pairs per trace, or auto.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N pairs.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=None)
@@ -148,22 +204,31 @@ def _write_json(path: Path, data: Any) -> None:
 @click.option("--check", is_flag=True, help="Exit 3 if a sanity check fails (results are still written).")
 @click.option("--remote", default=None, help="local | ndif | URL of an NDIF host.")
 @click.pass_context
-def patch(ctx, model_spec, dtype, device, pairs_path, out, layers, positions, component, mode, direction,
-          batch_size, limit, max_new_tokens, seed, resume, check, remote) -> None:
-    """Patch source activations into target runs at the CoT positions, layer by layer."""
+def patch(ctx, model_spec, dtype, device, normalization, pairs_path, out, force, layers, positions, component, mode,
+          direction, batch_size, limit, max_new_tokens, seed, resume, check, remote) -> None:
+    """Patch source activations into target runs at the latent positions, layer by layer."""
     from .data.pairs import load_pairs
+    from .patching.config import canonical_mode, parse_layers
+    from .patching.sites import COMPONENTS
+    from .patching.summary import sweep_summary
     from .patching.sweep import patch_sweep
-    from .patching.trace import parse_layers
 
     if batch_size != "auto":
         try:
             batch_size = int(batch_size)
         except ValueError:
             raise UserError(f"--batch-size {batch_size!r}: expected a number or auto") from None
-    pairs = load_pairs(pairs_path or default_pairs()).limit(limit)
-    model = _load(model_spec, dtype, device)
-    layer_list = parse_layers(layers, model.n_layers)
     comps = [c.strip() for c in component.split(",") if c.strip()]
+    bad = [c for c in comps if c not in COMPONENTS] or ([] if comps else [component])
+    if bad:
+        raise UserError(f"--component {bad[0]!r}: expected one of {', '.join(COMPONENTS)} (or a comma list)")
+    if mode == "frozen":
+        click.echo("note: --mode frozen is now called no-feedback (it is not a direct effect)", err=True)
+    mode = canonical_mode(mode)
+    prepare_output(out, force)
+    pairs = load_pairs(pairs_path or default_pairs()).limit(limit)
+    model = _load(model_spec, dtype, device, normalization)
+    layer_list = parse_layers(layers, model.n_layers)
     ctx.meta["partial_store"] = (f"{out}.partial" if len(comps) == 1
                                  else f"{out}.<component>.nc.partial")
     ds = patch_sweep(model, pairs, layers=layer_list, component=comps if len(comps) > 1 else comps[0],
@@ -171,15 +236,7 @@ def patch(ctx, model_spec, dtype, device, pairs_path, out, layers, positions, co
                      max_new_tokens=max_new_tokens,
                      remote=_remote_value(remote), out=out, resume=resume, progress=sys.stderr.isatty(),
                      seed=seed, command=shlex.join(["codi-nnsight", *ctx.meta.get("argv", sys.argv[1:])]))
-    best = ds["kl"].mean("pair")
-    for dim in [d for d in best.dims if d != "layer"]:
-        best = best.max(dim)
-    layer = int(ds["layer"].values[int(np.nanargmax(best.values))])
-    flipped = float(ds["flipped"].mean("pair").max())
-    status = "passed" if ds.attrs["sanity_passed"] else "FAILED"
-    click.echo(f"wrote {out}: {ds.sizes['pair']} pairs x {ds.sizes['layer']} layers; "
-               f"largest mean KL at layer {layer} ({float(best.max()):.4g} nats); "
-               f"most pairs flipped: {flipped:.0%}; sanity checks {status}")
+    click.echo(sweep_summary(ds, out))
     if check and not ds.attrs["sanity_passed"]:
         click.echo(f"error: sanity check failed: {ds.attrs['sanity_details']}", err=True)
         ctx.exit(EXIT_SANITY)
@@ -202,12 +259,16 @@ def analyze(results: str, metric: str) -> None:
 @main.command()
 @click.argument("results", type=click.Path(dir_okay=False))
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Report folder.")
+@click.option("--force", is_flag=True, help="Write into a folder that already holds a report.")
 @click.option("--metric", default="kl", show_default=True)
 @click.option("--top-k", "k", type=click.IntRange(min=1), default=3, show_default=True)
-def report(results: str, out: str, metric: str, k: int) -> None:
+def report(results: str, out: str, force: bool, metric: str, k: int) -> None:
     """Figures, CSV tables and report.md / report.html for a results file."""
     from . import analysis
 
+    if Path(out, "report.md").exists() and not force:
+        raise UserError(f"{out}: holds a report already; add --force to replace it")
+    prepare_output(out, force=True, folder=True)
     ds = analysis.load(results)
     if metric not in ds:
         raise UserError(f"{results}: no metric {metric!r} (have {', '.join(sorted(ds.data_vars))})")
@@ -227,9 +288,9 @@ def pairs() -> None:
 @pairs.command("validate")
 @click.argument("file", type=click.Path(dir_okay=True))
 @_model_options
-def pairs_validate(file: str, model_spec, dtype, device) -> None:
+def pairs_validate(file: str, model_spec, dtype, device, normalization) -> None:
     """Check a pairs file; with --model, token lengths and whether the model answers correctly."""
-    from .data.pairs import pairs_summary, validate_pairs
+    from .data.pairs import pair_warnings, pairs_summary, validate_pairs
 
     pairset, problems = validate_pairs(file)
     if problems:
@@ -237,22 +298,15 @@ def pairs_validate(file: str, model_spec, dtype, device) -> None:
             click.echo(f"error: {p}", err=True)
         click.echo(f"{file}: {len(problems)} problem(s)", err=True)
         sys.exit(EXIT_USAGE)
+    for line in pair_warnings(pairset):
+        click.echo(f"warning: {line}", err=True)
     click.echo(pairs_summary(pairset))
     if model_spec is not None:
-        from .model.inference import evaluate_pairs
+        from .model.inference import check_pairs_with_model
 
-        model = _load(model_spec, dtype, device)
-        diffs = [len(model.encode_question(p.clean.question)) - len(model.encode_question(p.corrupted.question))
-                 for p in pairset]
-        equal = sum(d == 0 for d in diffs)
-        click.echo(f"token length clean - corrupted: equal for {equal}/{len(diffs)} pairs, "
-                   f"range {min(diffs)}..{max(diffs)}")
-        answers = evaluate_pairs(model, pairset, max_new_tokens=32)
-        by = {(a.pair_id, a.variant): a.correct for a in answers}
-        both = sum(by[(p.pair_id, "clean")] and by[(p.pair_id, "corrupted")] for p in pairset)
-        click.echo(f"model {model.name} answers correctly: clean "
-                   f"{sum(by[(p.pair_id, 'clean')] for p in pairset)}/{len(pairset)}, corrupted "
-                   f"{sum(by[(p.pair_id, 'corrupted')] for p in pairset)}/{len(pairset)}, both {both}")
+        model = _load(model_spec, dtype, device, normalization)
+        for line in check_pairs_with_model(model, pairset):
+            click.echo(line)
 
 
 @pairs.command("make")
@@ -260,11 +314,15 @@ def pairs_validate(file: str, model_spec, dtype, device) -> None:
               help="GSM8K-format JSON/JSONL file, or 'hub' for the gsm8k dataset (needs internet).")
 @click.option("--synthetic", "n_synthetic", type=click.IntRange(min=1), default=None,
               help="Generate N synthetic arithmetic pairs instead.")
+@click.option("--kind", type=click.Choice(["toy", "wide"]), default="toy", show_default=True,
+              help="Synthetic problems: toy = the bundled model's distribution (3-4 steps of its words); "
+                   "wide = harder, more varied problems.")
 @click.option("--out", type=click.Path(dir_okay=False), required=True)
+@_force_option
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--offsets", default="-1,1", show_default=True, help="Allowed changes to one number.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Stop after N pairs.")
-def pairs_make(gsm8k_path, n_synthetic, out, seed, offsets, limit) -> None:
+def pairs_make(gsm8k_path, n_synthetic, kind, out, force, seed, offsets, limit) -> None:
     """Make pairs by changing one number and recomputing the answer."""
     try:
         offs = tuple(int(x) for x in offsets.split(","))
@@ -272,12 +330,13 @@ def pairs_make(gsm8k_path, n_synthetic, out, seed, offsets, limit) -> None:
         raise UserError(f"--offsets {offsets!r}: expected integers like -1,1") from None
     if (gsm8k_path is None) == (n_synthetic is None):
         raise UserError("give exactly one of --gsm8k FILE or --synthetic N")
+    prepare_output(out, force)
     if n_synthetic is not None:
         from .data.synthetic import make_synthetic_pairs
 
-        pairset = make_synthetic_pairs(n_synthetic, seed=seed, offsets=offs)
+        pairset = make_synthetic_pairs(n_synthetic, seed=seed, offsets=offs, kind=kind)
         pairset.save(out)
-        click.echo(f"wrote {out}: {len(pairset)} synthetic pairs")
+        click.echo(f"wrote {out}: {len(pairset)} synthetic pairs ({kind})")
         return
     from .data.gsm8k import load_gsm8k_hub, make_pairs, read_gsm8k
 
@@ -298,36 +357,33 @@ def pairs_make(gsm8k_path, n_synthetic, out, seed, offsets, limit) -> None:
 @click.argument("file", type=click.Path(dir_okay=False))
 @_model_options
 @click.option("--out", type=click.Path(dir_okay=False), required=True)
+@_force_option
 @click.option("--require-different/--allow-equal", default=True, show_default=True,
               help="Also drop pairs whose clean and corrupted answers are equal.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
-def pairs_filter(file, model_spec, dtype, device, out, require_different, max_new_tokens) -> None:
+def pairs_filter(file, model_spec, dtype, device, normalization, out, force, require_different,
+                 max_new_tokens) -> None:
     """Keep pairs the model answers correctly in both variants (writes baseline_correct)."""
-    from .data.pairs import Pair, PairSet, Question, load_pairs
-    from .model.inference import evaluate_pairs
+    from .data.pairs import load_pairs
+    from .model.inference import filter_pairs
 
+    prepare_output(out, force)
     pairset = load_pairs(file)
-    model = _load(model_spec, dtype, device)
-    answers = evaluate_pairs(model, pairset, max_new_tokens=max_new_tokens, progress=sys.stderr.isatty())
-    by = {(a.pair_id, a.variant): a.correct for a in answers}
-    kept = []
-    for p in pairset:
-        ok = by[(p.pair_id, "clean")] and by[(p.pair_id, "corrupted")]
-        if require_different and p.clean.answer == p.corrupted.answer:
-            ok = False
-        if ok:
-            kept.append(Pair(p.pair_id, *(Question(q.question, q.answer,
-                                                   {**q.meta, "baseline_correct": by[(p.pair_id, v)]})
-                                          for v, q in (("clean", p.clean), ("corrupted", p.corrupted)))))
-    PairSet.from_pairs(kept).save(out)
-    click.echo(f"wrote {out}: kept {len(kept)} of {len(pairset)} pairs (both variants answered correctly"
-               f"{', answers differ' if require_different else ''})")
+    model = _load(model_spec, dtype, device, normalization)
+    kept, dropped = filter_pairs(model, pairset, require_different=require_different,
+                                 max_new_tokens=max_new_tokens, progress=sys.stderr.isatty())
+    why = ", ".join(f"{k}: {v}" for k, v in dropped.items() if v) or "none"
+    if not len(kept):
+        raise UserError(f"{file}: model {model.name} answers no pair correctly in both variants (dropped — {why}); "
+                        "nothing written")
+    kept.save(out)
+    click.echo(f"wrote {out}: kept {len(kept)} of {len(pairset)} pairs (dropped — {why})")
 
 
 # ---------------------------------------------------------------------------------------------
 @main.command("make-tiny")
 @click.option("--out", type=click.Path(file_okay=False), required=True)
-@click.option("--family", type=click.Choice(["gpt2", "llama"]), default="llama", show_default=True)
+@click.option("--family", type=click.Choice(_families()), default="llama", show_default=True)
 @click.option("--layers", "n_layers", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--hidden", type=click.IntRange(min=8), default=32, show_default=True)
 @click.option("--num-latent", type=click.IntRange(min=1), default=6, show_default=True)
@@ -343,14 +399,27 @@ def make_tiny(out: str, family: str, n_layers: int, hidden: int, num_latent: int
 
 @main.command("train-toy")
 @click.option("--out", type=click.Path(file_okay=False), required=True)
+@_force_option
 @click.option("--seed", type=int, default=0, show_default=True)
-def train_toy_cmd(out: str, seed: int) -> None:
+def train_toy_cmd(out: str, force: bool, seed: int) -> None:
     """Train the bundled toy CODI model from scratch (CPU)."""
-    from .toy.train import train_toy
+    from .toy.train import describe_training, train_toy
 
-    info = train_toy(out, seed=seed)
-    click.echo(f"wrote {out}: {json.dumps(info.get('final', info), default=str)[:300]}")
+    if Path(out).exists() and any(Path(out).iterdir()) and not force:
+        raise UserError(f"{out}: folder is not empty; add --force to train into it")
+    prepare_output(out, force=True, folder=True)
+    log = train_toy(out, seed=seed)
+    click.echo(f"wrote {out}: {describe_training(log)}")
+
+
+def run(prog_name: str | None = None) -> None:
+    """Console entry point: `main`, with Ctrl-C during start-up (imports, loading) handled too."""
+    try:
+        main(prog_name=prog_name)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    run()

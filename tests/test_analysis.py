@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import xarray as xr
-from analysis_fixtures import make_results
+from analysis_fixtures import make_results, to_schema1
 from matplotlib.figure import Figure
 from scipy import stats as sps
 
@@ -177,8 +179,7 @@ def test_compare_planted_vs_flat_and_alignment(planted: xr.Dataset) -> None:
     expected = np.where(c["layer"] == 3, 0.4, 0.0)
     np.testing.assert_allclose(c["mean"], expected, atol=1e-12)
     assert c["p_value"].sel(layer=3) < 1e-6
-    part = analysis.compare(planted, base.isel(pair=slice(10, None), layer=slice(0, 5)),
-                            "kl", n_resamples=NR)
+    part = analysis.compare(planted, base.isel(pair=slice(10, None), layer=slice(0, 5)), "kl", n_resamples=NR)
     assert part.sizes["layer"] == 5 and (part["n"] == 20).all()
     other = base.assign_coords(pair=base["pair"] + 1000)
     with pytest.raises(analysis.ResultsError, match="no common pairs"):
@@ -189,8 +190,7 @@ def test_compare_planted_vs_flat_and_alignment(planted: xr.Dataset) -> None:
 def test_position_and_component_dims(grid: xr.Dataset) -> None:
     s = analysis.layer_summary(grid, "kl", n_resamples=NR)
     assert set(s["mean"].dims) == {"layer", "position", "component"}
-    np.testing.assert_allclose(s["mean"].transpose(*grid["kl"].dims[1:]),
-                               grid["kl"].mean("pair"))
+    np.testing.assert_allclose(s["mean"].transpose(*grid["kl"].dims[1:]), grid["kl"].mean("pair"))
     c = analysis.critical_layers(grid, "kl", k=2, n_resamples=NR)
     assert c["layer"].dims == ("rank", "position", "component")
     assert (c["layer"].sel(rank=1, position=0) == 2).all()
@@ -219,7 +219,7 @@ def test_load_roundtrip(tmp_path, planted: xr.Dataset) -> None:
     planted.to_netcdf(path)
     ds = analysis.load(path)
     xr.testing.assert_allclose(ds["kl"], planted["kl"])
-    assert ds.attrs["codi_nnsight_schema"] == "codi-nnsight/results/1"
+    assert ds.attrs["codi_nnsight_schema"] == "codi-nnsight/results/2"
     path.unlink()  # file handle was closed by load()
     assert float(ds["kl"].sum()) == pytest.approx(float(planted["kl"].sum()))
 
@@ -252,8 +252,7 @@ def test_load_wrong_schema(tmp_path, planted: xr.Dataset) -> None:
     other.to_netcdf(path)
     with pytest.raises(analysis.ResultsError) as err:
         analysis.load(path)
-    assert str(err.value) == (
-        f"{path}: not a codi-nnsight results file (attr codi_nnsight_schema missing)")
+    assert str(err.value) == (f"{path}: not a codi-nnsight results file (attr codi_nnsight_schema missing)")
     other.attrs["codi_nnsight_schema"] = "something-else/1"
     other.to_netcdf(path)
     with pytest.raises(analysis.ResultsError, match="not a codi-nnsight results file"):
@@ -272,8 +271,7 @@ def test_load_missing_variable(tmp_path, planted: xr.Dataset) -> None:
 # ---------------------------------------------------------------------------------------- plots
 def _check_title(fig: Figure, ds: xr.Dataset, metric: str = "kl") -> None:
     title = fig.get_suptitle()
-    for part in (metric, ds.attrs["model_name"], f"mode={ds.attrs['mode']}",
-                 f"direction={ds.attrs['direction']}"):
+    for part in (metric, ds.attrs["model_name"], f"mode={ds.attrs['mode']}", f"direction={ds.attrs['direction']}"):
         assert part in title
 
 
@@ -304,21 +302,25 @@ def test_plots_basic(tmp_path, planted: xr.Dataset) -> None:
     assert figs["sim"].axes[0].get_ylabel() == "layer"
     assert figs["cmp"].axes[1].get_ylabel() == "Δ kl (nats)"
     flip = plots.plot_layer_means(planted, "flipped", n_resamples=NR)
-    assert flip.axes[0].get_ylabel() == "flipped (dimensionless)"
+    assert flip.axes[0].get_ylabel() == "flipped (share of pairs)"
+    rec = plots.plot_layer_means(planted, "recovery", n_resamples=NR)
+    assert rec.axes[0].get_ylabel() == "recovery (share of the gap)"
 
 
 def test_plots_extra_dims(tmp_path, grid: xr.Dataset) -> None:
     comp = plots.plot_components(grid, "kl", n_resamples=50)
     _check_title(comp, grid)
     assert len(comp.axes) == 3  # one panel per position
-    assert comp.axes[0].get_title() == "position=0"
+    assert [ax.get_title() for ax in comp.axes] == ["thought 0", "thought 1", "thought 2"]
+    # shared y axis: the panel of a weak position is drawn on the same scale as the strong one
+    assert len({ax.get_ylim() for ax in comp.axes}) == 1
     legend = comp.axes[0].get_legend()
     assert [t.get_text() for t in legend.get_texts()] == ["resid", "attn", "mlp"]
     pos = plots.plot_position_heatmap(grid, "kl", max_pairs=3)
     _check_title(pos, grid)
     assert pos.axes[0].get_title() == "mean over pairs"
     assert pos.axes[0].get_xlabel() == "layer"
-    assert pos.axes[0].get_ylabel() == "latent position"
+    assert pos.axes[0].get_ylabel() == "continuous thought"
     assert "mean over component" in pos.get_suptitle()
     heat = plots.plot_pair_heatmap(grid, "kl")
     assert "mean over position, component" in heat.get_suptitle()
@@ -331,3 +333,225 @@ def test_plots_extra_dims(tmp_path, grid: xr.Dataset) -> None:
         plots.plot_position_heatmap(make_results(5, 3), "kl")
     with pytest.raises(analysis.ResultsError):
         plots.plot_components(make_results(5, 3), "kl")
+
+
+# ------------------------------------------------------------------------------ schema 1 and 2
+def test_load_schema1_renames_to_schema2(tmp_path) -> None:
+    new = make_results(12, 3, effect_layer=1, n_equal=2, mode="no-feedback")
+    path = tmp_path / "old.nc"
+    to_schema1(new).to_netcdf(path)
+    ds = analysis.load(path)
+    for old in ("clean_predicted", "corrupted_predicted", "clean_correct", "corrupted_correct", "target_logit_diff"):
+        assert old not in ds.variables
+    for name in ("clean_prompted_answer", "corrupted_prompted_answer", "clean_prompted_correct",
+                 "corrupted_prompted_correct", "source_logit_diff"):  # fmt: skip
+        np.testing.assert_array_equal(ds[name].values, new[name].values)
+    assert ds.attrs["mode"] == "no-feedback"  # was "frozen" in the file
+    assert ds.attrs["schema_read_from"] == "codi-nnsight/results/1"
+    assert ds["comparable"].values.tolist() == [1.0] * 10 + [0.0] * 2
+    # the log-prob difference is derived from the stored log-probabilities
+    np.testing.assert_allclose(ds["logprob_diff"].values, new["logprob_diff"].values, equal_nan=True)
+    a = analysis.recovery_ratio(ds, "logprob", n_boot=200)
+    b = analysis.recovery_ratio(new, "logprob", n_boot=200)
+    np.testing.assert_allclose(a["ratio"].values, b["ratio"].values)
+    assert a["n"].values.tolist() == [10, 10, 10]
+
+
+def test_validate_upgrades_in_memory_schema1() -> None:
+    old = to_schema1(make_results(6, 2))
+    old.attrs["mode"] = "frozen"
+    ds = analysis.validate(old)
+    assert ds.attrs["mode"] == "no-feedback" and "source_logit_diff" in ds
+    assert "target_logit_diff" in old and old.attrs["mode"] == "frozen"  # the input is not changed
+
+
+def test_load_unknown_schema_version(tmp_path, planted: xr.Dataset) -> None:
+    path = tmp_path / "future.nc"
+    other = planted.copy()
+    other.attrs = {**planted.attrs, "codi_nnsight_schema": "codi-nnsight/results/999"}
+    other.to_netcdf(path)
+    with pytest.raises(analysis.ResultsError) as err:
+        analysis.load(path)
+    assert str(err.value) == (
+        f"{path}: unsupported results schema 'codi-nnsight/results/999' (this codi-nnsight reads "
+        "codi-nnsight/results/1, codi-nnsight/results/2; a newer codi-nnsight may read it)"
+    )
+    assert "\n" not in str(err.value)
+
+
+def test_load_duplicate_pair_ids(tmp_path) -> None:
+    ds = make_results(5, 2)
+    ds = ds.assign_coords(pair=np.array([100, 101, 101, 103, 100], dtype=np.int64))
+    path = tmp_path / "dup.nc"
+    ds.to_netcdf(path)
+    with pytest.raises(analysis.ResultsError) as err:
+        analysis.load(path)
+    assert str(err.value) == f"{path}: malformed results file (duplicate pair ids: 100, 101)"
+
+
+@pytest.mark.parametrize("name", ["pairs.json", "pairs.jsonl", "results.nc"])
+def test_load_pairs_file_is_named(tmp_path, name: str) -> None:
+    records = [{"pair_id": 0, "variant": v, "question": "q", "answer": 3} for v in ("clean", "corrupted")]
+    path = tmp_path / name
+    if name.endswith(".jsonl"):
+        path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    else:
+        path.write_text(json.dumps(records, indent=2))
+    with pytest.raises(analysis.ResultsError) as err:
+        analysis.load(path)
+    assert str(err.value).startswith(f"{path}: looks like a pairs file, not a results file")
+    (tmp_path / "other.json").write_text('{"a": 1}')
+    with pytest.raises(analysis.ResultsError, match="is a JSON file, not a results file"):
+        analysis.load(tmp_path / "other.json")
+
+
+def test_all_nan_metric_is_reported() -> None:
+    ds = make_results(6, 3, n_same_first_token=6)  # every pair: answers share their first token
+    with pytest.raises(analysis.ResultsError) as err:
+        analysis.validate(ds, "r.nc", required=("logit_diff",))
+    assert str(err.value).startswith("r.nc: metric 'logit_diff' is NaN for every pair and layer (undefined when")
+    assert "try --metric logprob_diff" in str(err.value)
+    analysis.validate(ds, "r.nc", required=("logprob_diff",))  # defined: no error
+
+
+def test_answer_cannot_be_summarised(planted: xr.Dataset) -> None:
+    for fn in (analysis.layer_summary, analysis.layer_tests, analysis.critical_layers):
+        with pytest.raises(analysis.ResultsError, match="metric 'answer' cannot be summarised"):
+            fn(planted, "answer")
+
+
+# ------------------------------------------------------------------------------ recovery ratio
+def _hand_recovery() -> xr.Dataset:
+    ds = make_results(5, 2, n_equal=1).copy(deep=True)
+    ds["baseline_logit_diff"].values[:] = [0.0, 1.0, -1.0, 0.0, 0.0]
+    ds["source_logit_diff"].values[:] = [2.0, 3.0, 3.0, 0.1, 4.0]
+    ds["logit_diff"].values[:] = np.array([[1.0, 2.0], [2.0, np.nan], [1.0, 3.0], [0.09, 0.1], [2.0, 4.0]])
+    # per-pair recovery as the producer writes it: NaN where |S - B| < 0.5 or answers are equal
+    ds["recovery"].values[:] = np.array([[0.5, 1.0], [0.5, np.nan], [0.5, 1.0], [np.nan, np.nan], [np.nan, np.nan]])
+    return ds
+
+
+def test_recovery_ratio_by_hand() -> None:
+    ds = _hand_recovery()
+    rec = analysis.recovery_ratio(ds, "logit", n_boot=500, seed=1)
+    assert rec["ratio"].dims == ("layer",)
+    # layer 0: pairs 0-3 (pair 4 has equal answers): sum(P - B) / sum(S - B) = 4.09 / 8.1
+    assert rec["ratio"].sel(layer=0).item() == pytest.approx(4.09 / 8.1)
+    # not the mean of per-pair recoveries, which would be (0.5 + 0.5 + 0.5 + 0.9) / 4 = 0.6
+    assert rec["ratio"].sel(layer=0).item() != pytest.approx(0.6)
+    assert rec["mean_patched_minus_baseline"].sel(layer=0).item() == pytest.approx(4.09 / 4)
+    assert rec["mean_source_minus_baseline"].sel(layer=0).item() == pytest.approx(8.1 / 4)
+    # layer 1: pair 1 has no value; the others recover exactly 1, so the paired CI is exactly [1, 1]
+    assert rec["ratio"].sel(layer=1).item() == pytest.approx(1.0)
+    assert rec["ci_low"].sel(layer=1).item() == pytest.approx(1.0)
+    assert rec["ci_high"].sel(layer=1).item() == pytest.approx(1.0)
+    assert rec["n"].values.tolist() == [4, 3]
+    assert rec["n_left_out"].values.tolist() == [1, 2]
+    assert rec["n_not_comparable"].values.tolist() == [1, 1]
+    assert rec["n_recovery_nan"].values.tolist() == [2, 3]
+    # the CI of layer 0 is a bootstrap over pairs, numerator and denominator resampled together
+    num, den = np.array([1.0, 1.0, 2.0, 0.09]), np.array([2.0, 2.0, 4.0, 0.1])
+    pick = np.random.default_rng(1).integers(0, 4, size=(500, 4))
+    lo, hi = np.quantile(num[pick].mean(axis=1) / den[pick].mean(axis=1), [0.025, 0.975])
+    assert rec["ci_low"].sel(layer=0).item() == pytest.approx(lo)
+    assert rec["ci_high"].sel(layer=0).item() == pytest.approx(hi)
+    assert lo < 4.09 / 8.1 < hi
+
+
+def test_recovery_ratio_extra_dims_and_errors(grid: xr.Dataset) -> None:
+    rec = analysis.recovery_ratio(grid, "logprob", n_boot=100)
+    assert set(rec["ratio"].dims) == {"layer", "position", "component"}
+    p = grid["logprob_diff"].sel(layer=2, position=1, component="attn").values
+    b, s = grid["baseline_logprob_diff"].values, grid["source_logprob_diff"].values
+    expected = np.mean(p - b) / np.mean(s - b)
+    assert rec["ratio"].sel(layer=2, position=1, component="attn").item() == pytest.approx(expected)
+    with pytest.raises(analysis.ResultsError, match="'logit' or 'logprob'"):
+        analysis.recovery_ratio(grid, "prob")
+    with pytest.raises(analysis.ResultsError, match="source_logit_diff not in results"):
+        analysis.recovery_ratio(grid.drop_vars("source_logit_diff"))
+
+
+# ------------------------------------------------------------------------------ excluded pairs
+def test_excluded_pairs_and_flip_summaries() -> None:
+    ds = make_results(10, 3, effect_layer=1, n_equal=3)
+    info = analysis.excluded_pairs(ds)
+    assert info["count"] == 3 and info["total"] == 10 and info["pair_ids"] == [107, 108, 109]
+    assert info["message"] == (
+        "3 pairs of 10 excluded from flip and recovery summaries (their clean and corrupted answers are "
+        "equal, so there is no flip or recovery to measure): pair ids 107, 108, 109"
+    )
+    one = make_results(10, 3, n_equal=1)
+    assert analysis.excluded_pairs(one)["message"].startswith("1 pair of 10 excluded")
+    assert analysis.excluded_pairs(make_results(10, 3)) == {
+        "count": 0, "total": 10, "pair_ids": [], "reason": info["reason"], "message": "",
+    }  # fmt: skip
+    # a schema-1 style file where the equal-answer pairs still have flipped = 1: counted out anyway
+    ds2 = ds.copy(deep=True)
+    ds2["flipped"].values[7:] = 1.0
+    for d in (ds, ds2):
+        s = analysis.layer_summary(d, "flipped", n_resamples=50)
+        assert s["n"].values.tolist() == [7, 7, 7]
+        np.testing.assert_allclose(s["mean"].values, ds["flipped"].values[:7].mean(axis=0))
+    # kl is not a comparison metric: every pair counts
+    assert analysis.layer_summary(ds2, "kl", n_resamples=50)["n"].values.tolist() == [10, 10, 10]
+    # NaN flipped alone (no comparable variable) also marks a pair as having nothing to measure
+    assert analysis.excluded_pairs(ds.drop_vars("comparable"))["count"] == 3
+
+
+# ------------------------------------------------------------------------- honesty of "significant"
+def test_two_layers_are_never_significant() -> None:
+    ds = make_results(30, 2, effect_layer=1, effect=2.0)
+    c = analysis.critical_layers(ds, "kl", k=2, n_resamples=50)
+    assert c["p_adj"].sel(rank=1).item() < 1e-5  # the test alone would call it significant
+    assert not c["testable"].any() and not c["significant"].any()
+
+
+def test_too_few_pairs_are_never_significant() -> None:
+    ds = make_results(4, 6, effect_layer=2, effect=2.0)  # smallest possible p = 1/16 > 0.05
+    c = analysis.critical_layers(ds, "kl", k=2, n_resamples=50)
+    assert not c["testable"].any() and not c["significant"].any()
+    c5 = analysis.critical_layers(make_results(5, 6, effect_layer=2, effect=2.0), "kl", k=2, n_resamples=50)
+    assert c5["testable"].all()  # 1/32 < 0.05: a test is possible
+
+
+def test_negligible_effect_is_flagged() -> None:
+    ds = make_results(30, 6, effect_layer=2).copy(deep=True)
+    ds["kl"].values[:] = ds["kl"].values * 1e-3  # planted excess 0.4 mnats < 1e-3 nats threshold
+    c = analysis.critical_layers(ds, "kl", k=2, n_resamples=50)
+    assert int(c["layer"].sel(rank=1)) == 2 and bool(c["significant"].sel(rank=1))
+    assert bool(c["negligible"].sel(rank=1))
+    assert c.attrs["negligible_threshold"] == analysis.NEGLIGIBLE["kl"][0] == 1e-3
+    big = analysis.critical_layers(make_results(30, 6, effect_layer=2), "kl", k=1, n_resamples=50)
+    assert not bool(big["negligible"].sel(rank=1))
+
+
+def test_critical_chart_does_not_blow_up_negligible_effects() -> None:
+    ds = make_results(30, 6, effect_layer=2).copy(deep=True)
+    ds["kl"].values[:] = ds["kl"].values * 1e-3
+    fig = plots.plot_critical_layers(ds, "kl", k=3, n_resamples=50)
+    lo, hi = fig.axes[0].get_ylim()
+    assert hi - lo >= 10 * 1e-3  # at least 10x the negligible threshold
+    tallest = max(p.get_height() for p in fig.axes[0].patches)
+    assert tallest < 0.1 * (hi - lo)
+    # a real effect fills the axis as before
+    fig = plots.plot_critical_layers(make_results(30, 6, effect_layer=2), "kl", k=3, n_resamples=50)
+    lo, hi = fig.axes[0].get_ylim()
+    assert max(p.get_height() for p in fig.axes[0].patches) > 0.6 * (hi - lo)
+
+
+def test_critical_chart_panels_share_y(grid: xr.Dataset) -> None:
+    fig = plots.plot_critical_layers(grid, "kl", k=2, n_resamples=50)
+    used = [ax for ax in fig.axes if ax.has_data()]
+    assert len(used) == 9 and len({ax.get_ylim() for ax in used}) == 1
+    free = plots.plot_critical_layers(grid, "kl", k=2, n_resamples=50, sharey=False)
+    assert len({ax.get_ylim() for ax in free.axes if ax.has_data()}) > 1
+
+
+def test_latent_component_is_not_layer_0() -> None:
+    ds = make_results(12, 1, components=["latent"])
+    ds.attrs["component"] = "latent"
+    fig = plots.plot_layer_means(ds, "kl", n_resamples=50)
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["latent input embedding"]
+    assert fig.axes[0].get_xlabel() == "patched site"
+    crit = plots.plot_critical_layers(ds, "kl", n_resamples=50)
+    assert [t.get_text() for t in crit.axes[0].get_xticklabels()] == ["latent input"]

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import xarray as xr
 from click.testing import CliRunner
 
-from codi_nnsight.cli import main
+from codi_nnsight.cli import default_pairs, main
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +80,17 @@ def test_pairs_validate_make_filter(tiny_dir, tmp_path):
     r = CliRunner().invoke(main, ["pairs", "validate", str(bad)])
     assert r.exit_code == 2
     assert f"{bad}: record 0 (pair_id 0), field 'answer': not a number: \"x\"" in r.output
-    r = run("pairs", "filter", str(made), "--model", str(tiny_dir), "--out", str(tmp_path / "f.json"))
-    assert r.exit_code == 0 and "kept" in r.output
+    # A random model answers nothing: filter refuses to write an empty file, exit 2.
+    r = CliRunner().invoke(main, ["pairs", "filter", str(made), "--model", str(tiny_dir), "--out",
+                                  str(tmp_path / "none.json")])
+    assert r.exit_code == 2 and "answers no pair correctly in both variants" in r.output
+    assert not (tmp_path / "none.json").exists()
+    # The bundled toy model answers its own demo pairs: all are kept, with baseline_correct.
+    r = run("pairs", "filter", str(default_pairs()), "--out", str(tmp_path / "f.json"))
+    assert r.exit_code == 0, r.output
+    assert "kept 24 of 24 pairs" in r.output
+    kept = json.loads((tmp_path / "f.json").read_text())
+    assert len(kept) == 48 and all(rec["baseline_correct"] is True for rec in kept)
 
 
 def test_module_entry_point_and_real_exit_code(tmp_path):
@@ -94,28 +104,71 @@ def test_module_entry_point_and_real_exit_code(tmp_path):
 def test_bundled_demo_pairs_match_data_folder():
     from pathlib import Path
 
-    from codi_nnsight.cli import default_pairs
-
     repo = Path(__file__).resolve().parent.parent
     assert default_pairs().read_bytes() == (repo / "data" / "demo_pairs.json").read_bytes()
 
 
-def test_pairs_validate_with_model_reports_lengths_and_correctness(tiny_dir, tmp_path):
-    made = tmp_path / "made.json"
-    assert run("pairs", "make", "--synthetic", "3", "--out", str(made)).exit_code == 0
-    r = run("pairs", "validate", str(made), "--model", str(tiny_dir))
+def test_pairs_validate_with_model_reports_lengths_and_correctness(tmp_path):
+    bundled = str(Path(default_pairs()).parent / "toy-codi")
+    r = run("pairs", "validate", str(default_pairs()), "--model", bundled)
     assert r.exit_code == 0, r.output
-    assert "token length clean - corrupted: equal for" in r.output
-    assert "answers correctly: clean 0/3" in r.output or "answers correctly: clean" in r.output
+    assert "token length clean - corrupted: equal for 24/24 pairs, range 0..0" in r.output
+    assert "answers correctly: clean 24/24, corrupted 24/24, both 24" in r.output
+
+
+def test_pairs_validate_warns_about_pairs_that_cannot_flip(tmp_path):
+    f = tmp_path / "p.json"
+    f.write_text(json.dumps([{"pair_id": 0, "clean": {"question": "What is 2+2?", "answer": 4},
+                              "corrupted": {"question": "What is 2+2?", "answer": 4}}]))
+    r = CliRunner().invoke(main, ["pairs", "validate", str(f)])
+    assert r.exit_code == 0
+    assert "warning:" in r.output and "questions are identical" in r.output and "answers are equal" in r.output
+
+
+def test_outputs_are_never_overwritten_without_force(tiny_dir, tmp_path):
+    out = tmp_path / "r.nc"
+    assert run("patch", "--model", str(tiny_dir), "--out", str(out), "--limit", "2", "--layers", "0").exit_code == 0
+    before = out.read_bytes()
+    r = CliRunner().invoke(main, ["patch", "--model", str(tiny_dir), "--out", str(out), "--limit", "1"])
+    assert r.exit_code == 2 and r.output.strip() == f"error: {out}: file exists; add --force to overwrite it"
+    assert out.read_bytes() == before
+    r = run("patch", "--model", str(tiny_dir), "--out", str(out), "--limit", "1", "--layers", "0", "--force")
+    assert r.exit_code == 0 and xr.open_dataset(out).sizes["pair"] == 1
+    made = tmp_path / "m.json"
+    assert run("pairs", "make", "--synthetic", "2", "--out", str(made)).exit_code == 0
+    r = CliRunner().invoke(main, ["pairs", "make", "--synthetic", "3", "--out", str(made)])
+    assert r.exit_code == 2 and "add --force" in r.output
+    answers = tmp_path / "a.json"
+    answers.write_text("[]")
+    r = CliRunner().invoke(main, ["evaluate", "--model", str(tiny_dir), "--limit", "1", "--out", str(answers)])
+    assert r.exit_code == 2 and answers.read_text() == "[]"
+    rep = tmp_path / "rep"
+    assert run("report", str(out), "--out", str(rep)).exit_code == 0
+    r = CliRunner().invoke(main, ["report", str(out), "--out", str(rep)])
+    assert r.exit_code == 2 and "holds a report already; add --force" in r.output
+    assert run("report", str(out), "--out", str(rep), "--force").exit_code == 0
+
+
+def test_output_folders_are_checked_before_any_work(tiny_dir, tmp_path):
+    # A missing folder is created up front; an unwritable one is refused before the model runs.
+    out = tmp_path / "new" / "deeper" / "p.json"
+    assert run("pairs", "make", "--synthetic", "2", "--out", str(out)).exit_code == 0 and out.exists()
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    r = CliRunner().invoke(main, ["pairs", "filter", str(out), "--model", str(tiny_dir), "--out",
+                                  str(blocker / "f.json")])
+    assert r.exit_code == 2 and r.output.startswith(f"error: {blocker}: cannot write there")
+    r = CliRunner().invoke(main, ["patch", "--out", ""])
+    assert r.exit_code == 2 and r.output.strip() == "error: --out: empty path"
 
 
 def test_check_flag_fails_the_run_when_a_sanity_check_fails(tiny_dir, tmp_path, monkeypatch):
-    from codi_nnsight.patching import trace as patching
+    from codi_nnsight.patching import sanity as patching
 
     real = patching.sanity_attrs
 
-    def failing(ds, full, dtype):
-        attrs = real(ds, full, dtype)
+    def failing(values, dtype):
+        attrs = real(values, dtype)
         attrs["sanity_passed"] = 0
         return attrs
 
@@ -156,17 +209,21 @@ def test_hub_checkpoint_location_downloads_through_huggingface_hub(monkeypatch, 
     assert calls == [("zen-E/CODI-gpt2", "pytorch_model.bin", "main")]
 
 
-def test_train_toy_command_calls_train_toy(tmp_path, monkeypatch):
+def test_train_toy_command_reports_the_real_training_log(tmp_path, monkeypatch):
     import codi_nnsight.toy.train as train
 
+    real = train.train_toy
     seen = {}
 
-    def fake(out_dir, seed=0):
+    def small(out_dir, seed=0):  # the real training, made tiny: the CLI sees the real log's shape
         seen["args"] = (out_dir, seed)
-        return {"final": {"accuracy": 1.0}}
+        return real(out_dir, seed=seed, steps=2, eval_n=4, n_layers=1, hidden=32, heads=2, intermediate=64,
+                    prj_dim=32, num_latent=2, batch_size=4, warmup=1, log_every=1, verbose=False, teacher_steps=0)
 
-    monkeypatch.setattr(train, "train_toy", fake)
+    monkeypatch.setattr(train, "train_toy", small)
     r = run("train-toy", "--out", str(tmp_path / "toy"), "--seed", "3")
     assert r.exit_code == 0, r.output
     assert seen["args"] == (str(tmp_path / "toy"), 3)
-    assert r.output.startswith(f"wrote {tmp_path / 'toy'}: ") and '"accuracy": 1.0' in r.output
+    log = json.loads((tmp_path / "toy" / "train_log.json").read_text())
+    assert r.output.strip() == f"wrote {tmp_path / 'toy'}: {train.describe_training(log)}"
+    assert "2 steps in" in r.output and f"held-out accuracy {log['eval']['accuracy']:.1%} on 4 problems" in r.output

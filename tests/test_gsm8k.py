@@ -23,11 +23,11 @@ from codi_nnsight.data.gsm8k import (
     safe_eval,
 )
 from codi_nnsight.data.pairs import load_pairs
+from codi_nnsight.errors import UserError
 
 # Every possible corruption of these records was computed by hand: changed -> new answer.
 BAKER = {
-    "question": "A baker makes 12 cakes each day for 5 days. He sells 40 cakes. "
-    "How many cakes are left?",
+    "question": "A baker makes 12 cakes each day for 5 days. He sells 40 cakes. How many cakes are left?",
     "answer": "He makes 12*5=<<12*5=60>>60 cakes.\nHe has 60-40=<<60-40=20>>20 left.\n#### 20",
 }
 BAKER_OUTCOMES = {
@@ -49,8 +49,7 @@ MARBLES = {
 MARBLES_OUTCOMES = {"3->2": 20, "7->6": 28, "7->8": 40, "4->5": 32}
 
 SHOP = {
-    "question": "A shop sells 1,200 pens for $3 each and pays a $100 fee. "
-    "How much money does it keep?",
+    "question": "A shop sells 1,200 pens for $3 each and pays a $100 fee. How much money does it keep?",
     "answer": "Sales: <<1200*3=3600>>3,600.\nKept: <<3600+100=3700>>3,700\n#### 3,700",
 }
 SHOP_OUTCOMES = {
@@ -245,3 +244,50 @@ def test_load_gsm8k_hub_without_datasets(monkeypatch: pytest.MonkeyPatch) -> Non
 def test_reason_constants_exported() -> None:
     reasons = {v for k, v in vars(gsm8k).items() if k.startswith("REJECT_")}
     assert set(REJECTS) <= reasons
+
+
+@pytest.mark.parametrize(
+    "question",
+    ["Tom has 5 bags\x00 of 4. How many?", "Tom has 5 bags \ud800of 4. How many?", "  "],
+)
+def test_make_pair_rejects_questions_a_pairs_file_refuses(question: str) -> None:
+    # NUL or a lone surrogate would make a pairs file that cannot be saved or loaded again.
+    record = {"question": question, "answer": "<<5*4=20>>20\n#### 20"}
+    assert make_pair(record, random.Random(0)) == "bad record"
+    assert make_pair({**record, "question": "Tom has 5 bags of 4. How many?"}, random.Random(0)) != "bad record"
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("missing.jsonl", None, "{p}: file not found"),
+        (".", None, "{p}: is a directory, not a file"),
+        ("latin1.json", b'[{"question": "caf\xe9"}]', "{p}: not valid UTF-8 at byte 18"),
+        ("deep.json", b"[" * 100000, "{p}: invalid JSON: nesting too deep"),
+        ("number.json", b"1", "{p}: expected a list of objects with 'question' and 'answer'"),
+    ],
+    ids=["missing", "directory", "latin1", "deep", "number"],
+)
+def test_read_gsm8k_errors_are_one_line(tmp_path: Path, name: str, content: bytes | None, message: str) -> None:
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(UserError) as exc:  # a UserError is a ValueError: the CLI prints one line
+        read_gsm8k(path)
+    assert str(exc.value) == message.format(p=path)
+
+
+def test_read_gsm8k_accepts_a_bom(tmp_path: Path) -> None:
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps([BAKER]).encode())
+    assert read_gsm8k(tmp_path / "bom.json") == [BAKER]
+
+
+def test_gsm8k_file_given_as_pairs_names_the_conversion(tmp_path: Path) -> None:
+    path = tmp_path / "test.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in (BAKER, MARBLES)))
+    with pytest.raises(ValueError) as exc:
+        load_pairs(path)
+    assert str(exc.value).endswith(f"make pairs from it with: codi-nnsight pairs make --gsm8k {path} --out pairs.json")
+    # and that command's own code path turns it into a loadable pairs file
+    pairs, _ = make_pairs(read_gsm8k(path), seed=0)
+    assert load_pairs(pairs.save(tmp_path / "pairs.json")) == pairs

@@ -8,6 +8,7 @@ import shutil
 import nnsight
 import pytest
 import torch
+from conftest import FAMILIES
 from safetensors.torch import load_file, save_file
 
 from codi_nnsight.errors import UserError
@@ -15,7 +16,6 @@ from codi_nnsight.model.checkpoint import build_codi
 from codi_nnsight.model.config import CODIConfig, resolve_model_spec
 from codi_nnsight.model.wrapper import CODIModel, load_model
 from codi_nnsight.testing.tiny import write_tiny_codi
-from conftest import FAMILIES
 
 QUESTIONS = ["Tom has 3 apples and buys 4 more. How many?", "What is 7-2?",
              "A box holds 12 eggs; 5 break. How many are left?"]
@@ -181,10 +181,11 @@ def test_codi_json_errors(tmp_path, data, message):
 def test_model_spec_resolution(tmp_path, tiny_dirs):
     cfg = resolve_model_spec(tiny_dirs["gpt2"])
     assert cfg.num_latent == 3
-    folder = resolve_model_spec(str(tmp_path.parent))  if False else None  # noqa: F841
     from pathlib import Path
 
     assert resolve_model_spec(Path(tiny_dirs["gpt2"]).parent) == cfg
+    with pytest.raises(UserError, match=f"{tmp_path}: folder holds no codi.json"):
+        resolve_model_spec(tmp_path)
     assert resolve_model_spec("codi-gpt2").checkpoint == "hf://zen-E/CODI-gpt2/pytorch_model.bin"
     with pytest.raises(UserError, match="not a codi.json file, a folder holding one, or a preset"):
         resolve_model_spec("no-such-model")
@@ -222,3 +223,82 @@ def test_several_invokes_are_batched_like_separate_runs(tiny_models):
         single = model.codi(**model.prepare([q], max_new_tokens=3))["logits"]
         assert logits.shape == single.shape and (logits - single).abs().max() < TOL
         assert h.shape[0] == 1  # each invoke sees only its own rows
+
+
+def test_two_invokes_with_shared_prefix_inputs_equal_separate_traces(tiny_models):
+    # Every forward argument is batched across invokes; prefix inputs used to be dropped silently.
+    from codi_nnsight.patching import prompt_inputs
+
+    model = tiny_models["llama"]
+    a, n_a = prompt_inputs(model, ["Tom has 3 apples and buys 4 more. How many?",
+                                   "Tom has 3 apples and buys 5 more. How many?"])
+    b, n_b = prompt_inputs(model, ["A box holds 12 eggs; 5 break. How many are left?",
+                                   "A box holds 12 eggs; 6 break. How many are left?"])
+    assert n_a == n_b == 2  # both use shared prefixes
+    with model.trace() as tracer:
+        with tracer.invoke(**a):
+            la = model.output["logits"].save()
+        with tracer.invoke(**b):
+            lb = model.output["logits"].save()
+    assert (la - model.codi(**a)["logits"]).abs().max() < TOL
+    assert (lb - model.codi(**b)["logits"]).abs().max() < TOL
+    plain = model.prepare(QUESTIONS[:1])
+    with pytest.raises(ValueError, match="must all use shared prefixes"):
+        with model.trace() as tracer:
+            with tracer.invoke(**a):
+                model.output["logits"].save()
+            with tracer.invoke(**plain):
+                model.output["logits"].save()
+
+
+def test_trace_and_invoke_take_question_text(tiny_models):
+    model = tiny_models["gpt2"]
+    with model.trace(QUESTIONS[1], max_new_tokens=3):
+        one = model.output["logits"].save()
+    assert (one - model.codi(**model.prepare([QUESTIONS[1]]))["logits"]).abs().max() < TOL
+    with model.trace() as tracer:
+        with tracer.invoke(QUESTIONS[:2]):
+            first = model.output["logits"].save()
+        with tracer.invoke(QUESTIONS[2]):
+            second = model.output["logits"].save()
+    expected = model.codi(**model.prepare(QUESTIONS))["logits"]
+    assert first.shape[0] == 2 and second.shape[0] == 1
+    assert (torch.cat([first, second]) - expected).abs().max() < TOL
+    with pytest.raises(TypeError, match="unknown forward argument"):
+        with model.trace(QUESTIONS[0], temperature=0.5):
+            model.output.save()
+
+
+def test_call_schedule_names_the_latent_calls(tiny_models):
+    model = tiny_models["gpt2"]
+    s = model.schedule()
+    K = model.num_latent
+    assert list(s.latent_calls) == list(range(1, K + 1)) and s.suffix_call == K + 1
+    assert model.schedule(2).latent_call(0) == 2 and model.schedule(2).prj_call(0) == 0
+    with pytest.raises(IndexError):
+        s.latent_call(K)
+
+
+def test_unsupported_architecture_is_refused_by_model_type(tmp_path):
+    from codi_nnsight.model.families import family_for
+
+    class Config:
+        model_type = "mamba"
+
+    with pytest.raises(UserError, match="unsupported model_type 'mamba': CODI models are supported for gpt2, "
+                                        "llama, qwen2"):
+        family_for(Config())
+
+
+def test_readme_python_example_runs_and_prints_what_it_says():
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    readme = (repo / "README.md").read_text()
+    code = re.search(r"## Python API\n\n```python\n(.*?)```", readme, flags=re.S).group(1)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "6 thoughts; answer: The answer is: 14"

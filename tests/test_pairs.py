@@ -17,9 +17,11 @@ from codi_nnsight.data.pairs import (
     Pair,
     PairsError,
     PairSet,
-    Problem,
+    PairsFileProblem,
     Question,
     load_pairs,
+    pair_coordinates,
+    pair_warnings,
     pairs_summary,
     validate_pairs,
 )
@@ -95,9 +97,7 @@ def test_load_flat_json(tmp_path: Path) -> None:
     assert ps.ids == [0, 7]
     assert ps.source == str(path)
     assert ps.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
-    assert ps[0].clean == Question(
-        "Tom has 3 apples?", 3.0, {"reasoning_steps": 2, "baseline_correct": True}
-    )
+    assert ps[0].clean == Question("Tom has 3 apples?", 3.0, {"reasoning_steps": 2, "baseline_correct": True})
     assert ps[1].clean.answer == 1234.0
     assert ps[1].corrupted.answer == 1235.5
     assert [p.pair_id for p in ps] == [0, 7]
@@ -167,9 +167,7 @@ def test_from_pairs_sha_and_duplicates() -> None:
     q = Question("a?", 1.0, {})
     ps = PairSet.from_pairs([Pair(3, q, Question("b?", 2.0, {}))])
     assert ps.source is None
-    canonical = json.dumps(
-        ps.to_records(), sort_keys=True, separators=(",", ":"), ensure_ascii=False
-    ).encode()
+    canonical = json.dumps(ps.to_records(), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
     assert ps.sha256 == hashlib.sha256(canonical).hexdigest()
     with pytest.raises(ValueError, match="duplicate pair_id 3"):
         PairSet.from_pairs([Pair(3, q, q), Pair(3, q, q)])
@@ -228,29 +226,42 @@ def test_to_xarray(tmp_path: Path) -> None:
     # bool meta becomes 0/1 float with NaN where missing
     bc = ds["baseline_correct_clean"].values
     assert bc[0] == 1.0 and math.isnan(bc[1])
-    assert (
-        ds.attrs["pairs_sha256"]
-        == hashlib.sha256((tmp_path / "pairs.json").read_bytes()).hexdigest()
-    )
+    assert ds.attrs["pairs_sha256"] == hashlib.sha256((tmp_path / "pairs.json").read_bytes()).hexdigest()
 
 
 def test_pairs_summary(tmp_path: Path) -> None:
     recs = records()
     recs[3]["answer"] = 1234
+    recs[1]["question"] = recs[0]["question"]
     text = pairs_summary(load_pairs(write(tmp_path, recs)))
     lines = text.splitlines()
     assert lines[0] == f"2 pairs from {tmp_path / 'pairs.json'}"
     assert "reasoning steps histogram: 2: 1 (unknown: 1)" in lines
-    assert lines[-1] == (
-        "1 pairs with equal clean and corrupted answers (logit-difference metrics undefined): 7"
-    )
+    assert lines[-2:] == [
+        "1 pair with identical clean and corrupted questions (nothing to patch): 0",
+        "1 pair with equal clean and corrupted answers (flip not measurable, logit-difference metrics undefined): 7",
+    ]
 
 
 def test_pairs_summary_no_steps() -> None:
     q = Question("a?", 1.0, {})
     text = pairs_summary(PairSet.from_pairs([Pair(0, q, Question("b?", 2.0, {}))]))
     assert "reasoning steps: unknown" in text
-    assert text.splitlines()[-1] == "no pairs with equal clean and corrupted answers"
+    assert text.splitlines()[-2:] == [
+        "no pairs with identical clean and corrupted questions",
+        "no pairs with equal clean and corrupted answers",
+    ]
+
+
+def test_pairs_summary_counts_several() -> None:
+    same = Question("a?", 1.0, {})
+    pairs = [Pair(i, same, Question("b?" if i == 2 else "a?", 1.0, {})) for i in range(3)]
+    lines = pairs_summary(PairSet.from_pairs(pairs)).splitlines()
+    assert lines[-2:] == [
+        "2 pairs with identical clean and corrupted questions (nothing to patch): 0, 1",
+        "3 pairs with equal clean and corrupted answers (flip not measurable, logit-difference metrics undefined): "
+        "0, 1, 2",
+    ]
 
 
 # ------------------------------------------------------------------------------------------
@@ -290,10 +301,7 @@ FLAT_CASES = {
     "unknown variant": (
         lambda r: r[1].update(variant="dirty"),
         [
-            (
-                "F: record 1 (pair_id 0), field 'variant': unknown variant \"dirty\" "
-                '(expected "clean" or "corrupted")'
-            ),
+            ('F: record 1 (pair_id 0), field \'variant\': unknown variant "dirty" (expected "clean" or "corrupted")'),
             'F: record 0 (pair_id 0): no "corrupted" record for this pair',
         ],
     ),
@@ -327,12 +335,7 @@ FLAT_CASES = {
     ),
     "huge integer answer": (
         lambda r: r[3].update(answer=10**400),
-        [
-            (
-                "F: record 3 (pair_id 7), field 'answer': not a finite number: 1000000000000000000"
-                "000000000000000000..."
-            )
-        ],
+        [("F: record 3 (pair_id 7), field 'answer': not a finite number: 1000000000000000000000000000000000000...")],
     ),
     "string pair_id": (
         lambda r: r[0].update(pair_id="0"),
@@ -365,10 +368,7 @@ FLAT_CASES = {
     "duplicate variant": (
         lambda r: r[3].update(variant="clean"),
         [
-            (
-                "F: record 3 (pair_id 7), field 'variant': duplicate \"clean\" record "
-                "(first at record 2)"
-            ),
+            ("F: record 3 (pair_id 7), field 'variant': duplicate \"clean\" record (first at record 2)"),
             'F: record 2 (pair_id 7): no "corrupted" record for this pair',
         ],
     ),
@@ -398,6 +398,62 @@ FLAT_CASES = {
             "F: record 0 (pair_id 0), field 'question': not a string (got number)",
             "F: record 0 (pair_id 0), field 'answer': not a number: \"x\"",
         ],
+    ),
+    # Refused at load: these used to crash a later step (tokenizer, save, netCDF) or change data.
+    "lone surrogate in question": (
+        lambda r: r[2].update(question="Big \ud800number?"),
+        [
+            "F: record 2 (pair_id 7), field 'question': contains a lone surrogate U+D800 (not encodable as UTF-8) "
+            "at character 4"
+        ],
+    ),
+    "NUL in question": (
+        lambda r: r[1].update(question="Tom has\x00 4 apples?"),
+        ["F: record 1 (pair_id 0), field 'question': contains a NUL character at character 7"],
+    ),
+    "lone surrogate in meta": (
+        lambda r: r[0].update(note=["ok", {"k": "\udfff"}]),
+        ["F: record 0 (pair_id 0), field 'note': contains a lone surrogate U+DFFF (not encodable as UTF-8)"],
+    ),
+    "lone surrogate in a meta key": (
+        lambda r: r[0].update({"n\ud801": 1}),
+        ["F: record 0 (pair_id 0), field 'n\\ud801': contains a lone surrogate U+D801 (not encodable as UTF-8)"],
+    ),
+    "fractional reasoning_steps": (
+        lambda r: r[0].update(reasoning_steps=2.7),
+        ["F: record 0 (pair_id 0), field 'reasoning_steps': not a non-negative integer: 2.7"],
+    ),
+    "huge reasoning_steps": (
+        lambda r: r[1].update(reasoning_steps=10**30),
+        ["F: record 1 (pair_id 0), field 'reasoning_steps': integer out of range: 1000000000000000000000000000000"],
+    ),
+    "huge float reasoning_steps": (
+        lambda r: r[1].update(reasoning_steps=1e30),
+        ["F: record 1 (pair_id 0), field 'reasoning_steps': integer out of range: 1e+30"],
+    ),
+    "negative reasoning_steps": (
+        lambda r: r[2].update(reasoning_steps=-1),
+        ["F: record 2 (pair_id 7), field 'reasoning_steps': not a non-negative integer: -1"],
+    ),
+    "bool reasoning_steps": (
+        lambda r: r[2].update(reasoning_steps=True),
+        ["F: record 2 (pair_id 7), field 'reasoning_steps': not a non-negative integer: true"],
+    ),
+    "string reasoning_steps": (
+        lambda r: r[2].update(reasoning_steps="3"),
+        ["F: record 2 (pair_id 7), field 'reasoning_steps': not a non-negative integer: \"3\""],
+    ),
+    "null reasoning_steps": (
+        lambda r: r[2].update(reasoning_steps=None),
+        ["F: record 2 (pair_id 7), field 'reasoning_steps': not a non-negative integer: null"],
+    ),
+    "nan reasoning_steps": (
+        lambda r: r[2].update(reasoning_steps=math.nan),
+        ["F: record 2 (pair_id 7), field 'reasoning_steps': not a non-negative integer: nan"],
+    ),
+    "surrogate in a bad answer is escaped in the message": (
+        lambda r: r[3].update(answer="\udc80"),
+        ["F: record 3 (pair_id 7), field 'answer': not a number: \"\\udc80\""],
     ),
 }
 
@@ -447,6 +503,37 @@ NESTED_CASES = {
         lambda r: r[1]["clean"].update(question="  "),
         ["F: record 1 (pair_id 7), field 'clean.question': empty question"],
     ),
+    "NUL in nested question": (
+        lambda r: r[1]["corrupted"].update(question="\x00"),
+        ["F: record 1 (pair_id 7), field 'corrupted.question': contains a NUL character at character 0"],
+    ),
+    "bad shared reasoning_steps (reported once)": (
+        lambda r: r[1].update(reasoning_steps=2.5),
+        ["F: record 1 (pair_id 7), field 'reasoning_steps': not a non-negative integer: 2.5"],
+    ),
+    "bad nested reasoning_steps": (
+        lambda r: r[0]["corrupted"].update(reasoning_steps=10**30),
+        [
+            "F: record 0 (pair_id 0), field 'corrupted.reasoning_steps': integer out of range: "
+            "1000000000000000000000000000000"
+        ],
+    ),
+    "surrogate in shared meta": (
+        lambda r: r[1].update(source="\ud800"),
+        ["F: record 1 (pair_id 7), field 'source': contains a lone surrogate U+D800 (not encodable as UTF-8)"],
+    ),
+    "top-level question in a nested record": (
+        lambda r: r[0].update(question=None),
+        ['F: record 0 (pair_id 0), field \'question\': belongs inside "clean" and "corrupted" in a nested record'],
+    ),
+    "contradicting inner variant": (
+        lambda r: r[0]["clean"].update(variant="corrupted"),
+        ['F: record 0 (pair_id 0), field \'clean.variant\': is "corrupted" inside "clean"'],
+    ),
+    "contradicting inner pair_id": (
+        lambda r: r[1]["corrupted"].update(pair_id=8),
+        ["F: record 1 (pair_id 7), field 'corrupted.pair_id': 8 differs from the record's pair_id"],
+    ),
 }
 
 
@@ -477,6 +564,23 @@ FILE_CASES = {
     ),
     "not utf-8": (b'[{"question": "caf\xe9"}]', ["F: not valid UTF-8 at byte 18"]),
     "deeply nested": (b"[" * 100000, ["F: invalid JSON: nesting too deep"]),
+    # JSON keeps only the last of repeated keys; the first answer would vanish silently.
+    "duplicate key": (
+        b'[{"pair_id": 0, "variant": "clean", "question": "a?", "answer": 1, "answer": 2},'
+        b' {"pair_id": 0, "variant": "corrupted", "question": "b?", "answer": 3}]',
+        [
+            "F: record 0 (pair_id 0), field 'answer': duplicate key in one JSON object "
+            "(only the last value would be kept)"
+        ],
+    ),
+    "duplicate key in nested variant": (
+        b'[{"pair_id": 0, "clean": {"question": "a?", "question": "c?", "answer": 1},'
+        b' "corrupted": {"question": "b?", "answer": 3}}]',
+        [
+            "F: record 0 (pair_id 0), field 'clean.question': duplicate key in one JSON object "
+            "(only the last value would be kept)"
+        ],
+    ),
 }
 
 
@@ -513,11 +617,11 @@ def test_directory(tmp_path: Path) -> None:
 
 
 def test_problem_str_formats() -> None:
-    assert str(Problem("pairs.json", 3, 1, "answer", "not a finite number: inf")) == (
+    assert str(PairsFileProblem("pairs.json", 3, 1, "answer", "not a finite number: inf")) == (
         "pairs.json: record 3 (pair_id 1), field 'answer': not a finite number: inf"
     )
     assert str(
-        Problem(
+        PairsFileProblem(
             "pairs.json",
             None,
             None,
@@ -525,9 +629,9 @@ def test_problem_str_formats() -> None:
             "invalid JSON at line 4, column 7: Expecting ',' delimiter",
         )
     ) == ("pairs.json: invalid JSON at line 4, column 7: Expecting ',' delimiter")
-    assert str(Problem("p.json", None, 2, None, "m")) == "p.json: pair_id 2: m"
-    assert str(Problem("p.json", None, None, "x", "m")) == "p.json: field 'x': m"
-    assert str(Problem("p.json", 1, None, None, "m")) == "p.json: record 1: m"
+    assert str(PairsFileProblem("p.json", None, 2, None, "m")) == "p.json: pair_id 2: m"
+    assert str(PairsFileProblem("p.json", None, None, "x", "m")) == "p.json: field 'x': m"
+    assert str(PairsFileProblem("p.json", 1, None, None, "m")) == "p.json: record 1: m"
 
 
 def test_pairs_error_is_value_error(tmp_path: Path) -> None:
@@ -565,15 +669,16 @@ json_scalars = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=8),
     st.sampled_from(["clean", "corrupted", "NaN", "inf", "-Infinity", "1,234", "", " ", "1e999"]),
+    # Strings that crash later steps if let through: lone surrogates (not UTF-8), NUL.
+    st.sampled_from(["\ud800", "a\udfffb", "x\x00y", "\x00"]),
+    st.sampled_from([2.7, 10**30, 1e30, -1, 3.0, 2**63, 2**63 - 1, 10**400]),
 )
 json_values = st.recursive(
     json_scalars,
-    lambda children: (
-        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children, max_size=3)
-    ),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children, max_size=3),
     max_leaves=8,
 )
-KEYS = ["pair_id", "variant", "question", "answer", "clean", "corrupted"]
+KEYS = ["pair_id", "variant", "question", "answer", "clean", "corrupted", "reasoning_steps", "note", "score"]
 
 
 @st.composite
@@ -607,7 +712,7 @@ def mutated_documents(draw: st.DrawFn) -> Any:
 def _check_file(path: Path) -> None:
     pairset, problems = validate_pairs(path)  # must never raise
     assert (pairset is None) == bool(problems)
-    assert all(isinstance(p, Problem) and "\n" not in str(p) for p in problems)
+    assert all(isinstance(p, PairsFileProblem) and "\n" not in str(p) for p in problems)
     try:
         ps = load_pairs(path)
     except PairsError as e:
@@ -615,9 +720,16 @@ def _check_file(path: Path) -> None:
         assert all("internal error" not in p.message for p in e.problems)
     else:
         assert isinstance(ps, PairSet) and len(ps) > 0
-        ps.to_xarray()
+        ds = ps.to_xarray()
+        assert set(ds.data_vars) == set(pair_coordinates(ps))
         ps.to_pandas()
-        pairs_summary(ps)
+        pairs_summary(ps).encode("utf-8")
+        assert all("\n" not in w for w in pair_warnings(ps))
+        # What loads can be written back and reloaded unchanged (pairs filter / make do this).
+        again = load_pairs(ps.save(path.with_name("again.json")))
+        assert again == ps
+    for p in problems:
+        str(p).encode("utf-8")  # printable: the CLI echoes every problem
 
 
 @_SETTINGS
@@ -634,9 +746,7 @@ def test_random_bytes_never_crash(tmp_path: Path, data: bytes, suffix: str) -> N
     as_jsonl=st.booleans(),
     cut=st.one_of(st.none(), st.integers(min_value=0, max_value=2000)),
 )
-def test_mutated_documents_never_crash(
-    tmp_path: Path, doc: Any, as_jsonl: bool, cut: int | None
-) -> None:
+def test_mutated_documents_never_crash(tmp_path: Path, doc: Any, as_jsonl: bool, cut: int | None) -> None:
     if as_jsonl and isinstance(doc, list):
         text = "".join(json.dumps(r) + "\n" for r in doc)
     else:
@@ -647,3 +757,43 @@ def test_mutated_documents_never_crash(
     path = tmp_path / ("m.jsonl" if as_jsonl else "m.json")
     path.write_bytes(raw)
     _check_file(path)
+
+
+HOSTILE = st.one_of(
+    json_values,
+    st.text(alphabet=st.characters(codec=None, categories=["Cs", "Cc", "Lu"]), max_size=4),
+    st.sampled_from([2.7, 3.0, -1, 0, 10**30, 1e30, 2**63 - 1, 2**63, math.nan, math.inf, True, None, "3"]),
+)
+
+
+@_SETTINGS
+@given(
+    nested_layout=st.booleans(),
+    index=st.integers(0, 3),
+    key=st.sampled_from(["question", "answer", "reasoning_steps", "note", "pair_id"]),
+    value=HOSTILE,
+    as_jsonl=st.booleans(),
+)
+def test_one_hostile_field(
+    tmp_path: Path, nested_layout: bool, index: int, key: str, value: Any, as_jsonl: bool
+) -> None:
+    """One field of a valid file set to a hostile value: either a one-line problem, or a file whose
+    content survives every later step unchanged (save/reload, coordinates, printing)."""
+    recs = records()
+    recs[index][key] = value
+    doc = nested(recs) if nested_layout and key != "pair_id" else recs
+    text = "".join(json.dumps(r) + "\n" for r in doc) if as_jsonl else json.dumps(doc)
+    path = write(tmp_path, text, "h.jsonl" if as_jsonl else "h.json")
+    _check_file(path)
+    pairset, _ = validate_pairs(path)
+    if pairset is None:
+        return
+    coords = pair_coordinates(pairset)
+    for k, pair in enumerate(pairset):
+        for variant in ("clean", "corrupted"):
+            question = getattr(pair, variant).question
+            assert "\x00" not in question  # netCDF would cut the string there
+            assert coords[f"question_{variant}"][1][k] == question
+        # reasoning_steps is stored exactly, never rounded or dropped
+        raw = pair.clean.meta.get("reasoning_steps", pair.corrupted.meta.get("reasoning_steps"))
+        assert coords["reasoning_steps"][1][k] == (-1 if raw is None else raw)

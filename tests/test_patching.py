@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import itertools
+import json
+import re
 
 import numpy as np
 import pytest
 import torch
+from conftest import FAMILIES
 
 from codi_nnsight.data.pairs import Pair, PairSet, Question
 from codi_nnsight.errors import UserError
+from codi_nnsight.patching import answer_tokens, parse_layers
+from codi_nnsight.patching.metrics import RECOVERY_MIN_DENOMINATOR
 from codi_nnsight.patching.sweep import patch_sweep
-from codi_nnsight.patching.trace import answer_tokens, parse_layers
 
 TOL = 1e-9
 
@@ -25,38 +29,47 @@ def make_pairs() -> PairSet:
                                for i, (c, a, x, b) in enumerate(qs)])
 
 
-def reference_metrics(ref, model, pair, component, layer, position, mode, direction):
-    """kl, l2, top1_changed for one variant, computed the slow, obvious way."""
+def reference_runs(ref, model, pair, component, layer, position, mode, direction, candidates=False):
+    """Source, baseline and patched runs of one variant, the slow, obvious way (batch 1, hooks)."""
     src, tgt = (pair.clean, pair.corrupted) if direction == "denoise" else (pair.corrupted, pair.clean)
     toks = answer_tokens(model, pair.clean.answer, pair.corrupted.answer)
+    cands = [toks.clean, toks.corrupted] if candidates else None
     K = ref.num_latent
-    source = ref.run(src.question, suffix=toks.suffix, component=component)
-    base = ref.run(tgt.question, suffix=toks.suffix, component=component)
+    source = ref.run(src.question, suffix=toks.suffix, component=component, candidates=cands)
+    base = ref.run(tgt.question, suffix=toks.suffix, component=component, candidates=cands)
     steps = [k for k in range(K) if position in (-1, k)]
     if component == "latent":
         override = {k: source["latents"][k] for k in steps}
-        if mode == "frozen":
+        if mode != "recurrent":
             override.update({k: base["latents"][k] for k in range(K) if k not in steps})
-        patched = ref.run(tgt.question, suffix=toks.suffix, latent_override=override)
+        patched = ref.run(tgt.question, suffix=toks.suffix, latent_override=override, candidates=cands)
     else:
         patch = {layer: {k + 1: source["block_latent_outputs"][layer][k] for k in steps}}
-        override = {k: base["latents"][k] for k in range(K)} if mode == "frozen" else None
+        override = {k: base["latents"][k] for k in range(K)} if mode != "recurrent" else None
         patched = ref.run(tgt.question, suffix=toks.suffix, patch=patch, component=component,
-                          latent_override=override)
+                          latent_override=override, candidates=cands)
+    return source, base, patched, toks
+
+
+def reference_metrics(ref, model, pair, component, layer, position, mode, direction):
+    """kl, l2, top1_changed for one variant, computed from the reference runs."""
+    _, base, patched, _ = reference_runs(ref, model, pair, component, layer, position, mode, direction)
     lp, lb = torch.log_softmax(patched["logits"], -1), torch.log_softmax(base["logits"], -1)
     kl = float((lp.exp() * (lp - lb)).sum())
     l2 = float((patched["logits"] - base["logits"]).pow(2).mean().sqrt())
-    top1 = float(patched["logits"].argmax() != base["logits"].argmax())
+    eot = model.codi.eot_id  # top-1 over the ids greedy decoding can emit
+    top1 = float(patched["logits"][:eot].argmax() != base["logits"][:eot].argmax())
     return kl, l2, top1
 
 
 CASES = list(itertools.product(["resid", "attn", "mlp", "latent"], ["all", "each"],
-                               ["recurrent", "frozen"], ["denoise", "noise"]))
+                               ["recurrent", "no-feedback"], ["denoise", "noise"]))
 
 
 @pytest.mark.parametrize("component,positions,mode,direction", CASES)
 def test_sweep_matches_reference(tiny_models, references, component, positions, mode, direction):
-    family = "llama" if CASES.index((component, positions, mode, direction)) % 2 else "gpt2"
+    # index % 3 against the direction's index % 2: every family meets both directions.
+    family = FAMILIES[CASES.index((component, positions, mode, direction)) % 3]
     model, ref = tiny_models[family], references[family]
     pairs = make_pairs()[:1] if positions == "each" else make_pairs()[:2]
     ds = patch_sweep(model, pairs, component=component, positions=positions, mode=mode,
@@ -74,49 +87,175 @@ def test_sweep_matches_reference(tiny_models, references, component, positions, 
     assert ds.attrs["sanity_passed"] == 1
 
 
-def test_batched_equals_one_pair_at_a_time(tiny_models):
+def answer_metrics(run, toks):
+    """Every answer metric of one reference run, computed independently of the package."""
+    logits, logp = run["logits"], torch.log_softmax(run["logits"], -1)
+    c, x = toks.clean[0], toks.corrupted[0]
+    return {"logit_diff": float("nan") if c == x else float(logits[c] - logits[x]),
+            "p_clean": float(logp[c].exp()), "p_corrupted": float(logp[x].exp()),
+            "logp_clean_answer": float(run["candidate_logprobs"][0]),
+            "logp_corrupted_answer": float(run["candidate_logprobs"][1]),
+            "logprob_diff": float(run["candidate_logprobs"][0] - run["candidate_logprobs"][1])}
+
+
+@pytest.mark.parametrize("family,direction", list(itertools.product(FAMILIES, ["denoise", "noise"])))
+def test_every_metric_matches_an_independent_computation(tiny_models, references, family, direction):
+    # A mutation guard: swapping two metric columns, or computing one from the wrong row, fails here.
+    model, ref = tiny_models[family], references[family]
+    pair, layer = make_pairs()[0], model.n_layers - 2
+    ds = patch_sweep(model, [pair], layers=[layer], direction=direction)
+    source, base, patched, toks = reference_runs(ref, model, pair, "resid", layer, -1, "recurrent", direction,
+                                                 candidates=True)
+    want_p, want_b, want_s = (answer_metrics(r, toks) for r in (patched, base, source))
+    for name, value in want_p.items():
+        assert float(ds[name][0, 0]) == pytest.approx(value, abs=TOL, nan_ok=True), name
+        assert float(ds[f"baseline_{name}"][0]) == pytest.approx(want_b[name], abs=TOL, nan_ok=True), name
+        assert float(ds[f"source_{name}"][0]) == pytest.approx(want_s[name], abs=TOL, nan_ok=True), name
+    for name, key in (("recovery", "logit_diff"), ("logprob_recovery", "logprob_diff")):
+        denom = want_s[key] - want_b[key]
+        expected = (want_p[key] - want_b[key]) / denom if abs(denom) >= RECOVERY_MIN_DENOMINATOR else float("nan")
+        assert float(ds[name][0, 0]) == pytest.approx(expected, abs=1e-7, nan_ok=True), name
+    assert np.isfinite(ds["logprob_diff"].values).all()  # the pair's answers differ: always defined
+
+
+def odd_pairs() -> PairSet:
+    """Pairs at the edges: equal answers, identical questions, negative answers, a long answer."""
+    qs = [("What is 9 times 3?", 27, "What is 9 times 4 plus 10?", 46),
+          ("Ann has 6 pens and gives 6 away. How many now?", 0, "Ann has 7 pens and gives 7 away. How many now?", 0),
+          ("What is 3 - 8?", -5, "What is 3 - 10?", -7),
+          ("What is 2+2?", 4, "What is 2+2?", 4),
+          ("What is 1000 times 1000?", 1000000, "What is 1000 times 999?", 999000)]
+    return PairSet.from_pairs([Pair(i, Question(c, a, {}), Question(x, b, {})) for i, (c, a, x, b) in enumerate(qs)])
+
+
+@pytest.mark.parametrize("family,direction", [("gpt2", "denoise"), ("llama", "noise"), ("qwen2", "denoise"),
+                                              ("gpt2", "noise")])
+def test_every_variable_is_independent_of_batch_size(tiny_models, family, direction):
+    model = tiny_models[family]
+    pairs = list(make_pairs()) + list(odd_pairs())
+    pairs = PairSet.from_pairs([Pair(i, p.clean, p.corrupted) for i, p in enumerate(pairs)])
+    runs = [patch_sweep(model, pairs, direction=direction, batch_size=n) for n in (1, 3, len(pairs))]
+    for other in runs[1:]:
+        assert set(other.data_vars) == set(runs[0].data_vars)
+        for name in runs[0].data_vars:
+            a, b = runs[0][name].values, other[name].values
+            if name in ("answer", "flipped") or "prompted" in name or name == "comparable":
+                assert np.array_equal(a, b, equal_nan=True), name
+            else:
+                assert np.allclose(a, b, atol=1e-12, rtol=0, equal_nan=True), name
+
+
+def test_pairs_with_equal_answers_have_no_flip_or_recovery(tiny_models):
+    ds = patch_sweep(tiny_models["llama"], odd_pairs(), batch_size=5)
+    equal = ds["answer_clean"].values == ds["answer_corrupted"].values
+    assert list(equal) == [False, True, False, True, False]
+    assert list(ds["comparable"].values) == [1.0, 0.0, 1.0, 0.0, 1.0]
+    for name in ("flipped", "recovery", "logprob_recovery", "logprob_diff", "logit_diff"):
+        assert np.isnan(ds[name].values[equal]).all(), name
+    assert np.isfinite(ds["flipped"].values[~equal]).all()
+    # Identical questions: patching changes nothing at all.
+    assert np.abs(ds["kl"].sel(pair=3).values).max() < TOL
+
+
+def test_negative_answers_keep_a_defined_logprob_diff(tiny_models):
+    ds = patch_sweep(tiny_models["gpt2"], odd_pairs(), batch_size=5)
+    neg = ds.sel(pair=2)  # -5 vs -7: both answers start with "-"
+    assert np.isnan(neg["logit_diff"].values).all()
+    assert np.isfinite(neg["logprob_diff"].values).all()
+    assert np.isfinite(neg["baseline_logprob_diff"].values) and np.isfinite(neg["source_logprob_diff"].values)
+
+
+def test_recovery_is_nan_on_tiny_denominators(tiny_models, monkeypatch):
+    from codi_nnsight.patching import metrics
+
+    ds = patch_sweep(tiny_models["gpt2"], make_pairs(), batch_size=3)
+    denom = np.abs(ds["source_logprob_diff"] - ds["baseline_logprob_diff"]).values
+    small = denom < RECOVERY_MIN_DENOMINATOR
+    assert np.isnan(ds["logprob_recovery"].values[small]).all()
+    assert np.isfinite(ds["logprob_recovery"].values[~small]).all()
+    assert ds.attrs["recovery_min_denominator"] == RECOVERY_MIN_DENOMINATOR
+    monkeypatch.setattr(metrics, "RECOVERY_MIN_DENOMINATOR", float(denom.max()) + 1)
+    assert np.isnan(patch_sweep(tiny_models["gpt2"], make_pairs(), batch_size=3)["logprob_recovery"]).all()
+
+
+def test_question_normalization_is_official_by_default(tiny_dirs):
+    from codi_nnsight.model import load_model
+
+    q = "  Sam has 4  cats and 3 dogs. How many pets? "
+    official = load_model(tiny_dirs["gpt2"], dtype="float64")
+    raw = load_model(tiny_dirs["gpt2"], dtype="float64", question_normalization="none")
+    assert official.encode_question(q) == official.encode_question("Sam has 4 cats and 3 dogs. How many pets?")
+    assert raw.encode_question(q) != official.encode_question(q)
+    pairs = PairSet.from_pairs([Pair(0, Question(q, 7, {}), Question(q.replace("4", "5"), 8, {}))])
+    assert patch_sweep(official, pairs, layers=[0]).attrs["question_normalization"] == "official"
+    assert patch_sweep(raw, pairs, layers=[0]).attrs["question_normalization"] == "none"
+    with pytest.raises(UserError, match="question normalization 'nfc': expected one of official, none"):
+        load_model(tiny_dirs["gpt2"], question_normalization="nfc")
+
+
+def test_frozen_is_the_old_name_of_no_feedback(tiny_models):
     model = tiny_models["llama"]
-    pairs = make_pairs()
-    together = patch_sweep(model, pairs, batch_size=3)
-    for n in (1, 2):
-        apart = patch_sweep(model, pairs, batch_size=n)
-        for name in ("kl", "l2", "logit_diff", "p_clean", "logp_clean_answer", "logp_corrupted_answer"):
-            a, b = together[name].values, apart[name].values
-            assert np.allclose(a, b, atol=TOL, rtol=0, equal_nan=True), name
+    with pytest.warns(FutureWarning, match="now called 'no-feedback'"):
+        old = patch_sweep(model, make_pairs()[:1], mode="frozen")
+    new = patch_sweep(model, make_pairs()[:1], mode="no-feedback")
+    assert old.attrs["mode"] == "no-feedback"
+    assert np.array_equal(old["kl"].values, new["kl"].values)
 
 
-def test_metrics_invariants_and_recovery(tiny_models):
+def test_no_feedback_is_not_a_direct_effect(tiny_models):
+    # The patched activation still reaches the answer through attention: resid at layer 0 moves it.
+    model = tiny_models["llama"]
+    ds = patch_sweep(model, make_pairs(), mode="no-feedback", positions="each")
+    assert float(ds["kl"].sel(layer=0).max()) > 1e-6
+    # resid at the last layer has no route onwards but the (held) feedback: exactly no effect.
+    last = ds["kl"].sel(layer=model.n_layers - 1).values
+    assert np.abs(last).max() < TOL
+
+
+def test_resid_at_last_layer_equals_latent_at_the_next_position(tiny_models):
     model = tiny_models["gpt2"]
-    ds = patch_sweep(model, make_pairs(), batch_size=3)
-    assert (ds["kl"].values >= -1e-12).all()
-    assert (np.abs(ds["self_patch_kl"].values) <= 1e-12).all()
-    # recovery is (patched - baseline) / (source - baseline) of logit_diff, per pair
-    ld, b, t = ds["logit_diff"], ds["baseline_logit_diff"], ds["target_logit_diff"]
-    expected = (ld - b) / (t - b)
-    assert np.allclose(ds["recovery"].values, expected.values, equal_nan=True)
-    # logit_diff is NaN exactly where both answers start with the same token
-    for i, pair in enumerate(make_pairs()):
-        toks = answer_tokens(model, pair.clean.answer, pair.corrupted.answer)
-        assert np.isnan(ds["logit_diff"].values[i]).all() == (toks.clean[0] == toks.corrupted[0])
-    assert set(np.unique(ds["flipped"].values)) <= {0.0, 1.0}
+    pairs = make_pairs()[:2]
+    resid = patch_sweep(model, pairs, layers=[model.n_layers - 1], positions="each")
+    latent = patch_sweep(model, pairs, component="latent", positions="each")
+    K = model.num_latent
+    a = resid["kl"].isel(layer=0, position=slice(0, K - 1)).values
+    b = latent["kl"].isel(layer=0, position=slice(1, K)).values
+    assert np.allclose(a, b, atol=TOL, rtol=0)
+    assert np.abs(resid["kl"].isel(layer=0, position=K - 1).values).max() < TOL
 
 
-def test_source_logprob_metrics_match_reference(tiny_models, references):
-    model, ref = tiny_models["gpt2"], references["gpt2"]
-    pair = make_pairs()[0]
-    ds = patch_sweep(model, [pair], layers=[1])
-    toks = answer_tokens(model, pair.clean.answer, pair.corrupted.answer)
-    src = ref.run(pair.clean.question, suffix=toks.suffix, patch=None,
-                  candidates=[toks.clean, toks.corrupted])
-    base = ref.run(pair.corrupted.question, suffix=toks.suffix)
-    source_stats = model.codi(**model.prepare([pair.clean.question], suffix_ids=torch.tensor(toks.suffix)))
-    assert (source_stats["logits"][0] - src["logits"]).abs().max() < TOL
-    lb = torch.log_softmax(base["logits"], -1)
-    assert abs(float(ds["baseline_logit_diff"][0]) - float(base["logits"][toks.clean[0]]
-                                                           - base["logits"][toks.corrupted[0]])) < TOL \
-        or toks.clean[0] == toks.corrupted[0]
-    assert ds["p_clean"].shape == (1, 1)
-    assert float(ds["p_clean"][0, 0]) > 0 and float(lb.exp().sum()) == pytest.approx(1.0)
+def test_metric_table_and_schema_doc_agree():
+    from pathlib import Path
+
+    from codi_nnsight.patching.dataset import per_pair_names
+    from codi_nnsight.patching.metrics import METRICS
+
+    doc = (Path(__file__).parent.parent / "docs" / "results-schema.md").read_text().split("## Schema 1")[0]
+    first_cells = re.findall(r"^\| ([^|]*`[^|]*) \|", doc, flags=re.M)
+    named = {n for cell in first_cells for n in re.findall(r"`([a-z_0-9]+)`", cell)}
+    assert {m.name for m in METRICS} <= named
+    assert set(per_pair_names()) <= named
+    undocumented = named - {m.name for m in METRICS} - set(per_pair_names())
+    assert undocumented <= {"pair", "layer", "position", "component"}, undocumented
+
+
+def test_sanity_check_with_nan_fails_and_stacked_files_agree_with_themselves(tiny_models):
+    from codi_nnsight.patching.sanity import merge_sanity, sanity_attrs
+
+    ok = sanity_attrs({"self_patch": 0.0, "kl_nonnegative": 0.0, "full_patch": 0.0, "full_patch_pair_id": 1},
+                      torch.float64)
+    nan = sanity_attrs({"self_patch": float("nan"), "kl_nonnegative": 0.0, "full_patch": 0.0,
+                        "full_patch_pair_id": 1}, torch.float64)
+    assert ok["sanity_passed"] == 1 and nan["sanity_passed"] == 0
+    skipped = sanity_attrs({"self_patch": 0.0, "kl_nonnegative": 0.0, "full_patch": float("nan"),
+                            "full_patch_pair_id": None}, torch.float64)
+    assert skipped["sanity_passed"] == 1 and "skipped" in json.loads(skipped["sanity_details"])["full_patch"]
+    merged = merge_sanity([ok, nan], torch.float64)
+    assert merged["sanity_passed"] == 0 and np.isnan(merged["sanity_self_patch_max_kl"])
+    ds = patch_sweep(tiny_models["gpt2"], make_pairs()[:2], component=["resid", "latent"])
+    details = json.loads(ds.attrs["sanity_details"])
+    assert details["kl_nonnegative"]["value"] == ds.attrs["sanity_min_kl"] == float(ds["kl"].min())
+    assert ds["answer"].dims == ds["kl"].dims == ("pair", "layer", "component")
 
 
 @pytest.mark.parametrize("text,expected", [("0-2,4", [0, 1, 2, 4]), ("3", [3]), (None, [0, 1, 2, 3, 4])])
@@ -128,7 +267,7 @@ def test_parse_layers(text, expected):
     ({"layers": [5]}, "--layers: layer 5 out of range (model has 2 layers, 0-1)"),
     ({"layers": []}, "--layers: empty layer list"),
     ({"component": "heads"}, "--component 'heads': expected one of resid, attn, mlp, latent"),
-    ({"mode": "frozn"}, "--mode 'frozn': expected one of recurrent, frozen"),
+    ({"mode": "frozn"}, "--mode 'frozn': expected one of recurrent, no-feedback"),
 ])
 def test_bad_sweep_arguments(tiny_models, kwargs, message):
     with pytest.raises(UserError) as e:

@@ -11,7 +11,8 @@ import pytest
 from codi_nnsight.data.pairs import load_pairs
 from codi_nnsight.data.synthetic import (
     MAX_RESULT,
-    Problem,
+    TOY_STEPS,
+    WordProblem,
     apply_op,
     corrupt,
     make_problem,
@@ -19,13 +20,14 @@ from codi_nnsight.data.synthetic import (
     make_synthetic_pairs,
     make_toy_pairs,
 )
+from codi_nnsight.errors import UserError
 
 DEMO = Path(__file__).resolve().parents[1] / "data" / "demo_pairs.json"
 ALLOWED_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,?*+-=/")
 STEP = re.compile(r"(\d+)([-+*/])(\d+)=(\d+)")
 
 
-def check_chain(p: Problem) -> None:
+def check_chain(p: WordProblem) -> None:
     """Steps are left-to-right over the question numbers and evaluate exactly."""
     assert len(p.numbers) == len(p.steps) + 1
     acc = p.numbers[0]
@@ -98,7 +100,7 @@ def test_corrupt_changes_exactly_one_number() -> None:
 
 
 def test_corrupt_returns_none_when_impossible() -> None:
-    p = Problem(
+    p = WordProblem(
         "Tom has 2 pens. He buys 97 more pens. How many pens does he have now?",
         ["2+97=99"],
         99,
@@ -120,8 +122,9 @@ def test_determinism() -> None:
     assert a == b and a.sha256 == b.sha256
 
 
-def test_synthetic_pairs() -> None:
-    ps = make_synthetic_pairs(30, seed=0)
+@pytest.mark.parametrize("kind", ["toy", "wide"])
+def test_synthetic_pairs(kind: str) -> None:
+    ps = make_synthetic_pairs(30, seed=0, kind=kind)
     assert ps.ids == list(range(30))
     for pair in ps:
         for q in (pair.clean, pair.corrupted):
@@ -143,3 +146,69 @@ def test_demo_file_is_reproducible() -> None:
 def test_demo_file_bytes_match_save(tmp_path: Path) -> None:
     out = make_toy_pairs(24, seed=0, steps=(3, 4)).save(tmp_path / "demo.json")
     assert out.read_bytes() == DEMO.read_bytes()
+
+
+# ------------------------------------------------------------------------------------------
+# The default synthetic pairs come from the bundled toy model's distribution
+# ------------------------------------------------------------------------------------------
+
+
+def test_default_synthetic_pairs_are_toy_pairs() -> None:
+    ps = make_synthetic_pairs(40, seed=7)
+    assert ps == make_toy_pairs(40, seed=7, steps=(3, 4)) == make_synthetic_pairs(40, seed=7, kind="toy")
+    for pair in ps:
+        for q in (pair.clean, pair.corrupted):
+            assert q.meta["reasoning_steps"] in (3, 4)
+            numbers = [int(t) for t in re.findall(r"\b\d+\b", q.question)]
+            assert all(2 <= k <= 9 for k in numbers)  # toy operands
+            assert all(re.fullmatch(r"\d+[-+]\d+=\d+", s) for s in q.meta["steps"])  # toy: + and - only
+            assert 0 <= q.answer <= 19
+    # the demo file is exactly the default synthetic pairs
+    assert make_synthetic_pairs(24, seed=0) == load_pairs(DEMO)
+
+
+def test_toy_steps_are_the_bundled_models() -> None:
+    from codi_nnsight.toy.train import ToyConfig
+
+    assert TOY_STEPS == (ToyConfig.min_steps, ToyConfig.max_steps)
+
+
+def test_wide_kind_is_the_former_default() -> None:
+    # Frozen from the code before the default changed: `make_synthetic_pairs(5, seed=3)`.
+    ps = make_synthetic_pairs(5, seed=3, kind="wide")
+    assert ps.sha256 == "99feb6a41ba0b47bc624d60598247f171977c3fefefbbe608416ff4d487000cd"
+    assert ps[0].clean.question == (
+        "Ben has 9 baskets with 7 eggs each. He buys 12 more eggs. How many eggs does he have now?"
+    )
+    assert make_synthetic_pairs(5, seed=3, steps=(2, 4), max_value=20, kind="wide") == ps
+
+
+def test_synthetic_pairs_argument_errors() -> None:
+    with pytest.raises(ValueError, match=r"^max_value applies to kind='wide' only \(toy operands are 2-9\)$"):
+        make_synthetic_pairs(2, seed=0, max_value=20)
+    with pytest.raises(ValueError, match=r"^unknown kind 'hard' \(expected one of toy, wide\)$"):
+        make_synthetic_pairs(2, seed=0, kind="hard")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kind", ["toy", "wide"])
+@pytest.mark.parametrize(("offsets", "shown"), [((0,), "0"), ((), "(none)"), ((0, 0), "0,0")])
+def test_unusable_offsets_stop_with_one_line(kind: str, offsets: tuple, shown: str) -> None:
+    # These used to loop forever (`pairs make --synthetic 5 --offsets 0` never returned).
+    with pytest.raises(UserError) as exc:
+        make_synthetic_pairs(3, seed=0, offsets=offsets, kind=kind)
+    assert str(exc.value) == (
+        f"offsets {shown}: no valid corrupted problem in 2000 tries "
+        "(the changed number must stay in range, distinct, and change the answer)"
+    )
+
+
+def test_bundled_model_answers_default_synthetic_pairs() -> None:
+    from codi_nnsight.model import load_model
+    from codi_nnsight.model.inference import accuracy_summary, evaluate_pairs
+
+    model = load_model()  # the bundled toy model
+    fresh = make_synthetic_pairs(20, seed=2024)
+    assert accuracy_summary(evaluate_pairs(model, fresh, max_new_tokens=8, batch_size=40))["clean"] >= 0.9
+    # the former default is beyond it: that is why the default changed
+    wide = make_synthetic_pairs(20, seed=2024, kind="wide")
+    assert accuracy_summary(evaluate_pairs(model, wide, max_new_tokens=8, batch_size=40))["clean"] <= 0.3

@@ -1,34 +1,43 @@
 """Analysis of codi-nnsight results Datasets: statistics, figures and reports.
 
 Everything here works from the results ``xr.Dataset`` alone (see ``docs/results-schema.md``);
-no model code is imported.
+no model code is imported. Schema-1 files are read with their variables renamed to schema 2.
 """
 
-from .io import ResultsError, load, validate
-from .report import format_layer_table, write_report
+from .io import SUPPORTED_SCHEMAS, ResultsError, load, upgrade, validate
+from .report import clear_report_files, format_layer_table, write_report
 from .stats import (
+    NEGLIGIBLE,
     bh_adjust,
     by,
     compare,
     critical_layers,
+    excluded_pairs,
     layer_similarity,
     layer_summary,
     layer_tests,
     peak_layer,
+    recovery_ratio,
 )
 
 __all__ = [
+    "NEGLIGIBLE",
+    "SUPPORTED_SCHEMAS",
     "ResultsError",
     "bh_adjust",
     "by",
+    "clear_report_files",
     "compare",
     "critical_layers",
+    "excluded_pairs",
     "format_layer_table",
     "layer_similarity",
     "layer_summary",
     "layer_tests",
     "load",
     "peak_layer",
+    "recovery_ratio",
+    "upgrade",
     "validate",
     "write_report",
 ]

@@ -1,48 +1,165 @@
-"""Loading and validating ``results.nc`` files written by ``codi-nnsight patch``."""
+"""Loading and validating ``results.nc`` files written by ``codi-nnsight patch``.
+
+Two schema versions are read. Schema 1 files are upgraded on reading (:func:`upgrade`) so that
+the rest of the analysis code only ever sees the schema-2 names (docs/results-schema.md).
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 import xarray as xr
 
 from ..errors import UserError
 
 SCHEMA_PREFIX = "codi-nnsight/results/"
+SCHEMA_1 = "codi-nnsight/results/1"
+SCHEMA_2 = "codi-nnsight/results/2"
+SUPPORTED_SCHEMAS = (SCHEMA_1, SCHEMA_2)
+
+#: schema-1 variable name -> schema-2 name
+RENAMED_V1 = {
+    "clean_predicted": "clean_prompted_answer",
+    "corrupted_predicted": "corrupted_prompted_answer",
+    "clean_correct": "clean_prompted_correct",
+    "corrupted_correct": "corrupted_prompted_correct",
+    "target_logit_diff": "source_logit_diff",  # it always held the *source* run's value
+}
+#: schema-1 attr ``mode`` value -> schema-2 value ("frozen" never froze the patched activation's
+#: influence: it only held the fed-back latent input embeddings at their baseline values)
+MODES_V1 = {"frozen": "no-feedback"}
 
 
 class ResultsError(UserError):
     """A results file is missing, unreadable, or not in the codi-nnsight results schema."""
 
 
-def validate(ds: xr.Dataset, name: str = "dataset", required: tuple[str, ...] = ("kl",)) -> None:
-    """Check that ``ds`` follows the results schema; raise :class:`ResultsError` if not.
+def validate(ds: xr.Dataset, name: str = "dataset", required: tuple[str, ...] = ("kl",)) -> xr.Dataset:
+    """Check that ``ds`` follows a supported results schema; raise :class:`ResultsError` if not.
 
     ``name`` is used as the prefix of the one-line error message (normally the file name).
+    Every variable in ``required`` must exist and hold at least one finite value.
+    Returns the Dataset with schema-2 names (see :func:`upgrade`; ``ds`` itself is not changed).
     """
     schema = ds.attrs.get("codi_nnsight_schema")
     if schema is None:
-        raise ResultsError(
-            f"{name}: not a codi-nnsight results file (attr codi_nnsight_schema missing)"
-        )
+        raise ResultsError(f"{name}: not a codi-nnsight results file (attr codi_nnsight_schema missing)")
     if not str(schema).startswith(SCHEMA_PREFIX):
+        raise ResultsError(f"{name}: not a codi-nnsight results file (codi_nnsight_schema = {schema!r})")
+    if schema not in SUPPORTED_SCHEMAS:
         raise ResultsError(
-            f"{name}: not a codi-nnsight results file (codi_nnsight_schema = {schema!r})"
+            f"{name}: unsupported results schema {schema!r} (this codi-nnsight reads "
+            f"{', '.join(SUPPORTED_SCHEMAS)}; a newer codi-nnsight may read it)"
         )
     for dim in ("pair", "layer"):
         if dim not in ds.dims:
             raise ResultsError(f"{name}: malformed results file (dimension {dim!r} missing)")
+    if "pair" in ds.indexes and not ds.indexes["pair"].is_unique:
+        dup = sorted(set(ds.indexes["pair"][ds.indexes["pair"].duplicated()].tolist()))
+        shown = ", ".join(map(str, dup[:5])) + (", …" if len(dup) > 5 else "")
+        raise ResultsError(f"{name}: malformed results file (duplicate pair ids: {shown})")
+    ds = upgrade(ds)
     for var in required:
         if var not in ds.data_vars:
             raise ResultsError(f"{name}: malformed results file (variable {var!r} missing)")
+        values = np.asarray(ds[var].values)
+        if values.dtype.kind in "fc" and not np.isfinite(values).any():
+            raise ResultsError(f"{name}: metric {var!r} is NaN for every pair and layer ({nan_reason(var)})")
+    return ds
+
+
+def nan_reason(metric: str) -> str:
+    """Why a metric can be NaN, in words (for error messages and the report)."""
+    reasons = {
+        "logit_diff": "undefined when the clean and corrupted answers start with the same token, e.g. "
+        "-5 and -7, or are equal; try --metric logprob_diff",
+        "recovery": "undefined when the answers start with the same token or are equal, or when the "
+        "source and baseline logit differences are too close; try --metric logprob_recovery",
+        "logprob_diff": "undefined when the clean and corrupted answers are equal",
+        "logprob_recovery": "undefined when the answers are equal or the source and baseline differ too little",
+        "flipped": "undefined when the clean and corrupted answers are equal: no flip to measure",
+    }
+    return reasons.get(metric, "no pair produced a value")
+
+
+def upgrade(ds: xr.Dataset) -> xr.Dataset:
+    """Return ``ds`` with schema-2 names; a schema-2 Dataset is returned unchanged.
+
+    For schema 1: renames the variables in :data:`RENAMED_V1`, maps attr ``mode`` ``frozen`` to
+    ``no-feedback``, adds ``comparable`` (from the true answers), and derives ``logprob_diff``,
+    ``logprob_recovery``, ``baseline_logprob_diff`` and ``source_logprob_diff`` from the stored
+    log-probabilities when those exist. The attr ``schema_read_from`` records the original schema.
+    """
+    if ds.attrs.get("codi_nnsight_schema") != SCHEMA_1:
+        return ds
+    ds = ds.rename({k: v for k, v in RENAMED_V1.items() if k in ds.variables})
+    ds.attrs = dict(ds.attrs)
+    ds.attrs["mode"] = MODES_V1.get(str(ds.attrs.get("mode", "")), ds.attrs.get("mode", ""))
+    ds.attrs["schema_read_from"] = SCHEMA_1
+    ds.attrs["codi_nnsight_schema"] = SCHEMA_2
+    if "comparable" not in ds and "answer_clean" in ds.variables and "answer_corrupted" in ds.variables:
+        same = np.asarray(ds["answer_clean"].values == ds["answer_corrupted"].values)
+        ds["comparable"] = ("pair", np.where(same, 0.0, 1.0), {"long_name": "clean and corrupted answers differ"})
+    if {"logp_clean_answer", "logp_corrupted_answer"} <= set(ds.data_vars) and "logprob_diff" not in ds:
+        diff = ds["logp_clean_answer"] - ds["logp_corrupted_answer"]
+        if "comparable" in ds:
+            diff = diff.where(ds["comparable"] == 1)
+        ds["logprob_diff"] = diff.assign_attrs(
+            long_name="log P(clean answer) - log P(corrupted answer), teacher-forced", units="nats"
+        )
+        have = [f"{w}_logp_{a}_answer" for w in ("baseline", "source") for a in ("clean", "corrupted")]
+        if set(have) <= set(ds.data_vars):
+            for who in ("baseline", "source"):
+                ds[f"{who}_logprob_diff"] = ds[f"{who}_logp_clean_answer"] - ds[f"{who}_logp_corrupted_answer"]
+            base, src = ds["baseline_logprob_diff"], ds["source_logprob_diff"]
+            with np.errstate(all="ignore"):
+                rec = (ds["logprob_diff"] - base) / (src - base)
+            # schema 1 had no threshold; refuse only an exactly-zero denominator
+            ds["logprob_recovery"] = rec.where(np.isfinite(rec)).assign_attrs(
+                long_name="fraction of the logprob_diff gap recovered", units="1"
+            )
+    return ds
+
+
+def _sniff_json(path: Path) -> str | None:
+    """If ``path`` is JSON / JSON Lines, say what it looks like; else ``None``."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if head[:8].startswith((b"\x89HDF", b"CDF")):
+        return None
+    text = head.lstrip()
+    if not text.startswith((b"[", b"{")):
+        return None
+    try:
+        body = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    try:
+        doc = json.loads(body)
+    except json.JSONDecodeError:
+        try:  # JSON Lines
+            doc = [json.loads(line) for line in body.splitlines() if line.strip()]
+        except json.JSONDecodeError:
+            return "is a JSON-like text file, not a results file (netCDF written by codi-nnsight patch)"
+    records = doc.get("pairs", doc) if isinstance(doc, dict) else doc
+    if isinstance(records, dict):
+        records = [records]
+    if isinstance(records, list) and records and all(isinstance(r, dict) for r in records):
+        keys = set().union(*records)
+        if keys & {"pair_id", "question", "clean", "corrupted"}:
+            return "looks like a pairs file, not a results file (results come from codi-nnsight patch --out X.nc)"
+    return "is a JSON file, not a results file (netCDF written by codi-nnsight patch)"
 
 
 def load(path: str | Path) -> xr.Dataset:
-    """Open a results netCDF file, load it fully into memory, close it and validate it.
+    """Open a results netCDF file, load it fully into memory, close it, validate and upgrade it.
 
     Raises :class:`ResultsError` with a one-line message naming the file when the file is
-    missing, is not a readable netCDF file, is not a codi-nnsight results file, or lacks a
-    required dimension or the ``kl`` variable.
+    missing, is a JSON (e.g. pairs) file, is not a readable netCDF file, is not a codi-nnsight
+    results file of a supported schema, has duplicate pair ids, or lacks a required dimension or
+    a usable ``kl`` variable. Schema-1 files come back with schema-2 names (:func:`upgrade`).
     """
     name = str(path)  # as the user gave it: that is the name they recognize
     path = Path(path)
@@ -50,6 +167,9 @@ def load(path: str | Path) -> xr.Dataset:
         raise ResultsError(f"{name}: no such file")
     if path.is_dir():
         raise ResultsError(f"{name}: is a directory, not a results file")
+    what = _sniff_json(path)
+    if what is not None:
+        raise ResultsError(f"{name}: {what}")
     try:
         # load() then close: the caller gets an in-memory Dataset and no open file handle
         # (important on Windows and when the file is rewritten later in the same process).
@@ -57,5 +177,4 @@ def load(path: str | Path) -> xr.Dataset:
             ds = handle.load()
     except Exception as exc:  # netCDF4 raises OSError/RuntimeError/ValueError variously
         raise ResultsError(f"{name}: not a readable netCDF file (truncated or corrupt?)") from exc
-    validate(ds, name)
-    return ds
+    return validate(ds, name)

@@ -24,12 +24,84 @@ from .io import validate
 
 SUMMARY_METRICS = ("kl", "logit_diff", "recovery", "flipped")
 PROVENANCE_KEYS = (
-    "model_name", "mode", "direction", "component", "positions", "dtype", "device", "seed",
-    "version_codi_nnsight", "version_nnsight", "version_torch", "version_transformers",
-    "pairs_file", "pairs_sha256", "checkpoint_sha256", "command", "start_time", "end_time",
+    "model_name",
+    "mode",
+    "direction",
+    "component",
+    "positions",
+    "dtype",
+    "device",
+    "seed",
+    "version_codi_nnsight",
+    "version_nnsight",
+    "version_torch",
+    "version_transformers",
+    "pairs_file",
+    "pairs_sha256",
+    "checkpoint_sha256",
+    "command",
+    "start_time",
+    "end_time",
     "codi_nnsight_schema",
 )
-METRIC_NAMES = {"kl": "KL", "l2": "L2", "logit_diff": "logit difference"}
+METRIC_NAMES = {
+    "kl": "KL",
+    "l2": "L2",
+    "logit_diff": "logit difference",
+    "logprob_diff": "log-probability difference",
+    "recovery": "recovery",
+    "logprob_recovery": "log-probability recovery",
+    "flipped": "share flipped",
+    "top1_changed": "share with a changed top token",
+}
+#: Metrics whose mean is itself an effect size (0 = no effect), so a mean below the negligible
+#: threshold means the patch does nothing; for the others only differences between layers count.
+EFFECT_METRICS = ("kl", "l2", "top1_changed", "flipped", "recovery", "logprob_recovery")
+MODE_TEXT = {
+    "recurrent": "Mode `recurrent`: the patched activation is fed through CODI's latent loop, so every later "
+    "continuous thought is recomputed from the patched state. This measures the total effect through the loop.",
+    "no-feedback": "Mode `no-feedback`: the latent input embeddings fed back into the model are held at their "
+    "unpatched (baseline) values, so the patch does not travel through the feedback of latents. It still "
+    "reaches later thoughts and the answer through attention, so this is not a pure direct effect.",
+}
+DIRECTION_TEXT = {
+    "denoise": "Direction `denoise`: clean activations are patched into the corrupted run. Recovery 1 means the "
+    "clean behaviour is fully restored, 0 means the run still behaves as the corrupted one; a flip means the "
+    "corrupted run now gives the clean question's answer.",
+    "noise": "Direction `noise`: corrupted activations are patched into the clean run. Recovery 1 means the clean "
+    "run fully takes on the corrupted behaviour (it is fully broken), 0 means it is unaffected; a flip means the "
+    "clean run now gives the corrupted question's answer.",
+}
+POSITION_TEXT = (
+    "Thought k is latent token k (continuous thought k, counted from 0) for every component: for `resid`, "
+    "`attn` and `mlp` it is that sub-layer's output at latent token k; for `latent` it is the input embedding "
+    "of latent token k."
+)
+#: Files a report writes (and so may delete when it is rewritten): top-level globs, and the figure
+#: stems under figures/. Anything else in the folder belongs to the user and is left alone.
+OWNED_FILES = (
+    "report.md",
+    "report.html",
+    "layer_summary_*.csv",
+    "critical_layers.csv",
+    "layer_tests_*.csv",
+    "by_reasoning_steps.csv",
+    "recovery_*.csv",
+)
+OWNED_FIGURES = (
+    "layer_means_",
+    "components_",
+    "pair_heatmap_",
+    "critical_layers_",
+    "layer_similarity_",
+    "position_heatmap_",
+)
+FIGURE_SUFFIXES = (".png", ".svg", ".pdf", ".jpg", ".jpeg", ".eps")
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``"1 layer"``, ``"2 layers"`` (``many`` for irregular plurals)."""
+    return f"{n} {word}" if n == 1 else f"{n} {many or word + 's'}"
 
 
 def fmt(x: Any) -> str:
@@ -88,8 +160,7 @@ class _Doc:
                 def esc(c: str) -> str:
                     return c.replace("|", "\\|")
 
-                lines = ["| " + " | ".join(map(esc, header)) + " |",
-                         "|" + "|".join("---" for _ in header) + "|"]
+                lines = ["| " + " | ".join(map(esc, header)) + " |", "|" + "|".join("---" for _ in header) + "|"]
                 lines += ["| " + " | ".join(map(esc, r)) + " |" for r in rows]
                 out.append("\n".join(lines))
             elif kind == "img":
@@ -109,22 +180,26 @@ class _Doc:
             elif kind == "table":
                 header, rows = val
                 th = "".join(f"<th>{e(c)}</th>" for c in header)
-                trs = "".join("<tr>" + "".join(f"<td>{_inline_html(c)}</td>" for c in r)
-                              + "</tr>" for r in rows)
+                trs = "".join("<tr>" + "".join(f"<td>{_inline_html(c)}</td>" for c in r) + "</tr>" for r in rows)
                 body.append(f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>")
             elif kind == "img":
-                body.append(f'<figure><img alt="{e(val[0])}" src="{_data_uri(base / val[1])}">'
-                            f"<figcaption>{e(val[0])}</figcaption></figure>")
+                body.append(
+                    f'<figure><img alt="{e(val[0])}" src="{_data_uri(base / val[1])}">'
+                    f"<figcaption>{e(val[0])}</figcaption></figure>"
+                )
             elif kind == "code":
                 body.append(f"<pre><code>{e(val)}</code></pre>")
-        style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.45}"
-                 "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}"
-                 "td,th{border:1px solid #999;padding:2px 8px;text-align:right}"
-                 "th{background:#eee}img{max-width:100%}pre{background:#f4f4f4;padding:8px;"
-                 "overflow-x:auto}figcaption{font-size:0.85em;color:#444}")
-        return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-                f"<title>{e(title)}</title><style>{style}</style></head><body>\n"
-                + "\n".join(body) + "\n</body></html>\n")
+        style = (
+            "body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.45}"
+            "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}"
+            "td,th{border:1px solid #999;padding:2px 8px;text-align:right}"
+            "th{background:#eee}img{max-width:100%}pre{background:#f4f4f4;padding:8px;"
+            "overflow-x:auto}figcaption{font-size:0.85em;color:#444}"
+        )
+        return (
+            f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f"<title>{e(title)}</title><style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+        )
 
 
 def _inline_html(text: str) -> str:
@@ -147,51 +222,134 @@ def _iter_cells(obj: xr.Dataset, dims: Sequence[Hashable]) -> list[dict[Hashable
     return plots._combos(obj, list(dims))
 
 
-def _summary_table(summ: xr.Dataset, ci: float) -> tuple[list[str], list[list[str]]]:
+def _is_latent(sel: dict[Hashable, Any], latent_only: bool) -> bool:
+    return sel.get("component") == "latent" or ("component" not in sel and latent_only)
+
+
+def _layer_text(sel: dict[Hashable, Any], layer: Any, latent_only: bool) -> str:
+    """The layer column: ``latent input`` for the latent component (it has no layer)."""
+    return "latent input" if _is_latent(sel, latent_only) else str(layer)
+
+
+def _summary_table(summ: xr.Dataset, ci: float, latent_only: bool = False) -> tuple[list[str], list[list[str]]]:
     extras = [d for d in summ.dims if d != "layer"]
     header = ["layer", *map(str, extras), "mean", f"{ci:.0%} CI", "median", "n"]
     rows = []
     for sel in _iter_cells(summ, ["layer", *extras]):
         s = summ.sel(sel)
-        rows.append([str(sel[d]) for d in ["layer", *extras]] + [
-            fmt(s["mean"].item()), fmt_ci(s["ci_low"].item(), s["ci_high"].item()),
-            fmt(s["median"].item()), fmt(int(s["n"].item()))])
+        if _is_latent(sel, latent_only) and int(s["n"].item()) == 0:
+            continue  # the latent component's rows at layers > 0 of a multi-component file are empty
+        rows.append(
+            [_layer_text(sel, sel["layer"], latent_only)]
+            + [str(sel[d]) for d in extras]
+            + [
+                fmt(s["mean"].item()),
+                fmt_ci(s["ci_low"].item(), s["ci_high"].item()),
+                fmt(s["median"].item()),
+                fmt(int(s["n"].item())),
+            ]
+        )
     return header, rows
 
 
-def _critical_table(crit: xr.Dataset, ci: float) -> tuple[list[str], list[list[str]]]:
+def _critical_table(crit: xr.Dataset, ci: float, latent_only: bool = False) -> tuple[list[str], list[list[str]]]:
     extras = [d for d in crit.dims if d != "rank"]
-    header = [*map(str, extras), "rank", "layer", "mean", f"{ci:.0%} CI", "n", "p",
-              "p (BH)", "significant"]
+    header = [
+        *map(str, extras),
+        "rank",
+        "layer",
+        "mean",
+        f"{ci:.0%} CI",
+        "n",
+        "excess over other layers",
+        "p",
+        "p (BH)",
+        "significant",
+        "negligible",
+    ]
     rows = []
     for sel in _iter_cells(crit, [*extras, "rank"]):
         c = crit.sel(sel)
-        rows.append([str(sel[d]) for d in extras] + [
-            str(sel["rank"]), str(int(c["layer"].item())), fmt(c["mean"].item()),
-            fmt_ci(c["ci_low"].item(), c["ci_high"].item()), fmt(int(c["n"].item())),
-            fmt(c["p_value"].item()), fmt(c["p_adj"].item()),
-            "yes" if bool(c["significant"].item()) else "no"])
+        if _is_latent(sel, latent_only) and int(sel["rank"]) > 1:
+            continue
+        significant = "yes" if bool(c["significant"].item()) else ("no" if bool(c["testable"].item()) else "untestable")
+        rows.append(
+            [str(sel[d]) for d in extras]
+            + [
+                str(sel["rank"]),
+                _layer_text(sel, int(c["layer"].item()), latent_only),
+                fmt(c["mean"].item()),
+                fmt_ci(c["ci_low"].item(), c["ci_high"].item()),
+                fmt(int(c["n"].item())),
+                fmt(c["effect"].item()),
+                fmt(c["p_value"].item()),
+                fmt(c["p_adj"].item()),
+                significant,
+                "yes" if bool(c["negligible"].item()) else "no",
+            ]
+        )
     return header, rows
 
 
-def format_layer_table(ds: xr.Dataset, metric: str = "kl", ci: float = 0.95,
-                       n_resamples: int = 2000, seed: int = 0) -> str:
+def _recovery_table(rec: xr.Dataset, ci: float, latent_only: bool = False) -> tuple[list[str], list[list[str]]]:
+    extras = [d for d in rec.dims if d != "layer"]
+    header = [
+        "layer",
+        *map(str, extras),
+        "recovery (ratio of means)",
+        f"{ci:.0%} CI",
+        "pairs used",
+        "left out",
+        "per-pair recovery undefined",
+    ]
+    rows = []
+    for sel in _iter_cells(rec, ["layer", *extras]):
+        r = rec.sel(sel)
+        if _is_latent(sel, latent_only) and int(r["n"].item()) == 0:
+            continue
+        rows.append(
+            [_layer_text(sel, sel["layer"], latent_only)]
+            + [str(sel[d]) for d in extras]
+            + [
+                fmt(r["ratio"].item()),
+                fmt_ci(r["ci_low"].item(), r["ci_high"].item()),
+                fmt(int(r["n"].item())),
+                fmt(int(r["n_left_out"].item())),
+                fmt(int(r["n_recovery_nan"].item())),
+            ]
+        )
+    return header, rows
+
+
+def format_layer_table(
+    ds: xr.Dataset, metric: str = "kl", ci: float = 0.95, n_resamples: int = 2000, seed: int = 0
+) -> str:
     """Plain-text per-layer table (mean, CI, median, n, BH-adjusted p) for a terminal."""
+    ds = validate(ds, "dataset", required=(metric,))
+    stats.metric_array(ds, metric)  # refuses metrics that cannot be summarised (e.g. answer)
     summ = stats.layer_summary(ds, metric, ci=ci, n_resamples=n_resamples, seed=seed)
     tests = stats.layer_tests(ds, metric)
-    header, rows = _summary_table(summ, ci)
+    header, rows = _summary_table(summ, ci, plots.latent_only(ds))
     header.append("p (BH)")
     extras = [d for d in summ.dims if d != "layer"]
-    for row, sel in zip(rows, _iter_cells(summ, ["layer", *extras]), strict=True):
+    cells = [
+        c
+        for c in _iter_cells(summ, ["layer", *extras])
+        if not (_is_latent(c, plots.latent_only(ds)) and int(summ["n"].sel(c).item()) == 0)
+    ]
+    for row, sel in zip(rows, cells, strict=True):
         row.append(fmt(tests["p_adj"].sel(sel).item()))
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    units = ds[metric].attrs.get("units", "")
-    title = (f"{metric} ({units}) — {ds.attrs.get('model_name', '?')}, "
-             f"mode={ds.attrs.get('mode', '?')}, direction={ds.attrs.get('direction', '?')}, "
-             f"{ds.sizes['pair']} pairs")
-    lines = [title,
-             "  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)),
-             "  ".join("-" * w for w in widths)]
+    title = (
+        f"{plots.units_label(ds, metric)} — {ds.attrs.get('model_name', '?')}, "
+        f"mode={ds.attrs.get('mode', '?')}, direction={ds.attrs.get('direction', '?')}, "
+        f"{ds.sizes['pair']} pairs"
+    )
+    lines = [
+        title,
+        "  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)),
+        "  ".join("-" * w for w in widths),
+    ]
     lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     return "\n".join(lines)
 
@@ -205,7 +363,16 @@ def _to_csv(obj: xr.Dataset, path: Path) -> Path:
 # narrative
 # --------------------------------------------------------------------------------------------
 def _sel_text(sel: dict[Hashable, Any]) -> str:
-    return f" ({', '.join(f'{k} = {v}' for k, v in sel.items())})" if sel else ""
+    """`` (thought 0, resid)`` for a position/component cell; "" for none."""
+    return f" ({', '.join(plots.cell_label(k, v) for k, v in sel.items())})" if sel else ""
+
+
+def _site(cell: dict[Hashable, Any], layer: int, latent_only: bool) -> str:
+    """Where a patch was applied, in words; the latent component is never called "layer 0"."""
+    if _is_latent(cell, latent_only):
+        thought = f" of thought {cell['position']}" if "position" in cell else ""
+        return f"the latent input embedding{thought}"
+    return f"layer {layer}{_sel_text(cell)}"
 
 
 def _best_cell(crit: xr.Dataset) -> dict[Hashable, Any]:
@@ -219,73 +386,242 @@ def _best_cell(crit: xr.Dataset) -> dict[Hashable, Any]:
     return cells[int(np.nanargmax(np.nan_to_num(means, nan=-np.inf)))]
 
 
-def _narrative(ds: xr.Dataset, metric: str, crit: xr.Dataset, tests: xr.Dataset,
-               alpha: float, ci: float, n_resamples: int, seed: int) -> list[str]:
+def _units(ds: xr.Dataset, metric: str) -> str:
+    words = stats.unit_words(ds, metric)
+    return f" {words}" if words else ""
+
+
+def _threshold_text(ds: xr.Dataset, metric: str) -> str:
+    thr, why = stats.NEGLIGIBLE.get(metric, (0.0, ""))
+    return f"{fmt(thr)}{_units(ds, metric)} ({why})" if thr > 0 else ""
+
+
+def _headline(ds: xr.Dataset, metric: str, crit: xr.Dataset, cell: dict[Hashable, Any]) -> str:
+    """One plain sentence: where the effect is and whether it matters."""
     name = METRIC_NAMES.get(metric, metric)
-    units = str(ds[metric].attrs.get("units", ""))
-    unit_txt = f" {units}" if units not in ("", "1") else ""
+    c = crit.sel(cell).sel(rank=1)
+    site = _site(cell, int(c["layer"].item()), plots.latent_only(ds))
+    mean = c["mean"].item()
+    thr = stats.negligible_threshold(metric)
+    value = f"mean {name} {fmt(mean)}{_units(ds, metric)}"
+    if metric in EFFECT_METRICS and thr > 0 and np.isfinite(mean) and abs(mean) < thr:
+        return (
+            f"No patched site has a meaningful effect: the largest {value}, at {site}, is below the "
+            f"negligible threshold of {fmt(thr)}{_units(ds, metric)}."
+        )
+    if bool(c["significant"].item()) and not bool(c["negligible"].item()):
+        return f"Patching {site} has the largest effect ({value}), and it clearly stands out from the other layers."
+    if bool(c["significant"].item()):
+        return (
+            f"The largest {value} is at {site}; it is statistically above the other layers, but by a "
+            f"negligible amount ({fmt(c['effect'].item())}{_units(ds, metric)})."
+        )
+    if not bool(c["testable"].item()):
+        return f"The largest {value} is at {site}; this run cannot show whether it stands out from the other layers."
+    return f"The largest {value} is at {site}, but it does not stand out reliably from the other layers."
+
+
+def _significance(
+    ds: xr.Dataset, metric: str, crit: xr.Dataset, tests: xr.Dataset, cell: dict[Hashable, Any], alpha: float, ci: float
+) -> list[str]:
+    name = METRIC_NAMES.get(metric, metric)
+    units = _units(ds, metric)
+    latent = plots.latent_only(ds)
+    c = crit.sel(cell).sel(rank=1)
+    layer = int(c["layer"].item())
+    n = int(c["n"].item())
+    site = _site(cell, layer, latent)
+    est = (
+        f"mean {name} {fmt(c['mean'].item())}{units}, {ci:.0%} CI {fmt(c['ci_low'].item())}–{fmt(c['ci_high'].item())}"
+    )
+    p_adj = c["p_adj"].item()
+    effect = c["effect"].item()
+    thr_text = _threshold_text(ds, metric)
+    t = tests.sel(cell) if cell else tests
+    n_layers = int((np.isfinite(t["mean"].values)).sum())
+    sents = []
+    if bool(c["significant"].item()):
+        size = f"the excess over the other layers, {fmt(effect)}{units}, is " + (
+            "below the negligible threshold of " + thr_text + ", so the difference is real but negligible"
+            if bool(c["negligible"].item())
+            else (f"above the negligible threshold of {thr_text}" if thr_text else "its effect size")
+        )
+        sents.append(
+            f"The effect peaks at {site} ({est}), significantly above the other layers (one-sided "
+            f"Wilcoxon signed-rank test against the mean of the other layers, BH-adjusted p = {fmt(p_adj)}, "
+            f"n = {plural(n, 'pair')}); {size}."
+        )
+        thr = stats.negligible_threshold(metric)
+        others = [
+            (int(v), e)
+            for v, p, e in zip(t["layer"].values, t["p_adj"].values, t["effect"].values, strict=True)
+            if np.isfinite(p) and p < alpha and int(v) != layer
+        ]
+        big = [v for v, e in others if abs(e) >= thr]
+        small = [v for v, e in others if abs(e) < thr]
+        if big:
+            sents.append(
+                f"{'Layers' if len(big) > 1 else 'Layer'} {', '.join(map(str, big))} also "
+                f"stand{'' if len(big) > 1 else 's'} out at BH-adjusted α = {alpha} by a "
+                f"non-negligible amount."
+            )
+        if small:
+            sents.append(
+                f"{'Layers' if len(small) > 1 else 'Layer'} {', '.join(map(str, small))} "
+                f"{'are' if len(small) > 1 else 'is'} also statistically above the others, but by a "
+                f"negligible amount."
+            )
+        if not others:
+            sents.append(f"No other layer is significant at BH-adjusted α = {alpha}.")
+    elif not bool(c["testable"].item()):
+        if n_layers < 3:
+            why = (
+                f"only {plural(n_layers, 'layer')} {'has' if n_layers == 1 else 'have'} values here, so whether "
+                f"one stands out from the others cannot be tested"
+            )
+        else:
+            why = (
+                f"with only {plural(n, 'pair')} the test cannot reach p < {alpha} (the smallest possible "
+                f"p is {fmt(stats.min_p_value(n))}), so no significance is claimed"
+            )
+        sents.append(f"The largest mean {name} is at {site} ({est}, n = {plural(n, 'pair')}); {why}.")
+        if n_layers == 2 and crit.sizes["rank"] > 1:
+            c2 = crit.sel(cell).sel(rank=2)
+            sents.append(
+                f"The other layer, layer {int(c2['layer'].item())}, has mean {fmt(c2['mean'].item())}"
+                f"{units}; the difference is {fmt(effect)}{units}"
+                + (
+                    f", {'below' if bool(c['negligible'].item()) else 'above'} the negligible threshold of {thr_text}"
+                    if thr_text
+                    else ""
+                )
+                + "."
+            )
+    else:
+        sents.append(
+            f"No layer stands out significantly: the largest mean {name} is at {site} ({est}), but its "
+            f"BH-adjusted p = {fmt(p_adj)} (n = {plural(n, 'pair')}), so this ranking may well be noise."
+        )
+    if crit.sizes["rank"] > 1 and n_layers >= 3:
+        c2 = crit.sel(cell).sel(rank=2)
+        if c2["ci_high"].item() >= c["ci_low"].item():
+            sents.append(
+                f"Its CI overlaps that of the runner-up, layer {int(c2['layer'].item())} "
+                f"(mean {fmt(c2['mean'].item())}{units}), so their order is uncertain."
+            )
+    if n_layers > 1:
+        peaks = stats.peak_layer(ds.sel(cell) if cell else ds, metric)
+        hist = int(peaks["histogram"].sel(layer=layer).item())
+        n_valid = int((peaks["peak_layer"] >= 0).sum().item())
+        if n_valid:
+            sents.append(
+                f"Per pair, the maximum lies at layer {layer} for {hist} of {plural(n_valid, 'pair')} "
+                f"({_pct(hist / n_valid)})."
+            )
+    return sents
+
+
+def _recovery_sentences(ds: xr.Dataset, rec: xr.Dataset, sel: dict[Hashable, Any], site: str, ci: float) -> list[str]:
+    """The recovery headline (ratio of means) at one cell, right for both directions."""
+    r = rec.sel(sel)
+    what = {"logit": "the first-token logit difference", "logprob": "the full-answer log-probability difference"}[
+        rec.attrs["kind"]
+    ]
+    if not np.isfinite(r["ratio"].item()):
+        return [f"Recovery of {what} cannot be computed at {site}: no pair has the values it needs."]
+    direction = str(ds.attrs.get("direction", ""))
+    ratio = fmt(r["ratio"].item())
+    span = f"{ci:.0%} CI {fmt(r['ci_low'].item())}–{fmt(r['ci_high'].item())}"
+    if direction == "denoise":
+        lead = (
+            f"Patching the clean activations at {site} into the corrupted run restores {ratio} ({span}) of the "
+            f"gap in {what} between the corrupted and the clean run (1 = clean behaviour fully restored, "
+            f"0 = no change)"
+        )
+    elif direction == "noise":
+        lead = (
+            f"Patching the corrupted activations at {site} into the clean run moves it {ratio} ({span}) of "
+            f"the way, in {what}, towards the corrupted run (1 = the clean run fully takes on the corrupted "
+            f"behaviour, i.e. it is fully broken; 0 = unaffected)"
+        )
+    else:
+        lead = f"Patching at {site} moves {what} {ratio} ({span}) of the way from the baseline to the source run"
+    n, out = int(r["n"].item()), int(r["n_left_out"].item())
+    nc = int(r["n_not_comparable"].item())
+    sents = [
+        f"{lead}; this is the ratio of means over pairs, mean(patched − baseline) / mean(source − baseline), "
+        f"over {plural(n, 'pair')}."
+    ]
+    if out:
+        parts = []
+        if nc:
+            parts.append(f"{nc} with equal clean and corrupted answers")
+        if out - nc:
+            reason = (
+                "the two answers start with the same token, so the logit difference is undefined"
+                if rec.attrs["kind"] == "logit"
+                else "a log-probability difference is missing"
+            )
+            parts.append(f"{out - nc} where {reason}")
+        sents.append(f"{plural(out, 'pair')} {'was' if out == 1 else 'were'} left out: {'; '.join(parts)}.")
+    nan = int(r["n_recovery_nan"].item())
+    if nan:
+        sents.append(
+            f"The per-pair {rec.attrs['per_pair_metric']} is undefined (NaN) for {plural(nan, 'pair')} "
+            f"(equal answers, an undefined difference, or a source−baseline gap too small to divide "
+            f"by), which is why the headline is a ratio of means, not the mean of per-pair recoveries."
+        )
+    return sents
+
+
+def _narrative(
+    ds: xr.Dataset,
+    metric: str,
+    crit: xr.Dataset,
+    tests: xr.Dataset,
+    recs: dict[str, xr.Dataset],
+    alpha: float,
+    ci: float,
+    n_resamples: int,
+    seed: int,
+) -> list[str]:
     cell = _best_cell(crit)
     c = crit.sel(cell).sel(rank=1)
     layer = int(c["layer"].item())
     n = int(c["n"].item())
-    where = _sel_text(cell)
-    est = (f"mean {name} {fmt(c['mean'].item())}{unit_txt}, {ci:.0%} CI "
-           f"{fmt(c['ci_low'].item())}–{fmt(c['ci_high'].item())}")
-    p_adj = c["p_adj"].item()
-    paras = []
-    sents = []
-    if bool(c["significant"].item()):
-        sents.append(f"The effect peaks at layer {layer}{where} ({est}), significantly above "
-                     f"the other layers (one-sided Wilcoxon signed-rank test against the mean of "
-                     f"the other layers, BH-adjusted p = {fmt(p_adj)}, n = {n} pairs).")
-        t = tests.sel(cell) if cell else tests
-        others = [int(v) for v, p in zip(t["layer"].values, t["p_adj"].values, strict=True)
-                  if np.isfinite(p) and p < alpha and int(v) != layer]
-        if others:
-            sents.append(f"Layer{'s' if len(others) > 1 else ''} "
-                         f"{', '.join(map(str, others))} also stand{'' if len(others) > 1 else 's'}"
-                         f" out at BH-adjusted α = {alpha}.")
-        else:
-            sents.append(f"No other layer is significant at BH-adjusted α = {alpha}.")
-    elif np.isfinite(p_adj):
-        sents.append(f"No layer stands out significantly: the largest mean {name} is at layer "
-                     f"{layer}{where} ({est}), but its BH-adjusted p = {fmt(p_adj)} "
-                     f"(n = {n} pairs), so this ranking may well be noise.")
-    else:
-        sents.append(f"The largest mean {name} is at layer {layer}{where} ({est}, n = {n} "
-                     f"pairs); no significance test was possible (single layer or no data).")
-    if crit.sizes["rank"] > 1:
-        c2 = crit.sel(cell).sel(rank=2)
-        if c2["ci_high"].item() >= c["ci_low"].item():
-            sents.append(f"Its CI overlaps that of the runner-up, layer {int(c2['layer'].item())} "
-                         f"(mean {fmt(c2['mean'].item())}), so their order is uncertain.")
-    peaks = stats.peak_layer(ds.sel(cell) if cell else ds, metric)
-    hist = peaks["histogram"].sel(layer=layer).item()
-    n_valid = int((peaks["peak_layer"] >= 0).sum().item())
-    if n_valid:
-        sents.append(f"Per pair, the maximum lies at layer {layer} for {hist} of {n_valid} pairs "
-                     f"({_pct(hist / n_valid)}).")
-    paras.append(" ".join(sents))
+    site = _site(cell, layer, plots.latent_only(ds))
+    paras = [" ".join(_significance(ds, metric, crit, tests, cell, alpha, ci))]
 
     sents = []
     sub = ds.sel(cell) if cell else ds
+    direction = str(ds.attrs.get("direction", ""))
     if "flipped" in ds.data_vars:
-        f = stats.summarize_1d(sub["flipped"].sel(layer=layer).values, ci, n_resamples, seed)
-        n_flip = int(np.nansum(sub["flipped"].sel(layer=layer).values))
-        direction = ds.attrs.get("direction", "")
-        target = {"denoise": "the clean answer", "noise": "the corrupted answer"}.get(
-            str(direction), "the source run's answer")
-        sents.append(f"At layer {layer}, {_pct(f['mean'])} of pairs ({n_flip} of {int(f['n'])}; "
-                     f"{ci:.0%} CI {_pct(f['ci_low'])}–{_pct(f['ci_high'])}) flipped to "
-                     f"{target} (the source run's answer, direction = {direction}).")
-    if "recovery" in ds.data_vars and metric != "recovery":
-        r = stats.summarize_1d(sub["recovery"].sel(layer=layer).values, ci, n_resamples, seed)
-        sents.append(f"The mean logit-difference recovery there is {fmt(r['mean'])} "
-                     f"({ci:.0%} CI {fmt(r['ci_low'])}–{fmt(r['ci_high'])}; 1 = fully "
-                     f"restored).")
+        flips = stats.metric_array(sub, "flipped").sel(layer=layer).values  # equal-answer pairs are NaN
+        f = stats.summarize_1d(flips, ci, n_resamples, seed)
+        n_flip = int(np.nansum(flips))
+        counted = (
+            f"{_pct(f['mean'])} of comparable pairs ({n_flip} of {int(f['n'])}; {ci:.0%} CI "
+            f"{_pct(f['ci_low'])}–{_pct(f['ci_high'])})"
+        )
+        if direction == "denoise":
+            sents.append(
+                f"With the clean activations patched in at {site}, the corrupted run gave the clean "
+                f"question's answer for {counted}."
+            )
+        elif direction == "noise":
+            sents.append(
+                f"With the corrupted activations patched in at {site}, the clean run gave the corrupted "
+                f"question's answer (the patch broke it) for {counted}."
+            )
+        else:
+            sents.append(f"At {site}, the patched run gave the source question's answer for {counted}.")
+    for kind in ("logit", "logprob"):
+        if kind in recs:
+            sel = {"layer": layer, **cell}
+            sents += _recovery_sentences(ds, recs[kind], sel, site, ci)
+            break  # one headline; the other kind is in the recovery table
     if n < 10:
-        sents.append(f"With only {n} pairs these estimates are imprecise; treat them as "
-                     f"preliminary.")
+        sents.append(f"With only {plural(n, 'pair')} these estimates are imprecise; treat them as preliminary.")
     if int(ds.attrs.get("sanity_passed", 1)) != 1:
         sents.append("The sanity checks FAILED for this run, so all numbers above are suspect.")
     if sents:
@@ -299,8 +635,7 @@ def _narrative(ds: xr.Dataset, metric: str, crit: xr.Dataset, tests: xr.Dataset,
 def _provenance(doc: _Doc, ds: xr.Dataset) -> None:
     attrs = ds.attrs
     keys = [k for k in PROVENANCE_KEYS if k in attrs]
-    keys += sorted(k for k in attrs if k not in PROVENANCE_KEYS and k != "model_config"
-                   and not k.startswith("sanity_"))
+    keys += sorted(k for k in attrs if k not in PROVENANCE_KEYS and k != "model_config" and not k.startswith("sanity_"))
     rows = [[k, f"`{attrs[k]}`" if k == "command" else str(attrs[k])] for k in keys]
     dims = ", ".join(f"{d} = {n}" for d, n in ds.sizes.items())
     rows.append(["dimensions", dims])
@@ -314,33 +649,82 @@ def _provenance(doc: _Doc, ds: xr.Dataset) -> None:
         doc.code(cfg)
 
 
+#: The three checks every sweep stores, both as attrs and in sanity_details: (details key, attr,
+#: description, whether passing means value <= threshold).
+SANITY_CHECKS = (
+    ("self_patch", "sanity_self_patch_max_kl", "self-patch max KL, nats (should be ≈ 0)", True),
+    ("kl_nonnegative", "sanity_min_kl", "minimum KL over the sweep, nats (should be ≥ 0)", False),
+    ("full_patch", "sanity_full_patch_max_abs", "full-patch max |Δ logit|, logits (should be ≈ 0)", True),
+)
+
+
 def _sanity(doc: _Doc, ds: xr.Dataset) -> None:
+    """One row per check: the attrs hold the value over the whole sweep, sanity_details the threshold."""
     attrs = ds.attrs
     if "sanity_passed" not in attrs:
         doc.p("No sanity checks were recorded in this file.")
         return
     passed = int(attrs["sanity_passed"]) == 1
     doc.p(f"Overall: **{'PASS' if passed else 'FAIL'}**")
-    rows = []
-    for key, what in [("sanity_self_patch_max_kl", "self-patch max KL (should be ≈ 0)"),
-                      ("sanity_min_kl", "minimum KL over the sweep"),
-                      ("sanity_full_patch_max_abs", "full-patch max |Δ logit| (should be ≈ 0)")]:
-        if key in attrs:
-            rows.append([what, fmt(attrs[key]), "—"])  # thresholds live in the patcher
     try:
         details = json.loads(str(attrs.get("sanity_details", "{}")))
     except json.JSONDecodeError:
         details = {}
-    if isinstance(details, dict):
-        for key, val in details.items():
-            if isinstance(val, dict) and "passed" in val:
-                extra = ", ".join(f"{k} = {fmt(v) if isinstance(v, (int, float)) else v}"
-                                  for k, v in val.items() if k != "passed")
-                rows.append([str(key), extra, "PASS" if val["passed"] else "FAIL"])
-            elif isinstance(val, bool):
-                rows.append([str(key), "", "PASS" if val else "FAIL"])
+    details = details if isinstance(details, dict) else {}
+    rows = []
+    for key, attr, what, at_most in SANITY_CHECKS:
+        d = details.get(key) if isinstance(details.get(key), dict) else {}
+        if attr not in attrs and not d:
+            continue
+        value = float(attrs[attr]) if attr in attrs else d.get("value", np.nan)
+        thr = d.get("threshold")
+        if isinstance(thr, (int, float)) and np.isfinite(value):
+            ok = value <= thr if at_most else value >= thr
+        elif isinstance(thr, (int, float)) and key == "full_patch":
+            ok = True  # NaN: no pair of equal length to check
+        else:
+            ok = d.get("passed")
+        status = "—" if ok is None else ("PASS" if ok else "FAIL")
+        rows.append([what, fmt(value), fmt(thr) if isinstance(thr, (int, float)) else "—", status])
+    known = {k for k, *_ in SANITY_CHECKS}
+    for key, val in details.items():
+        if key in known:
+            continue
+        if isinstance(val, dict) and "passed" in val:
+            rows.append(
+                [
+                    str(key),
+                    fmt(val["value"]) if isinstance(val.get("value"), (int, float)) else "",
+                    fmt(val["threshold"]) if isinstance(val.get("threshold"), (int, float)) else "—",
+                    "PASS" if val["passed"] else "FAIL",
+                ]
+            )
+        elif isinstance(val, bool):
+            rows.append([str(key), "", "—", "PASS" if val else "FAIL"])
     if rows:
-        doc.table(["check", "value", "status"], rows)
+        doc.table(["check", "value", "threshold", "status"], rows)
+
+
+def clear_report_files(out: Path) -> list[Path]:
+    """Delete the files an earlier report wrote in ``out`` (see :data:`OWNED_FILES` and
+    :data:`OWNED_FIGURES`), so a rewrite leaves no stale figure or table; return them.
+
+    Any other file, in ``out`` or in ``out/figures``, is left alone.
+    """
+    removed = []
+    if out.is_dir():
+        for pattern in OWNED_FILES:
+            removed += [p for p in out.glob(pattern) if p.is_file()]
+    fig_dir = out / "figures"
+    if fig_dir.is_dir():
+        removed += [
+            p
+            for p in fig_dir.iterdir()
+            if p.is_file() and p.suffix.lower() in FIGURE_SUFFIXES and p.name.startswith(OWNED_FIGURES)
+        ]
+    for p in removed:
+        p.unlink()
+    return removed
 
 
 def write_report(
@@ -357,30 +741,43 @@ def write_report(
     """Write figures (``figures/``), CSV tables, ``report.md`` and ``report.html`` to ``out_dir``.
 
     Returns the path of ``report.md``. ``report.html`` embeds the PNG figures (or SVG when PNG is
-    not among ``formats``) as data URIs and has no external assets.
+    not among ``formats``) as data URIs and has no external assets. Files an earlier report wrote
+    there are removed first (:func:`clear_report_files`); other files are left alone. Raises
+    :class:`ResultsError` for a metric that is missing, all-NaN or cannot be summarised (``answer``).
     """
-    validate(ds, "dataset", required=(metric,))
+    ds = validate(ds, "dataset", required=(metric,))
+    stats.metric_array(ds, metric)  # refuses metrics that cannot be summarised, before touching files
     out = Path(out_dir)
+    clear_report_files(out)
     fig_dir = out / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
     kw = {"n_resamples": n_resamples, "seed": seed}
     da = ds[metric]
     extras = stats.extra_dims(da)
+    latent = plots.latent_only(ds)
+    tables: list[Path] = []
 
     # ---- statistics and CSV tables
     metrics = [metric] + [m for m in SUMMARY_METRICS if m != metric and m in ds.data_vars]
     summaries = {m: stats.layer_summary(ds, m, ci=ci, **kw) for m in metrics}
     for m, summ in summaries.items():
-        _to_csv(summ, out / f"layer_summary_{m}.csv")
+        tables.append(_to_csv(summ, out / f"layer_summary_{m}.csv"))
     crit = stats.critical_layers(ds, metric, k=k, alpha=alpha, ci=ci, **kw)
     tests = stats.layer_tests(ds, metric)
-    _to_csv(crit, out / "critical_layers.csv")
-    _to_csv(tests, out / f"layer_tests_{metric}.csv")
+    tables.append(_to_csv(crit, out / "critical_layers.csv"))
+    tables.append(_to_csv(tests, out / f"layer_tests_{metric}.csv"))
+    recs: dict[str, xr.Dataset] = {}
+    for kind, var in (("logit", "logit_diff"), ("logprob", "logprob_diff")):
+        if {var, f"baseline_{var}", f"source_{var}"} <= set(ds.data_vars):
+            rec = stats.recovery_ratio(ds, kind, ci=ci, n_boot=n_resamples, seed=seed)
+            if np.isfinite(rec["ratio"].values).any():
+                recs[kind] = rec
+                tables.append(_to_csv(rec, out / f"recovery_{kind}.csv"))
     cell = _best_cell(crit)
     by_steps = None
     if "reasoning_steps" in ds.coords:
         by_steps = stats.by(ds, "reasoning_steps", metric, ci=ci, **kw)
-        _to_csv(by_steps, out / "by_reasoning_steps.csv")
+        tables.append(_to_csv(by_steps, out / "by_reasoning_steps.csv"))
 
     # ---- figures
     figures: list[tuple[str, str]] = []
@@ -391,66 +788,131 @@ def write_report(
         if pick is not None:
             figures.append((caption, str(pick.relative_to(out).as_posix())))
 
-    add(plots.plot_layer_means(ds, metric, ci=ci, **kw), f"layer_means_{metric}",
-        f"Mean {metric} by layer with {ci:.0%} bootstrap CI")
+    add(
+        plots.plot_layer_means(ds, metric, ci=ci, **kw),
+        f"layer_means_{metric}",
+        f"Mean {metric} by layer with {ci:.0%} bootstrap CI",
+    )
+    for kind, rec in recs.items():
+        add(
+            plots.plot_recovery_ratio(ds, kind, rec=rec, ci=ci),
+            f"recovery_ratio_{kind}",
+            f"Recovery ({kind}) as a ratio of means over pairs, {ci:.0%} paired bootstrap CI",
+        )
     for m in metrics[1:]:
-        if m in ("recovery", "flipped"):
-            add(plots.plot_layer_means(ds, m, ci=ci, **kw), f"layer_means_{m}",
-                f"Mean {m} by layer with {ci:.0%} bootstrap CI")
+        if m == "flipped":
+            add(
+                plots.plot_layer_means(ds, m, ci=ci, **kw),
+                f"layer_means_{m}",
+                f"Mean {m} by layer with {ci:.0%} bootstrap CI (comparable pairs only)",
+            )
     if "component" in extras:
-        add(plots.plot_components(ds, metric, ci=ci, **kw), f"components_{metric}",
-            f"Components compared ({metric})")
-    add(plots.plot_pair_heatmap(ds, metric), f"pair_heatmap_{metric}",
-        f"{metric} per pair × layer (pairs ordered by reasoning steps)")
-    add(plots.plot_critical_layers(ds, metric, crit=crit), f"critical_layers_{metric}",
-        f"Top-{crit.sizes['rank']} layers by mean {metric}")
+        add(plots.plot_components(ds, metric, ci=ci, **kw), f"components_{metric}", f"Components compared ({metric})")
+    add(
+        plots.plot_pair_heatmap(ds, metric),
+        f"pair_heatmap_{metric}",
+        f"{metric} per pair × layer (pairs ordered by reasoning steps)",
+    )
+    add(
+        plots.plot_critical_layers(ds, metric, crit=crit),
+        f"critical_layers_{metric}",
+        f"Top-{crit.sizes['rank']} layers by mean {metric} (dashed line: negligible threshold)",
+    )
     if ds.sizes["layer"] > 1:
-        add(plots.plot_layer_similarity(ds, metric), f"layer_similarity_{metric}",
-            f"Layer × layer Spearman correlation of {metric}")
+        add(
+            plots.plot_layer_similarity(ds, metric),
+            f"layer_similarity_{metric}",
+            f"Layer × layer Spearman correlation of {metric}",
+        )
     if "position" in extras:
-        add(plots.plot_position_heatmap(ds, metric), f"position_heatmap_{metric}",
-            f"{metric} by layer × latent position")
+        add(
+            plots.plot_position_heatmap(ds, metric),
+            f"position_heatmap_{metric}",
+            f"{metric} by layer × continuous thought",
+        )
 
-    # ---- document
+    # ---- document: the finding first, provenance last
     title = f"codi-nnsight report: {ds.attrs.get('model_name', '?')} — {metric}"
     doc = _Doc()
     doc.h(1, title)
-    doc.p(f"{ds.sizes['pair']} pairs, {ds.sizes['layer']} layers, mode = "
-          f"{ds.attrs.get('mode', '?')}, direction = {ds.attrs.get('direction', '?')}. "
-          f"Numbers are shown with 4 significant digits; CIs are {ci:.0%} bootstrap CIs of the "
-          f"mean over pairs ({n_resamples} resamples, seed {seed}).")
+    doc.p(f"**Finding:** {_headline(ds, metric, crit, cell)}")
+    doc.img(figures[0][0], figures[0][1])
+    n_pairs = ds.sizes["pair"]
+    n_comparable = n_pairs - stats.excluded_pairs(ds)["count"]
+    layers_txt = "the latent input embedding (no layer)" if latent else plural(ds.sizes["layer"], "layer")
+    doc.p(
+        f"{plural(n_pairs, 'pair')} ({n_comparable} with different clean and corrupted answers), "
+        f"{layers_txt}, mode = {ds.attrs.get('mode', '?')}, direction = {ds.attrs.get('direction', '?')}."
+    )
     doc.h(2, "What the numbers say")
-    for para in _narrative(ds, metric, crit, tests, alpha, ci, n_resamples, seed):
+    for para in _narrative(ds, metric, crit, tests, recs, alpha, ci, n_resamples, seed):
         doc.p(para)
-    doc.h(2, "Provenance")
-    _provenance(doc, ds)
+    doc.h(2, "What was patched and measured")
+    mode, direction = str(ds.attrs.get("mode", "")), str(ds.attrs.get("direction", ""))
+    doc.p(MODE_TEXT.get(mode, f"Mode `{mode}` (not described in this version of codi-nnsight)."))
+    doc.p(DIRECTION_TEXT.get(direction, f"Direction `{direction}` (not described in this version of codi-nnsight)."))
+    if "position" in ds.dims:
+        doc.p(POSITION_TEXT)
+    excluded = stats.excluded_pairs(ds)
+    doc.p(
+        f"Pairs counted out of flip and recovery summaries: {excluded['count']} of {excluded['total']}"
+        + (f" ({excluded['reason']})." if excluded["count"] else ".")
+    )
+    thr_text = _threshold_text(ds, metric)
+    doc.p(
+        f'An effect on `{metric}` is called negligible below {thr_text}; "significant" is only claimed with at '
+        f"least 3 layers and enough pairs for the test to reach p < {alpha}."
+        if thr_text
+        else f"No negligible threshold is defined for `{metric}`."
+    )
+    doc.p(
+        f"Numbers are shown with 4 significant digits; CIs are {ci:.0%} bootstrap CIs over pairs "
+        f"({n_resamples} resamples, seed {seed})."
+    )
     doc.h(2, "Sanity checks")
     _sanity(doc, ds)
     doc.h(2, "Per-layer table")
-    units = ds[metric].attrs.get("units", "")
-    doc.p(f"`{metric}` ({units}), mean over pairs; n = pairs with a value.")
-    doc.table(*_summary_table(summaries[metric], ci))
+    words = stats.unit_words(ds, metric)
+    doc.p(f"`{metric}`{f' ({words})' if words else ''}, mean over pairs; n = pairs with a value.")
+    doc.table(*_summary_table(summaries[metric], ci, latent))
     if "flipped" in summaries and metric != "flipped":
         doc.h(3, "Share of pairs flipped to the source answer")
-        doc.p("`flipped` (share of pairs, 0–1).")
-        doc.table(*_summary_table(summaries["flipped"], ci))
+        doc.p("`flipped` (share of comparable pairs, 0 to 1).")
+        doc.table(*_summary_table(summaries["flipped"], ci, latent))
+    doc.h(2, "Recovery")
+    if recs:
+        doc.p(
+            "Recovery as a ratio of means over pairs: mean(patched − baseline) / mean(source − baseline), with a "
+            "paired bootstrap CI (pairs resampled). Pairs with equal answers or a missing value are left out."
+        )
+        for kind, rec in recs.items():
+            doc.h(
+                3, {"logit": "First-token logit difference", "logprob": "Full-answer log-probability difference"}[kind]
+            )
+            doc.table(*_recovery_table(rec, ci, latent))
+    else:
+        doc.p("No recovery could be computed from this file.")
     doc.h(2, "Critical layers")
-    doc.p(f"Top {crit.sizes['rank']} layers by mean {metric}. p: one-sided Wilcoxon signed-rank "
-          f"test, across pairs, of (layer value − mean of the other layers) > 0; p (BH): "
-          f"Benjamini–Hochberg adjusted over all {ds.sizes['layer']} layers"
-          + (" within each " + "/".join(map(str, extras)) + " cell" if extras else "")
-          + f"; significant: p (BH) < {alpha}.")
-    doc.table(*_critical_table(crit, ci))
+    doc.p(
+        f"Top {crit.sizes['rank']} layers by mean {metric}. Excess: mean over pairs of (layer value − mean of the "
+        f"other layers). p: one-sided Wilcoxon signed-rank test, across pairs, of that excess > 0; p (BH): "
+        f"Benjamini–Hochberg adjusted over all {plural(ds.sizes['layer'], 'layer')}"
+        + (" within each " + "/".join(map(str, extras)) + " cell" if extras else "")
+        + f"; significant: p (BH) < {alpha} (untestable: fewer than 3 layers, or too few pairs to reach it); "
+        f"negligible: |excess| below the threshold above."
+    )
+    doc.table(*_critical_table(crit, ci, latent))
     doc.h(2, "Per-reasoning-steps breakdown")
     if by_steps is None:
         doc.p("No `reasoning_steps` coordinate in this file.")
     else:
         _steps_section(doc, by_steps, cell, ci)
     doc.h(2, "Figures")
-    for caption, rel in figures:
+    for caption, rel in figures[1:]:
         doc.img(caption, rel)
-    doc.p("CSV tables: " + ", ".join(
-        f"`{p.name}`" for p in sorted(out.glob("*.csv"))) + ".")
+    doc.p("CSV tables: " + ", ".join(f"`{p.name}`" for p in tables) + ".")
+    doc.h(2, "Provenance")
+    _provenance(doc, ds)
 
     md_path = out / "report.md"
     md_path.write_text(doc.markdown(), encoding="utf-8")
@@ -458,12 +920,13 @@ def write_report(
     return md_path
 
 
-def _steps_section(doc: _Doc, by_steps: xr.Dataset, cell: dict[Hashable, Any],
-                   ci: float) -> None:
+def _steps_section(doc: _Doc, by_steps: xr.Dataset, cell: dict[Hashable, Any], ci: float) -> None:
     b = by_steps.sel(cell) if cell else by_steps
-    doc.p("Per group of pairs with the same number of reasoning steps (−1 = unknown): the layer "
-          "with the largest mean" + _sel_text(cell) + ", its mean and CI. Full per-layer "
-          "numbers are in `by_reasoning_steps.csv`.")
+    doc.p(
+        "Per group of pairs with the same number of reasoning steps (−1 = unknown): the layer "
+        "with the largest mean" + _sel_text(cell) + ", its mean and CI. Full per-layer "
+        "numbers are in `by_reasoning_steps.csv`."
+    )
     rows = []
     for steps in b["reasoning_steps"].values:
         g = b.sel(reasoning_steps=steps)
@@ -472,6 +935,13 @@ def _steps_section(doc: _Doc, by_steps: xr.Dataset, cell: dict[Hashable, Any],
             continue
         j = int(np.nanargmax(means))
         s = g.isel(layer=j)
-        rows.append([str(steps), str(int(g["n_pairs"].item())), str(int(g["layer"].values[j])),
-                     fmt(s["mean"].item()), fmt_ci(s["ci_low"].item(), s["ci_high"].item())])
+        rows.append(
+            [
+                str(steps),
+                str(int(g["n_pairs"].item())),
+                str(int(g["layer"].values[j])),
+                fmt(s["mean"].item()),
+                fmt_ci(s["ci_low"].item(), s["ci_high"].item()),
+            ]
+        )
     doc.table(["reasoning_steps", "pairs", "peak layer", "mean", f"{ci:.0%} CI"], rows)

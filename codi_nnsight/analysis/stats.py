@@ -20,20 +20,131 @@ from .io import ResultsError
 
 SUMMARY_VARS = ("mean", "std", "sem", "median", "ci_low", "ci_high", "n")
 
+#: Per metric: the size below which an effect is called negligible, and why. "Significant" in the
+#: report is always paired with this judgement: with many pairs a test can detect a difference
+#: far too small to matter. Applies to the mean effect (value minus mean of the other layers) and
+#: to the mean itself for effect metrics (kl, l2, top1_changed, flipped, recovery).
+NEGLIGIBLE: dict[str, tuple[float, str]] = {
+    "kl": (
+        1e-3,
+        "by Pinsker's inequality, KL below 0.001 nats moves no probability by more than about 2.2 percentage points",
+    ),
+    "l2": (1e-2, "an RMS logit change below 0.01 is below bfloat16 rounding of typical logits"),
+    "top1_changed": (0.01, "fewer than 1 in 100 pairs change their top token"),
+    "logit_diff": (0.1, "0.1 logits changes the odds between the two answers' first tokens by about 10%"),
+    "logprob_diff": (0.1, "0.1 nats changes the odds between the two full answers by about 10%"),
+    "recovery": (0.05, "less than 5% of the gap between baseline and source"),
+    "logprob_recovery": (0.05, "less than 5% of the gap between baseline and source"),
+    "flipped": (0.05, "fewer than 1 in 20 pairs flip"),
+    "p_clean": (0.01, "a probability change below 1 percentage point"),
+    "p_corrupted": (0.01, "a probability change below 1 percentage point"),
+    "logp_clean_answer": (0.1, "0.1 nats is about a 10% change in the answer's probability"),
+    "logp_corrupted_answer": (0.1, "0.1 nats is about a 10% change in the answer's probability"),
+}
+
+#: Units in words for axis labels and the report (the file's ``units`` attr says "1" for several).
+UNIT_WORDS = {
+    "kl": "nats",
+    "l2": "logits",
+    "top1_changed": "share of pairs",
+    "logit_diff": "logits",
+    "recovery": "share of the gap",
+    "logprob_recovery": "share of the gap",
+    "logprob_diff": "nats",
+    "p_clean": "probability",
+    "p_corrupted": "probability",
+    "logp_clean_answer": "nats",
+    "logp_corrupted_answer": "nats",
+    "flipped": "share of pairs",
+}
+
+#: Metrics that only mean something when the clean and corrupted answers differ: pairs with
+#: equal answers (``comparable`` == 0) are counted out of their summaries.
+COMPARISON_METRICS = ("flipped", "recovery", "logprob_recovery", "logit_diff", "logprob_diff")
+
+#: Variables over (pair, layer) that cannot be summarised over pairs, and why.
+NOT_SUMMARIZABLE = {
+    "answer": "it is the decoded answer (a number per pair), not an effect size; its mean over pairs "
+    "means nothing — use flipped",
+}
+
 
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
+def negligible_threshold(metric: str) -> float:
+    """The :data:`NEGLIGIBLE` threshold of ``metric`` (0.0 = no threshold known)."""
+    return NEGLIGIBLE.get(metric, (0.0, ""))[0]
+
+
+def unit_words(ds: xr.Dataset, metric: str) -> str:
+    """Units of ``metric`` in words ("nats", "share of pairs"); "" when it has none."""
+    if metric in UNIT_WORDS:
+        return UNIT_WORDS[metric]
+    units = str(ds[metric].attrs.get("units", "")) if metric in ds else ""
+    return "" if units == "1" else units
+
+
+def comparable_pairs(ds: xr.Dataset) -> np.ndarray:
+    """Boolean mask over ``pair``: True where the clean and corrupted answers differ.
+
+    Uses ``comparable`` when present; a pair whose ``flipped`` is NaN everywhere is also counted
+    out (schema 2 writes NaN there exactly when there is no flip to measure).
+    """
+    mask = np.ones(ds.sizes["pair"], dtype=bool)
+    if "comparable" in ds:
+        mask &= ds["comparable"].values == 1
+    if "flipped" in ds and "pair" in ds["flipped"].dims:
+        f = ds["flipped"].transpose("pair", ...).values.reshape(ds.sizes["pair"], -1)
+        mask &= np.isfinite(f).any(axis=1)
+    return mask
+
+
+def excluded_pairs(ds: xr.Dataset) -> dict[str, Any]:
+    """Pairs left out of flip and recovery summaries because there is nothing to measure.
+
+    Returns ``{"count", "total", "pair_ids", "reason", "message"}``; ``message`` is one line for
+    the CLI and report ("" when no pair is excluded).
+    """
+    keep = comparable_pairs(ds)
+    ids = [int(v) if isinstance(v, (int, np.integer)) else v for v in ds["pair"].values[~keep].tolist()]
+    total = int(ds.sizes["pair"])
+    reason = "their clean and corrupted answers are equal, so there is no flip or recovery to measure"
+    count = len(ids)
+    message = ""
+    if count:
+        shown = ", ".join(map(str, ids[:10])) + (", …" if count > 10 else "")
+        message = (
+            f"{_plural(count, 'pair')} of {total} excluded from flip and recovery summaries "
+            f"({reason}): pair id{'s' if count > 1 else ''} {shown}"
+        )
+    return {"count": count, "total": total, "pair_ids": ids, "reason": reason, "message": message}
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 def metric_array(ds: xr.Dataset, metric: str) -> xr.DataArray:
-    """Return ``ds[metric]`` after checking it is a metric over ``pair`` and ``layer``."""
+    """Return ``ds[metric]`` after checking it is a metric over ``pair`` and ``layer``.
+
+    For the :data:`COMPARISON_METRICS` pairs with equal answers are set to NaN (counted out).
+    Raises :class:`ResultsError` for variables in :data:`NOT_SUMMARIZABLE` such as ``answer``.
+    """
+    if metric in NOT_SUMMARIZABLE and metric in ds.data_vars:
+        raise ResultsError(f"metric {metric!r} cannot be summarised: {NOT_SUMMARIZABLE[metric]}")
     if metric not in ds.data_vars:
         available = ", ".join(
-            str(v) for v in ds.data_vars if {"pair", "layer"} <= set(ds[v].dims)
+            str(v) for v in ds.data_vars if {"pair", "layer"} <= set(ds[v].dims) and v not in NOT_SUMMARIZABLE
         )
         raise ResultsError(f"metric {metric!r} not in results (available: {available})")
     da = ds[metric]
     if "pair" not in da.dims or "layer" not in da.dims:
         raise ResultsError(f"variable {metric!r} does not have dims (pair, layer)")
+    if metric in COMPARISON_METRICS:
+        keep = comparable_pairs(ds)
+        if not keep.all():
+            da = da.where(xr.DataArray(keep, dims="pair", coords={"pair": ds["pair"]})).assign_attrs(da.attrs)
     return da
 
 
@@ -44,9 +155,7 @@ def extra_dims(da: xr.DataArray | xr.Dataset) -> list[Hashable]:
 
 def _kept_coords(da: xr.DataArray, dims: Sequence[Hashable]) -> dict[Hashable, xr.DataArray]:
     """Coordinates of ``da`` that live entirely on ``dims`` (drops per-pair coordinates)."""
-    return {
-        name: c for name, c in da.coords.items() if set(c.dims) <= set(dims) and c.dims != ()
-    }
+    return {name: c for name, c in da.coords.items() if set(c.dims) <= set(dims) and c.dims != ()}
 
 
 def _base_attrs(ds: xr.Dataset, metric: str, da: xr.DataArray) -> dict[str, Any]:
@@ -93,9 +202,7 @@ def summarize_1d(
     return out
 
 
-def _bootstrap_ci(
-    x: np.ndarray, ci: float, n_resamples: int, seed: int, method: str
-) -> tuple[float, float]:
+def _bootstrap_ci(x: np.ndarray, ci: float, n_resamples: int, seed: int, method: str) -> tuple[float, float]:
     # A fresh generator per cell: a cell's CI then does not depend on which other cells were
     # computed before it, so sub-selecting the Dataset reproduces the same numbers.
     methods = [method] if method == "percentile" else [method, "percentile"]
@@ -237,9 +344,23 @@ def layer_tests(ds: xr.Dataset, metric: str = "kl") -> xr.Dataset:
         "p_adj": (dims, p_adj, {"long_name": "Benjamini–Hochberg adjusted p"}),
         "n": (dims, n, {"long_name": "pairs in test"}),
     }
-    return xr.Dataset(
-        data_vars, coords=_kept_coords(da, dims), attrs=_base_attrs(ds, metric, da)
-    ).transpose("layer", *extras)
+    return xr.Dataset(data_vars, coords=_kept_coords(da, dims), attrs=_base_attrs(ds, metric, da)).transpose(
+        "layer", *extras
+    )
+
+
+def min_p_value(n: int) -> float:
+    """Smallest one-sided Wilcoxon signed-rank p-value possible with ``n`` pairs (all positive)."""
+    return float(0.5 ** max(int(n), 0))
+
+
+def is_testable(n: int, n_layers: int, alpha: float) -> bool:
+    """Whether "this layer stands out from the others" can be tested and come out significant.
+
+    Needs at least 3 layers with values (with 2 the "other layers" are a single layer, a plain
+    paired comparison rather than standing out) and enough pairs that p < ``alpha`` is reachable.
+    """
+    return n_layers >= 3 and min_p_value(n) < alpha
 
 
 def critical_layers(
@@ -251,14 +372,16 @@ def critical_layers(
     n_resamples: int = 2000,
     seed: int = 0,
 ) -> xr.Dataset:
-    """The ``k`` layers with the largest mean ``metric``, with CIs and significance.
+    """The ``k`` layers with the largest mean ``metric``, with CIs, significance and effect size.
 
     Computed separately for every position/component cell when those dims exist (the result then
     keeps them). Dims: ``rank`` (1 … k) plus extras. Variables: ``layer``, ``mean``, ``ci_low``,
     ``ci_high``, ``median``, ``n``, ``effect`` (mean excess over the other layers), ``p_value``
     (one-sided paired Wilcoxon signed-rank test of value − mean of other layers > 0),
-    ``p_adj`` (Benjamini–Hochberg across *all* layers of the cell) and ``significant``
-    (``p_adj < alpha``).
+    ``p_adj`` (Benjamini–Hochberg across *all* layers of the cell), ``testable`` (see
+    :func:`is_testable`: at least 3 layers with values in the cell and p < ``alpha`` reachable with
+    ``n`` pairs), ``significant`` (``testable`` and ``p_adj < alpha``) and ``negligible``
+    (|effect| below the :data:`NEGLIGIBLE` threshold of the metric; attr ``negligible_threshold``).
     """
     summ = layer_summary(ds, metric, ci=ci, n_resamples=n_resamples, seed=seed)
     tests = layer_tests(ds, metric)
@@ -273,17 +396,31 @@ def critical_layers(
     dims = [*extras, "rank"]
     data_vars: dict[str, Any] = {"layer": (dims, layers[order])}
     for name, src in [
-        ("mean", summ["mean"]), ("ci_low", summ["ci_low"]), ("ci_high", summ["ci_high"]),
-        ("median", summ["median"]), ("n", summ["n"]), ("effect", tests["effect"]),
-        ("p_value", tests["p_value"]), ("p_adj", tests["p_adj"]),
+        ("mean", summ["mean"]),
+        ("ci_low", summ["ci_low"]),
+        ("ci_high", summ["ci_high"]),
+        ("median", summ["median"]),
+        ("n", summ["n"]),
+        ("effect", tests["effect"]),
+        ("p_value", tests["p_value"]),
+        ("p_adj", tests["p_adj"]),
     ]:
         data_vars[name] = (dims, np.take_along_axis(src.values, order, axis=-1), src.attrs)
+    # layers with any value, per cell (a `latent` cell in a multi-component file has only one)
+    n_layers = (summ["n"].values > 0).sum(axis=-1)[..., None]
+    n = data_vars["n"][1]
+    testable = (n_layers >= 3) & (0.5 ** np.maximum(n, 0) < alpha)
     p_adj = data_vars["p_adj"][1]
-    data_vars["significant"] = (dims, np.nan_to_num(p_adj, nan=1.0) < alpha)
+    threshold = negligible_threshold(metric)
+    data_vars["testable"] = (dims, testable)
+    data_vars["significant"] = (dims, testable & (np.nan_to_num(p_adj, nan=1.0) < alpha))
+    data_vars["negligible"] = (dims, np.abs(np.nan_to_num(data_vars["effect"][1], nan=0.0)) < threshold)
     coords = {d: summ.coords[d] for d in extras if d in summ.coords}
     coords["rank"] = np.arange(1, k + 1)
     attrs = dict(summ.attrs)
-    attrs.update(alpha=alpha, k=k, test="one-sided Wilcoxon signed-rank, BH across layers")
+    attrs.update(
+        alpha=alpha, k=k, test="one-sided Wilcoxon signed-rank, BH across layers", negligible_threshold=threshold
+    )
     return xr.Dataset(data_vars, coords=coords, attrs=attrs).transpose("rank", *extras)
 
 
@@ -365,9 +502,7 @@ def layer_similarity(ds: xr.Dataset, metric: str = "kl") -> xr.DataArray:
     ).transpose("layer", "layer_other", *extras)
 
 
-def by(
-    ds: xr.Dataset, coord: str = "reasoning_steps", metric: str = "kl", **kw: Any
-) -> xr.Dataset:
+def by(ds: xr.Dataset, coord: str = "reasoning_steps", metric: str = "kl", **kw: Any) -> xr.Dataset:
     """:func:`layer_summary` for each group of pairs sharing a value of the pair coordinate
     ``coord`` (e.g. ``reasoning_steps``; −1 = unknown is kept as its own group).
 
@@ -442,14 +577,118 @@ def compare(
             out["mean_b"][idx] = np.mean(xb[idx][both]) if both.any() else np.nan
     units = ds_a[metric].attrs.get("units", "")
     data_vars = {
-        k: (extras, v.astype(np.int64) if k == "n" else v, {} if k in ("n", "p_value")
-            else {"units": units})
+        k: (extras, v.astype(np.int64) if k == "n" else v, {} if k in ("n", "p_value") else {"units": units})
         for k, v in out.items()
     }
     attrs = _base_attrs(ds_a, metric, ds_a[metric])
     attrs.update(
-        ci=ci, n_resamples=n_resamples, bootstrap_seed=seed,
+        ci=ci,
+        n_resamples=n_resamples,
+        bootstrap_seed=seed,
         model_name_b=str(ds_b.attrs.get("model_name", "")),
-        mode_b=str(ds_b.attrs.get("mode", "")), direction_b=str(ds_b.attrs.get("direction", "")),
+        mode_b=str(ds_b.attrs.get("mode", "")),
+        direction_b=str(ds_b.attrs.get("direction", "")),
     )
     return xr.Dataset(data_vars, coords=_kept_coords(diff, extras), attrs=attrs)
+
+
+def recovery_ratio(
+    ds: xr.Dataset,
+    kind: str = "logit",
+    ci: float = 0.95,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> xr.Dataset:
+    """Recovery as a ratio of means over pairs, ``mean(P − B) / mean(S − B)``, with a paired
+    bootstrap CI, per layer (and per position/component when present).
+
+    ``kind`` "logit" uses ``logit_diff`` (P, per layer) with ``baseline_logit_diff`` (B) and
+    ``source_logit_diff`` (S); "logprob" uses ``logprob_diff`` and its baseline/source. A pair is
+    used in a cell when P, B and S are finite and it is comparable (answers differ). Unlike the mean
+    of per-pair recoveries this does not blow up on pairs whose S − B is near 0. 1 means the patch
+    moves the patched run all the way to the source run (denoise: clean behaviour fully restored;
+    noise: the clean run fully takes on the corrupted behaviour), 0 means no change.
+
+    The CI resamples pairs with replacement (numerator and denominator together), ``n_boot``
+    times from ``np.random.default_rng(seed)`` per cell, and takes percentiles. Variables:
+    ``ratio``, ``ci_low``, ``ci_high``, ``n`` (pairs used), ``n_left_out``, ``n_not_comparable``,
+    ``n_recovery_nan`` (pairs whose per-pair ``recovery`` / ``logprob_recovery`` is NaN),
+    ``mean_patched_minus_baseline`` and ``mean_source_minus_baseline``.
+    """
+    names = {"logit": ("logit_diff", "recovery"), "logprob": ("logprob_diff", "logprob_recovery")}
+    if kind not in names:
+        raise ResultsError(f"recovery kind must be 'logit' or 'logprob', not {kind!r}")
+    var, per_pair = names[kind]
+    base_name, src_name = f"baseline_{var}", f"source_{var}"
+    missing = [v for v in (var, base_name, src_name) if v not in ds.data_vars]
+    if missing:
+        raise ResultsError(f"cannot compute {kind} recovery: {', '.join(missing)} not in results")
+    da = ds[var]  # not metric_array: comparability is counted here, explicitly
+    if "pair" not in da.dims or "layer" not in da.dims:
+        raise ResultsError(f"variable {var!r} does not have dims (pair, layer)")
+    arr, extras = _cells(da, ["pair"])  # (..., pair)
+    b = ds[base_name].values.astype(float)
+    s = ds[src_name].values.astype(float)
+    comparable = comparable_pairs(ds)
+    if per_pair in ds.data_vars:
+        rec_nan = ~np.isfinite(_cells(ds[per_pair].transpose(*da.dims), ["pair"])[0])
+    else:
+        rec_nan = np.ones_like(arr, dtype=bool)
+    shape = arr.shape[:-1]
+    keys = ("ratio", "ci_low", "ci_high", "mean_patched_minus_baseline", "mean_source_minus_baseline")
+    out = {key: np.full(shape, np.nan) for key in keys}
+    counts = {key: np.zeros(shape, dtype=np.int64) for key in ("n", "n_left_out", "n_recovery_nan")}
+    lo_q, hi_q = (1 - ci) / 2, 1 - (1 - ci) / 2
+    for idx in np.ndindex(shape):
+        p = arr[idx]
+        ok = np.isfinite(p) & np.isfinite(b) & np.isfinite(s) & comparable
+        n = int(ok.sum())
+        counts["n"][idx] = n
+        counts["n_left_out"][idx] = p.size - n
+        counts["n_recovery_nan"][idx] = int(rec_nan[idx].sum())
+        if n == 0:
+            continue
+        num, den = p[ok] - b[ok], s[ok] - b[ok]
+        out["mean_patched_minus_baseline"][idx] = num.mean()
+        out["mean_source_minus_baseline"][idx] = den.mean()
+        with np.errstate(all="ignore"):
+            ratio = num.mean() / den.mean() if den.mean() != 0 else np.nan
+        out["ratio"][idx] = ratio
+        if n < 2 or n_boot < 1 or not np.isfinite(ratio):
+            out["ci_low"][idx] = out["ci_high"][idx] = ratio
+            continue
+        # fresh generator per cell: a cell's CI does not depend on which cells came before
+        pick = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+        with np.errstate(all="ignore"):
+            boot = num[pick].mean(axis=1) / den[pick].mean(axis=1)
+        boot = boot[np.isfinite(boot)]
+        if boot.size:
+            out["ci_low"][idx], out["ci_high"][idx] = np.quantile(boot, [lo_q, hi_q])
+    n_not_comparable = int((~comparable).sum())
+    units = str(da.attrs.get("units", ""))
+    data_vars: dict[str, Any] = {
+        "ratio": (extras, out["ratio"], {"long_name": f"mean(P - B) / mean(S - B) of {var}", "units": "1"}),
+        "ci_low": (extras, out["ci_low"], {"units": "1"}),
+        "ci_high": (extras, out["ci_high"], {"units": "1"}),
+        "n": (extras, counts["n"], {"long_name": "pairs used"}),
+        "n_left_out": (extras, counts["n_left_out"], {"long_name": "pairs left out"}),
+        "n_not_comparable": (
+            extras,
+            np.full(shape, n_not_comparable, dtype=np.int64),
+            {"long_name": "pairs with equal clean and corrupted answers"},
+        ),
+        "n_recovery_nan": (extras, counts["n_recovery_nan"], {"long_name": f"pairs with NaN {per_pair}"}),
+        "mean_patched_minus_baseline": (extras, out["mean_patched_minus_baseline"], {"units": units}),
+        "mean_source_minus_baseline": (extras, out["mean_source_minus_baseline"], {"units": units}),
+    }
+    attrs = dict(ds.attrs)
+    attrs.update(
+        kind=kind,
+        metric=var,
+        per_pair_metric=per_pair,
+        ci=ci,
+        n_boot=n_boot,
+        bootstrap_seed=seed,
+        bootstrap_method="percentile, pairs resampled",
+    )
+    return xr.Dataset(data_vars, coords=_kept_coords(da, extras), attrs=attrs)

@@ -4,6 +4,24 @@
 `synthetic` generates arithmetic word problems (including the bundled toy model's distribution).
 """
 
-from .pairs import Pair, PairSet, Question, load_pairs, validate_pairs
+from .pairs import (
+    Pair,
+    PairSet,
+    PairsFileProblem,
+    Question,
+    load_pairs,
+    pair_coordinates,
+    pair_warnings,
+    validate_pairs,
+)
 
-__all__ = ["Pair", "PairSet", "Question", "load_pairs", "validate_pairs"]
+__all__ = [
+    "Pair",
+    "PairSet",
+    "PairsFileProblem",
+    "Question",
+    "load_pairs",
+    "pair_coordinates",
+    "pair_warnings",
+    "validate_pairs",
+]

@@ -21,7 +21,8 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from codi_nnsight.data.pairs import Pair, PairSet, Question
+from ..errors import UserError
+from .pairs import Pair, PairSet, Question, _question_error
 
 __all__ = [
     "REJECT_AMBIGUOUS",
@@ -228,9 +229,7 @@ class _Ambiguous(Exception):
     pass
 
 
-def make_pair(
-    record: Any, rng: random.Random, offsets: Sequence[int] = (-1, 1)
-) -> tuple[dict, dict] | str:
+def make_pair(record: Any, rng: random.Random, offsets: Sequence[int] = (-1, 1)) -> tuple[dict, dict] | str:
     """Make a (clean, corrupted) record pair from one GSM8K record, or return a reject reason.
 
     A question number that occurs exactly once in the question and as an operand in the chain
@@ -242,7 +241,8 @@ def make_pair(
     if not isinstance(record, dict):
         return REJECT_BAD_RECORD
     question, answer_text = record.get("question"), record.get("answer")
-    if not isinstance(question, str) or not isinstance(answer_text, str) or not question.strip():
+    if not isinstance(question, str) or not isinstance(answer_text, str) or _question_error(question):
+        # _question_error: empty, lone surrogate or NUL -- the pairs file would not load.
         return REJECT_BAD_RECORD
     steps, final_text = parse_chain(answer_text)
     if not steps:
@@ -272,12 +272,7 @@ def make_pair(
     tokens = question_numbers(question)
     counts = Counter(v for *_, v in tokens)
     candidates = [
-        t
-        for t in tokens
-        if t[3].denominator == 1
-        and "." not in t[2]
-        and counts[t[3]] == 1
-        and t[3] in literal_values
+        t for t in tokens if t[3].denominator == 1 and "." not in t[2] and counts[t[3]] == 1 and t[3] in literal_values
     ]
     if not candidates:
         return REJECT_NO_OPERAND
@@ -368,24 +363,50 @@ def make_pairs(
 
 
 def read_gsm8k(path: str | os.PathLike) -> list[dict]:
-    """Read GSM8K-format records from a local JSON list or JSON Lines file."""
+    """Read GSM8K-format records from a local JSON list or JSON Lines file.
+
+    Raises :class:`UserError` (a ValueError) with one line naming the file for anything unusable:
+    missing or unreadable file, bad UTF-8, invalid JSON, or not a list of objects.
+    """
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        data = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                data.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: invalid JSON at line {lineno}: {e.msg}") from e
+        text = path.read_bytes().decode("utf-8").removeprefix("\ufeff")
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a directory, not a file") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read file: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not valid UTF-8 at byte {e.start}") from None
+    try:
+        data = _json_or_jsonl(path, text)
+    except RecursionError:
+        raise UserError(f"{path}: invalid JSON: nesting too deep") from None
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-        raise ValueError(f"{path}: expected a list of objects with 'question' and 'answer'")
+        raise UserError(f"{path}: expected a list of objects with 'question' and 'answer'")
+    return data
+
+
+def _json_or_jsonl(path: Path, text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        pass
+    except ValueError as e:  # e.g. an integer beyond Python's digit limit
+        raise UserError(f"{path}: invalid JSON: {e}") from None
+    data = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            data.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: invalid JSON at line {lineno}: {e.msg}") from None
+        except ValueError as e:
+            raise UserError(f"{path}: invalid JSON at line {lineno}: {e}") from None
     return data
 
 
@@ -395,8 +416,7 @@ def load_gsm8k_hub(split: str = "test") -> list[dict]:
         import datasets  # lazy: optional dependency, only needed for this path
     except ImportError as e:
         raise RuntimeError(
-            "loading GSM8K from the Hugging Face Hub needs the 'datasets' package: "
-            "pip install datasets"
+            "loading GSM8K from the Hugging Face Hub needs the 'datasets' package: pip install datasets"
         ) from e
     ds = datasets.load_dataset("openai/gsm8k", "main", split=split)
     return [{"question": r["question"], "answer": r["answer"]} for r in ds]

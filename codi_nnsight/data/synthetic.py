@@ -8,6 +8,17 @@ which makes a one-number corruption (and its recomputed answer) unambiguous.
 
 Characters used: ASCII letters, digits, space and ``.,?*+-=/`` (questions use only letters,
 digits, space, ``.`` and ``?``; the steps add the operators).
+
+Two distributions:
+
+* ``toy`` (:func:`make_toy_problem`): 3-4 additions/subtractions of operands 2-9, results 0-19 --
+  what the bundled toy CODI model is trained on, so it answers them;
+* ``wide`` (:func:`make_problem`): 2-4 steps of ``+ - * /`` with operands up to 20 and results up
+  to 99, sentences such as "has 3 boxes with 4 pens each" -- harder than anything the toy model
+  saw (it answers ~0% of them).
+
+:func:`make_synthetic_pairs` (``codi-nnsight pairs make --synthetic N``) makes ``toy`` pairs by
+default.
 """
 
 from __future__ import annotations
@@ -16,12 +27,16 @@ import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
-from codi_nnsight.data.pairs import Pair, PairSet, Question
+from ..errors import UserError
+from .pairs import Pair, PairSet, Question
 
 __all__ = [
+    "KINDS",
     "MAX_RESULT",
-    "Problem",
+    "TOY_STEPS",
+    "WordProblem",
     "apply_op",
     "corrupt",
     "make_problem",
@@ -61,13 +76,18 @@ _OP_TEMPLATES = {
 
 
 @dataclass
-class Problem:
-    """A word problem, its chain of steps (``"3*4=12"``), answer and question numbers."""
+class WordProblem:
+    """A generated arithmetic word problem, its chain of steps (``"3*4=12"``), answer and
+    question numbers (in chain order)."""
 
     question: str
     steps: list[str]
     answer: int
     numbers: list[int]
+
+
+#: Former name of :class:`WordProblem`, kept so existing imports keep working.
+Problem = WordProblem
 
 
 def apply_op(a: int, op: str, b: int) -> int | None:
@@ -100,9 +120,7 @@ def _chain(numbers: Sequence[int], ops: Sequence[str]) -> list[int] | None:
     return results
 
 
-def _choose_operand(
-    rng: random.Random, acc: int, op: str, used: set[int], max_value: int
-) -> int | None:
+def _choose_operand(rng: random.Random, acc: int, op: str, used: set[int], max_value: int) -> int | None:
     """An unused operand for ``acc op k`` giving a valid (and non-trivial) result."""
     if op in "*/":
         # Multipliers/divisors stay small: they read naturally and keep results in range.
@@ -113,7 +131,7 @@ def _choose_operand(
     return rng.choice(options) if options else None
 
 
-def make_problem(rng: random.Random, n_steps: int, max_value: int = 20) -> Problem:
+def make_problem(rng: random.Random, n_steps: int, max_value: int = 20) -> WordProblem:
     """A templated word problem with ``n_steps`` (2-4) integer steps, results in [1, 99]."""
     if not _MIN_STEPS <= n_steps <= _MAX_STEPS:
         raise ValueError(f"n_steps must be in [{_MIN_STEPS}, {_MAX_STEPS}], got {n_steps}")
@@ -161,7 +179,7 @@ def _render(
     product_start: bool,
     numbers: list[int],
     ops: list[str],
-) -> Problem:
+) -> WordProblem:
     if product_start:
         box = rng.choice(_CONTAINERS)
         sentences = [f"{name} has {numbers[0]} {box} with {numbers[1]} {obj} each."]
@@ -177,7 +195,7 @@ def _render(
     results = _chain(numbers, ops)
     assert results is not None  # guaranteed by construction
     steps = _format_steps(numbers, ops, results)
-    return Problem(question=question, steps=steps, answer=results[-1], numbers=list(numbers))
+    return WordProblem(question=question, steps=steps, answer=results[-1], numbers=list(numbers))
 
 
 def _format_steps(numbers: Sequence[int], ops: Sequence[str], results: Sequence[int]) -> list[str]:
@@ -185,15 +203,13 @@ def _format_steps(numbers: Sequence[int], ops: Sequence[str], results: Sequence[
     return [f"{a}{op}{b}={r}" for a, op, b, r in zip(lhs, ops, numbers[1:], results)]
 
 
-def make_problems(
-    n: int, seed: int, steps: tuple[int, int] = (2, 4), max_value: int = 20
-) -> list[Problem]:
+def make_problems(n: int, seed: int, steps: tuple[int, int] = (2, 4), max_value: int = 20) -> list[WordProblem]:
     """``n`` problems with step counts uniform in ``steps`` (inclusive); deterministic."""
     rng = random.Random(seed)
     return [make_problem(rng, rng.randint(*steps), max_value) for _ in range(n)]
 
 
-def _ops_of(problem: Problem) -> list[str]:
+def _ops_of(problem: WordProblem) -> list[str]:
     ops = []
     for s in problem.steps:
         m = _STEP.fullmatch(s)
@@ -203,9 +219,7 @@ def _ops_of(problem: Problem) -> list[str]:
     return ops
 
 
-def corrupt(
-    problem: Problem, rng: random.Random, offsets: Sequence[int] = (-1, 1)
-) -> Problem | None:
+def corrupt(problem: WordProblem, rng: random.Random, offsets: Sequence[int] = (-1, 1)) -> WordProblem | None:
     """Change exactly one question number by an offset and recompute the chain.
 
     Numbers and offsets are tried in ``rng`` order; returns the first valid variant (all
@@ -229,36 +243,81 @@ def corrupt(
                 continue
             start, end = spans[j]
             question = problem.question[:start] + str(new) + problem.question[end:]
-            return Problem(question, _format_steps(numbers, ops, results), results[-1], numbers)
+            return WordProblem(question, _format_steps(numbers, ops, results), results[-1], numbers)
     return None
+
+
+#: Distributions :func:`make_synthetic_pairs` can draw from (see the module docstring).
+KINDS = ("toy", "wide")
 
 
 def make_synthetic_pairs(
     n: int,
     seed: int,
-    steps: tuple[int, int] = (2, 4),
-    max_value: int = 20,
+    steps: tuple[int, int] | None = None,
+    max_value: int | None = None,
     offsets: Sequence[int] = (-1, 1),
+    *,
+    kind: Literal["toy", "wide"] = "toy",
 ) -> PairSet:
-    """``n`` clean/corrupted pairs (ids 0..n-1) with meta ``reasoning_steps``, ``steps``."""
+    """``n`` clean/corrupted pairs (ids 0..n-1) with meta ``reasoning_steps``, ``steps``, ``changed``.
+
+    ``kind="toy"`` (default) draws from the bundled toy model's distribution (`make_toy_pairs`,
+    ``steps`` default :data:`TOY_STEPS` = (3, 4), the range the model was trained on), so the
+    default model answers the pairs.  ``kind="wide"`` gives the older, harder problems of
+    `make_problem` (``steps`` default (2, 4), ``max_value`` default 20); ``max_value`` applies
+    to it only.
+    """
+    if kind == "toy":
+        if max_value is not None:
+            raise ValueError("max_value applies to kind='wide' only (toy operands are 2-9)")
+        return make_toy_pairs(n, seed, steps=TOY_STEPS if steps is None else steps, offsets=offsets)
+    if kind != "wide":
+        raise ValueError(f"unknown kind {kind!r} (expected one of {', '.join(KINDS)})")
+    steps = (2, 4) if steps is None else steps
+    max_value = 20 if max_value is None else max_value
     rng = random.Random(seed)
     pairs: list[Pair] = []
+    failures = 0
     while len(pairs) < n:
         clean = make_problem(rng, rng.randint(*steps), max_value)
         bad = corrupt(clean, rng, offsets)
         if bad is None:
+            failures = _failed(failures, offsets)
             continue
-        changed = next(f"{a}->{b}" for a, b in zip(clean.numbers, bad.numbers) if a != b)
-        qs = [
-            Question(
-                p.question,
-                float(p.answer),
-                {"reasoning_steps": len(p.steps), "steps": list(p.steps), "changed": changed},
-            )
-            for p in (clean, bad)
-        ]
-        pairs.append(Pair(len(pairs), qs[0], qs[1]))
+        failures = 0
+        pairs.append(_pair(len(pairs), clean, bad))
     return PairSet.from_pairs(pairs)
+
+
+#: Consecutive problems without a valid corruption after which the offsets are declared unusable;
+#: with the default offsets (-1, 1) a few percent of problems fail, so this is never reached.
+_MAX_FAILURES = 2000
+
+
+def _failed(failures: int, offsets: Sequence[int]) -> int:
+    # Offsets such as 0 or 50 never give a valid corrupted problem: stop instead of looping forever.
+    failures += 1
+    if failures >= _MAX_FAILURES:
+        shown = ",".join(str(o) for o in offsets) or "(none)"
+        raise UserError(
+            f"offsets {shown}: no valid corrupted problem in {_MAX_FAILURES} tries "
+            "(the changed number must stay in range, distinct, and change the answer)"
+        )
+    return failures
+
+
+def _pair(pair_id: int, clean: WordProblem, bad: WordProblem) -> Pair:
+    changed = next(f"{a}->{b}" for a, b in zip(clean.numbers, bad.numbers) if a != b)
+    qs = [
+        Question(
+            p.question,
+            float(p.answer),
+            {"reasoning_steps": len(p.steps), "steps": list(p.steps), "changed": changed},
+        )
+        for p in (clean, bad)
+    ]
+    return Pair(pair_id, qs[0], qs[1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,6 +326,8 @@ def make_synthetic_pairs(
 #: Operands of toy problems are in [2, TOY_MAX_OPERAND]; every result in [0, TOY_MAX_RESULT].
 TOY_MAX_OPERAND = 9
 TOY_MAX_RESULT = 19
+#: Step counts of the bundled toy model's training problems (``ToyConfig.min_steps/max_steps``).
+TOY_STEPS = (3, 4)
 _TOY_TEMPLATES = {
     "+": ("{p} buys {k} more {o} .", "{p} finds {k} more {o} .", "Then {p2} gets {k} more {o} ."),
     "-": ("{p} eats {k} {o} .", "{p} gives {k} {o} away .", "Then {p2} loses {k} {o} ."),
@@ -281,19 +342,27 @@ def toy_words() -> list[str]:
     texts += ["has with each . How many does have now ?", "The answer is :"]
     words = set()
     for t in texts:
-        words.update(re.findall(r"[A-Za-z]+|[^\w\s]+", t.replace("{p}", "").replace("{p2}", "")
-                                .replace("{o}", "").replace("{k}", "")))
+        words.update(
+            re.findall(
+                r"[A-Za-z]+|[^\w\s]+", t.replace("{p}", "").replace("{p2}", "").replace("{o}", "").replace("{k}", "")
+            )
+        )
     return sorted(words)
 
 
 def _toy_chain_ok(numbers: Sequence[int], ops: Sequence[str], max_operand: int, max_result: int) -> bool:
     results = _chain(numbers, ops)
-    return (results is not None and all(0 <= r <= max_result for r in results)
-            and all(2 <= k <= max_operand for k in numbers) and len(set(numbers)) == len(numbers))
+    return (
+        results is not None
+        and all(0 <= r <= max_result for r in results)
+        and all(2 <= k <= max_operand for k in numbers)
+        and len(set(numbers)) == len(numbers)
+    )
 
 
-def make_toy_problem(rng: random.Random, n_steps: int, max_operand: int = TOY_MAX_OPERAND,
-                     max_result: int = TOY_MAX_RESULT) -> Problem:
+def make_toy_problem(
+    rng: random.Random, n_steps: int, max_operand: int = TOY_MAX_OPERAND, max_result: int = TOY_MAX_RESULT
+) -> WordProblem:
     """A word problem of ``n_steps`` (2-4) additions/subtractions of distinct operands in
     [2, max_operand], every intermediate result and the answer in [0, max_result].
 
@@ -309,8 +378,12 @@ def make_toy_problem(rng: random.Random, n_steps: int, max_operand: int = TOY_MA
         ops: list[str] = []
         for _ in range(n_steps):
             acc = _chain(numbers, ops)[-1] if ops else numbers[0]
-            options = [(op, k) for op in "+-" for k in range(2, max_operand + 1)
-                       if k not in numbers and 0 <= (acc + k if op == "+" else acc - k) <= max_result]
+            options = [
+                (op, k)
+                for op in "+-"
+                for k in range(2, max_operand + 1)
+                if k not in numbers and 0 <= (acc + k if op == "+" else acc - k) <= max_result
+            ]
             if not options:
                 break
             op, k = rng.choice(options)
@@ -327,29 +400,27 @@ def make_toy_problem(rng: random.Random, n_steps: int, max_operand: int = TOY_MA
     question = " ".join(sentences).replace(" .", ".").replace(" ?", "?")
     results = _chain(numbers, ops)
     assert results is not None
-    return Problem(question, _format_steps(numbers, ops, results), results[-1], list(numbers))
+    return WordProblem(question, _format_steps(numbers, ops, results), results[-1], list(numbers))
 
 
-def make_toy_problems(n: int, seed: int, steps: tuple[int, int] = (2, 4)) -> list[Problem]:
+def make_toy_problems(n: int, seed: int, steps: tuple[int, int] = (2, 4)) -> list[WordProblem]:
     """``n`` toy problems (`make_toy_problem`) with step counts uniform in ``steps``."""
     rng = random.Random(seed)
     return [make_toy_problem(rng, rng.randint(*steps)) for _ in range(n)]
 
 
-def make_toy_pairs(n: int, seed: int, steps: tuple[int, int] = (2, 4),
-                   offsets: Sequence[int] = (-1, 1)) -> PairSet:
+def make_toy_pairs(n: int, seed: int, steps: tuple[int, int] = (2, 4), offsets: Sequence[int] = (-1, 1)) -> PairSet:
     """``n`` clean/corrupted pairs of toy problems; both variants stay in the toy distribution
     (operands in [2, 9], results in [0, 19]) and differ in one number and in their answers."""
     rng = random.Random(seed)
     pairs: list[Pair] = []
+    failures = 0
     while len(pairs) < n:
         clean = make_toy_problem(rng, rng.randint(*steps))
         bad = corrupt(clean, rng, offsets)
         if bad is None or not _toy_chain_ok(bad.numbers, _ops_of(bad), TOY_MAX_OPERAND, TOY_MAX_RESULT):
+            failures = _failed(failures, offsets)
             continue
-        changed = next(f"{a}->{b}" for a, b in zip(clean.numbers, bad.numbers) if a != b)
-        qs = [Question(p.question, float(p.answer),
-                       {"reasoning_steps": len(p.steps), "steps": list(p.steps), "changed": changed})
-              for p in (clean, bad)]
-        pairs.append(Pair(len(pairs), qs[0], qs[1]))
+        failures = 0
+        pairs.append(_pair(len(pairs), clean, bad))
     return PairSet.from_pairs(pairs)

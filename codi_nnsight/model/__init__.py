@@ -1,11 +1,25 @@
-"""The CODI model: its description, checkpoint loading, the plain module, the nnsight wrapper.
+"""The CODI model: its description, family table, checkpoint loading, module and nnsight wrapper.
 
-`config` (the `codi.json`), `module` (the CODI procedure as one `torch.nn.Module`),
-`wrapper` (`CODIModel`, the nnsight `Remotable`), `inference` (greedy answers), `remote`
-(running traces on NDIF).
+`config` (the `codi.json`), `families` (where each architecture keeps its parts), `schedule`
+(which call is which latent step), `module` (the CODI procedure as one `torch.nn.Module`),
+`checkpoint` (strict loading of official checkpoints), `wrapper` (`CODIModel`, the nnsight
+`Remotable`), `inference` (greedy answers), `remote` (running traces on NDIF).
 """
 
-from .config import CODIConfig, resolve_model_spec
-from .wrapper import CODIModel, load_model
+from __future__ import annotations
 
-__all__ = ["CODIConfig", "CODIModel", "load_model", "resolve_model_spec"]
+from typing import Any
+
+# Resolved on first use, so that light modules (`families`, `config`) import without torch.
+_EXPORTS = {"CODIConfig": "config", "resolve_model_spec": "config", "CODIModel": "wrapper", "load_model": "wrapper",
+            "Family": "families", "FAMILIES": "families", "CallSchedule": "schedule"}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

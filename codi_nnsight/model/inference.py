@@ -107,3 +107,45 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, disable=not enabled, leave=False)
+
+
+def filter_pairs(model: CODIModel, pairs: Any, require_different: bool = True, max_new_tokens: int = 32,
+                 progress: bool = False, remote: bool | str = False) -> tuple[Any, dict[str, int]]:
+    """Pairs the model answers correctly in both variants (meta `baseline_correct` added to each question).
+
+    Returns (the kept `PairSet`, counts of why pairs were dropped). With `require_different`, pairs
+    whose clean and corrupted answers are equal are dropped too: they have no flip to measure.
+    """
+    from ..data.pairs import Pair, PairSet, Question
+
+    answers = evaluate_pairs(model, pairs, max_new_tokens=max_new_tokens, progress=progress, remote=remote)
+    by = {(a.pair_id, a.variant): a.correct for a in answers}
+    kept, dropped = [], {"clean wrong": 0, "corrupted wrong": 0, "answers equal": 0}
+    for p in pairs:
+        ok = True
+        for variant in ("clean", "corrupted"):
+            if not by[(p.pair_id, variant)]:
+                dropped[f"{variant} wrong"] += 1
+                ok = False
+        if require_different and p.clean.answer == p.corrupted.answer:
+            dropped["answers equal"] += 1
+            ok = False
+        if ok:
+            kept.append(Pair(p.pair_id, *(Question(q.question, q.answer, {**q.meta, "baseline_correct": True})
+                                          for q in (p.clean, p.corrupted))))
+    return PairSet.from_pairs(kept), dropped
+
+
+def check_pairs_with_model(model: CODIModel, pairs: Any, max_new_tokens: int = 32) -> list[str]:
+    """Lines about how a model sees a pairs file: token lengths and how many it answers correctly."""
+    diffs = [len(model.encode_question(p.clean.question)) - len(model.encode_question(p.corrupted.question))
+             for p in pairs]
+    answers = evaluate_pairs(model, pairs, max_new_tokens=max_new_tokens)
+    by = {(a.pair_id, a.variant): a.correct for a in answers}
+    clean = sum(by[(p.pair_id, "clean")] for p in pairs)
+    corrupted = sum(by[(p.pair_id, "corrupted")] for p in pairs)
+    both = sum(by[(p.pair_id, "clean")] and by[(p.pair_id, "corrupted")] for p in pairs)
+    return [f"token length clean - corrupted: equal for {sum(d == 0 for d in diffs)}/{len(diffs)} pairs, "
+            f"range {min(diffs)}..{max(diffs)}",
+            f"model {model.name} answers correctly: clean {clean}/{len(pairs)}, corrupted {corrupted}/{len(pairs)}, "
+            f"both {both}"]

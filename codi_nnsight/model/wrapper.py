@@ -26,6 +26,14 @@ from .families import Family
 from .module import CODIModule
 from .schedule import CallSchedule
 
+#: How question text is normalized before tokenizing. `official` is what the official CODI test
+#: script does (20 of the 132 seed questions of the original study hold double spaces, which
+#: tokenize differently); `none` feeds the text as written.
+QUESTION_NORMALIZATIONS: dict[str, Any] = {
+    "official": lambda q: q.strip().replace("  ", " "),
+    "none": lambda q: q,
+}
+
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
 
@@ -63,7 +71,11 @@ class CODIModel(Remotable):
 
     def __init__(self, spec: Any, *args: Any, tokenizer: Any = None, config: CODIConfig | None = None,
                  dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
-                 **kwargs: Any) -> None:
+                 question_normalization: str = "official", **kwargs: Any) -> None:
+        if question_normalization not in QUESTION_NORMALIZATIONS:
+            raise UserError(f"question normalization {question_normalization!r}: expected one of "
+                            f"{', '.join(QUESTION_NORMALIZATIONS)}")
+        self.question_normalization = question_normalization
         self._codi_dtype = dtype
         self._codi_device = device
         if isinstance(spec, CODIModule):
@@ -153,9 +165,13 @@ class CODIModel(Remotable):
         return self.codi_config.display_name() if self.codi_config else "codi"
 
     # -- inputs --------------------------------------------------------------------------------
+    def normalize_question(self, question: str) -> str:
+        """The question text as the model is fed it (see `QUESTION_NORMALIZATIONS`)."""
+        return QUESTION_NORMALIZATIONS[self.question_normalization](question)
+
     def encode_question(self, question: str) -> list[int]:
-        """Token ids of `question` (+BOS when the tokenizer adds one) followed by `[bot]`."""
-        return list(self.tokenizer(question).input_ids) + self._module.bot_ids()
+        """Token ids of the normalized `question` (+BOS when the tokenizer adds one) followed by `[bot]`."""
+        return list(self.tokenizer(self.normalize_question(question)).input_ids) + self._module.bot_ids()
 
     def prepare(self, questions: list[str] | str, **extra: Any) -> dict[str, Any]:
         """Left-padded `input_ids` / `attention_mask` for `questions`, plus `extra` forward kwargs."""
@@ -277,6 +293,11 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def load_model(spec: str | Path | CODIConfig | None = None, dtype: str | torch.dtype | None = None,
-               device: str | torch.device | None = None) -> CODIModel:
-    """Load a CODI model for nnsight: `codi.json` path, folder, preset name, or the bundled toy."""
-    return CODIModel(resolve_model_spec(spec), dtype=dtype, device=device)
+               device: str | torch.device | None = None, question_normalization: str = "official") -> CODIModel:
+    """Load a CODI model for nnsight: `codi.json` path, folder, preset name, or the bundled toy.
+
+    `question_normalization="official"` feeds questions as the official CODI evaluation does
+    (`question.strip().replace("  ", " ")`); `"none"` feeds them as written.
+    """
+    return CODIModel(resolve_model_spec(spec), dtype=dtype, device=device,
+                     question_normalization=question_normalization)

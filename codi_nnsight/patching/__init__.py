@@ -1,15 +1,34 @@
-"""Activation patching at the continuous thoughts: plan, trace, Dataset, partial store, sweep."""
+"""Activation patching at the continuous thoughts, in the order the data flows:
 
-from .sweep import patch_sweep
-from .trace import (
-    SweepConfig,
-    answer_tokens,
-    full_patch_check,
-    parse_layers,
-    plan_batch,
-    prompt_inputs,
-    run_batch,
-)
+`sites` (what can be patched) and `metrics` (what is measured) are the two tables everything
+else reads; `options` and `config` describe one sweep; `plan` lays out the rows and patches of a
+batch; `trace` runs it in one nnsight trace; `dataset` turns rows into the labeled Dataset;
+`sanity` holds the invariants every sweep checks; `store` keeps finished batches on disk;
+`sweep` is the public entry point, `patch_sweep`; `summary` says what a sweep found in a line.
+"""
 
-__all__ = ["SweepConfig", "answer_tokens", "full_patch_check", "parse_layers", "patch_sweep", "plan_batch",
-           "prompt_inputs", "run_batch"]
+from __future__ import annotations
+
+from typing import Any
+
+# Resolved on first use, so that light modules (`options`, `sites`) import without torch.
+_EXPORTS = {
+    "COMPONENTS": "sites", "SITES": "sites", "Site": "sites",
+    "DIRECTIONS": "options", "MODES": "options", "POSITIONS": "options",
+    "SweepConfig": "config", "parse_layers": "config",
+    "METRICS": "metrics", "Metric": "metrics",
+    "answer_tokens": "plan", "plan_batch": "plan", "prompt_inputs": "plan",
+    "SANITY_CHECKS": "sanity", "SanityCheck": "sanity",
+    "patch_sweep": "sweep",
+    "full_patch_check": "trace", "run_batch": "trace",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

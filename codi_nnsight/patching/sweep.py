@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import importlib.metadata as _md
+import json
 import logging
 import shlex
 import signal
@@ -18,16 +19,12 @@ import xarray as xr
 
 from ..errors import UserError
 from ..model.wrapper import CODIModel
-from ..patching.store import SCHEMA, PartialStore, clean_attrs
-from ..patching.trace import (
-    SweepConfig,
-    batch_dataset,
-    full_patch_check,
-    plan_batch,
-    run_batch,
-    sanity_attrs,
-    variants_of,
-)
+from .config import SweepConfig
+from .dataset import SCHEMA, batch_dataset, with_pair_coordinates
+from .plan import plan_batch
+from .sanity import measure, merge_sanity, sanity_attrs
+from .store import PartialStore, _write_atomic_nc, clean_attrs
+from .trace import full_patch_check, run_batch
 
 log = logging.getLogger(__name__)
 
@@ -81,19 +78,22 @@ def patch_sweep(
     seed: int = 0,
     command: str | None = None,
 ) -> xr.Dataset:
-    """Patch source activations into target runs at CoT positions, layer by layer.
+    """Patch source activations into target runs at the latent positions, layer by layer.
 
     Args:
         model: a loaded `CODIModel`.
         pairs: a `PairSet` (or any sequence of pairs with `.clean`/`.corrupted`/`.pair_id`).
         layers: decoder blocks to patch (default all).
-        component: `resid`, `attn`, `mlp` or `latent` — or a list of them (adds a `component` dim).
-        positions: `all` CoT positions at once, or `each` one at a time (adds `position`).
-        mode: `recurrent` (later latents recomputed from the patched state) or `frozen`
-            (latent input embeddings kept at the baseline's: direct effect only).
+        component: a patch site of `sites.SITES` (`resid`, `attn`, `mlp`, `latent`) — or a list of
+            them (adds a `component` dim).
+        positions: `all` latent positions at once, or `each` one at a time (adds `position`).
+        mode: `recurrent` (later latents recomputed from the patched state: the total effect) or
+            `no-feedback` (the fed-back latent embeddings held at the baseline's: the effect
+            through attention only). `frozen` is the old name of `no-feedback`.
         direction: `denoise` (clean → corrupted) or `noise` (corrupted → clean).
-        batch_size: pairs per trace, or `"auto"`.
-        max_new_tokens: greedy tokens decoded after the answer prompt (default: answer length + 3).
+        batch_size: pairs per trace, or `"auto"`. Results do not depend on it.
+        max_new_tokens: greedy tokens decoded after the answer prompt (default: the pair's longer
+            answer + 3 tokens).
         remote: nnsight's `remote=` (False, True for NDIF, a host URL, or "local").
         out: netCDF path. Finished batches stream to `<out>.partial/`; the final file is atomic.
         resume: continue an interrupted run from `<out>.partial/` (same configuration only).
@@ -105,92 +105,95 @@ def patch_sweep(
         The results `xarray.Dataset` (docs/results-schema.md).
     """
     components = [component] if isinstance(component, str) else list(component)
-    if len(components) > 1:
-        return _multi_component_sweep(model, pairs, components, out=out, resume=resume, layers=layers,
-                                      positions=positions, mode=mode, direction=direction,
-                                      batch_size=batch_size, max_new_tokens=max_new_tokens, remote=remote,
-                                      progress=progress, seed=seed, command=command)
-    torch.manual_seed(seed)
     cfg = SweepConfig(layers=list(range(model.n_layers)) if layers is None else list(layers),
                       component=components[0], positions=positions, mode=mode, direction=direction,
                       max_new_tokens=max_new_tokens)
+    if len(components) > 1:
+        return _multi_component_sweep(model, pairs, components, cfg, out=out, resume=resume, batch_size=batch_size,
+                                      remote=remote, progress=progress, seed=seed, command=command)
     cfg.validate(model)
-    source = getattr(pairs, "source", None)
-    pairs_sha = getattr(pairs, "sha256", None)
+    source, pairs_sha = getattr(pairs, "source", None), getattr(pairs, "sha256", None)
     pairs = list(pairs)
     if not pairs:
         raise UserError("no pairs to patch")
     check_context(model, pairs)
-    start = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     if pairs_sha is None:
         from ..data.pairs import PairSet
 
         pairs_sha = PairSet.from_pairs(pairs).sha256
-    fingerprint = {
-        "model_config": model.codi_config.to_json() if model.codi_config else "",
-        "checkpoint_sha256": model.checkpoint_sha256, "pairs_sha256": pairs_sha,
-        "mode": mode, "direction": direction, "component": cfg.component, "positions": positions,
-        "layers": cfg.layers, "dtype": str(model.dtype).replace("torch.", ""),
-        "max_new_tokens": max_new_tokens, "seed": seed,
-    }
-    n_variants = len(variants_of(cfg, model.num_latent))
-    if batch_size == "auto":
-        longest = max(len(model.encode_question(q.question)) for p in pairs for q in (p.clean, p.corrupted))
-        bs = auto_batch_size(model, 3 + n_variants, longest)
-    else:
-        bs = int(batch_size)
-        if bs < 1:
-            raise UserError(f"--batch-size {batch_size}: must be >= 1 or auto")
+    torch.manual_seed(seed)
+    start = _now()
+    fingerprint = cfg.fingerprint(model, pairs_sha, seed)
+    bs = _batch_size(model, pairs, cfg, batch_size)
     store = PartialStore(out, fingerprint) if out is not None else None
     done = store.open(resume) if store is not None else set()
-    todo = [p for p in pairs if int(p.pair_id) not in done]
+    batches = _run_batches(model, [p for p in pairs if int(p.pair_id) not in done], cfg, bs, remote, store,
+                           progress, total=len(pairs))
+    attrs = {"codi_nnsight_schema": SCHEMA, "model_name": model.name, **SweepConfig.attrs_of(fingerprint),
+             "run_fingerprint": json.dumps(fingerprint, sort_keys=True), "device": str(model.device),
+             "command": command if command is not None else shlex.join(sys.argv), "start_time": start,
+             "pairs_file": str(source or ""), "remote": str(remote), "num_latent": model.num_latent,
+             "n_layers_model": model.n_layers, **versions()}
+    full = full_patch_check(model, pairs, remote=remote)
+    order = [int(p.pair_id) for p in pairs]
+
+    def finalize(ds: xr.Dataset) -> xr.Dataset:
+        ds = with_pair_coordinates(ds, pairs)
+        ds.attrs = clean_attrs({**attrs, **sanity_attrs(measure(ds, full), model.dtype), "end_time": _now()})
+        return ds
+
+    if store is not None:
+        return store.finish({}, order, transform=finalize)
+    ds = xr.concat(batches, dim="pair", combine_attrs="drop")
+    return finalize(ds)
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _batch_size(model: CODIModel, pairs: list[Any], cfg: SweepConfig, batch_size: int | str) -> int:
+    """Pairs per trace: a number >= 1, or `auto` from the memory a batch needs."""
+    if batch_size == "auto":
+        longest = max(len(model.encode_question(q.question)) for p in pairs for q in (p.clean, p.corrupted))
+        return auto_batch_size(model, 3 + len(cfg.variants(model.num_latent)), longest)
+    bs = int(batch_size)
+    if bs < 1:
+        raise UserError(f"--batch-size {batch_size}: must be >= 1 or auto")
+    return bs
+
+
+def _run_batches(model: CODIModel, todo: list[Any], cfg: SweepConfig, bs: int, remote: bool | str,
+                 store: PartialStore | None, progress: bool, total: int) -> list[xr.Dataset]:
+    """Trace `todo` in batches; each finished batch goes to the store (or is returned)."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(pairs), initial=len(pairs) - len(todo), desc="patching pairs",
-               disable=not progress, unit="pair")
+    bar = tqdm(total=total, initial=total - len(todo), desc="patching pairs", disable=not progress, unit="pair")
     in_memory: list[xr.Dataset] = []
+    finished = total - len(todo)
     interrupt = _DeferredInterrupt()
     try:
         for i in range(0, len(todo), bs):
             chunk = todo[i:i + bs]
             plan = plan_batch(model, chunk, cfg)
-            metrics, generated = run_batch(model, plan, cfg, remote=remote)
-            ds = batch_dataset(model, chunk, cfg, plan, metrics, generated)
-            ds.attrs = {}
+            columns, generated = run_batch(model, plan, cfg, remote=remote)
+            ds = batch_dataset(model, chunk, cfg, plan, columns, generated)
             if store is not None:
                 store.add(ds)
             else:
                 in_memory.append(ds)
+            finished += len(chunk)
             bar.update(len(chunk))
             interrupt.check()
+    except UserError as e:
+        if store is not None and finished:  # same error type, with where the work is and how to go on
+            e.args = (f"{e}; the finished pairs are kept in {store.dir} — rerun the same command with --resume "
+                      "to continue",)
+        raise
     finally:
         interrupt.restore()
         bar.close()
-    full = full_patch_check(model, pairs, remote=remote)
-    attrs = {
-        "codi_nnsight_schema": SCHEMA, "model_name": model.name,
-        "model_config": fingerprint["model_config"], "checkpoint_sha256": model.checkpoint_sha256,
-        "mode": mode, "direction": direction, "component": cfg.component, "positions": positions,
-        "layers": ",".join(map(str, cfg.layers)), "dtype": fingerprint["dtype"],
-        "device": str(model.device), "seed": seed,
-        "command": command if command is not None else shlex.join(sys.argv),
-        "start_time": start, "pairs_file": str(source or ""), "pairs_sha256": pairs_sha,
-        "remote": str(remote), "num_latent": model.num_latent, "n_layers_model": model.n_layers,
-        **versions(),
-    }
-    order = [int(p.pair_id) for p in pairs]
-    if store is not None:
-        # Sanity attrs need every pair: finish() concatenates, so compute them on the way.
-        merged = xr.concat(store.batches(), dim="pair", combine_attrs="override")
-        attrs.update(sanity_attrs(merged, full, model.dtype))
-        attrs["end_time"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-        return store.finish(clean_attrs(attrs), order)
-    ds = xr.concat(in_memory, dim="pair", combine_attrs="override")
-    ds.attrs = {}
-    attrs.update(sanity_attrs(ds, full, model.dtype))
-    attrs["end_time"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    ds.attrs.update(clean_attrs(attrs))
-    return ds
+    return in_memory
 
 
 class _DeferredInterrupt:
@@ -224,31 +227,61 @@ class _DeferredInterrupt:
             self.previous = None
 
 
-def _multi_component_sweep(model: CODIModel, pairs: Any, components: list[str], out: str | Path | None,
-                           resume: bool, **kw: Any) -> xr.Dataset:
-    """One sweep per component, stacked along a `component` dim (each streams to its own file)."""
-    from ..patching.store import _write_atomic_nc
+def _multi_component_sweep(model: CODIModel, pairs: Any, components: list[str], cfg: SweepConfig,
+                           out: str | Path | None, resume: bool, **kw: Any) -> xr.Dataset:
+    """One sweep per component, stacked along a `component` dim (each streams to its own file).
+
+    A finished `OUT.<component>.nc` is reused on `--resume` only when its recorded fingerprint is
+    this run's; the stacked file's layout never depends on its values: every metric and the
+    self-patch control get the `component` dim, the unpatched runs' per-pair values do not.
+    """
+    from .dataset import per_pair_names
+    from .metrics import METRICS
 
     parts = []
     for c in components:
         sub = None if out is None else Path(f"{out}.{c}.nc")
-        if sub is not None and resume and sub.exists():  # finished before the interruption
-            with xr.open_dataset(sub) as f:
-                parts.append(f.load())
+        sub_kw = dict(layers=cfg.layers, component=c, positions=cfg.positions, mode=cfg.mode,
+                      direction=cfg.direction, max_new_tokens=cfg.max_new_tokens, **kw)
+        if sub is not None and sub.exists():
+            parts.append(_reuse_component(model, pairs, sub, c, cfg, resume, kw.get("seed", 0)))
             continue
-        parts.append(patch_sweep(model, pairs, component=c, out=sub, resume=resume, **kw))
-    ds = xr.concat(parts, dim=xr.DataArray(components, dims="component", name="component"),
-                   data_vars="different", coords="minimal", join="outer", combine_attrs="override")
+        parts.append(patch_sweep(model, pairs, out=sub, resume=resume, **sub_kw))
+    stacked = [m.name for m in METRICS] + [n for n in per_pair_names() if n.startswith("self_patch")]
+    ds = xr.concat(parts, dim=xr.DataArray(components, dims="component", name="component"), data_vars=stacked,
+                   coords="minimal", compat="override", join="outer", combine_attrs="override")
     ds = ds.transpose("pair", "layer", ...)  # the schema's order: component last
     ds.attrs["component"] = ",".join(components)
-    for name in ("sanity_self_patch_max_kl", "sanity_full_patch_max_abs"):
-        ds.attrs[name] = max(float(p.attrs[name]) for p in parts)
-    ds.attrs["sanity_min_kl"] = min(float(p.attrs["sanity_min_kl"]) for p in parts)
-    ds.attrs["sanity_passed"] = int(all(int(p.attrs["sanity_passed"]) for p in parts))
+    ds.attrs.update(merge_sanity([p.attrs for p in parts], model.dtype))
+    fp = json.loads(ds.attrs["run_fingerprint"])
+    ds.attrs["run_fingerprint"] = json.dumps({**fp, "component": components}, sort_keys=True)
     if out is not None:
         _write_atomic_nc(ds, Path(out))
         for c in components:
             Path(f"{out}.{c}.nc").unlink(missing_ok=True)
+    return ds
+
+
+def _reuse_component(model: CODIModel, pairs: Any, path: Path, component: str, cfg: SweepConfig, resume: bool,
+                     seed: int) -> xr.Dataset:
+    """A component file finished before an interruption, if it belongs to this very run."""
+    if not resume:
+        raise UserError(f"{path}: a finished component of an earlier run exists; rerun with --resume to use it, "
+                        "or delete it to start over")
+    from ..data.pairs import PairSet
+
+    sha = getattr(pairs, "sha256", None) or PairSet.from_pairs(list(pairs)).sha256
+    sub_cfg = SweepConfig(layers=cfg.layers, component=component, positions=cfg.positions, mode=cfg.mode,
+                          direction=cfg.direction, max_new_tokens=cfg.max_new_tokens)
+    sub_cfg.validate(model)
+    expected = sub_cfg.fingerprint(model, sha, seed)
+    with xr.open_dataset(path) as f:
+        ds = f.load()
+    stored = json.loads(ds.attrs.get("run_fingerprint", "{}"))
+    diff = SweepConfig.difference(stored, expected)
+    if diff is not None:
+        raise UserError(f"{path}: finished component file is from a different run ({diff}); refusing to mix "
+                        "results — delete it to start over")
     return ds
 
 

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data.synthetic import Problem, make_toy_problem, toy_words
+from ..data.synthetic import WordProblem, make_toy_problem, toy_words
 from ..model.config import CODIConfig
 from ..model.module import CODIModule, make_prj, register_attention
 
@@ -129,14 +129,14 @@ def decode(ids: list[int]) -> str:
     return text
 
 
-def is_held_out(problem: Problem) -> bool:
+def is_held_out(problem: WordProblem) -> bool:
     """Whether the problem's arithmetic chain is reserved for evaluation."""
     return zlib.crc32(" ".join(problem.steps).encode()) % HOLDOUT_MOD == 0
 
 
-def sample_problems(rng: random.Random, n: int, cfg: ToyConfig, held_out: bool) -> list[Problem]:
+def sample_problems(rng: random.Random, n: int, cfg: ToyConfig, held_out: bool) -> list[WordProblem]:
     """`n` problems from the training (or held-out) side of the chain split."""
-    out: list[Problem] = []
+    out: list[WordProblem] = []
     while len(out) < n:
         p = make_toy_problem(rng, rng.randint(cfg.min_steps, cfg.max_steps), cfg.max_operand,
                              cfg.max_result)
@@ -145,7 +145,7 @@ def sample_problems(rng: random.Random, n: int, cfg: ToyConfig, held_out: bool) 
     return out
 
 
-def eval_problems(n: int, seed: int, cfg: ToyConfig | None = None) -> list[Problem]:
+def eval_problems(n: int, seed: int, cfg: ToyConfig | None = None) -> list[WordProblem]:
     """The fixed held-out evaluation set: `n` problems from chains never used in training."""
     return sample_problems(random.Random(seed), n, cfg or ToyConfig(), held_out=True)
 
@@ -161,7 +161,7 @@ def _pad(seqs: list[list[int]], left: bool) -> tuple[torch.Tensor, torch.Tensor]
     return ids, mask
 
 
-def make_batch(problems: list[Problem]) -> dict[str, torch.Tensor]:
+def make_batch(problems: list[WordProblem]) -> dict[str, torch.Tensor]:
     """Tensors for one training batch.
 
     Questions are left-padded like inference prompts; the student suffix
@@ -408,6 +408,19 @@ def train_toy(out_dir: str | Path, seed: int = 0, steps: int | None = None, eval
     return log
 
 
+def describe_training(log: dict[str, Any]) -> str:
+    """One line about a `train_toy` log: steps, time, final loss and, if evaluated, held-out accuracy."""
+    last = log["history"][-1] if log.get("history") else {}
+    text = (f"{last.get('step', 0)} steps in {log.get('train_time_s', 0):.1f} s "
+            f"({log.get('torch_threads', '?')} threads), final loss {last.get('total', float('nan')):.4f}")
+    ev = log.get("eval")
+    if ev:
+        text += f"; held-out accuracy {ev['accuracy']:.1%} on {ev['n']} problems"
+        if "zero_latent" in ev:
+            text += f" (zeroed latents {ev['zero_latent']:.1%}, another problem's latents {ev['other_latent']:.1%})"
+    return text
+
+
 # ---------------------------------------------------------------------------------------------
 # Evaluation
 # ---------------------------------------------------------------------------------------------
@@ -424,7 +437,7 @@ class _ReplacePrj:
         return self.latents[:, k:k + 1, :].to(output.dtype).expand_as(output).clone()
 
 
-def _accuracy(texts: list[str], problems: list[Problem]) -> float:
+def _accuracy(texts: list[str], problems: list[WordProblem]) -> float:
     from ..model.inference import extract_answer_number
 
     right = sum(extract_answer_number(t) == float(p.answer) for t, p in zip(texts, problems))

@@ -1,0 +1,128 @@
+"""One description of a sweep: options, validation, the resume fingerprint and the file attrs.
+
+pyvene serialises an intervention as a config object; here `SweepConfig` plays that role. The
+same object produces the fingerprint that `--resume` and multi-component stacking compare, the
+provenance attrs of the results file, and the CLI's choices (`OPTIONS`), so the three can never
+disagree about what a run was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import UserError
+from .metrics import RECOVERY_MIN_DENOMINATOR
+from .options import DIRECTIONS, MODE_ALIASES, MODES, POSITIONS
+from .sites import COMPONENTS, SITES
+
+#: The choices of every option, for validation and the CLI.
+OPTIONS: dict[str, tuple[str, ...]] = {"component": COMPONENTS, "positions": POSITIONS, "mode": MODES,
+                                       "direction": DIRECTIONS}
+
+
+def canonical_mode(mode: str) -> str:
+    """`mode` with old names mapped to the current one (warns once per call)."""
+    if mode in MODE_ALIASES:
+        new = MODE_ALIASES[mode]
+        warnings.warn(f"mode {mode!r} is now called {new!r}: it holds the fed-back latent embeddings at their "
+                      "baseline values, which is not a direct effect", FutureWarning, stacklevel=3)
+        return new
+    return mode
+
+
+@dataclass
+class SweepConfig:
+    """What a sweep patches; everything that must match for `--resume` to mix results."""
+
+    layers: list[int]
+    component: str = "resid"
+    positions: str = "all"
+    mode: str = "recurrent"
+    direction: str = "denoise"
+    max_new_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        self.mode = canonical_mode(self.mode)
+        self.layers = [int(L) for L in self.layers]
+
+    @property
+    def site(self) -> Any:
+        """The patch site (`sites.SITES` entry)."""
+        return SITES[self.component]
+
+    def validate(self, model: Any) -> None:
+        """Clear one-line errors for values the model cannot take."""
+        for name, allowed in OPTIONS.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise UserError(f"--{name} {value!r}: expected one of {', '.join(allowed)}")
+        if not self.site.per_layer:
+            self.layers = [0]
+        if not self.layers:
+            raise UserError("--layers: empty layer list")
+        bad = [L for L in self.layers if not 0 <= L < model.n_layers]
+        if bad:
+            raise UserError(f"--layers: layer {bad[0]} out of range (model has {model.n_layers} layers, "
+                            f"0-{model.n_layers - 1})")
+        if model.num_latent == 0:
+            raise UserError("model has num_latent = 0: there are no CoT positions to patch")
+
+    def variants(self, num_latent: int) -> list[tuple[int, int]]:
+        """(layer, position) of every patched variant; position -1 = all latent positions at once."""
+        positions = [-1] if self.positions == "all" else list(range(num_latent))
+        return [(L, p) for L in self.layers for p in positions]
+
+    def fingerprint(self, model: Any, pairs_sha256: str, seed: int) -> dict[str, Any]:
+        """Everything that determines the numbers: `--resume` and stacking refuse any difference."""
+        return {
+            **dataclasses.asdict(self),
+            "model_config": model.codi_config.to_json() if model.codi_config else "",
+            "checkpoint_sha256": model.checkpoint_sha256, "pairs_sha256": pairs_sha256,
+            "dtype": str(model.dtype).replace("torch.", ""), "seed": seed,
+            "question_normalization": model.question_normalization,
+            "recovery_min_denominator": RECOVERY_MIN_DENOMINATOR,
+        }
+
+    @staticmethod
+    def attrs_of(fingerprint: dict[str, Any]) -> dict[str, Any]:
+        """The fingerprint as netCDF attrs (layers as `0,1,2`; None as "")."""
+        out = {k: ("" if v is None else v) for k, v in fingerprint.items()}
+        out["layers"] = ",".join(map(str, fingerprint["layers"]))
+        return out
+
+    @staticmethod
+    def difference(stored: dict[str, Any], current: dict[str, Any]) -> str | None:
+        """None when two fingerprints agree, else a one-line description of the first difference."""
+        diff = [k for k in sorted(set(stored) | set(current)) if stored.get(k) != current.get(k)]
+        if not diff:
+            return None
+        k = diff[0]
+        return (f"{', '.join(diff)} differ; e.g. {k}: stored {json.dumps(stored.get(k))}, "
+                f"now {json.dumps(current.get(k))}")
+
+
+def parse_layers(text: str | None, n_layers: int) -> list[int]:
+    """`"0-3,7"` → [0, 1, 2, 3, 7]; None/"all" → every layer. Errors name the bad piece."""
+    if text is None or text.strip() in ("", "all"):
+        if text is not None and text.strip() == "":
+            raise UserError("--layers: empty layer list")
+        return list(range(n_layers))
+    out: list[int] = []
+    for piece in text.split(","):
+        piece = piece.strip()
+        try:
+            if "-" in piece[1:]:
+                a, b = piece.split("-", 1) if not piece.startswith("-") else ("-" + piece[1:].split("-")[0], "")
+                lo, hi = int(a), int(b)
+                if hi < lo:
+                    raise ValueError
+                out.extend(range(lo, hi + 1))
+            else:
+                out.append(int(piece))
+        except ValueError:
+            raise UserError(f"--layers: cannot read {piece!r} (expected e.g. 0-3,7)") from None
+    return sorted(dict.fromkeys(out))

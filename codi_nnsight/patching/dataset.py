@@ -1,0 +1,129 @@
+"""From the rows of one traced batch to the labeled results Dataset (docs/results-schema.md).
+
+Everything is driven by the metric table: every metric is scattered from its variant rows into
+`(pair, layer[, position])`; metrics marked `per_run` are also stored per pair for the unpatched
+baseline and source runs. Pairs whose clean and corrupted answers are equal have no flip to
+measure: metrics that need two different answers are NaN for them, and `comparable` says which.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from ..data.pairs import pair_coordinates
+from ..model.inference import decode, extract_answer_number
+from ..model.wrapper import CODIModel
+from .config import SweepConfig
+from .metrics import BY_NAME, METRICS, RowFrame, row_metrics
+from .plan import BatchPlan
+
+SCHEMA = "codi-nnsight/results/2"
+
+#: Per-pair variables that are not `baseline_<m>` / `source_<m>`: name -> (long_name, units).
+PAIR_VARIABLES: dict[str, tuple[str, str]] = {
+    "clean_prompted_answer": ("number decoded greedily after the teacher-forced prompt, unpatched clean run",
+                              "answer value"),
+    "corrupted_prompted_answer": ("number decoded greedily after the teacher-forced prompt, unpatched corrupted "
+                                  "run", "answer value"),
+    "clean_prompted_correct": ("clean_prompted_answer equals the clean question's true answer", "share"),
+    "corrupted_prompted_correct": ("corrupted_prompted_answer equals the corrupted question's true answer", "share"),
+    "comparable": ("the clean and corrupted answers differ, so flips and recoveries are defined", "share"),
+    "self_patch_kl": ("KL of the self-patched control row against the baseline (sanity: 0)", "nats"),
+    "self_patch_l2": ("RMS logit difference of the self-patched control row against the baseline (sanity: 0)",
+                      "logits"),
+}
+
+
+def per_pair_names() -> list[str]:
+    """Every per-pair variable name a sweep writes, in order."""
+    runs = [f"{run}_{m.name}" for m in METRICS if m.per_run for run in ("baseline", "source")]
+    return runs + list(PAIR_VARIABLES)
+
+
+def row_frame(model: CODIModel, pairs: Sequence[Any], cfg: SweepConfig, plan: BatchPlan,
+              generated: np.ndarray) -> RowFrame:
+    """The row layout derived metrics need: baseline/source rows, source answers, decoded answers."""
+    answers = [extract_answer_number(decode(model, g)) for g in generated]
+    src_answer = [float((p.clean if cfg.direction == "denoise" else p.corrupted).answer) for p in pairs]
+    return RowFrame(columns={}, baseline_row=np.array(plan.baseline_of), source_row=np.array(plan.source_of),
+                    source_answer=np.array([src_answer[i] for i in plan.row_pair], dtype=np.float64),
+                    answer=np.array([np.nan if a is None else a for a in answers], dtype=np.float64))
+
+
+def batch_dataset(model: CODIModel, pairs: Sequence[Any], cfg: SweepConfig, plan: BatchPlan,
+                  columns: np.ndarray, generated: np.ndarray) -> xr.Dataset:
+    """Assemble the per-batch `xarray.Dataset` (schema in docs/results-schema.md)."""
+    rows = row_metrics(columns, row_frame(model, pairs, cfg, plan, generated))
+    comparable = np.array([float(p.clean.answer != p.corrupted.answer) for p in pairs])
+    each = cfg.positions == "each"
+    K = model.num_latent
+    shape = (len(pairs), len(cfg.layers)) + ((K,) if each else ())
+    index = [(cfg.layers.index(L),) + ((p,) if each else ()) for L, p in plan.variants]
+    dims = ("pair", "layer") + (("position",) if each else ())
+    data: dict[str, Any] = {}
+    for m in METRICS:
+        arr = np.full(shape, np.nan)
+        for i in range(len(pairs)):
+            for idx, row in zip(index, plan.variant_rows[i]):
+                arr[(i, *idx)] = rows[m.name][row]
+        data[m.name] = (dims, _mask(arr, comparable, m.needs_distinct_answers),
+                        {"long_name": m.long_name, "units": m.units})
+    for m in (m for m in METRICS if m.per_run):
+        for run, run_rows in (("baseline", plan.baseline_rows), ("source", plan.source_rows)):
+            values = _mask(rows[m.name][run_rows], comparable, m.needs_distinct_answers)
+            data[f"{run}_{m.name}"] = ("pair", values, {"long_name": f"{m.long_name} — unpatched {run} run",
+                                                        "units": m.units})
+    for name, values in _pair_values(pairs, cfg, plan, rows, comparable).items():
+        long_name, units = PAIR_VARIABLES[name]
+        data[name] = ("pair", values, {"long_name": long_name, "units": units})
+    coords: dict[str, Any] = {"pair": np.array([p.pair_id for p in pairs], dtype=np.int64),
+                              "layer": np.array(cfg.layers, dtype=np.int64)}
+    if each:
+        coords["position"] = ("position", np.arange(K, dtype=np.int64),
+                              {"long_name": "latent token (continuous thought) index"})
+    # Pair metadata coordinates are added once for the whole run (`with_pair_coordinates`): their
+    # names and dtypes depend on all the pairs, and batches must concatenate cleanly.
+    return xr.Dataset(data, coords=coords)
+
+
+def with_pair_coordinates(ds: xr.Dataset, pairs: Sequence[Any]) -> xr.Dataset:
+    """`ds` (whose `pair` dim follows `pairs`' order) with the per-pair metadata coordinates."""
+    reserved = set(ds.variables) | set(ds.dims)
+    return ds.assign_coords(pair_coordinates(pairs, reserved=reserved))
+
+
+def _mask(values: np.ndarray, comparable: np.ndarray, needs_distinct: bool) -> np.ndarray:
+    """NaN for pairs with equal answers where the metric needs two different answers."""
+    if not needs_distinct:
+        return values
+    keep = comparable.reshape((-1,) + (1,) * (values.ndim - 1)) > 0
+    return np.where(keep, values, np.nan)
+
+
+def _pair_values(pairs: Sequence[Any], cfg: SweepConfig, plan: BatchPlan, rows: dict[str, np.ndarray],
+                 comparable: np.ndarray) -> dict[str, np.ndarray]:
+    """Prompted answers of the unpatched runs, the comparability flag and the self-patch control."""
+    clean_rows, corrupted_rows = ((plan.source_rows, plan.baseline_rows) if cfg.direction == "denoise"
+                                  else (plan.baseline_rows, plan.source_rows))
+    out: dict[str, np.ndarray] = {}
+    for variant, run_rows in (("clean", clean_rows), ("corrupted", corrupted_rows)):
+        answer = rows["answer"][run_rows]
+        truth = np.array([float(getattr(p, variant).answer) for p in pairs])
+        out[f"{variant}_prompted_answer"] = answer
+        out[f"{variant}_prompted_correct"] = (answer == truth).astype(np.float64)
+    out["comparable"] = comparable
+    out["self_patch_kl"] = rows["kl"][plan.self_rows]
+    out["self_patch_l2"] = rows["l2"][plan.self_rows]
+    return out
+
+
+def metric_names() -> list[str]:
+    """Every metric variable name (dims pair, layer[, position][, component])."""
+    return [m.name for m in METRICS]
+
+
+__all__ = ["BY_NAME", "PAIR_VARIABLES", "SCHEMA", "batch_dataset", "metric_names", "per_pair_names"]

@@ -1,0 +1,14 @@
+"""The choices a sweep takes, kept free of heavy imports so the CLI can offer them instantly."""
+
+from __future__ import annotations
+
+POSITIONS = ("all", "each")
+#: `recurrent`: later latents are recomputed from the patched state (the total effect through the
+#: loop). `no-feedback`: the patched run's fed-back latent input embeddings are held at the
+#: baseline's, so the patched activation reaches the answer only through attention to the
+#: patched position and the positions after it — not a direct effect, and exactly zero for
+#: `resid` at the last layer, whose only route onwards is the feedback.
+MODES = ("recurrent", "no-feedback")
+#: Old mode names still accepted (a warning says the new name).
+MODE_ALIASES = {"frozen": "no-feedback"}
+DIRECTIONS = ("denoise", "noise")

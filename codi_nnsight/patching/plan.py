@@ -1,0 +1,204 @@
+"""Planning one traced batch: answer tokens, shared prompts, the row layout and every patch.
+
+Rows of a batch, per pair (denoise shown; noise swaps clean and corrupted):
+
+* `source`   — the clean run: the activations to copy come from here;
+* `baseline` — the corrupted run, unpatched;
+* `self`     — the corrupted run patched with its *own* baseline activations at every patched
+  site (sanity: must equal `baseline`);
+* one row per variant (layer × [position]) — the corrupted run with the source's activation
+  assigned in at that site.
+
+Every row shares its question's prefill (one KV cache per question, `CODIModule(rows=...)`).
+Because the source row runs in the same batch, "clean activation at layer L, latent token k" is
+row `source` of that site's output at that call: the trace assigns `h[dst] = h[src]` while the
+model runs, so no second clean pass is needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import UserError
+from ..model.inference import format_answer
+from ..model.schedule import CallSchedule
+from ..model.wrapper import CODIModel, left_pad
+from .config import SweepConfig
+
+ANSWER_PROMPT = "The answer is:"
+#: Greedy tokens decoded after the prompt, beyond the longer of a pair's two answers.
+DECODE_MARGIN = 3
+
+
+@dataclass
+class AnswerTokens:
+    """Teacher-forcing layout of one pair: shared suffix, and each answer's tokens."""
+
+    suffix: list[int]  # [eot] + "The answer is:" + whitespace tokens before the number
+    clean: list[int]
+    corrupted: list[int]
+
+
+def answer_tokens(model: CODIModel, clean_answer: float, corrupted_answer: float) -> AnswerTokens:
+    """Split `The answer is: X` into the prompt (+ whitespace-only tokens) and X's tokens.
+
+    The answer position is the last suffix position: its next-token distribution predicts the
+    first non-whitespace token of the answer ("-" for a negative number).
+    """
+    tok = model.tokenizer
+    prompt = list(tok(ANSWER_PROMPT, add_special_tokens=False).input_ids)
+    parts = []
+    for value in (clean_answer, corrupted_answer):
+        full = list(tok(f"{ANSWER_PROMPT} {format_answer(value)}", add_special_tokens=False).input_ids)
+        n = 0
+        while n < min(len(prompt), len(full)) and prompt[n] == full[n]:
+            n += 1
+        if n < len(prompt) - 1:
+            raise UserError(f"tokenizer merges the answer prompt {ANSWER_PROMPT!r} with the answer "
+                            f"{format_answer(value)!r}; cannot find the answer position")
+        head, rest = full[:n], full[n:]
+        while rest and tok.decode([rest[0]]).strip() == "":
+            head.append(rest.pop(0))
+        if not rest:
+            raise UserError(f"answer {format_answer(value)!r} tokenizes to whitespace only")
+        parts.append((head, rest))
+    if parts[0][0] != parts[1][0]:
+        raise UserError(f"answers {format_answer(clean_answer)!r} and {format_answer(corrupted_answer)!r} "
+                        "put different tokens before the number; the answer position is ambiguous")
+    return AnswerTokens(model.codi.eot_ids() + parts[0][0], parts[0][1], parts[1][1])
+
+
+#: Share a pair's common question prefix when it saves at least this many tokens per pair.
+MIN_SHARED_PREFIX = 4
+
+
+def prompt_inputs(model: CODIModel, questions: list[str]) -> tuple[dict[str, Any], int]:
+    """Model inputs for consecutive (source, target) question pairs, and the prefill call count.
+
+    A clean question and its corrupted twin agree up to the changed number, so their common
+    token prefix is prefilled once per pair (`prefix_ids`) and only the rests per question.
+    """
+    seqs = [model.encode_question(q) for q in questions]
+    shared = []
+    for a, b in zip(seqs[0::2], seqs[1::2]):
+        n = 0
+        limit = min(len(a), len(b)) - 1  # keep at least [bot] in each rest
+        while n < limit and a[n] == b[n]:
+            n += 1
+        shared.append(n)
+    if not shared or sum(shared) < MIN_SHARED_PREFIX * len(shared):
+        return left_pad(seqs, model.codi.pad_id), 1
+    prefixes = [seqs[2 * i][:n] for i, n in enumerate(shared)]
+    rests = [s[shared[i // 2]:] for i, s in enumerate(seqs)]
+    pre = left_pad(prefixes, model.codi.pad_id)
+    return {**left_pad(rests, model.codi.pad_id), "prefix_ids": pre["input_ids"],
+            "prefix_mask": pre["attention_mask"],
+            "prompt_prefix": torch.arange(len(seqs)) // 2}, 2
+
+
+@dataclass
+class BatchPlan:
+    """Row layout and patch plan of one traced batch (see module docstring)."""
+
+    inputs: dict[str, Any]
+    schedule: CallSchedule
+    source_rows: list[int]
+    baseline_rows: list[int]
+    self_rows: list[int]
+    variant_rows: list[list[int]]  # per pair, in variant order
+    variants: list[tuple[int, int]]  # (layer, position or -1)
+    tokens: list[AnswerTokens]
+    row_pair: list[int]  # the pair (index within the batch) of every row
+    decode_limit: list[int]  # greedy tokens kept per row: depends on its own pair only, never the batch
+    # {(layer, decoder call): (dst rows, src rows)} for layer sites, {prj call: (dst, src)} for prj outputs.
+    layer_plan: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    prj_plan: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    @property
+    def baseline_of(self) -> list[int]:
+        """Every row's unpatched baseline row."""
+        return [self.baseline_rows[i] for i in self.row_pair]
+
+    @property
+    def source_of(self) -> list[int]:
+        """Every row's source row."""
+        return [self.source_rows[i] for i in self.row_pair]
+
+
+def plan_batch(model: CODIModel, pairs: Sequence[Any], cfg: SweepConfig) -> BatchPlan:
+    """Lay out the rows of one batch and the (destination, source) rows of every patch."""
+    variants = cfg.variants(model.num_latent)
+    questions: list[str] = []
+    rows: list[int] = []  # prompt index of every row
+    plan = BatchPlan({}, model.schedule(), [], [], [], [], variants, [], [], [])
+    for i, pair in enumerate(pairs):
+        src_q, tgt_q = (pair.clean, pair.corrupted) if cfg.direction == "denoise" else (pair.corrupted, pair.clean)
+        p_src, p_tgt = len(questions), len(questions) + 1
+        questions += [src_q.question, tgt_q.question]
+        for kind, prompt in (("source", p_src), ("baseline", p_tgt), ("self", p_tgt)):
+            getattr(plan, f"{kind}_rows").append(len(rows))
+            rows.append(prompt)
+        plan.variant_rows.append(list(range(len(rows), len(rows) + len(variants))))
+        rows += [p_tgt] * len(variants)
+        plan.row_pair += [i] * (len(rows) - len(plan.row_pair))
+        plan.tokens.append(answer_tokens(model, pair.clean.answer, pair.corrupted.answer))
+    if len({tuple(t.suffix) for t in plan.tokens}) != 1:
+        raise UserError("pairs in one batch need the same answer prompt tokens; use --batch-size 1")
+    enc, prefill_calls = prompt_inputs(model, questions)
+    plan.schedule = model.schedule(prefill_calls)
+    _plan_patches(plan, cfg)
+    limits = [cfg.max_new_tokens or (max(len(t.clean), len(t.corrupted)) + DECODE_MARGIN) for t in plan.tokens]
+    plan.decode_limit = [limits[i] for i in plan.row_pair]
+    plan.inputs = {**enc, "rows": torch.tensor(rows), "suffix_ids": torch.tensor(plan.tokens[0].suffix),
+                   "candidates": _candidates(plan), "max_new_tokens": max(plan.decode_limit)}
+    return plan
+
+
+def _plan_patches(plan: BatchPlan, cfg: SweepConfig) -> None:
+    """Fill `layer_plan` / `prj_plan`: which rows take which source row, per site and call."""
+    sched, K = plan.schedule, plan.schedule.num_latent
+    layer: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
+    prj: dict[int, tuple[list[int], list[int]]] = {}
+
+    def add(table: dict, key: Any, dst: int, src: int) -> None:
+        d, s = table.setdefault(key, ([], []))
+        d.append(dst)
+        s.append(src)
+
+    per_layer = cfg.site.per_layer
+    for i in range(len(plan.source_rows)):
+        src, base, selfr = plan.source_rows[i], plan.baseline_rows[i], plan.self_rows[i]
+        for (L, p), row in zip(plan.variants, plan.variant_rows[i]):
+            for k in range(K):
+                patched = p in (-1, k)
+                if per_layer and patched:
+                    add(layer, (L, sched.latent_call(k)), row, src)
+                elif not per_layer and patched:
+                    add(prj, sched.prj_call(k), row, src)
+                if cfg.mode == "no-feedback":
+                    # The fed-back embeddings stay the baseline's wherever they are not the site itself
+                    # (prj call 0 reads only the unpatched question, so layer sites need no reset there).
+                    reset = not patched if not per_layer else k > 0
+                    if reset:
+                        add(prj, sched.prj_call(k), row, base)
+        for k in range(K):  # the self-patch control: every patched site, from its own baseline
+            for L in (cfg.layers if per_layer else []):
+                add(layer, (L, sched.latent_call(k)), selfr, base)
+            if not per_layer:
+                add(prj, sched.prj_call(k), selfr, base)
+    plan.layer_plan = {k: (torch.tensor(d), torch.tensor(s)) for k, (d, s) in layer.items()}
+    plan.prj_plan = {k: (torch.tensor(d), torch.tensor(s)) for k, (d, s) in prj.items()}
+
+
+def _candidates(plan: BatchPlan) -> torch.Tensor:
+    """(rows, 2, A) clean and corrupted answer tokens of every row's pair, right-padded with -1."""
+    n = max(max(len(t.clean), len(t.corrupted)) for t in plan.tokens)
+    cands = torch.full((len(plan.row_pair), 2, n), -1, dtype=torch.long)
+    for r, i in enumerate(plan.row_pair):
+        cands[r, 0, : len(plan.tokens[i].clean)] = torch.tensor(plan.tokens[i].clean)
+        cands[r, 1, : len(plan.tokens[i].corrupted)] = torch.tensor(plan.tokens[i].corrupted)
+    return cands

@@ -1,0 +1,31 @@
+"""A one-paragraph summary of a finished sweep (what `codi-nnsight patch` prints)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+
+def sweep_summary(ds: Any, out: str | None = None) -> str:
+    """Where the mean KL peaks, the best flip rate over comparable pairs, excluded pairs, sanity."""
+    kl = ds["kl"].mean("pair")
+    for dim in [d for d in kl.dims if d != "layer"]:
+        kl = kl.max(dim)
+    values = kl.values
+    where = f"{'wrote ' + str(out) + ': ' if out else ''}{ds.sizes['pair']} pairs x {ds.sizes['layer']} layers"
+    if np.isfinite(values).any():
+        i = int(np.nanargmax(values))
+        peak = f"largest mean KL at layer {int(ds['layer'].values[i])} ({float(values[i]):.4g} nats)"
+    else:
+        peak = "KL is NaN everywhere (the model produced NaN logits)"
+    comparable = ds["comparable"].values > 0 if "comparable" in ds else np.ones(ds.sizes["pair"], dtype=bool)
+    flipped = ds["flipped"].mean("pair").max().item() if comparable.any() else math.nan
+    flips = (f"most pairs flipped: {flipped:.0%} of {int(comparable.sum())}" if math.isfinite(flipped)
+             else "no pair can flip")
+    left_out = int((~comparable).sum())
+    excluded = (f"; {left_out} pair{'s' if left_out != 1 else ''} left out of flips and recoveries "
+                "(clean and corrupted answers equal)" if left_out else "")
+    status = "passed" if int(ds.attrs.get("sanity_passed", 0)) else "FAILED"
+    return f"{where}; {peak}; {flips}{excluded}; sanity checks {status}"
