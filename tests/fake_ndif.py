@@ -66,10 +66,14 @@ def completed_envelope(data: Any, meta: dict | None = None) -> bytes:
     """A COMPLETED response pickled as ndif sends it on the websocket (`ResponseModel.pickle()`)."""
     from nnsight.schema.response import ResponseModel, Status
 
-    meta = {"runtime": 0.01, "max_memory_usage": 0, "max_mem_by_gpu": {}, "max_mem_pct_by_gpu": {}} \
-        if meta is None else meta
-    return ResponseModel(id="job-1", status=Status.COMPLETED, description="Your job has been completed.",
-                         data=data, meta=meta).pickle()
+    meta = (
+        {"runtime": 0.01, "max_memory_usage": 0, "max_mem_by_gpu": {}, "max_mem_pct_by_gpu": {}}
+        if meta is None
+        else meta
+    )
+    return ResponseModel(
+        id="job-1", status=Status.COMPLETED, description="Your job has been completed.", data=data, meta=meta
+    ).pickle()
 
 
 def run_like_ndif(model: Any, metadata: str, blob: bytes) -> bytes:
@@ -107,8 +111,15 @@ def run_like_ndif(model: Any, metadata: str, blob: bytes) -> bytes:
 class FakeNDIF:
     """The server; use as a context manager. `url` is `http://127.0.0.1:<port>`."""
 
-    def __init__(self, behaviour: str = "execute", *, model: Any = None, frames: list[str | bytes] | None = None,
-                 inline: bool = True, max_wait: float = 60.0) -> None:
+    def __init__(
+        self,
+        behaviour: str = "execute",
+        *,
+        model: Any = None,
+        frames: list[str | bytes] | None = None,
+        inline: bool = True,
+        max_wait: float = 60.0,
+    ) -> None:
         self.behaviour = behaviour
         self.model = model
         self.frames = list(frames or [])
@@ -237,9 +248,12 @@ class FakeNDIF:
                 server.connections.append(self.connection)
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
                 parts = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-                    b"Content-Type: " + self.headers.get("Content-Type", "").encode() + b"\r\n\r\n" + body)
-                fields = {p.get_param("name", header="content-disposition"): p.get_payload(decode=True)
-                          for p in parts.iter_parts()}
+                    b"Content-Type: " + self.headers.get("Content-Type", "").encode() + b"\r\n\r\n" + body
+                )
+                fields = {
+                    p.get_param("name", header="content-disposition"): p.get_payload(decode=True)
+                    for p in parts.iter_parts()
+                }
                 metadata = fields["data"].decode()
                 session = json.loads(metadata).get("session_id", "")
                 server.requests.append({"metadata": metadata, "headers": dict(self.headers), "size": len(body)})
@@ -285,5 +299,6 @@ class FakeNDIF:
             inbox.put(completed_envelope(data))
         else:
             self.results["job-1"] = data
-            inbox.put(status_json("COMPLETED", data=f"{self.url}/result/job-1",
-                                  description="Your job has been completed."))
+            inbox.put(
+                status_json("COMPLETED", data=f"{self.url}/result/job-1", description="Your job has been completed.")
+            )

@@ -61,18 +61,21 @@ class ReferenceCODI:
         return self.lm(use_cache=True, output_hidden_states=True, **{self.cache_kw: cache}, **kw)
 
     def site(self, layer: int, component: str) -> torch.nn.Module:
-        """The module whose output is patched: block (`resid`), attention or MLP."""
+        """The module whose output is patched: block (`resid`), attention or MLP; for `head`, the
+        attention output projection, whose *input* holds the heads' outputs side by side."""
         block = self.blocks[layer]
         if component == "resid":
             return block
         if component == "attn":
             return block.attn if self.family == "gpt2" else block.self_attn
+        if component == "head":
+            return block.attn.c_proj if self.family == "gpt2" else block.self_attn.o_proj
         return block.mlp
 
     @torch.no_grad()
     def run(self, question: str, suffix: list[int] | None = None, max_new_tokens: int = 0,
             patch: dict | None = None, candidates: list[list[int]] | None = None,
-            component: str = "resid", latent_override: dict | None = None) -> dict:
+            component: str = "resid", latent_override: dict | None = None, head: slice | None = None) -> dict:
         """One question through the official loop.
 
         `patch` = {layer: {k: tensor(d)}} replaces the `component` output of that layer at latent
@@ -94,8 +97,22 @@ class ReferenceCODI:
                 return out
             return hook
 
-        handles = [self.site(i, component).register_forward_hook(make_hook(i))
-                   for i in range(len(self.blocks))]
+        def make_pre_hook(i):  # `head`: patch a slice of the output projection's input
+            def hook(mod, args):
+                x = args[0]
+                if patch is not None and i in patch and call["n"] in patch[i]:
+                    x = x.clone()
+                    x[:, -1, head] = patch[i][call["n"]][head]
+                records[i].append(x[:, -1, :].clone())
+                return (x,) + tuple(args[1:])
+            return hook
+
+        if component == "head":
+            handles = [self.site(i, component).register_forward_pre_hook(make_pre_hook(i))
+                       for i in range(len(self.blocks))]
+        else:
+            handles = [self.site(i, component).register_forward_hook(make_hook(i))
+                       for i in range(len(self.blocks))]
         try:
             ids = torch.tensor([self.tok(question).input_ids + [self.bot]])
             cache = DynamicCache()
@@ -141,7 +158,7 @@ class ReferenceCODI:
             result["candidate_logprobs"] = torch.stack(lps)
         return result
 
-    def run_logits_after(self, question, suffix, cand, patch, component="resid", latent_override=None):
+    def run_logits_after(self, question, suffix, cand, patch, component="resid", latent_override=None, head=None):
         """Sum of log p(cand[j] | ..., cand[:j]) for j >= 1, recomputed from scratch."""
         full_suffix = list(suffix) + list(cand[:-1])
         res = self.run(question, suffix=full_suffix, patch=patch, component=component,

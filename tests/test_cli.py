@@ -227,3 +227,17 @@ def test_train_toy_command_reports_the_real_training_log(tmp_path, monkeypatch):
     log = json.loads((tmp_path / "toy" / "train_log.json").read_text())
     assert r.output.strip() == f"wrote {tmp_path / 'toy'}: {train.describe_training(log)}"
     assert "2 steps in" in r.output and f"held-out accuracy {log['eval']['accuracy']:.1%} on 4 problems" in r.output
+
+
+def test_num_latent_beyond_the_context_is_refused_before_any_work(tiny_dir, tmp_path):
+    import shutil
+
+    huge = tmp_path / "huge"
+    shutil.copytree(tiny_dir, huge)
+    cfg = json.loads((huge / "codi.json").read_text())
+    (huge / "codi.json").write_text(json.dumps({**cfg, "num_latent": 10**12}))
+    for cmd in (["evaluate", "--limit", "1"], ["pairs", "validate", str(default_pairs())]):
+        args = cmd + ["--model", str(huge)]
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 2, r.output
+        assert "exceed the model's context of 512" in r.output

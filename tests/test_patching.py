@@ -224,6 +224,62 @@ def test_resid_at_last_layer_equals_latent_at_the_next_position(tiny_models):
     assert np.abs(resid["kl"].isel(layer=0, position=K - 1).values).max() < TOL
 
 
+@pytest.mark.parametrize("family,positions,direction", [("gpt2", "all", "denoise"), ("llama", "each", "noise"),
+                                                         ("qwen2", "all", "noise")])
+def test_head_patching_matches_reference(tiny_models, references, family, positions, direction):
+    from codi_nnsight.patching.sites import head_dim, n_heads
+
+    model, ref = tiny_models[family], references[family]
+    pair = make_pairs()[0]
+    ds = patch_sweep(model, [pair], component="head", positions=positions, direction=direction)
+    H, hd, K = n_heads(model), head_dim(model), model.num_latent
+    assert ds["kl"].dims == ("pair", "layer", "head") + (("position",) if positions == "each" else ())
+    assert list(ds["head"].values) == list(range(H))
+    src, tgt = (pair.clean, pair.corrupted) if direction == "denoise" else (pair.corrupted, pair.clean)
+    toks = answer_tokens(model, pair.clean.answer, pair.corrupted.answer)
+    source = ref.run(src.question, suffix=toks.suffix, component="head")
+    base = ref.run(tgt.question, suffix=toks.suffix, component="head")
+    lb = torch.log_softmax(base["logits"], -1)
+    for L in range(model.n_layers):
+        for h in range(H):
+            for p in (range(K) if positions == "each" else [-1]):
+                steps = [k for k in range(K) if p in (-1, k)]
+                patch = {L: {k + 1: source["block_latent_outputs"][L][k] for k in steps}}
+                out = ref.run(tgt.question, suffix=toks.suffix, component="head", patch=patch,
+                              head=slice(h * hd, (h + 1) * hd))
+                lp = torch.log_softmax(out["logits"], -1)
+                idx = dict(layer=L, head=h) | ({"position": p} if positions == "each" else {})
+                assert abs(float(ds["kl"].isel(pair=0, **idx)) - float((lp.exp() * (lp - lb)).sum())) < TOL
+
+
+def test_all_heads_together_equal_the_attention_output(tiny_models):
+    # Patching every head's slice of the output projection's input is patching the attention output.
+    from codi_nnsight.patching import plan as plan_mod
+    from codi_nnsight.patching.config import SweepConfig
+    from codi_nnsight.patching.trace import run_batch
+
+    model = tiny_models["llama"]
+    pairs = make_pairs()[:2]
+    attn = patch_sweep(model, pairs, component="attn")
+    cfg = SweepConfig(layers=list(range(model.n_layers)), component="head")
+    cfg.validate(model)
+    plan = plan_mod.plan_batch(model, pairs, cfg)
+    # Merge the per-head patches of each variant row into one patch of every head.
+    for key, patches in plan.unit_plan.items():
+        dst, src = plan.layer_plan.get(key, (torch.tensor([], dtype=torch.long),) * 2)
+        rows = {(int(d), int(s_)) for _, ds_, ss in patches for d, s_ in zip(ds_, ss)}
+        plan.layer_plan[key] = (torch.cat([dst, torch.tensor([d for d, _ in sorted(rows)])]),
+                                torch.cat([src, torch.tensor([s_ for _, s_ in sorted(rows)])]))
+    plan.unit_plan = {}
+    columns, _ = run_batch(model, plan, cfg)
+    kl = columns[:, 0]
+    for i in range(len(pairs)):
+        rows = plan.variant_rows[i]
+        # every head variant row of layer L now carries all heads: each equals the attn patch of layer L
+        for (L, _, _), row in zip(plan.variants, rows):
+            assert abs(kl[row] - float(attn["kl"].isel(pair=i).sel(layer=L))) < TOL
+
+
 def test_metric_table_and_schema_doc_agree():
     from pathlib import Path
 
@@ -236,7 +292,7 @@ def test_metric_table_and_schema_doc_agree():
     assert {m.name for m in METRICS} <= named
     assert set(per_pair_names()) <= named
     undocumented = named - {m.name for m in METRICS} - set(per_pair_names())
-    assert undocumented <= {"pair", "layer", "position", "component"}, undocumented
+    assert undocumented <= {"pair", "layer", "head", "position", "component"}, undocumented
 
 
 def test_sanity_check_with_nan_fails_and_stacked_files_agree_with_themselves(tiny_models):
@@ -266,7 +322,8 @@ def test_parse_layers(text, expected):
 @pytest.mark.parametrize("kwargs,message", [
     ({"layers": [5]}, "--layers: layer 5 out of range (model has 2 layers, 0-1)"),
     ({"layers": []}, "--layers: empty layer list"),
-    ({"component": "heads"}, "--component 'heads': expected one of resid, attn, mlp, latent"),
+    ({"component": "heads"}, "--component 'heads': expected one of resid, attn, mlp, latent, head"),
+    ({"component": ["resid", "head"]}, "--component head adds a head dimension: sweep it on its own"),
     ({"mode": "frozn"}, "--mode 'frozn': expected one of recurrent, no-feedback"),
 ])
 def test_bad_sweep_arguments(tiny_models, kwargs, message):
@@ -292,3 +349,12 @@ def test_full_patch_check_catches_a_broken_patch(tiny_models, monkeypatch):
     # A patch that misses the question tokens must be caught (the check can fail).
     broken = patching.full_patch_check(model, pairs, skip_question=True)
     assert broken["max_abs"] > 1e-3
+
+
+def test_head_sweep_report_draws_the_layer_by_head_heatmap(tiny_models, tmp_path):
+    from codi_nnsight import analysis
+
+    ds = patch_sweep(tiny_models["gpt2"], make_pairs(), component="head")
+    analysis.write_report(ds, tmp_path / "rep")
+    assert (tmp_path / "rep" / "figures" / "head_heatmap_kl.png").stat().st_size > 0
+    assert "by layer × attention head" in (tmp_path / "rep" / "report.md").read_text()

@@ -91,8 +91,9 @@ def test_refused_key_gives_clear_error(tiny_models, tmp_path, secret_key):
     url = f"http://127.0.0.1:{server.server_address[1]}"
     try:
         with pytest.raises(RemoteUnavailable) as e:
-            sweep_mod.patch_sweep(tiny_models["gpt2"], make_synthetic_pairs(2, seed=4), out=tmp_path / "r.nc",
-                                  remote=url)
+            sweep_mod.patch_sweep(
+                tiny_models["gpt2"], make_synthetic_pairs(2, seed=4), out=tmp_path / "r.nc", remote=url
+            )
     finally:
         server.shutdown()
     message = str(e.value)

@@ -101,11 +101,14 @@ def test_batches_without_config_json_are_refused(tmp_path, resume):
     assert not cfg.exists(), "must not adopt the orphaned batches by writing a new config"
 
 
-@pytest.mark.parametrize("content,why", [
-    ('{"mode": "recurrent", "lay', "corrupt (Unterminated string starting at: line 1 column 23 (char 22)); "),
-    ("[1, 2]", "corrupt (a JSON list, not an object)"),
-    ("", "corrupt (Expecting value: line 1 column 1 (char 0)); "),
-])
+@pytest.mark.parametrize(
+    "content,why",
+    [
+        ('{"mode": "recurrent", "lay', "corrupt (Unterminated string starting at: line 1 column 23 (char 22)); "),
+        ("[1, 2]", "corrupt (a JSON list, not an object)"),
+        ("", "corrupt (Expecting value: line 1 column 1 (char 0)); "),
+    ],
+)
 def test_corrupt_config_json_is_a_one_line_error(tmp_path, content, why):
     PartialStore(tmp_path / "r.nc", CONFIG).open(resume=False)
     cfg = tmp_path / "r.nc.partial" / "config.json"
@@ -125,8 +128,10 @@ def test_duplicate_pair_ids_are_refused_on_resume_and_on_finish(tmp_path):
     shutil.copy(partial / "batch-000000.nc", partial / "batch-000009.nc")  # a copied batch file
     with pytest.raises(UserError) as e:
         store.finish({}, [1, 2, 3])
-    assert one_line(e) == (f"{partial / 'batch-000009.nc'}: pair_id 1 is also in batch-000000.nc (a copied batch "
-                           "file?); refusing to mix results — delete one of them")
+    assert one_line(e) == (
+        f"{partial / 'batch-000009.nc'}: pair_id 1 is also in batch-000000.nc (a copied batch "
+        "file?); refusing to mix results — delete one of them"
+    )
     assert not (tmp_path / "r.nc").exists() and partial.exists()
     with pytest.raises(UserError, match="pair_id 1 is also in batch-000000.nc"):
         PartialStore(tmp_path / "r.nc", CONFIG).open(resume=True)
@@ -159,12 +164,20 @@ def test_existing_store_without_resume_is_still_refused(tmp_path):
 
 
 def _hold_in_subprocess(out: Path) -> subprocess.Popen:
-    code = ("import sys\nfrom codi_nnsight.patching.store import PartialStore\n"
-            f"s = PartialStore(sys.argv[1], {CONFIG!r})\ns.open(resume=False)\n"
-            "print('locked', flush=True)\nsys.stdin.read()\n")
+    code = (
+        "import sys\nfrom codi_nnsight.patching.store import PartialStore\n"
+        f"s = PartialStore(sys.argv[1], {CONFIG!r})\ns.open(resume=False)\n"
+        "print('locked', flush=True)\nsys.stdin.read()\n"
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", code, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            env=env, cwd=ROOT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(out)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
+        cwd=ROOT,
+        text=True,
+    )
     lock = out.with_name(out.name + ".partial") / "lock"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None:
@@ -184,8 +197,9 @@ def test_a_store_in_use_by_a_live_process_is_refused_then_taken_over_after_sigki
     try:
         with pytest.raises(UserError) as e:
             PartialStore(out, CONFIG).open(resume=True)
-        assert one_line(e).startswith(f"{tmp_path / 'r.nc.partial'}: is in use by PID {proc.pid}; wait for that "
-                                      "run to finish")
+        assert one_line(e).startswith(
+            f"{tmp_path / 'r.nc.partial'}: is in use by PID {proc.pid}; wait for that run to finish"
+        )
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)

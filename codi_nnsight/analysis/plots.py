@@ -434,15 +434,19 @@ def plot_layer_similarity(ds: xr.Dataset, metric: str = "kl", sim: xr.DataArray 
     return fig
 
 
-def plot_position_heatmap(ds: xr.Dataset, metric: str = "kl", max_pairs: int = 11) -> Figure:
-    """Small multiples of ``metric`` over layer × continuous thought: the mean over pairs first,
-    then up to ``max_pairs`` individual pairs (shared colour scale). Needs a ``position`` dim;
-    a ``component`` dim is averaged.
+#: Heatmap rows: the axis label of each grid dimension.
+GRID_LABELS = {"position": "continuous thought", "head": "attention head"}
+
+
+def plot_position_heatmap(ds: xr.Dataset, metric: str = "kl", max_pairs: int = 11, dim: str = "position") -> Figure:
+    """Small multiples of ``metric`` over layer × ``dim`` (continuous thought, or attention head):
+    the mean over pairs first, then up to ``max_pairs`` individual pairs (shared colour scale).
+    Needs that dim; other extra dims (``component``, ``position`` for a head grid) are averaged.
     """
-    if "position" not in stats.metric_array(ds, metric).dims:
-        raise ResultsError(f"{metric!r} has no 'position' dimension")
-    sub, note = _collapse(ds, metric, keep=["position"])
-    da = sub[metric].transpose("pair", "position", "layer")
+    if dim not in stats.metric_array(ds, metric).dims:
+        raise ResultsError(f"{metric!r} has no {dim!r} dimension")
+    sub, note = _collapse(ds, metric, keep=[dim])
+    da = sub[metric].transpose("pair", dim, "layer")
     with np.errstate(all="ignore"):
         mean = da.mean("pair", skipna=True).values
     pairs = da["pair"].values[:max_pairs]
@@ -451,7 +455,7 @@ def plot_position_heatmap(ds: xr.Dataset, metric: str = "kl", max_pairs: int = 1
     finite = np.concatenate([g[np.isfinite(g)].ravel() for _, g in grids])
     vmin, vmax = (finite.min(), finite.max()) if finite.size else (0.0, 1.0)
     layers = da["layer"].values
-    positions = da["position"].values
+    positions = da[dim].values
     im = None
     for ax, (name, grid) in zip(axes, grids, strict=True):
         im = ax.imshow(
@@ -468,9 +472,10 @@ def plot_position_heatmap(ds: xr.Dataset, metric: str = "kl", max_pairs: int = 1
         ax.set_xticks(*_layer_ticks(layers, 8))
         ax.set_yticks(positions)
         ax.set_xlabel("layer")
-        ax.set_ylabel("continuous thought")
+        ax.set_ylabel(GRID_LABELS.get(dim, dim))
     fig.colorbar(im, ax=axes, label=units_label(ds, metric), shrink=0.8)
-    fig.suptitle(figure_title(ds.attrs, metric, f"{metric} by layer × continuous thought{note}"), fontsize=10)
+    fig.suptitle(figure_title(ds.attrs, metric, f"{metric} by layer × {GRID_LABELS.get(dim, dim)}{note}"),
+                 fontsize=10)
     return fig
 
 

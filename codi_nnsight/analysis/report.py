@@ -95,6 +95,7 @@ OWNED_FIGURES = (
     "critical_layers_",
     "layer_similarity_",
     "position_heatmap_",
+    "head_heatmap_",
 )
 FIGURE_SUFFIXES = (".png", ".svg", ".pdf", ".jpg", ".jpeg", ".eps")
 
@@ -829,6 +830,12 @@ def write_report(
             plots.plot_position_heatmap(ds, metric),
             f"position_heatmap_{metric}",
             f"{metric} by layer × continuous thought",
+        )
+    if "head" in extras:
+        add(
+            plots.plot_position_heatmap(ds, metric, dim="head"),
+            f"head_heatmap_{metric}",
+            f"{metric} by layer × attention head",
         )
 
     # ---- document: the finding first, provenance last

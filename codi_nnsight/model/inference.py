@@ -76,6 +76,7 @@ class Answer:
 def evaluate_pairs(model: CODIModel, pairs: Any, max_new_tokens: int = 64, batch_size: int = 16,
                    progress: bool = False, remote: bool | str = False) -> list[Answer]:
     """Greedy answers for the clean and corrupted variant of every pair."""
+    model.check_fits(pairs, extra=model.num_latent + len(model.codi.eot_ids()) + max_new_tokens)
     items = [(p.pair_id, v, getattr(p, v)) for p in pairs for v in ("clean", "corrupted")]
     answers: list[Answer] = []
     bar = _progress(len(items), "evaluate", progress)

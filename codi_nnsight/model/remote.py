@@ -168,11 +168,14 @@ def check_remote_target(remote: bool | str) -> None:
     except ValueError as e:
         raise UserError(f"remote {name}: not a valid URL ({scrub(str(e), remote)})") from None
     if parts.scheme not in ("http", "https") or not host:
-        raise UserError(f"remote {name}: not an http:// or https:// URL with a host "
-                        "(use local, ndif, or e.g. https://host:port)")
+        raise UserError(
+            f"remote {name}: not an http:// or https:// URL with a host (use local, ndif, or e.g. https://host:port)"
+        )
     if parts.scheme == "http" and not _is_loopback(host) and os.environ.get(ENV_ALLOW_INSECURE) != "1":
-        raise UserError(f"remote {name}: plain http:// to a host that is not loopback would send the API key and "
-                        f"results unencrypted; use https://, or set {ENV_ALLOW_INSECURE}=1 to allow it")
+        raise UserError(
+            f"remote {name}: plain http:// to a host that is not loopback would send the API key and "
+            f"results unencrypted; use https://, or set {ENV_ALLOW_INSECURE}=1 to allow it"
+        )
 
 
 # --------------------------------------------------------------------------- timeouts
@@ -308,8 +311,8 @@ def safe_load(data: bytes) -> Any:
             names = archive.namelist()
         if any(n.rsplit("/", 1)[-1] == "constants.pkl" or "/code/" in f"/{n}" for n in names):
             raise UnsafeResponse("a TorchScript archive")
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False,
-                      pickle_module=_RestrictedPickleModule)  # type: ignore[arg-type]
+    restricted: Any = _RestrictedPickleModule  # torch types `pickle_module` as the pickle module itself
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False, pickle_module=restricted)
 
 
 _INSTALL_LOCK = threading.Lock()
@@ -405,8 +408,9 @@ def _bounded_create_connection(original: Any) -> Any:
         if guard is None or class_ not in (None, websocket.WebSocket):
             return original(url, timeout=timeout, class_=class_ or websocket.WebSocket, **options)
         try:
-            ws = original(url, timeout=guard.connect if timeout is None else timeout, class_=DeadlineWebSocket,
-                          **options)
+            ws = original(
+                url, timeout=guard.connect if timeout is None else timeout, class_=DeadlineWebSocket, **options
+            )
         except (TimeoutError, websocket.WebSocketTimeoutException) as e:
             raise RemoteConnectTimeout(f"timed out connecting after {guard.connect:g} s") from e
         ws.wait = None  # the connect timeout was for connecting only
@@ -451,7 +455,7 @@ def remote_errors(remote: bool | str) -> Iterator[None]:
         yield
         return
     check_remote_target(remote)
-    connect, timeout = remote_timeouts()
+    connect, timeout = remote_timeouts() if remote != "local" else (DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT)
     buf = io.StringIO() if log.isEnabledFor(logging.DEBUG) else None
     try:
         with contextlib.redirect_stdout(buf) if buf is not None else contextlib.nullcontext():
@@ -483,24 +487,36 @@ def _classify(remote: bool | str, e: Exception, timeout: float = DEFAULT_TIMEOUT
     kinds = {type(c).__name__ for c in chain}
     unsafe = next((c for c in chain if isinstance(c, UnsafeResponse)), None)
     if unsafe is not None:
-        return RemoteUnavailable(f"remote {name}: refused the server's response: it asks to build "
-                                 f"{scrub(unsafe.what, remote)}, which could run code on this machine "
-                                 "(only tensors and plain Python values are accepted)")
+        return RemoteUnavailable(
+            f"remote {name}: refused the server's response: it asks to build "
+            f"{scrub(unsafe.what, remote)}, which could run code on this machine "
+            "(only tensors and plain Python values are accepted)"
+        )
     text = scrub(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__, remote)
     status = getattr(e, "status_code", None) or getattr(getattr(e, "response", None), "status_code", None)
     lowered = text.lower()
-    if status in (401, 403) or _HTTP_DENIED.search(text) or "unauthorized" in lowered \
-            or "api key" in lowered or "forbidden" in lowered:
-        return RemoteUnavailable(f"remote {name}: API key refused ({text}); set NDIF_API_KEY "
-                                 "or nnsight's CONFIG.set_default_api_key")
+    if (
+        status in (401, 403)
+        or _HTTP_DENIED.search(text)
+        or "unauthorized" in lowered
+        or "api key" in lowered
+        or "forbidden" in lowered
+    ):
+        return RemoteUnavailable(
+            f"remote {name}: API key refused ({text}); set NDIF_API_KEY or nnsight's CONFIG.set_default_api_key"
+        )
     if any(isinstance(c, RemoteConnectTimeout) for c in chain) or "ConnectTimeout" in kinds:
-        return RemoteUnavailable(f"remote {name}: host unreachable (timed out connecting; "
-                                 f"{ENV_CONNECT_TIMEOUT} sets the limit)")
+        return RemoteUnavailable(
+            f"remote {name}: host unreachable (timed out connecting; {ENV_CONNECT_TIMEOUT} sets the limit)"
+        )
     if any(isinstance(c, TimeoutError) for c in chain) or kinds & _TIMEOUTS:
-        return RemoteUnavailable(f"remote {name}: no response within {timeout:g} s; set {ENV_TIMEOUT} "
-                                 "to wait longer")
-    if isinstance(e, (ConnectionError, OSError)) or "connect" in lowered \
-            or "refused" in lowered or "resolve" in lowered:
+        return RemoteUnavailable(f"remote {name}: no response within {timeout:g} s; set {ENV_TIMEOUT} to wait longer")
+    if (
+        isinstance(e, (ConnectionError, OSError))
+        or "connect" in lowered
+        or "refused" in lowered
+        or "resolve" in lowered
+    ):
         return RemoteUnavailable(f"remote {name}: host unreachable ({text})")
     return RemoteUnavailable(f"remote {name}: request failed ({type(e).__name__}: {text})")
 

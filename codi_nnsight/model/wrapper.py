@@ -173,6 +173,31 @@ class CODIModel(Remotable):
         """Token ids of the normalized `question` (+BOS when the tokenizer adds one) followed by `[bot]`."""
         return list(self.tokenizer(self.normalize_question(question)).input_ids) + self._module.bot_ids()
 
+    @property
+    def context_length(self) -> int | None:
+        """Positions the base model supports (None when its config does not say)."""
+        cfg = self._module.lm.config
+        return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+
+    def check_fits(self, pairs: Any, extra: int) -> None:
+        """Refuse, naming the pair, any question that with `extra` more tokens exceeds the context.
+
+        Checked before any work: a question past the context would otherwise run silently on
+        positions the model never saw (or, for a huge `num_latent`, seemingly forever).
+        """
+        limit = self.context_length
+        if not limit:
+            return
+        if extra >= limit:
+            raise UserError(f"{extra} tokens for latents and answer (num_latent {self.num_latent}) exceed the "
+                            f"model's context of {limit}")
+        for p in pairs:
+            for variant in ("clean", "corrupted"):
+                n = len(self.encode_question(getattr(p, variant).question))
+                if n + extra > limit:
+                    raise UserError(f"pair_id {p.pair_id}, {variant} question: {n} tokens + {extra} for "
+                                    f"latents and answer exceed the model's context of {limit}")
+
     def prepare(self, questions: list[str] | str, **extra: Any) -> dict[str, Any]:
         """Left-padded `input_ids` / `attention_mask` for `questions`, plus `extra` forward kwargs."""
         if isinstance(questions, str):

@@ -71,10 +71,11 @@ class SweepConfig:
         if model.num_latent == 0:
             raise UserError("model has num_latent = 0: there are no CoT positions to patch")
 
-    def variants(self, num_latent: int) -> list[tuple[int, int]]:
-        """(layer, position) of every patched variant; position -1 = all latent positions at once."""
-        positions = [-1] if self.positions == "all" else list(range(num_latent))
-        return [(L, p) for L in self.layers for p in positions]
+    def variants(self, model: Any) -> list[tuple[int, int, int]]:
+        """(layer, position, unit) of every patched variant; position -1 = all latent positions at
+        once, unit -1 = the whole site (else the head index of a per-head site)."""
+        positions = [-1] if self.positions == "all" else list(range(model.num_latent))
+        return [(L, p, u) for L in self.layers for u in self.site.units(model) for p in positions]
 
     def fingerprint(self, model: Any, pairs_sha256: str, seed: int) -> dict[str, Any]:
         """Everything that determines the numbers: `--resume` and stacking refuse any difference."""

@@ -61,9 +61,12 @@ def batch_dataset(model: CODIModel, pairs: Sequence[Any], cfg: SweepConfig, plan
     comparable = np.array([float(p.clean.answer != p.corrupted.answer) for p in pairs])
     each = cfg.positions == "each"
     K = model.num_latent
-    shape = (len(pairs), len(cfg.layers)) + ((K,) if each else ())
-    index = [(cfg.layers.index(L),) + ((p,) if each else ()) for L, p in plan.variants]
-    dims = ("pair", "layer") + (("position",) if each else ())
+    axis = cfg.site.axis
+    unit_ids = cfg.site.units(model)
+    shape = (len(pairs), len(cfg.layers)) + ((len(unit_ids),) if axis else ()) + ((K,) if each else ())
+    index = [(cfg.layers.index(L),) + ((unit_ids.index(u),) if axis else ()) + ((p,) if each else ())
+             for L, p, u in plan.variants]
+    dims = ("pair", "layer") + ((axis,) if axis else ()) + (("position",) if each else ())
     data: dict[str, Any] = {}
     for m in METRICS:
         arr = np.full(shape, np.nan)
@@ -85,6 +88,8 @@ def batch_dataset(model: CODIModel, pairs: Sequence[Any], cfg: SweepConfig, plan
     if each:
         coords["position"] = ("position", np.arange(K, dtype=np.int64),
                               {"long_name": "latent token (continuous thought) index"})
+    if axis:
+        coords[axis] = (axis, np.array(unit_ids, dtype=np.int64), {"long_name": f"attention {axis} index"})
     # Pair metadata coordinates are added once for the whole run (`with_pair_coordinates`): their
     # names and dtypes depend on all the pairs, and batches must concatenate cleanly.
     return xr.Dataset(data, coords=coords)

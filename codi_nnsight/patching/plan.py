@@ -110,13 +110,15 @@ class BatchPlan:
     baseline_rows: list[int]
     self_rows: list[int]
     variant_rows: list[list[int]]  # per pair, in variant order
-    variants: list[tuple[int, int]]  # (layer, position or -1)
+    variants: list[tuple[int, int, int]]  # (layer, position or -1, unit or -1)
     tokens: list[AnswerTokens]
     row_pair: list[int]  # the pair (index within the batch) of every row
     decode_limit: list[int]  # greedy tokens kept per row: depends on its own pair only, never the batch
     # {(layer, decoder call): (dst rows, src rows)} for layer sites, {prj call: (dst, src)} for prj outputs.
     layer_plan: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     prj_plan: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # Sites with an axis (heads): {(layer, decoder call): [(slice of the last dim, dst rows, src rows), ...]}.
+    unit_plan: dict[tuple[int, int], list[tuple[slice, torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
 
     @property
     def baseline_of(self) -> list[int]:
@@ -131,7 +133,7 @@ class BatchPlan:
 
 def plan_batch(model: CODIModel, pairs: Sequence[Any], cfg: SweepConfig) -> BatchPlan:
     """Lay out the rows of one batch and the (destination, source) rows of every patch."""
-    variants = cfg.variants(model.num_latent)
+    variants = cfg.variants(model)
     questions: list[str] = []
     rows: list[int] = []  # prompt index of every row
     plan = BatchPlan({}, model.schedule(), [], [], [], [], variants, [], [], [])
@@ -150,7 +152,7 @@ def plan_batch(model: CODIModel, pairs: Sequence[Any], cfg: SweepConfig) -> Batc
         raise UserError("pairs in one batch need the same answer prompt tokens; use --batch-size 1")
     enc, prefill_calls = prompt_inputs(model, questions)
     plan.schedule = model.schedule(prefill_calls)
-    _plan_patches(plan, cfg)
+    _plan_patches(plan, cfg, model)
     limits = [cfg.max_new_tokens or (max(len(t.clean), len(t.corrupted)) + DECODE_MARGIN) for t in plan.tokens]
     plan.decode_limit = [limits[i] for i in plan.row_pair]
     plan.inputs = {**enc, "rows": torch.tensor(rows), "suffix_ids": torch.tensor(plan.tokens[0].suffix),
@@ -158,11 +160,12 @@ def plan_batch(model: CODIModel, pairs: Sequence[Any], cfg: SweepConfig) -> Batc
     return plan
 
 
-def _plan_patches(plan: BatchPlan, cfg: SweepConfig) -> None:
-    """Fill `layer_plan` / `prj_plan`: which rows take which source row, per site and call."""
+def _plan_patches(plan: BatchPlan, cfg: SweepConfig, model: CODIModel) -> None:
+    """Fill `layer_plan` / `prj_plan` / `unit_plan`: which rows take which source row, per site and call."""
     sched, K = plan.schedule, plan.schedule.num_latent
     layer: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
     prj: dict[int, tuple[list[int], list[int]]] = {}
+    units: dict[tuple[int, int, int], tuple[list[int], list[int]]] = {}
 
     def add(table: dict, key: Any, dst: int, src: int) -> None:
         d, s = table.setdefault(key, ([], []))
@@ -172,10 +175,12 @@ def _plan_patches(plan: BatchPlan, cfg: SweepConfig) -> None:
     per_layer = cfg.site.per_layer
     for i in range(len(plan.source_rows)):
         src, base, selfr = plan.source_rows[i], plan.baseline_rows[i], plan.self_rows[i]
-        for (L, p), row in zip(plan.variants, plan.variant_rows[i]):
+        for (L, p, u), row in zip(plan.variants, plan.variant_rows[i]):
             for k in range(K):
                 patched = p in (-1, k)
-                if per_layer and patched:
+                if per_layer and patched and u >= 0:
+                    add(units, (L, sched.latent_call(k), u), row, src)
+                elif per_layer and patched:
                     add(layer, (L, sched.latent_call(k)), row, src)
                 elif not per_layer and patched:
                     add(prj, sched.prj_call(k), row, src)
@@ -191,6 +196,9 @@ def _plan_patches(plan: BatchPlan, cfg: SweepConfig) -> None:
             if not per_layer:
                 add(prj, sched.prj_call(k), selfr, base)
     plan.layer_plan = {k: (torch.tensor(d), torch.tensor(s)) for k, (d, s) in layer.items()}
+    for (L, call, u), (d, s) in sorted(units.items()):
+        plan.unit_plan.setdefault((L, call), []).append((cfg.site.unit_slice(model, u), torch.tensor(d),
+                                                         torch.tensor(s)))
     plan.prj_plan = {k: (torch.tensor(d), torch.tensor(s)) for k, (d, s) in prj.items()}
 
 

@@ -28,12 +28,28 @@ class Site:
     part: str | None = None
     #: False for sites outside the decoder blocks (the fed-back latent embedding): one "layer" only.
     per_layer: bool = True
+    #: What is patched: the module's `output`, or its `input` (per-head outputs live in the input
+    #: of the attention output projection, before the heads are mixed).
+    reads: str = "output"
+    #: An extra dimension the site splits its tensor along (`head`), or None.
+    axis: str | None = None
 
     def envoy(self, model: Any, layer: int) -> Any:
-        """The nnsight envoy whose output is this site at `layer`."""
+        """The nnsight envoy whose output (or input) is this site at `layer`."""
         if not self.per_layer:
             return model.prj
         return model.block_part(layer, self.part)
+
+    def units(self, model: Any) -> list[int]:
+        """Indices along `axis` (head numbers); [-1] (the whole tensor) for sites without one."""
+        return list(range(n_heads(model))) if self.axis == "head" else [-1]
+
+    def unit_slice(self, model: Any, unit: int) -> slice:
+        """The slice of the last dimension that unit `unit` owns (everything for -1)."""
+        if unit < 0:
+            return slice(None)
+        width = head_dim(model)
+        return slice(unit * width, (unit + 1) * width)
 
 
 #: Every patch site, by name. `--component` takes these names.
@@ -42,9 +58,22 @@ SITES: dict[str, Site] = {s.name: s for s in (
     Site("attn", "the attention sub-layer's output (before it is added to the residual stream)", part="attention"),
     Site("mlp", "the MLP sub-layer's output (before it is added to the residual stream)", part="mlp"),
     Site("latent", "the continuous thought fed back as the next input embedding (prj output)", per_layer=False),
+    Site("head", "one attention head's output: its slice of the input to the attention output projection",
+         part="attention_out", reads="input", axis="head"),
 )}
 
 COMPONENTS = tuple(SITES)
+
+
+def n_heads(model: Any) -> int:
+    """Attention heads per layer (query heads: the ones whose outputs are concatenated)."""
+    return int(model.codi.lm.config.num_attention_heads)
+
+
+def head_dim(model: Any) -> int:
+    """Width of one head's output."""
+    cfg = model.codi.lm.config
+    return int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
 
 
 def output_tensor(out: Any) -> Any:

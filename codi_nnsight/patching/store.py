@@ -126,8 +126,10 @@ class _Lock:
             if peer is not None and peer is not self and peer.fd is not None:
                 alive = {t.ident for t in threading.enumerate()}
                 if peer.thread != threading.get_ident() and peer.thread in alive:
-                    raise UserError(f"{folder}: is in use by PID {os.getpid()} (another thread of this process); "
-                                    "wait for that sweep to finish")
+                    raise UserError(
+                        f"{folder}: is in use by PID {os.getpid()} (another thread of this process); "
+                        "wait for that sweep to finish"
+                    )
                 # An earlier sweep in this thread ended without close() (e.g. an exception): it is over.
                 peer.release()
             created = True
@@ -144,8 +146,10 @@ class _Lock:
             if not self._claim(fd, created, folder):
                 continue
             return
-        raise UserError(f"{folder}: could not take the lock {self.path} (it keeps changing); is another run "
-                        "starting on the same output?")
+        raise UserError(
+            f"{folder}: could not take the lock {self.path} (it keeps changing); is another run "
+            "starting on the same output?"
+        )
 
     def _claim(self, fd: int, created: bool, folder: Path) -> bool:
         """Lock `fd` and write our PID; False to retry; raise if a live run holds it."""
@@ -196,8 +200,10 @@ class _Lock:
     def _in_use(self, folder: Path, fd: int) -> str:
         holder = self._read(fd)
         where = f" on {holder['host']}" if holder.get("host") not in (None, socket.gethostname()) else ""
-        return (f"{folder}: is in use by PID {holder.get('pid', '?')}{where}; wait for that run to finish "
-                f"(if no such process is running, delete {self.path})")
+        return (
+            f"{folder}: is in use by PID {holder.get('pid', '?')}{where}; wait for that run to finish "
+            f"(if no such process is running, delete {self.path})"
+        )
 
     def release(self) -> None:
         """Remove the lock file and drop the flock (idempotent)."""
@@ -278,21 +284,27 @@ class PartialStore:
         cfg_path = self.dir / "config.json"
         if cfg_path.exists():
             if not resume:
-                raise UserError(f"{self.dir}: a partial run exists; rerun with --resume to continue it, "
-                                f"or delete the folder to start over")
+                raise UserError(
+                    f"{self.dir}: a partial run exists; rerun with --resume to continue it, "
+                    f"or delete the folder to start over"
+                )
             stored = self._stored_config(cfg_path)
             diff = [k for k in sorted(set(stored) | set(self.config)) if stored.get(k) != self.config.get(k)]
             if diff:
                 k = diff[0]
-                raise UserError(f"{self.dir}: partial run has a different configuration "
-                                f"({', '.join(diff)} differ; e.g. {k}: stored {stored.get(k)!r}, "
-                                f"now {self.config.get(k)!r}); refusing to mix results")
+                raise UserError(
+                    f"{self.dir}: partial run has a different configuration "
+                    f"({', '.join(diff)} differ; e.g. {k}: stored {stored.get(k)!r}, "
+                    f"now {self.config.get(k)!r}); refusing to mix results"
+                )
             return {p for ds in self._load() for p in ds["pair"].values.astype(int).tolist()}
         orphans = self._batch_files()
         if orphans:
-            raise UserError(f"{cfg_path}: missing, but the folder holds {len(orphans)} batch file(s) "
-                            f"({orphans[0].name}, ...) of an unknown run; refusing to mix results — delete "
-                            f"{self.dir} to start over")
+            raise UserError(
+                f"{cfg_path}: missing, but the folder holds {len(orphans)} batch file(s) "
+                f"({orphans[0].name}, ...) of an unknown run; refusing to mix results — delete "
+                f"{self.dir} to start over"
+            )
         try:
             tmp = cfg_path.with_name("config.json.tmp")
             tmp.write_text(json.dumps(self.config, sort_keys=True, indent=1))
@@ -305,16 +317,21 @@ class PartialStore:
         try:
             stored = json.loads(cfg_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
-            raise UserError(f"{cfg_path}: corrupt ({e}); cannot tell "
-                            f"which run the folder holds — delete {self.dir} to start over") from None
+            raise UserError(
+                f"{cfg_path}: corrupt ({e}); cannot tell which run the folder holds — delete {self.dir} to start over"
+            ) from None
         except UnicodeDecodeError:
-            raise UserError(f"{cfg_path}: corrupt (not UTF-8 text); cannot tell which run the folder holds — "
-                            f"delete {self.dir} to start over") from None
+            raise UserError(
+                f"{cfg_path}: corrupt (not UTF-8 text); cannot tell which run the folder holds — "
+                f"delete {self.dir} to start over"
+            ) from None
         except OSError as e:
             raise UserError(f"{cfg_path}: cannot read ({e.strerror or e})") from None
         if not isinstance(stored, dict):
-            raise UserError(f"{cfg_path}: corrupt (a JSON {type(stored).__name__}, not an object); cannot tell "
-                            f"which run the folder holds — delete {self.dir} to start over")
+            raise UserError(
+                f"{cfg_path}: corrupt (a JSON {type(stored).__name__}, not an object); cannot tell "
+                f"which run the folder holds — delete {self.dir} to start over"
+            )
         return stored
 
     def _batch_files(self) -> list[Path]:
@@ -346,14 +363,21 @@ class PartialStore:
                 continue
             stamp = ds.attrs.get(FINGERPRINT_ATTR)
             if stamp != self.fingerprint:
-                what = (f"fingerprint {str(stamp)[:12]}…, this run's {self.fingerprint[:12]}…" if stamp
-                        else "it has no run fingerprint")
-                raise UserError(f"{path}: batch file from a different run ({what}); refusing to mix results — "
-                                f"delete it, or {self.dir} to start over")
+                what = (
+                    f"fingerprint {str(stamp)[:12]}…, this run's {self.fingerprint[:12]}…"
+                    if stamp
+                    else "it has no run fingerprint"
+                )
+                raise UserError(
+                    f"{path}: batch file from a different run ({what}); refusing to mix results — "
+                    f"delete it, or {self.dir} to start over"
+                )
             for pid in ds["pair"].values.astype(int).tolist():
                 if pid in owner:
-                    raise UserError(f"{path}: pair_id {pid} is also in {owner[pid]} (a copied batch file?); "
-                                    "refusing to mix results — delete one of them")
+                    raise UserError(
+                        f"{path}: pair_id {pid} is also in {owner[pid]} (a copied batch file?); "
+                        "refusing to mix results — delete one of them"
+                    )
                 owner[pid] = path.name
             ds.attrs.pop(FINGERPRINT_ATTR, None)
             out.append(ds)
@@ -363,8 +387,9 @@ class PartialStore:
         """All finished batches (loaded into memory, files closed), checked to be this run's."""
         return self._load()
 
-    def finish(self, attrs: dict[str, Any], order: list[int],
-               transform: Callable[[xr.Dataset], xr.Dataset] | None = None) -> xr.Dataset:
+    def finish(
+        self, attrs: dict[str, Any], order: list[int], transform: Callable[[xr.Dataset], xr.Dataset] | None = None
+    ) -> xr.Dataset:
         """Concatenate the batches in pair-file order, add attrs, write the final file atomically.
 
         `order` lists every pair of the run: a pair missing from the stored batches is an error
@@ -376,15 +401,24 @@ class PartialStore:
             parts = self._load()
             if not parts:
                 raise UserError(f"{self.dir}: no finished pairs to write")
-            ds = xr.concat(parts, dim="pair", data_vars="all", coords="different", compat="equals",
-                           join="outer", combine_attrs="override")
+            ds = xr.concat(
+                parts,
+                dim="pair",
+                data_vars="all",
+                coords="different",
+                compat="equals",
+                join="outer",
+                combine_attrs="override",
+            )
             ds.attrs = {}
             stored = ds["pair"].values.astype(int).tolist()
             missing = sorted(set(order) - set(stored))
             if missing:
-                raise UserError(f"{self.dir}: pair_id {', '.join(map(str, missing[:5]))}"
-                                f"{' ...' if len(missing) > 5 else ''} missing from the stored batches; rerun "
-                                "with --resume to compute them")
+                raise UserError(
+                    f"{self.dir}: pair_id {', '.join(map(str, missing[:5]))}"
+                    f"{' ...' if len(missing) > 5 else ''} missing from the stored batches; rerun "
+                    "with --resume to compute them"
+                )
             rank = {pid: i for i, pid in enumerate(order)}
             ds = ds.isel(pair=np.argsort([rank.get(p, len(rank)) for p in stored], kind="stable"))
             ds.attrs.update(attrs)
@@ -409,4 +443,3 @@ def clean_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
             v = json.dumps(v, sort_keys=True)
         out[k] = v
     return out
-

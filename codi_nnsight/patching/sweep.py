@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import importlib.metadata as _md
 import json
@@ -18,6 +19,7 @@ import torch
 import xarray as xr
 
 from ..errors import UserError
+from ..model.remote import check_remote_target, scrub
 from ..model.wrapper import CODIModel
 from .config import SweepConfig
 from .dataset import SCHEMA, batch_dataset, with_pair_coordinates
@@ -84,8 +86,8 @@ def patch_sweep(
         model: a loaded `CODIModel`.
         pairs: a `PairSet` (or any sequence of pairs with `.clean`/`.corrupted`/`.pair_id`).
         layers: decoder blocks to patch (default all).
-        component: a patch site of `sites.SITES` (`resid`, `attn`, `mlp`, `latent`) — or a list of
-            them (adds a `component` dim).
+        component: a patch site of `sites.SITES` (`resid`, `attn`, `mlp`, `latent`, `head`) — or a
+            list of them (adds a `component` dim; `head` adds a `head` dim and runs on its own).
         positions: `all` latent positions at once, or `each` one at a time (adds `position`).
         mode: `recurrent` (later latents recomputed from the patched state: the total effect) or
             `no-feedback` (the fed-back latent embeddings held at the baseline's: the effect
@@ -109,8 +111,21 @@ def patch_sweep(
                       component=components[0], positions=positions, mode=mode, direction=direction,
                       max_new_tokens=max_new_tokens)
     if len(components) > 1:
+        from .sites import SITES
+
+        axis = next((c for c in components if c in SITES and SITES[c].axis), None)
+        if axis is not None:
+            raise UserError(f"--component {axis} adds a {SITES[axis].axis} dimension: sweep it on its own")
         return _multi_component_sweep(model, pairs, components, cfg, out=out, resume=resume, batch_size=batch_size,
                                       remote=remote, progress=progress, seed=seed, command=command)
+    return _single_sweep(model, pairs, cfg, batch_size=batch_size, remote=remote, out=out, resume=resume,
+                         progress=progress, seed=seed, command=command)
+
+
+def _single_sweep(model: CODIModel, pairs: Any, cfg: SweepConfig, batch_size: int | str, remote: bool | str,
+                  out: str | Path | None, resume: bool, progress: bool, seed: int, command: str | None) -> xr.Dataset:
+    """One component: check everything, run the batches (streamed to the store), assemble the file."""
+    check_remote_target(remote)  # before any store exists: a refused target leaves nothing behind
     cfg.validate(model)
     source, pairs_sha = getattr(pairs, "source", None), getattr(pairs, "sha256", None)
     pairs = list(pairs)
@@ -125,27 +140,27 @@ def patch_sweep(
     start = _now()
     fingerprint = cfg.fingerprint(model, pairs_sha, seed)
     bs = _batch_size(model, pairs, cfg, batch_size)
-    store = PartialStore(out, fingerprint) if out is not None else None
-    done = store.open(resume) if store is not None else set()
-    batches = _run_batches(model, [p for p in pairs if int(p.pair_id) not in done], cfg, bs, remote, store,
-                           progress, total=len(pairs))
     attrs = {"codi_nnsight_schema": SCHEMA, "model_name": model.name, **SweepConfig.attrs_of(fingerprint),
              "run_fingerprint": json.dumps(fingerprint, sort_keys=True), "device": str(model.device),
              "command": command if command is not None else shlex.join(sys.argv), "start_time": start,
-             "pairs_file": str(source or ""), "remote": str(remote), "num_latent": model.num_latent,
+             "pairs_file": str(source or ""), "remote": scrub(str(remote), remote), "num_latent": model.num_latent,
              "n_layers_model": model.n_layers, **versions()}
-    full = full_patch_check(model, pairs, remote=remote)
     order = [int(p.pair_id) for p in pairs]
+    store = PartialStore(out, fingerprint) if out is not None else None
+    with store if store is not None else contextlib.nullcontext():  # the store's lock is released on every exit
+        done = store.open(resume) if store is not None else set()
+        batches = _run_batches(model, [p for p in pairs if int(p.pair_id) not in done], cfg, bs, remote, store,
+                               progress, total=len(pairs))
+        full = full_patch_check(model, pairs, remote=remote)
 
-    def finalize(ds: xr.Dataset) -> xr.Dataset:
-        ds = with_pair_coordinates(ds, pairs)
-        ds.attrs = clean_attrs({**attrs, **sanity_attrs(measure(ds, full), model.dtype), "end_time": _now()})
-        return ds
+        def finalize(ds: xr.Dataset) -> xr.Dataset:
+            ds = with_pair_coordinates(ds, pairs)
+            ds.attrs = clean_attrs({**attrs, **sanity_attrs(measure(ds, full), model.dtype), "end_time": _now()})
+            return ds
 
-    if store is not None:
-        return store.finish({}, order, transform=finalize)
-    ds = xr.concat(batches, dim="pair", combine_attrs="drop")
-    return finalize(ds)
+        if store is not None:
+            return store.finish({}, order, transform=finalize)
+        return finalize(xr.concat(batches, dim="pair", combine_attrs="drop"))
 
 
 def _now() -> str:
@@ -156,7 +171,7 @@ def _batch_size(model: CODIModel, pairs: list[Any], cfg: SweepConfig, batch_size
     """Pairs per trace: a number >= 1, or `auto` from the memory a batch needs."""
     if batch_size == "auto":
         longest = max(len(model.encode_question(q.question)) for p in pairs for q in (p.clean, p.corrupted))
-        return auto_batch_size(model, 3 + len(cfg.variants(model.num_latent)), longest)
+        return auto_batch_size(model, 3 + len(cfg.variants(model)), longest)
     bs = int(batch_size)
     if bs < 1:
         raise UserError(f"--batch-size {batch_size}: must be >= 1 or auto")
@@ -287,14 +302,4 @@ def _reuse_component(model: CODIModel, pairs: Any, path: Path, component: str, c
 
 def check_context(model: CODIModel, pairs: list[Any]) -> None:
     """Refuse questions too long for the model's context, naming the pair."""
-    cfg = model.codi.lm.config
-    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-    if not limit:
-        return
-    extra = model.num_latent + 48  # latents, [eot], answer prompt, answer tokens
-    for p in pairs:
-        for variant in ("clean", "corrupted"):
-            n = len(model.encode_question(getattr(p, variant).question))
-            if n + extra > limit:
-                raise UserError(f"pair_id {p.pair_id}, {variant} question: {n} tokens + {extra} for "
-                                f"latents and answer exceed the model's context of {limit}")
+    model.check_fits(pairs, extra=model.num_latent + 48)  # latents, [eot], answer prompt, answer tokens

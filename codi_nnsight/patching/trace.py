@@ -25,12 +25,18 @@ NO_TOKEN = -1
 
 
 def _on_device(plan: BatchPlan, model: CODIModel, remote: bool | str) -> tuple[dict, dict, torch.Tensor]:
-    """Patch indices on the model's device: CPU indices into CUDA tensors cost a copy per patch."""
-    layer_plan, prj_plan = plan.layer_plan, plan.prj_plan
+    """Patch indices on the model's device: CPU indices into CUDA tensors cost a copy per patch.
+
+    Whole-tensor and per-unit (head) patches come back as one table: {(layer, call): [(slice, dst, src)]}.
+    """
+    layer_plan = {k: [(slice(None), d, s)] for k, (d, s) in plan.layer_plan.items()}
+    for k, patches in plan.unit_plan.items():
+        layer_plan.setdefault(k, []).extend(patches)
+    prj_plan = plan.prj_plan
     baseline_of = torch.tensor(plan.baseline_of)
     if not remote and model.device is not None and model.device.type != "cpu":
         dev = model.device
-        layer_plan = {k: (d.to(dev), s.to(dev)) for k, (d, s) in layer_plan.items()}
+        layer_plan = {k: [(sl, d.to(dev), s.to(dev)) for sl, d, s in v] for k, v in layer_plan.items()}
         prj_plan = {k: (d.to(dev), s.to(dev)) for k, (d, s) in prj_plan.items()}
         baseline_of = baseline_of.to(dev)
     return layer_plan, prj_plan, baseline_of
@@ -48,6 +54,7 @@ def run_batch(model: CODIModel, plan: BatchPlan, cfg: SweepConfig, remote: bool 
     envoys = {L: cfg.site.envoy(model, L) for L in cfg.layers} if cfg.site.per_layer else {}
     layer_plan, prj_plan, baseline_of = _on_device(plan, model, remote)
     layers = sorted(envoys)
+    reads_input = cfg.site.reads == "input"
     prj = model.prj
     columns_of = metric_table.trace_columns
     n_decodable = model.codi.eot_id
@@ -62,9 +69,9 @@ def run_batch(model: CODIModel, plan: BatchPlan, cfg: SweepConfig, remote: bool 
             for call in tracer.iter[sched.latent_calls.start:sched.latent_calls.stop]:
                 for L in layers:
                     if (L, call) in layer_plan:
-                        h = output_tensor(envoys[L].output)
-                        dst, src = layer_plan[(L, call)]
-                        h[dst] = h[src]
+                        h = envoys[L].input if reads_input else output_tensor(envoys[L].output)
+                        for sl, dst, src in layer_plan[(L, call)]:
+                            h[dst, ..., sl] = h[src, ..., sl]
                 k = call - sched.prefill_calls + 1
                 if k < K and k in prj_plan:
                     e = prj.output
