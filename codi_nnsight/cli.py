@@ -6,7 +6,6 @@ Ctrl-C exits 130 after saying where finished results are.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shlex
@@ -150,20 +149,11 @@ def evaluate(model_spec, dtype, device, normalization, pairs_path, limit, max_ne
                              progress=sys.stderr.isatty(), remote=_remote_value(remote))
     acc = accuracy_summary(answers)
     if out:
-        write_json_atomic(Path(out), [a.to_record() for a in answers])
+        from .atomic import write_json_atomic
+
+        write_json_atomic(out, [a.to_record() for a in answers])
     click.echo(f"model {model.name}: {len(pairs)} pairs — accuracy clean {acc['clean']:.1%}, "
                f"corrupted {acc['corrupted']:.1%}, both {acc['both']:.1%}")
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temp file and rename it over `path`: the file is complete or absent."""
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"{path}: cannot write ({e.strerror or e})") from None
 
 
 # ---------------------------------------------------------------------------------------------

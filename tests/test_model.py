@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import nnsight
 import pytest
@@ -302,3 +303,41 @@ def test_readme_python_example_runs_and_prints_what_it_says():
     proc = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "6 thoughts; answer: The answer is: 14"
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"prj_dim": 0}, "codi config: prj_dim must be > 0 (or null for the hidden size), got 0"),
+    ({"prj_dim": -4}, "codi config: prj_dim must be > 0 (or null for the hidden size), got -4"),
+    ({"lora_alpha": float("nan")}, "codi config: lora_alpha must be a finite number, got nan"),
+])
+def test_config_values_that_used_to_pass_silently(change, message):
+    with pytest.raises(UserError) as e:
+        CODIConfig(base="b", checkpoint="c", **change)
+    assert str(e.value) == message
+
+
+def test_a_base_that_looks_like_a_missing_folder_is_not_sent_to_the_hub(tmp_path):
+    cfg = CODIConfig(base="./models/base", checkpoint="c.safetensors", root=str(tmp_path))
+    with pytest.raises(UserError, match=r"base './models/base': no such folder beside .* \(and not a hub id"):
+        _ = cfg.base_path
+    assert CODIConfig(base="gpt2", checkpoint="c", root=str(tmp_path)).base_path == "gpt2"
+    assert CODIConfig(base="meta-llama/Llama-3.2-1B", checkpoint="c", root=str(tmp_path)).base_path == \
+        "meta-llama/Llama-3.2-1B"
+
+
+@pytest.mark.parametrize("corrupt,message", [
+    (lambda v: v.to(torch.int32), "holds int32 values; model weights must be floating point"),
+    (lambda v: v.clone().fill_(float("nan")), "non-finite value(s) (NaN or inf)"),
+])
+def test_non_float_and_non_finite_weights_are_refused_by_name(tiny_dirs, tmp_path, corrupt, message):
+    src = Path(tiny_dirs["llama"]).parent
+    dst = tmp_path / "m"
+    shutil.copytree(src, dst)
+    ckpt = dst / "ckpt" / "model.safetensors"
+    sd = load_file(str(ckpt))
+    key = next(k for k in sd if k.endswith("mlp.down_proj.base_layer.weight"))
+    sd[key] = corrupt(sd[key])
+    save_file(sd, str(ckpt))
+    with pytest.raises(UserError) as e:
+        load_model(dst, dtype="float64")
+    assert str(e.value).startswith(f"{ckpt}: {key} ") and message in str(e.value)

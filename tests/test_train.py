@@ -19,8 +19,8 @@ from codi_nnsight.toy.train import (
     EOT,
     UNK,
     ToyConfig,
-    decode,
-    encode,
+    decode_words,
+    encode_words,
     eval_problems,
     evaluate_toy,
     is_held_out,
@@ -38,12 +38,12 @@ TINY = dict(n_layers=1, hidden=32, heads=2, intermediate=64, prj_dim=32, num_lat
 def test_word_encoding_matches_tokenizer() -> None:
     tok = word_tokenizer()
     for p in eval_problems(20, 0):
-        assert tok(p.question).input_ids == [BOS, *encode(p.question)]
-        assert UNK not in encode(p.question)
+        assert tok(p.question).input_ids == [BOS, *encode_words(p.question)]
+        assert UNK not in encode_words(p.question)
         text = f"{ANSWER_PREFIX}{p.answer}"
-        ids = encode(text)
-        assert len(ids) == len(encode(ANSWER_PREFIX)) + 1  # the answer is one token
-        assert tok.decode(ids) == decode(ids) == text
+        ids = encode_words(text)
+        assert len(ids) == len(encode_words(ANSWER_PREFIX)) + 1  # the answer is one token
+        assert tok.decode(ids) == decode_words(ids) == text
         assert extract_answer_number(tok.decode(ids)) == p.answer
 
 
@@ -52,17 +52,17 @@ def test_batch_targets_and_distill_positions() -> None:
     b = make_batch(problems)
     for i, p in enumerate(problems):
         q = [t for t, m in zip(b["q_ids"][i].tolist(), b["q_mask"][i].tolist()) if m]
-        assert q == [BOS, *encode(p.question), BOT]
-        answer = encode(ANSWER_PREFIX + str(p.answer)) + [EOS]
+        assert q == [BOS, *encode_words(p.question), BOT]
+        answer = encode_words(ANSWER_PREFIX + str(p.answer)) + [EOS]
         student = [t for t in b["s_labels"][i].tolist() if t != -100]
         assert student == answer
         teacher = [t for t in b["t_labels"][i].tolist() if t != -100]
-        assert teacher == encode(" ".join(p.steps)) + [EOT] + answer
+        assert teacher == encode_words(" ".join(p.steps)) + [EOT] + answer
         # Both distillation positions hold the ':' whose next token is the answer.
         s_at, t_at = int(b["s_distill"][i]), int(b["t_distill"][i])
-        answer_id = encode(str(p.answer))[0]
-        assert b["s_ids"][i, s_at] == encode(":")[0] and b["s_ids"][i, s_at + 1] == answer_id
-        assert b["t_ids"][i, t_at] == encode(":")[0] and b["t_ids"][i, t_at + 1] == answer_id
+        answer_id = encode_words(str(p.answer))[0]
+        assert b["s_ids"][i, s_at] == encode_words(":")[0] and b["s_ids"][i, s_at + 1] == answer_id
+        assert b["t_ids"][i, t_at] == encode_words(":")[0] and b["t_ids"][i, t_at + 1] == answer_id
 
 
 def test_toy_problems_and_pairs_stay_in_range() -> None:
@@ -72,12 +72,12 @@ def test_toy_problems_and_pairs_stay_in_range() -> None:
         assert 2 <= len(p.steps) <= 4 and len(set(p.numbers)) == len(p.numbers)
         assert all(2 <= k <= 9 for k in p.numbers)
         assert all(0 <= int(s.split("=")[1]) <= 19 for s in p.steps)
-        assert UNK not in encode(p.question) and UNK not in encode(" ".join(p.steps))
+        assert UNK not in encode_words(p.question) and UNK not in encode_words(" ".join(p.steps))
     for pair in make_toy_pairs(30, seed=2):
         c, k = pair.clean, pair.corrupted
         assert c.answer != k.answer and 0 <= k.answer <= 19
-        assert len(encode(c.question)) == len(encode(k.question))  # one number token differs
-        assert sum(a != b for a, b in zip(encode(c.question), encode(k.question))) == 1
+        assert len(encode_words(c.question)) == len(encode_words(k.question))  # one number token differs
+        assert sum(a != b for a, b in zip(encode_words(c.question), encode_words(k.question))) == 1
 
 
 def test_held_out_split_is_disjoint() -> None:

@@ -254,8 +254,9 @@ class PairSet:
             text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         else:
             text = json.dumps(records, indent=2, ensure_ascii=False) + "\n"
-        path.write_text(text, encoding="utf-8")
-        return path
+        from ..atomic import write_text_atomic
+
+        return write_text_atomic(path, text)
 
     def _meta_keys(self) -> list[str]:
         return _meta_keys(self._pairs)

@@ -9,6 +9,7 @@ Loading is `weights_only=True` or safetensors: a checkpoint can never run code.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -80,51 +81,71 @@ def merge_codi_state_dict(sd: dict[str, torch.Tensor], lm: nn.Module, prj: nn.Mo
                           cfg: CODIConfig, family: Family, source: str) -> tuple[dict, dict]:
     """Map official CODI keys onto the plain LM and prj, merging LoRA (`W += B @ A * alpha / r`).
 
-    Returns (lm_state, prj_state). Raises `UserError` naming the offending keys for unused
-    checkpoint keys, missing model weights, or shape mismatches.
+    Returns (lm_state, prj_state). Raises `UserError` naming the offending keys for non-float or
+    non-finite weights, unused checkpoint keys, missing model weights, or shape mismatches.
     """
-    targets = set(cfg.lora_target_modules or family.lora_targets)
+    check_weight_values(sd, source)
+    split = _split_keys(sd)
     lm_sd = lm.state_dict()
-    prj_sd = prj.state_dict()
-    used: set[str] = set()
-    lm_state: dict[str, torch.Tensor] = {}
-    prj_state: dict[str, torch.Tensor] = {}
-    lora: dict[str, dict[str, torch.Tensor]] = {}
-    unknown: list[str] = []
-    origin: dict[str, str] = {}  # model key -> checkpoint key, to name the user's key in errors
+    # Keys this architecture has no place for (e.g. another family's checkpoint) come first:
+    # they explain every later mismatch.
+    unknown = split.unknown + [split.origin.get(k, k) for k in set(split.lm) - set(lm_sd)]
+    unknown += [split.origin[f"{m}.lora_{w}"] for m, ab in split.lora.items() for w in ab
+                if m + ".weight" not in lm_sd]
+    if unknown:
+        raise UserError(f"{source}: checkpoint keys not used by a CODI {family.name} model: {_short(sorted(unknown))}")
+    conv1d = {name for name, m in lm.named_modules() if type(m).__name__ == "Conv1D"}
+    _merge_lora(split.lm, split.lora, cfg, set(cfg.lora_target_modules or family.lora_targets), conv1d, source)
+    tied = bool(getattr(lm.config, "tie_word_embeddings", False))
+    if tied:
+        _tie(split.lm, family.embedding_key, source)
+    expected = {k: v for k, v in lm_sd.items() if not (tied and k == "lm_head.weight")}
+    _check_complete(split.lm, expected, "", "model weights", split.origin, source)
+    _check_complete(split.prj, prj.state_dict(), "prj.", "projection weights", {}, source, extra_is_error=True)
+    return split.lm, split.prj
+
+
+@dataclass
+class _SplitKeys:
+    """A checkpoint's keys sorted by where they go."""
+
+    lm: dict[str, torch.Tensor] = field(default_factory=dict)
+    prj: dict[str, torch.Tensor] = field(default_factory=dict)
+    lora: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # module -> {"A": ..., "B": ...}
+    unknown: list[str] = field(default_factory=list)
+    origin: dict[str, str] = field(default_factory=dict)  # model key -> checkpoint key, to name the user's key
+
+
+def _split_keys(sd: dict[str, torch.Tensor]) -> _SplitKeys:
+    """Sort official keys into LM weights, prj weights and LoRA factors (peft's names undone)."""
+    out = _SplitKeys()
     for key, value in sd.items():
         if key.startswith("prj."):
-            prj_state[key[4:]] = value
-            used.add(key)
+            out.prj[key[4:]] = value
             continue
         inner = next((key[len(p):] for p in CKPT_PREFIXES if key.startswith(p)), None)
         if inner is None:
-            unknown.append(key)
+            out.unknown.append(key)
             continue
         if ".lora_A." in inner or ".lora_B." in inner:
-            mod, _, rest = inner.partition(".lora_A." if ".lora_A." in inner else ".lora_B.")
             which = "A" if ".lora_A." in inner else "B"
+            mod, _, rest = inner.partition(f".lora_{which}.")
             if rest != "default.weight":
-                unknown.append(key)
+                out.unknown.append(key)
                 continue
-            lora.setdefault(mod, {})[which] = value
-            origin[f"{mod}.lora_{which}"] = key
-            used.add(key)
+            out.lora.setdefault(mod, {})[which] = value
+            out.origin[f"{mod}.lora_{which}"] = key
             continue
         inner = inner.replace(".base_layer.", ".")
-        lm_state[inner] = value
-        origin[inner] = key
-        used.add(key)
-    # Keys this architecture has no place for (e.g. another family's checkpoint) come first:
-    # they explain every later mismatch.
-    unknown += [origin.get(k, k) for k in set(lm_state) - set(lm_sd)]
-    unknown += [origin[f"{m}.lora_{w}"] for m, ab in lora.items() for w in ab if m + ".weight" not in lm_sd]
-    if unknown:
-        raise UserError(f"{source}: checkpoint keys not used by a CODI {family.name} model: {_short(sorted(unknown))}")
+        out.lm[inner] = value
+        out.origin[inner] = key
+    return out
 
-    # LoRA merge, in float64 for exactness, then cast back.
+
+def _merge_lora(lm_state: dict[str, torch.Tensor], lora: dict[str, dict[str, torch.Tensor]], cfg: CODIConfig,
+                targets: set[str], conv1d: set[str], source: str) -> None:
+    """Add every LoRA delta to its base weight, in float64 (the load casts once, exactly for float64 runs)."""
     scale = cfg.lora_alpha / cfg.lora_r if cfg.lora_r else 0.0
-    conv1d = {name for name, m in lm.named_modules() if type(m).__name__ == "Conv1D"}
     for mod, ab in sorted(lora.items()):
         if set(ab) != {"A", "B"}:
             raise UserError(f"{source}: LoRA weights for {mod} incomplete (have lora_{''.join(ab)} only)")
@@ -144,42 +165,49 @@ def merge_codi_state_dict(sd: dict[str, torch.Tensor], lm: nn.Module, prj: nn.Mo
         if delta.shape != w.shape:
             raise UserError(f"{source}: LoRA delta for {mod} has shape {tuple(delta.shape)}, "
                             f"weight has {tuple(w.shape)}")
-        # Kept in float64: the load casts once, to the model's dtype (exact for float64 runs).
         lm_state[wkey] = w.double() + delta
 
-    # Tied embeddings may be stored under either name.
-    tied = getattr(lm.config, "tie_word_embeddings", False)
-    emb_key = family.embedding_key
-    if tied:
-        if "lm_head.weight" in lm_state and emb_key not in lm_state:
-            lm_state[emb_key] = lm_state["lm_head.weight"]
-        if emb_key in lm_state and "lm_head.weight" in lm_state:
-            if not torch.equal(lm_state[emb_key], lm_state["lm_head.weight"]):
-                raise UserError(f"{source}: lm_head.weight differs from {emb_key}, but the base "
-                                f"config ties them")
-        lm_state.pop("lm_head.weight", None)
-    expected = {k for k in lm_sd if not (tied and k == "lm_head.weight")}
-    # Non-persistent buffers (e.g. rotary inv_freq, GPT-2 causal masks) are not weights.
-    missing = sorted(expected - set(lm_state))
-    if missing:
-        raise UserError(f"{source}: model weights missing from the checkpoint: {_short(missing)}")
-    for k, v in lm_state.items():
-        if tuple(v.shape) != tuple(lm_sd[k].shape):
-            raise UserError(f"{source}: {origin.get(k, k)} has shape {tuple(v.shape)} in the checkpoint, "
-                            f"model expects {tuple(lm_sd[k].shape)}")
-    pmissing = sorted(set(prj_sd) - set(prj_state))
-    pextra = sorted(set(prj_state) - set(prj_sd))
-    if pextra:
+
+def _tie(lm_state: dict[str, torch.Tensor], emb_key: str, source: str) -> None:
+    """Tied embeddings may be stored under either name (or both, then they must agree)."""
+    if "lm_head.weight" in lm_state and emb_key not in lm_state:
+        lm_state[emb_key] = lm_state["lm_head.weight"]
+    if emb_key in lm_state and "lm_head.weight" in lm_state:
+        if not torch.equal(lm_state[emb_key], lm_state["lm_head.weight"]):
+            raise UserError(f"{source}: lm_head.weight differs from {emb_key}, but the base config ties them")
+    lm_state.pop("lm_head.weight", None)
+
+
+def _check_complete(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], prefix: str, what: str,
+                    origin: dict[str, str], source: str, extra_is_error: bool = False) -> None:
+    """Every expected weight present, no extra one (when asked), every shape right."""
+    extra = sorted(set(state) - set(expected))
+    if extra and extra_is_error:
         raise UserError(f"{source}: checkpoint keys not used by the projection: "
-                        f"{_short(['prj.' + k for k in pextra])}")
-    if pmissing:
-        raise UserError(f"{source}: projection weights missing from the checkpoint: "
-                        f"{_short(['prj.' + k for k in pmissing])}")
-    for k, v in prj_state.items():
-        if tuple(v.shape) != tuple(prj_sd[k].shape):
-            raise UserError(f"{source}: prj.{k} has shape {tuple(v.shape)} in the checkpoint, model "
-                            f"expects {tuple(prj_sd[k].shape)}")
-    return lm_state, prj_state
+                        f"{_short([prefix + k for k in extra])}")
+    # Non-persistent buffers (e.g. rotary inv_freq, GPT-2 causal masks) are not weights.
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise UserError(f"{source}: {what} missing from the checkpoint: {_short([prefix + k for k in missing])}")
+    for k, v in state.items():
+        if k in expected and tuple(v.shape) != tuple(expected[k].shape):
+            raise UserError(f"{source}: {origin.get(k, prefix + k)} has shape {tuple(v.shape)} in the checkpoint, "
+                            f"model expects {tuple(expected[k].shape)}")
+
+
+def check_weight_values(sd: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse integer or non-finite weights, naming the tensor.
+
+    An int32 weight would be cast silently (truncating a real checkpoint to zeros) and a NaN one
+    would make every number NaN — while the sanity checks, comparing NaN runs, could still pass.
+    """
+    for key, value in sd.items():
+        if not value.is_floating_point():
+            raise UserError(f"{source}: {key} holds {str(value.dtype).replace('torch.', '')} values; model "
+                            "weights must be floating point")
+        if not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise UserError(f"{source}: {key} holds {bad} non-finite value(s) (NaN or inf)")
 
 
 def build_codi(cfg: CODIConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,11 @@ class CODIConfig:
             raise UserError(f"codi config: num_latent must be >= 0, got {self.num_latent}")
         if self.lora_r < 0:
             raise UserError(f"codi config: lora_r must be >= 0, got {self.lora_r}")
+        if not math.isfinite(float(self.lora_alpha)):
+            raise UserError(f"codi config: lora_alpha must be a finite number, got {self.lora_alpha}")
+        if self.prj_dim is not None and self.prj_dim <= 0:
+            # 0 used to mean "the hidden size" silently; null says that explicitly.
+            raise UserError(f"codi config: prj_dim must be > 0 (or null for the hidden size), got {self.prj_dim}")
 
     # -- paths -------------------------------------------------------------------------------
     def _resolve(self, value: str) -> str:
@@ -48,7 +54,12 @@ class CODIConfig:
             return value
         candidate = Path(self.root) / value
         # "gpt2" is a hub id unless a folder of that name sits beside the json.
-        return str(candidate) if candidate.exists() else value
+        if candidate.exists():
+            return str(candidate)
+        if value.startswith((".", "~")) or value.count("/") != 1 and ("/" in value or "\\" in value):
+            # Looks like a path, not an `owner/name` hub id: say so instead of asking the hub for it.
+            raise UserError(f"base {value!r}: no such folder beside {self.root} (and not a hub id owner/name)")
+        return value
 
     @property
     def base_path(self) -> str:

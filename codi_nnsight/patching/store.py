@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from ..atomic import DiskError, write_atomic, write_text_atomic
 from ..errors import UserError
 
 try:  # POSIX: the lock's liveness is the kernel's flock, which dies with its process
@@ -43,39 +44,21 @@ except ImportError:  # pragma: no cover - Windows: fall back to "is the PID aliv
 
 log = logging.getLogger(__name__)
 
-SCHEMA = "codi-nnsight/results/1"
 FINGERPRINT_ATTR = "run_fingerprint_sha256"
 LOCK_NAME = "lock"
 
 
-class DiskError(UserError):
-    """Output could not be written (disk full, permissions)."""
-
-
 def _write_atomic_nc(ds: xr.Dataset, path: Path) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
+    """Write a Dataset as netCDF4, complete or absent (python strings as variable-length str)."""
+
+    def write(tmp: Path) -> None:
         encoded = ds.copy()
         for name in list(encoded.variables):
             if encoded[name].dtype == object:  # netCDF4 stores python strings as vlen str
                 encoded[name] = encoded[name].astype(str)
         encoded.to_netcdf(tmp, engine="netcdf4")
-        os.replace(tmp, path)
-    except Exception as e:
-        tmp.unlink(missing_ok=True)
-        raise DiskError(f"{path}: cannot write ({_write_failure(e, path.parent)})") from None
 
-
-def _write_failure(e: Exception, folder: Path) -> str:
-    """Why a write failed, in words: netCDF/HDF5 hide ENOSPC behind a generic 'HDF error'."""
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
-    try:
-        if shutil.disk_usage(folder).free < (1 << 20):
-            return "No space left on device"
-    except OSError:
-        pass
-    return f"{type(e).__name__}: {e}"
+    write_atomic(path, write)
 
 
 def run_fingerprint(config: dict[str, Any]) -> str:
@@ -305,12 +288,7 @@ class PartialStore:
                 f"({orphans[0].name}, ...) of an unknown run; refusing to mix results — delete "
                 f"{self.dir} to start over"
             )
-        try:
-            tmp = cfg_path.with_name("config.json.tmp")
-            tmp.write_text(json.dumps(self.config, sort_keys=True, indent=1))
-            os.replace(tmp, cfg_path)
-        except OSError as e:
-            raise DiskError(f"{self.dir}: cannot write ({e.strerror or e})") from None
+        write_text_atomic(cfg_path, json.dumps(self.config, sort_keys=True, indent=1))
         return set()
 
     def _stored_config(self, cfg_path: Path) -> dict[str, Any]:

@@ -115,12 +115,12 @@ def word_tokenizer() -> Any:
                                    unk_token="<unk>")
 
 
-def encode(text: str) -> list[int]:
+def encode_words(text: str) -> list[int]:
     """Token ids of `text` (exactly what `word_tokenizer` gives, without `<s>`)."""
     return [_IDS.get(w, UNK) for w in _WORD.findall(text)]
 
 
-def decode(ids: list[int]) -> str:
+def decode_words(ids: list[int]) -> str:
     """Text of token ids below `BASE_VOCAB` (specials dropped), as `word_tokenizer` decodes."""
     words = [VOCAB[i] for i in ids if len(SPECIALS) <= i < BASE_VOCAB]
     text = " ".join(words)
@@ -131,7 +131,7 @@ def decode(ids: list[int]) -> str:
 
 def is_held_out(problem: WordProblem) -> bool:
     """Whether the problem's arithmetic chain is reserved for evaluation."""
-    return zlib.crc32(" ".join(problem.steps).encode()) % HOLDOUT_MOD == 0
+    return zlib.crc32(" ".join(problem.steps).encode_words()) % HOLDOUT_MOD == 0
 
 
 def sample_problems(rng: random.Random, n: int, cfg: ToyConfig, held_out: bool) -> list[WordProblem]:
@@ -170,26 +170,26 @@ def make_batch(problems: list[WordProblem]) -> dict[str, torch.Tensor]:
     right-padded. ``*_labels`` hold the target of each position (-100 = no loss);
     ``*_distill`` index the position predicting the first digit.
     """
-    question = [[BOS, *encode(p.question), BOT] for p in problems]
-    answer = [encode(ANSWER_PREFIX + str(p.answer)) + [EOS] for p in problems]
+    question = [[BOS, *encode_words(p.question), BOT] for p in problems]
+    answer = [encode_words(ANSWER_PREFIX + str(p.answer)) + [EOS] for p in problems]
     q_ids, q_mask = _pad(question, left=True)
     s_ids, s_mask = _pad([[EOT, *a] for a in answer], left=False)
     s_labels = torch.full_like(s_ids, -100)
     s_labels[:, :-1] = torch.where(s_mask[:, 1:].bool(), s_ids[:, 1:], -100)
     # Teacher continuation after the shared `question [bot]` prefix: steps [eot] answer </s>.
-    cont = [encode(" ".join(p.steps)) + [EOT] + a for p, a in zip(problems, answer)]
+    cont = [encode_words(" ".join(p.steps)) + [EOT] + a for p, a in zip(problems, answer)]
     t_ids, t_mask = _pad(cont, left=False)
     # Target of the prefix's last ([bot]) position, then of each continuation position.
     t_labels = torch.full((len(problems), t_ids.shape[1] + 1), -100, dtype=torch.long)
     t_labels[:, :-1] = torch.where(t_mask.bool(), t_ids, -100)
     # In the continuation the ':' predicting the answer sits len(prefix) - 1 tokens into it.
-    n_prefix = len(encode(ANSWER_PREFIX))
+    n_prefix = len(encode_words(ANSWER_PREFIX))
     t_distill = torch.tensor([len(c) - len(a) + n_prefix - 1 for c, a in zip(cont, answer)])
     # In the student suffix [eot] + answer the same ':' is at index len(prefix).
     s_distill = torch.full((len(problems),), n_prefix, dtype=torch.long)
     # Token id of each step's result; rows padded with the answer (the last result).
     width = max(len(p.steps) for p in problems)
-    res = [[encode(s.split("=")[1])[0] for s in p.steps] for p in problems]
+    res = [[encode_words(s.split("=")[1])[0] for s in p.steps] for p in problems]
     results = torch.tensor([r + [r[-1]] * (width - len(r)) for r in res], dtype=torch.long)
     return {"q_ids": q_ids, "q_mask": q_mask, "s_ids": s_ids, "s_mask": s_mask, "results": results,
             "s_labels": s_labels, "t_ids": t_ids, "t_mask": t_mask, "t_labels": t_labels,
@@ -447,7 +447,7 @@ def _accuracy(texts: list[str], problems: list[WordProblem]) -> float:
 def teacher_generate(module: CODIModule, questions: list[str],
                      max_new_tokens: int = 48) -> list[str]:
     """Explicit-CoT greedy decoding after `question [bot]` (no latents); text after `[eot]`."""
-    ids, mask = _pad([[BOS, *encode(q), BOT] for q in questions], left=True)
+    ids, mask = _pad([[BOS, *encode_words(q), BOT] for q in questions], left=True)
     done = torch.zeros(len(questions), dtype=torch.bool)
     gen: list[torch.Tensor] = []
     with torch.inference_mode():
@@ -467,7 +467,7 @@ def teacher_generate(module: CODIModule, questions: list[str],
     texts = []
     for row in torch.stack(gen, dim=1).tolist():
         after = row[row.index(EOT) + 1:] if EOT in row else []
-        texts.append(decode(after))
+        texts.append(decode_words(after))
     return texts
 
 
