@@ -131,7 +131,7 @@ def decode_words(ids: list[int]) -> str:
 
 def is_held_out(problem: WordProblem) -> bool:
     """Whether the problem's arithmetic chain is reserved for evaluation."""
-    return zlib.crc32(" ".join(problem.steps).encode_words()) % HOLDOUT_MOD == 0
+    return zlib.crc32(" ".join(problem.steps).encode()) % HOLDOUT_MOD == 0
 
 
 def sample_problems(rng: random.Random, n: int, cfg: ToyConfig, held_out: bool) -> list[WordProblem]:
