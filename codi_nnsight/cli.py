@@ -159,9 +159,10 @@ def evaluate(model_spec, dtype, device, normalization, pairs_path, limit, max_ne
 # ---------------------------------------------------------------------------------------------
 def _patch_choices() -> dict[str, list[str]]:
     # The sweep's own tables (light modules: `--help` imports no torch).
-    from .patching.options import DIRECTIONS, MODE_ALIASES, MODES, POSITIONS
+    from .patching.options import ABLATIONS, DIRECTIONS, MODE_ALIASES, MODES, POSITIONS
 
-    return {"positions": list(POSITIONS), "mode": [*MODES, *MODE_ALIASES], "direction": list(DIRECTIONS)}
+    return {"positions": list(POSITIONS), "mode": [*MODES, *MODE_ALIASES], "direction": list(DIRECTIONS),
+            "ablation": list(ABLATIONS)}
 
 
 def _families() -> list[str]:
@@ -186,6 +187,9 @@ def _families() -> list[str]:
                    "baseline's (effect through attention only; 'frozen' is its old name).")
 @click.option("--direction", type=click.Choice(_patch_choices()["direction"]), default="denoise",
               show_default=True)
+@click.option("--ablation", type=click.Choice(_patch_choices()["ablation"]), default=None,
+              help="Ablate the site in the clean run instead of patching: zero, mean (over the clean questions), "
+                   "resample (from the next pair's problem) or noise (random direction, same norm).")
 @click.option("--batch-size", default="auto", show_default=True, help="Pairs per trace, or auto.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N pairs.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=None)
@@ -195,7 +199,7 @@ def _families() -> list[str]:
 @click.option("--remote", default=None, help="local | ndif | URL of an NDIF host.")
 @click.pass_context
 def patch(ctx, model_spec, dtype, device, normalization, pairs_path, out, force, layers, positions, component, mode,
-          direction, batch_size, limit, max_new_tokens, seed, resume, check, remote) -> None:
+          direction, ablation, batch_size, limit, max_new_tokens, seed, resume, check, remote) -> None:
     """Patch source activations into target runs at the latent positions, layer by layer."""
     from .data.pairs import load_pairs
     from .patching.config import canonical_mode, parse_layers
@@ -225,11 +229,38 @@ def patch(ctx, model_spec, dtype, device, normalization, pairs_path, out, force,
                      positions=positions, mode=mode, direction=direction, batch_size=batch_size,
                      max_new_tokens=max_new_tokens,
                      remote=_remote_value(remote), out=out, resume=resume, progress=sys.stderr.isatty(),
-                     seed=seed, command=shlex.join(["codi-nnsight", *ctx.meta.get("argv", sys.argv[1:])]))
+                     seed=seed, command=shlex.join(["codi-nnsight", *ctx.meta.get("argv", sys.argv[1:])]),
+                     ablation=ablation)
     click.echo(sweep_summary(ds, out))
     if check and not ds.attrs["sanity_passed"]:
         click.echo(f"error: sanity check failed: {ds.attrs['sanity_details']}", err=True)
         ctx.exit(EXIT_SANITY)
+
+
+@main.command("early-exit")
+@_model_options
+@click.option("--pairs", "pairs_path", type=click.Path(dir_okay=False), default=None,
+              help="Pairs file (default: the bundled demo pairs).")
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="netCDF file.")
+@_force_option
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N pairs.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--remote", default=None, help="local | ndif | URL of an NDIF host.")
+def early_exit_cmd(model_spec, dtype, device, normalization, pairs_path, out, force, limit, batch_size,
+                   remote) -> None:
+    """Answer after 0, 1, ..., K latent thoughts: accuracy and answer log-probability per thought count."""
+    from .data.pairs import load_pairs
+    from .patching.ablation import early_exit
+    from .patching.store import _write_atomic_nc
+
+    prepare_output(out, force)
+    pairs = load_pairs(pairs_path or default_pairs()).limit(limit)
+    model = _load(model_spec, dtype, device, normalization)
+    ds = early_exit(model, list(pairs), batch_size=batch_size, remote=_remote_value(remote))
+    _write_atomic_nc(ds, Path(out))
+    acc = ds["correct"].mean(("pair", "variant")).values
+    click.echo(f"wrote {out}: accuracy by number of thoughts " + ", ".join(
+        f"{int(k)}: {a:.0%}" for k, a in zip(ds["n_latent"].values, acc)))
 
 
 # ---------------------------------------------------------------------------------------------

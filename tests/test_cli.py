@@ -241,3 +241,20 @@ def test_num_latent_beyond_the_context_is_refused_before_any_work(tiny_dir, tmp_
         r = CliRunner().invoke(main, args)
         assert r.exit_code == 2, r.output
         assert "exceed the model's context of 512" in r.output
+
+
+def test_ablation_and_early_exit_commands(tmp_path):
+    # The bundled toy model: zeroing thought 4 breaks most answers; fewer thoughts, fewer right answers.
+    r = run("patch", "--out", str(tmp_path / "a.nc"), "--component", "latent", "--positions", "each",
+            "--ablation", "zero", "--limit", "6")
+    assert r.exit_code == 0, r.output
+    assert "zero ablation: clean answer kept by" in r.output
+    ds = xr.open_dataset(tmp_path / "a.nc")
+    assert ds.attrs["ablation"] == "zero" and ds.attrs["direction"] == "noise"
+    assert float(ds["kept"].mean("pair").min()) < float(ds["kept"].mean("pair").max())
+    r = run("early-exit", "--out", str(tmp_path / "e.nc"), "--limit", "4")
+    assert r.exit_code == 0, r.output
+    ee = xr.open_dataset(tmp_path / "e.nc")
+    acc = ee["correct"].mean(("pair", "variant")).values
+    assert r.output.strip().startswith(f"wrote {tmp_path / 'e.nc'}: accuracy by number of thoughts 0: ")
+    assert acc[-1] == 1.0 and acc[0] < acc[-1]

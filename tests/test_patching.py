@@ -265,12 +265,12 @@ def test_all_heads_together_equal_the_attention_output(tiny_models):
     cfg.validate(model)
     plan = plan_mod.plan_batch(model, pairs, cfg)
     # Merge the per-head patches of each variant row into one patch of every head.
-    for key, patches in plan.unit_plan.items():
+    for key, patches in plan.extra_plan.items():
         dst, src = plan.layer_plan.get(key, (torch.tensor([], dtype=torch.long),) * 2)
-        rows = {(int(d), int(s_)) for _, ds_, ss in patches for d, s_ in zip(ds_, ss)}
+        rows = {(int(d), int(s_)) for kind, _, ds_, ss in patches for d, s_ in zip(ds_, ss) if kind == "copy"}
         plan.layer_plan[key] = (torch.cat([dst, torch.tensor([d for d, _ in sorted(rows)])]),
                                 torch.cat([src, torch.tensor([s_ for _, s_ in sorted(rows)])]))
-    plan.unit_plan = {}
+    plan.extra_plan = {}
     columns, _ = run_batch(model, plan, cfg)
     kl = columns[:, 0]
     for i in range(len(pairs)):

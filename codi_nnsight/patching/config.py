@@ -16,7 +16,7 @@ from typing import Any
 
 from ..errors import UserError
 from .metrics import RECOVERY_MIN_DENOMINATOR
-from .options import DIRECTIONS, MODE_ALIASES, MODES, POSITIONS
+from .options import ABLATIONS, DIRECTIONS, MODE_ALIASES, MODES, POSITIONS
 from .sites import COMPONENTS, SITES
 
 #: The choices of every option, for validation and the CLI.
@@ -44,10 +44,16 @@ class SweepConfig:
     mode: str = "recurrent"
     direction: str = "denoise"
     max_new_tokens: int | None = None
+    #: None: activation patching from the source run. Else an ablation of `options.ABLATIONS`, applied
+    #: to the clean run (target = clean, `direction` is then "noise": flips and recoveries read as
+    #: "moved to the corrupted answer", and `kept` says whether the clean answer survived).
+    ablation: str | None = None
 
     def __post_init__(self) -> None:
         self.mode = canonical_mode(self.mode)
         self.layers = [int(L) for L in self.layers]
+        if self.ablation is not None:
+            self.direction = "noise"
 
     @property
     def site(self) -> Any:
@@ -60,6 +66,8 @@ class SweepConfig:
             value = getattr(self, name)
             if value not in allowed:
                 raise UserError(f"--{name} {value!r}: expected one of {', '.join(allowed)}")
+        if self.ablation is not None and self.ablation not in ABLATIONS:
+            raise UserError(f"--ablation {self.ablation!r}: expected one of {', '.join(ABLATIONS)}")
         if not self.site.per_layer:
             self.layers = [0]
         if not self.layers:

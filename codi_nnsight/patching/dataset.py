@@ -49,8 +49,10 @@ def row_frame(model: CODIModel, pairs: Sequence[Any], cfg: SweepConfig, plan: Ba
     """The row layout derived metrics need: baseline/source rows, source answers, decoded answers."""
     answers = [extract_answer_number(decode(model, g)) for g in generated]
     src_answer = [float((p.clean if cfg.direction == "denoise" else p.corrupted).answer) for p in pairs]
+    tgt_answer = [float((p.corrupted if cfg.direction == "denoise" else p.clean).answer) for p in pairs]
     return RowFrame(columns={}, baseline_row=np.array(plan.baseline_of), source_row=np.array(plan.source_of),
                     source_answer=np.array([src_answer[i] for i in plan.row_pair], dtype=np.float64),
+                    target_answer=np.array([tgt_answer[i] for i in plan.row_pair], dtype=np.float64),
                     answer=np.array([np.nan if a is None else a for a in answers], dtype=np.float64))
 
 

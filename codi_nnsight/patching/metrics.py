@@ -56,6 +56,7 @@ class RowFrame:
     baseline_row: np.ndarray  # (rows,) index of each row's unpatched baseline row
     source_row: np.ndarray  # (rows,) index of each row's source row
     source_answer: np.ndarray  # (rows,) true answer of the source question
+    target_answer: np.ndarray  # (rows,) true answer of the patched (target) question
     answer: np.ndarray  # (rows,) number decoded greedily after the prompt (NaN: none)
 
 
@@ -109,6 +110,10 @@ def _answer(f: RowFrame) -> np.ndarray:
     return f.answer.astype(np.float64)
 
 
+def _kept(f: RowFrame) -> np.ndarray:
+    return (f.answer == f.target_answer).astype(np.float64)
+
+
 def _flipped(f: RowFrame) -> np.ndarray:
     return (f.answer == f.source_answer).astype(np.float64)  # NaN answer (no number) is not a flip
 
@@ -137,6 +142,8 @@ METRICS: tuple[Metric, ...] = (
            needs_distinct_answers=True),
     Metric("answer", "number decoded greedily after the teacher-forced answer prompt in the patched run (NaN: none)",
            "answer value", derive=_answer),
+    Metric("kept", "the patched run's decoded answer is still the target question's own true answer (for "
+           "ablations: the answer survived)", "share", derive=_kept),
     Metric("flipped", "the patched run's decoded answer equals the source question's true answer; NaN when the "
            "clean and corrupted answers are equal", "share", derive=_flipped, needs_distinct_answers=True),
 )

@@ -12,3 +12,9 @@ MODES = ("recurrent", "no-feedback")
 #: Old mode names still accepted (a warning says the new name).
 MODE_ALIASES = {"frozen": "no-feedback"}
 DIRECTIONS = ("denoise", "noise")
+#: Ablations: what replaces the activation at the patched site instead of another run's activation.
+#: `zero`; `mean` over a reference set of questions (the sweep's clean questions by default), per
+#: site, layer and latent position; `resample` from another problem (the next pair's clean
+#: question, a fixed donor whatever the batch); `noise`: a random direction with the ablated
+#: activation's own norm (seeded per pair and site).
+ABLATIONS = ("zero", "mean", "resample", "noise")

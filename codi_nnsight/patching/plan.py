@@ -17,6 +17,7 @@ model runs, so no second clean pass is needed.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -117,8 +118,12 @@ class BatchPlan:
     # {(layer, decoder call): (dst rows, src rows)} for layer sites, {prj call: (dst, src)} for prj outputs.
     layer_plan: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     prj_plan: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    # Sites with an axis (heads): {(layer, decoder call): [(slice of the last dim, dst rows, src rows), ...]}.
-    unit_plan: dict[tuple[int, int], list[tuple[slice, torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    # Every other patch, {(layer or "prj", call): [(kind, slice of the last dim, dst rows, payload), ...]}:
+    # kind "copy" (payload: src rows; per-head slices), "set" (payload: values (n|1, 1, width)) or
+    # "norm" (payload: unit directions (n, 1, width), scaled to the replaced activation's norm).
+    extra_plan: dict[tuple[Any, int], list[tuple[str, slice, torch.Tensor, torch.Tensor]]] = field(
+        default_factory=dict)
+    donor_rows: list[int] = field(default_factory=list)  # resample ablation: the donor question's run
 
     @property
     def baseline_of(self) -> list[int]:
@@ -131,8 +136,13 @@ class BatchPlan:
         return [self.source_rows[i] for i in self.row_pair]
 
 
-def plan_batch(model: CODIModel, pairs: Sequence[Any], cfg: SweepConfig) -> BatchPlan:
-    """Lay out the rows of one batch and the (destination, source) rows of every patch."""
+def plan_batch(model: CODIModel, pairs: Sequence[Any], cfg: SweepConfig, donors: Sequence[str] | None = None,
+               ablation_values: AblationValues | None = None) -> BatchPlan:
+    """Lay out the rows of one batch and the (destination, source) rows of every patch.
+
+    `donors` (resample ablation): the question each pair's activations are resampled from.
+    `ablation_values`: reference means and noise seeds of the other ablations (see `ablation_values`).
+    """
     variants = cfg.variants(model)
     questions: list[str] = []
     rows: list[int] = []  # prompt index of every row
@@ -144,15 +154,28 @@ def plan_batch(model: CODIModel, pairs: Sequence[Any], cfg: SweepConfig) -> Batc
         for kind, prompt in (("source", p_src), ("baseline", p_tgt), ("self", p_tgt)):
             getattr(plan, f"{kind}_rows").append(len(rows))
             rows.append(prompt)
+        if cfg.ablation == "resample":
+            # The donor gets its own prompt (appended after the pair prompts below, so that
+            # consecutive (source, target) prompts keep sharing their prefix).
+            plan.donor_rows.append(len(rows))
+            rows.append(-1 - i)
         plan.variant_rows.append(list(range(len(rows), len(rows) + len(variants))))
         rows += [p_tgt] * len(variants)
         plan.row_pair += [i] * (len(rows) - len(plan.row_pair))
         plan.tokens.append(answer_tokens(model, pair.clean.answer, pair.corrupted.answer))
     if len({tuple(t.suffix) for t in plan.tokens}) != 1:
         raise UserError("pairs in one batch need the same answer prompt tokens; use --batch-size 1")
+    if cfg.ablation == "resample":
+        if donors is None or len(donors) != len(pairs):
+            raise ValueError("the resample ablation needs one donor question per pair")
+        # Donor prompts go in pairs (donor, donor) so the shared-prefix layout of the prompts holds.
+        first = len(questions)
+        for d in donors:
+            questions += [d, d]
+        rows = [first + 2 * (-1 - r) if r < 0 else r for r in rows]
     enc, prefill_calls = prompt_inputs(model, questions)
     plan.schedule = model.schedule(prefill_calls)
-    _plan_patches(plan, cfg, model)
+    _plan_patches(plan, cfg, model, ablation_values)
     limits = [cfg.max_new_tokens or (max(len(t.clean), len(t.corrupted)) + DECODE_MARGIN) for t in plan.tokens]
     plan.decode_limit = [limits[i] for i in plan.row_pair]
     plan.inputs = {**enc, "rows": torch.tensor(rows), "suffix_ids": torch.tensor(plan.tokens[0].suffix),
@@ -160,46 +183,80 @@ def plan_batch(model: CODIModel, pairs: Sequence[Any], cfg: SweepConfig) -> Batc
     return plan
 
 
-def _plan_patches(plan: BatchPlan, cfg: SweepConfig, model: CODIModel) -> None:
-    """Fill `layer_plan` / `prj_plan` / `unit_plan`: which rows take which source row, per site and call."""
+def _plan_patches(plan: BatchPlan, cfg: SweepConfig, model: CODIModel, values: AblationValues | None) -> None:
+    """Fill `layer_plan` / `prj_plan` / `extra_plan`: what each patched row takes, per site and call."""
     sched, K = plan.schedule, plan.schedule.num_latent
-    layer: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
-    prj: dict[int, tuple[list[int], list[int]]] = {}
-    units: dict[tuple[int, int, int], tuple[list[int], list[int]]] = {}
+    copies: dict[Any, tuple[list[int], list[int]]] = {}  # (layer | "prj", call, unit) -> (dst, src)
+    sets: dict[Any, list[int]] = {}  # (layer | "prj", call, unit, position) -> dst rows, for ablations
 
-    def add(table: dict, key: Any, dst: int, src: int) -> None:
-        d, s = table.setdefault(key, ([], []))
+    def copy(key: Any, dst: int, src: int) -> None:
+        d, s_ = copies.setdefault(key, ([], []))
         d.append(dst)
-        s.append(src)
+        s_.append(src)
 
     per_layer = cfg.site.per_layer
     for i in range(len(plan.source_rows)):
-        src, base, selfr = plan.source_rows[i], plan.baseline_rows[i], plan.self_rows[i]
+        src = plan.donor_rows[i] if cfg.ablation == "resample" else plan.source_rows[i]
+        base, selfr = plan.baseline_rows[i], plan.self_rows[i]
         for (L, p, u), row in zip(plan.variants, plan.variant_rows[i]):
             for k in range(K):
                 patched = p in (-1, k)
-                if per_layer and patched and u >= 0:
-                    add(units, (L, sched.latent_call(k), u), row, src)
-                elif per_layer and patched:
-                    add(layer, (L, sched.latent_call(k)), row, src)
-                elif not per_layer and patched:
-                    add(prj, sched.prj_call(k), row, src)
+                key = (L, sched.latent_call(k)) if per_layer else ("prj", sched.prj_call(k))
+                if patched and cfg.ablation in (None, "resample"):
+                    copy((*key, u), row, src)
+                elif patched:
+                    sets.setdefault((*key, u, k), []).append(row)
                 if cfg.mode == "no-feedback":
                     # The fed-back embeddings stay the baseline's wherever they are not the site itself
                     # (prj call 0 reads only the unpatched question, so layer sites need no reset there).
-                    reset = not patched if not per_layer else k > 0
-                    if reset:
-                        add(prj, sched.prj_call(k), row, base)
+                    if (not patched) if not per_layer else k > 0:
+                        copy(("prj", sched.prj_call(k), -1), row, base)
         for k in range(K):  # the self-patch control: every patched site, from its own baseline
-            for L in (cfg.layers if per_layer else []):
-                add(layer, (L, sched.latent_call(k)), selfr, base)
-            if not per_layer:
-                add(prj, sched.prj_call(k), selfr, base)
-    plan.layer_plan = {k: (torch.tensor(d), torch.tensor(s)) for k, (d, s) in layer.items()}
-    for (L, call, u), (d, s) in sorted(units.items()):
-        plan.unit_plan.setdefault((L, call), []).append((cfg.site.unit_slice(model, u), torch.tensor(d),
-                                                         torch.tensor(s)))
-    plan.prj_plan = {k: (torch.tensor(d), torch.tensor(s)) for k, (d, s) in prj.items()}
+            for L in (cfg.layers if per_layer else ["prj"]):
+                copy((L, sched.latent_call(k) if per_layer else sched.prj_call(k), -1), selfr, base)
+    for (site, call, u), (d, s_) in sorted(copies.items(), key=lambda kv: str(kv[0])):
+        dst, src = torch.tensor(d), torch.tensor(s_)
+        if u >= 0:
+            plan.extra_plan.setdefault((site, call), []).append(("copy", cfg.site.unit_slice(model, u), dst, src))
+        elif site == "prj":
+            plan.prj_plan[call] = (dst, src)
+        else:
+            plan.layer_plan[(site, call)] = (dst, src)
+    for (site, call, u, k), d in sorted(sets.items(), key=lambda kv: str(kv[0])):
+        sl = cfg.site.unit_slice(model, u)
+        kind, payload = _ablation_payload(cfg, values, site, k, u, sl, [plan.row_pair[r] for r in d])
+        plan.extra_plan.setdefault((site, call), []).append((kind, sl, torch.tensor(d), payload))
+
+
+@dataclass
+class AblationValues:
+    """What zero, mean and noise ablations write: reference means per site, and noise seeds per pair."""
+
+    width: int  # the site's last dimension
+    dtype: torch.dtype
+    means: dict[tuple[Any, int], torch.Tensor] = field(default_factory=dict)  # (layer | "prj", position) -> (width,)
+    pair_seeds: list[int] = field(default_factory=list)  # per pair of the batch (from its pair_id)
+    seed: int = 0
+
+
+def _ablation_payload(cfg: SweepConfig, values: AblationValues | None, site: Any, k: int, u: int, sl: slice,
+                      pairs_of_rows: list[int]) -> tuple[str, torch.Tensor]:
+    """(kind, payload) replacing the site's activation at latent position k in the given rows."""
+    if values is None:
+        raise ValueError(f"the {cfg.ablation} ablation needs AblationValues")
+    width = values.width if u < 0 else sl.stop - sl.start
+    if cfg.ablation == "zero":
+        return "set", torch.zeros(1, 1, width, dtype=values.dtype)
+    if cfg.ablation == "mean":
+        return "set", values.means[(site, k)][sl].to(values.dtype).reshape(1, 1, width)
+    # noise: a direction per row that depends only on (seed, pair, site, position, unit): batch-independent
+    dirs = []
+    for i in pairs_of_rows:
+        key = f"{values.seed}:{values.pair_seeds[i]}:{site}:{k}:{u}".encode()
+        g = torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little"))
+        v = torch.randn(width, generator=g, dtype=torch.float64)
+        dirs.append(v / v.norm())
+    return "norm", torch.stack(dirs).to(values.dtype).unsqueeze(1)
 
 
 def _candidates(plan: BatchPlan) -> torch.Tensor:

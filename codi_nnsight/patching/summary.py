@@ -24,6 +24,10 @@ def sweep_summary(ds: Any, out: str | None = None) -> str:
     flipped = ds["flipped"].mean("pair").max().item() if comparable.any() else math.nan
     flips = (f"most pairs flipped: {flipped:.0%} of {int(comparable.sum())}" if math.isfinite(flipped)
              else "no pair can flip")
+    if ds.attrs.get("ablation") and "kept" in ds:
+        kept = ds["kept"].mean("pair")
+        flips = (f"{ds.attrs['ablation']} ablation: clean answer kept by {float(kept.min()):.0%} to "
+                 f"{float(kept.max()):.0%} of pairs across sites")
     left_out = int((~comparable).sum())
     excluded = (f"; {left_out} pair{'s' if left_out != 1 else ''} left out of flips and recoveries "
                 "(clean and corrupted answers equal)" if left_out else "")

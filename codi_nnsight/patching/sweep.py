@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import importlib.metadata as _md
 import json
@@ -79,6 +80,8 @@ def patch_sweep(
     progress: bool = False,
     seed: int = 0,
     command: str | None = None,
+    ablation: str | None = None,
+    reference: Sequence[str] | None = None,
 ) -> xr.Dataset:
     """Patch source activations into target runs at the latent positions, layer by layer.
 
@@ -102,6 +105,10 @@ def patch_sweep(
         progress: show a progress bar.
         seed: recorded for provenance (the sweep itself is deterministic).
         command: command line recorded in the attrs.
+        ablation: instead of patching, ablate the site in the clean run: `zero`, `mean` (over
+            `reference` questions, default the clean questions), `resample` (from the next pair's
+            clean question) or `noise` (a random direction of the same norm). See `ablation`.
+        reference: the mean ablation's reference questions.
 
     Returns:
         The results `xarray.Dataset` (docs/results-schema.md).
@@ -109,7 +116,7 @@ def patch_sweep(
     components = [component] if isinstance(component, str) else list(component)
     cfg = SweepConfig(layers=list(range(model.n_layers)) if layers is None else list(layers),
                       component=components[0], positions=positions, mode=mode, direction=direction,
-                      max_new_tokens=max_new_tokens)
+                      max_new_tokens=max_new_tokens, ablation=ablation)
     if len(components) > 1:
         from .sites import SITES
 
@@ -119,11 +126,12 @@ def patch_sweep(
         return _multi_component_sweep(model, pairs, components, cfg, out=out, resume=resume, batch_size=batch_size,
                                       remote=remote, progress=progress, seed=seed, command=command)
     return _single_sweep(model, pairs, cfg, batch_size=batch_size, remote=remote, out=out, resume=resume,
-                         progress=progress, seed=seed, command=command)
+                         progress=progress, seed=seed, command=command, reference=reference)
 
 
 def _single_sweep(model: CODIModel, pairs: Any, cfg: SweepConfig, batch_size: int | str, remote: bool | str,
-                  out: str | Path | None, resume: bool, progress: bool, seed: int, command: str | None) -> xr.Dataset:
+                  out: str | Path | None, resume: bool, progress: bool, seed: int, command: str | None,
+                  reference: Sequence[str] | None = None) -> xr.Dataset:
     """One component: check everything, run the batches (streamed to the store), assemble the file."""
     check_remote_target(remote)  # before any store exists: a refused target leaves nothing behind
     cfg.validate(model)
@@ -139,7 +147,12 @@ def _single_sweep(model: CODIModel, pairs: Any, cfg: SweepConfig, batch_size: in
     torch.manual_seed(seed)
     start = _now()
     fingerprint = cfg.fingerprint(model, pairs_sha, seed)
+    if reference is not None:
+        import hashlib
+
+        fingerprint["reference_sha256"] = hashlib.sha256("\n".join(reference).encode()).hexdigest()
     bs = _batch_size(model, pairs, cfg, batch_size)
+    ablate = _ablation_inputs(model, cfg, pairs, seed, reference, remote)
     attrs = {"codi_nnsight_schema": SCHEMA, "model_name": model.name, **SweepConfig.attrs_of(fingerprint),
              "run_fingerprint": json.dumps(fingerprint, sort_keys=True), "device": str(model.device),
              "command": command if command is not None else shlex.join(sys.argv), "start_time": start,
@@ -150,7 +163,7 @@ def _single_sweep(model: CODIModel, pairs: Any, cfg: SweepConfig, batch_size: in
     with store if store is not None else contextlib.nullcontext():  # the store's lock is released on every exit
         done = store.open(resume) if store is not None else set()
         batches = _run_batches(model, [p for p in pairs if int(p.pair_id) not in done], cfg, bs, remote, store,
-                               progress, total=len(pairs))
+                               progress, total=len(pairs), ablate=ablate)
         full = full_patch_check(model, pairs, remote=remote)
 
         def finalize(ds: xr.Dataset) -> xr.Dataset:
@@ -178,8 +191,30 @@ def _batch_size(model: CODIModel, pairs: list[Any], cfg: SweepConfig, batch_size
     return bs
 
 
+def _ablation_inputs(model: CODIModel, cfg: SweepConfig, pairs: list[Any], seed: int,
+                     reference: Sequence[str] | None, remote: bool | str) -> dict[str, Any]:
+    """Donor questions (resample) or values (zero / mean / noise) of an ablation, for the whole sweep."""
+    from .ablation import ablation_values, donor_questions
+
+    if cfg.ablation is None:
+        return {}
+    if cfg.ablation == "resample":
+        return {"donors": donor_questions(pairs)}
+    return {"values": ablation_values(model, cfg, pairs, seed, reference=reference, remote=remote)}
+
+
+def _plan_chunk(model: CODIModel, chunk: list[Any], cfg: SweepConfig, ablate: dict[str, Any]) -> Any:
+    """The plan of one batch, with the ablation inputs of its pairs."""
+    donors = [ablate["donors"][int(p.pair_id)] for p in chunk] if "donors" in ablate else None
+    values = ablate.get("values")
+    if values is not None:
+        values = dataclasses.replace(values, pair_seeds=[int(p.pair_id) for p in chunk])
+    return plan_batch(model, chunk, cfg, donors=donors, ablation_values=values)
+
+
 def _run_batches(model: CODIModel, todo: list[Any], cfg: SweepConfig, bs: int, remote: bool | str,
-                 store: PartialStore | None, progress: bool, total: int) -> list[xr.Dataset]:
+                 store: PartialStore | None, progress: bool, total: int,
+                 ablate: dict[str, Any] | None = None) -> list[xr.Dataset]:
     """Trace `todo` in batches; each finished batch goes to the store (or is returned)."""
     from tqdm.auto import tqdm
 
@@ -190,7 +225,7 @@ def _run_batches(model: CODIModel, todo: list[Any], cfg: SweepConfig, bs: int, r
     try:
         for i in range(0, len(todo), bs):
             chunk = todo[i:i + bs]
-            plan = plan_batch(model, chunk, cfg)
+            plan = _plan_chunk(model, chunk, cfg, ablate or {})
             columns, generated = run_batch(model, plan, cfg, remote=remote)
             ds = batch_dataset(model, chunk, cfg, plan, columns, generated)
             if store is not None:

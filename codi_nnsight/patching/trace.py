@@ -25,21 +25,36 @@ NO_TOKEN = -1
 
 
 def _on_device(plan: BatchPlan, model: CODIModel, remote: bool | str) -> tuple[dict, dict, torch.Tensor]:
-    """Patch indices on the model's device: CPU indices into CUDA tensors cost a copy per patch.
+    """Every patch as one table per envoy kind, indices on the model's device.
 
-    Whole-tensor and per-unit (head) patches come back as one table: {(layer, call): [(slice, dst, src)]}.
+    Returns ({(layer, call): patches}, {prj call: patches}, baseline rows), patches being
+    [(kind, slice, dst, payload)] as in `BatchPlan.extra_plan`. CPU indices into CUDA tensors cost a
+    copy per patch, so they move once here.
     """
-    layer_plan = {k: [(slice(None), d, s)] for k, (d, s) in plan.layer_plan.items()}
-    for k, patches in plan.unit_plan.items():
-        layer_plan.setdefault(k, []).extend(patches)
-    prj_plan = plan.prj_plan
+    layer_plan: dict[Any, list] = {k: [("copy", slice(None), d, s)] for k, (d, s) in plan.layer_plan.items()}
+    prj_plan: dict[Any, list] = {k: [("copy", slice(None), d, s)] for k, (d, s) in plan.prj_plan.items()}
+    for (site, call), patches in plan.extra_plan.items():
+        table, key = (prj_plan, call) if site == "prj" else (layer_plan, (site, call))
+        table.setdefault(key, []).extend(patches)
     baseline_of = torch.tensor(plan.baseline_of)
     if not remote and model.device is not None and model.device.type != "cpu":
         dev = model.device
-        layer_plan = {k: [(sl, d.to(dev), s.to(dev)) for sl, d, s in v] for k, v in layer_plan.items()}
-        prj_plan = {k: (d.to(dev), s.to(dev)) for k, (d, s) in prj_plan.items()}
+        layer_plan = {k: [(kd, sl, d.to(dev), x.to(dev)) for kd, sl, d, x in v] for k, v in layer_plan.items()}
+        prj_plan = {k: [(kd, sl, d.to(dev), x.to(dev)) for kd, sl, d, x in v] for k, v in prj_plan.items()}
         baseline_of = baseline_of.to(dev)
     return layer_plan, prj_plan, baseline_of
+
+
+def apply_patches(h: torch.Tensor, patches: list[tuple[str, slice, torch.Tensor, torch.Tensor]]) -> None:
+    """Write every patch into `h` (rows, tokens, width) in place: copy rows, set values, or rescale
+    directions to the norm of what they replace. Torch only: it runs inside traces, remotely too."""
+    for kind, sl, dst, x in patches:
+        if kind == "copy":
+            h[dst, ..., sl] = h[x, ..., sl]
+        elif kind == "set":
+            h[dst, ..., sl] = x.to(h.dtype)
+        else:  # "norm"
+            h[dst, ..., sl] = x.to(h.dtype) * h[dst, ..., sl].norm(dim=-1, keepdim=True)
 
 
 def run_batch(model: CODIModel, plan: BatchPlan, cfg: SweepConfig, remote: bool | str = False
@@ -57,11 +72,11 @@ def run_batch(model: CODIModel, plan: BatchPlan, cfg: SweepConfig, remote: bool 
     reads_input = cfg.site.reads == "input"
     prj = model.prj
     columns_of = metric_table.trace_columns
+    patch = apply_patches
     n_decodable = model.codi.eot_id
     with remote_errors(remote), model.trace(**plan.inputs, **trace_kwargs(remote)) as tracer:
         if 0 in prj_plan:  # prj call 0 happens before the first latent decoder call
-            e = prj.output
-            e[prj_plan[0][0]] = e[prj_plan[0][1]]
+            patch(prj.output, prj_plan[0])
         if layers:
             # Every (layer, call) has at least the self row's patch, so each call's first request
             # is a layer output pinned to that decoder call; the prj request after it is relaxed
@@ -70,17 +85,14 @@ def run_batch(model: CODIModel, plan: BatchPlan, cfg: SweepConfig, remote: bool 
                 for L in layers:
                     if (L, call) in layer_plan:
                         h = envoys[L].input if reads_input else output_tensor(envoys[L].output)
-                        for sl, dst, src in layer_plan[(L, call)]:
-                            h[dst, ..., sl] = h[src, ..., sl]
+                        patch(h, layer_plan[(L, call)])
                 k = call - sched.prefill_calls + 1
                 if k < K and k in prj_plan:
-                    e = prj.output
-                    e[prj_plan[k][0]] = e[prj_plan[k][1]]
+                    patch(prj.output, prj_plan[k])
         else:  # the latent site: only prj calls 1 .. K-1 (call 0 was handled above)
             for k in tracer.iter[1:K]:
                 if k in prj_plan:
-                    e = prj.output
-                    e[prj_plan[k][0]] = e[prj_plan[k][1]]
+                    patch(prj.output, prj_plan[k])
         result = model.output
         logits = result["logits"].to(torch.float64)
         logp = torch.log_softmax(logits, dim=-1)
