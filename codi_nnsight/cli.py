@@ -287,9 +287,15 @@ def report(results: str, out: str, force: bool, metric: str, k: int) -> None:
     """Figures, CSV tables and report.md / report.html for a results file."""
     from . import analysis
 
-    if Path(out, "report.md").exists() and not force:
+    if (Path(out, "report.md").exists() or Path(out, "readout.md").exists()) and not force:
         raise UserError(f"{out}: holds a report already; add --force to replace it")
     prepare_output(out, force=True, folder=True)
+    readout = _readout_dataset(results)
+    if readout is not None:  # a lens / attention / probe file: its own figures
+        from .analysis.readouts import write_readout_report
+
+        click.echo(f"wrote {write_readout_report(readout, out)} (and figures) in {out}")
+        return
     ds = analysis.load(results)
     if metric not in ds:
         raise UserError(f"{results}: no metric {metric!r} (have {', '.join(sorted(ds.data_vars))})")
@@ -298,6 +304,19 @@ def report(results: str, out: str, force: bool, metric: str, k: int) -> None:
     except OSError as e:
         raise UserError(f"{out}: cannot write report ({e.strerror or e})") from None
     click.echo(f"wrote {path} (and report.html, figures, tables) in {out}")
+
+
+def _readout_dataset(path: str) -> Any:
+    """The Dataset of a readout file (lens, attention, probe), or None for anything else."""
+    import xarray as xr
+
+    from .analysis.readouts import is_readout
+
+    try:
+        ds = xr.load_dataset(path, engine="netcdf4")
+    except Exception:  # not netCDF: `analysis.load` says what it is
+        return None
+    return ds if is_readout(ds) else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,6 +450,13 @@ def train_toy_cmd(out: str, force: bool, seed: int) -> None:
     prepare_output(out, force=True, folder=True)
     log = train_toy(out, seed=seed)
     click.echo(f"wrote {out}: {describe_training(log)}")
+
+
+
+
+from .readouts.commands import register as _register_readouts  # noqa: E402  (lens, attention, probe)
+
+_register_readouts(main)
 
 
 def run(prog_name: str | None = None) -> None:

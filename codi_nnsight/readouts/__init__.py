@@ -1,4 +1,30 @@
 """Readouts: analyses that read what each continuous thought holds (logit lens, attention, probes).
 
-Empty for now; readouts build on the family table and call schedule in `codi_nnsight.model`.
+    from codi_nnsight.readouts import attention_readout, gold_intermediates, logit_lens
+    from codi_nnsight.readouts.probe import probe  # (`readouts.probe` is the module's name)
+
+Every readout runs the real CODI loop in one nnsight trace per batch (torch only in the trace
+body, so `remote=` works) and returns a labeled `xarray.Dataset`; layouts and definitions are in
+docs/readouts.md. Names are imported lazily so `import codi_nnsight.readouts` stays light.
 """
+
+from __future__ import annotations
+
+from typing import Any
+
+_EXPORTS = {
+    "gold_intermediates": "gold",
+    "logit_lens": "lens",
+    "attention_readout": "attention",
+    "top_question_tokens": "attention",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

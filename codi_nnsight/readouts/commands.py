@@ -1,0 +1,192 @@
+"""`codi-nnsight lens | attention | probe`: the readouts on the command line.
+
+Registered on the main group by `register(main)` at the end of `codi_nnsight.cli`. Imports of
+torch and the model happen inside the commands, so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+#: Groups `register` was called with before the commands existed (cli.py imported from here first).
+_PENDING: list[click.Group] = []
+
+
+def register(group: click.Group) -> None:
+    """Add `lens`, `attention` and `probe` to `group` (safe in either import order of cli and this module)."""
+    commands = globals().get("READOUT_COMMANDS")
+    if commands is None:
+        _PENDING.append(group)
+        return
+    for command in commands:
+        group.add_command(command)
+
+
+from ..cli import _force_option, _load, _model_options, _remote_value, default_pairs, prepare_output  # noqa: E402
+from ..errors import UserError  # noqa: E402
+
+__all__ = ["READOUT_COMMANDS", "attention", "lens", "probe", "register"]
+
+
+def _pairs_options(f: Any) -> Any:
+    f = click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N pairs.")(f)
+    f = click.option(
+        "--pairs",
+        "pairs_path",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="Pairs file (default: the bundled demo pairs); both variants of every pair are read.",
+    )(f)
+    return f
+
+
+def _common(f: Any) -> Any:
+    f = click.option("--remote", default=None, help="local | ndif | URL of an NDIF host.")(f)
+    f = click.option(
+        "--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Questions per trace."
+    )(f)
+    f = _force_option(f)
+    return f
+
+
+def _load_pairs(pairs_path: str | None, limit: int | None) -> Any:
+    from ..data.pairs import load_pairs
+
+    return load_pairs(pairs_path or default_pairs()).limit(limit)
+
+
+@click.command("lens")
+@_model_options
+@_pairs_options
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="Lens netCDF file.")
+@click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True, help="Top tokens kept per position.")
+@_common
+def lens(model_spec, dtype, device, normalization, pairs_path, limit, out, top_k, force, batch_size, remote) -> None:
+    """Logit lens at [bot], every latent step and the answer position, for every layer."""
+    from ..analysis.readouts import readout_summary
+    from .common import write_dataset
+    from .lens import logit_lens
+
+    prepare_output(out, force)
+    pairs = _load_pairs(pairs_path, limit)
+    model = _load(model_spec, dtype, device, normalization)
+    ds = logit_lens(model, pairs, top_k=top_k, batch_size=batch_size, remote=_remote_value(remote))
+    write_dataset(ds, out)
+    click.echo(f"wrote {out}: logit lens of {2 * len(pairs)} questions\n{readout_summary(ds)}")
+
+
+@click.command("attention")
+@_model_options
+@_pairs_options
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="Attention netCDF file.")
+@click.option(
+    "--top",
+    type=click.IntRange(min=1),
+    default=5,
+    show_default=True,
+    help="Top question tokens kept per step (averaged over layers and heads).",
+)
+@_common
+def attention(model_spec, dtype, device, normalization, pairs_path, limit, out, top, force, batch_size, remote) -> None:
+    """Attention of every step on question, [bot], earlier latents and itself, per layer and head."""
+    from ..analysis.readouts import readout_summary
+    from .attention import attention_readout
+    from .common import write_dataset
+
+    prepare_output(out, force)
+    pairs = _load_pairs(pairs_path, limit)
+    model = _load(model_spec, dtype, device, normalization)
+    ds = attention_readout(model, pairs, batch_size=batch_size, top=top, remote=_remote_value(remote))
+    write_dataset(ds, out)
+    click.echo(f"wrote {out}: attention of {2 * len(pairs)} questions\n{readout_summary(ds)}")
+
+
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"{what} {text!r}: expected integers like 0,1,2") from None
+    if not values:
+        raise UserError(f"{what} {text!r}: expected at least one integer")
+    return values
+
+
+@click.command("probe")
+@_model_options
+@_pairs_options
+@click.option(
+    "--synthetic",
+    "n_synthetic",
+    type=click.IntRange(min=2),
+    default=None,
+    help="Probe N generated toy pairs (make_toy_pairs) instead of a pairs file.",
+)
+@click.option("--data-seed", type=int, default=0, show_default=True, help="Seed of the --synthetic pairs.")
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="Probe netCDF file.")
+@click.option("--layers", default=None, help="e.g. 0-3,7 (default: all).")
+@click.option("--seeds", default="0,1,2", show_default=True, help="Seeds: one train/test split and control each.")
+@click.option(
+    "--test-fraction",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=0.25,
+    show_default=True,
+    help="Share of pairs held out.",
+)
+@click.option("--l2", type=click.FloatRange(min=0), default=1e-3, show_default=True, help="L2 penalty.")
+@_common
+def probe(
+    model_spec,
+    dtype,
+    device,
+    normalization,
+    pairs_path,
+    limit,
+    n_synthetic,
+    data_seed,
+    out,
+    layers,
+    seeds,
+    test_fraction,
+    l2,
+    force,
+    batch_size,
+    remote,
+) -> None:
+    """Linear probes for every gold intermediate value at every step and layer, with a control task."""
+    from ..analysis.readouts import readout_summary
+    from ..patching.config import parse_layers
+    from .common import write_dataset
+    from .probe import probe as run_probe
+
+    if n_synthetic is not None and pairs_path is not None:
+        raise UserError("give --pairs FILE or --synthetic N, not both")
+    seed_list = _int_list(seeds, "--seeds")
+    prepare_output(out, force)
+    if n_synthetic is not None:
+        from ..data.synthetic import make_toy_pairs
+
+        pairs = make_toy_pairs(n_synthetic, seed=data_seed).limit(limit)
+    else:
+        pairs = _load_pairs(pairs_path, limit)
+    model = _load(model_spec, dtype, device, normalization)
+    layer_list = parse_layers(layers, model.n_layers)
+    ds = run_probe(
+        model,
+        pairs,
+        layers=layer_list,
+        seeds=seed_list,
+        test_fraction=test_fraction,
+        l2=l2,
+        batch_size=batch_size,
+        remote=_remote_value(remote),
+    )
+    write_dataset(ds, out)
+    click.echo(f"wrote {out}: probes on {2 * len(pairs)} questions\n{readout_summary(ds)}")
+
+
+#: Every readout command, for `main.add_command`.
+READOUT_COMMANDS = (lens, attention, probe)
+for _group in _PENDING:
+    register(_group)
