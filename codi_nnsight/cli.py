@@ -80,10 +80,14 @@ def _model_options(f: Any) -> Any:
     return f
 
 
-def _load(model_spec: str | None, dtype: str | None, device: str | None, normalization: str = "official") -> Any:
+def _load(model_spec: str | None, dtype: str | None, device: str | None, normalization: str = "official",
+          remote: str | None = None) -> Any:
     from .model.wrapper import load_model
 
-    return load_model(model_spec, dtype=dtype, device=device, question_normalization=normalization)
+    # A real server holds the weights: read none here (`--remote local` runs here and needs them).
+    remote_only = _remote_value(remote) not in (False, "local")
+    return load_model(model_spec, dtype=dtype, device=device, question_normalization=normalization,
+                      remote_only=remote_only)
 
 
 def _force_option(f: Any) -> Any:
@@ -144,7 +148,7 @@ def evaluate(model_spec, dtype, device, normalization, pairs_path, limit, max_ne
     if out:
         prepare_output(out, force)
     pairs = load_pairs(pairs_path or default_pairs()).limit(limit)
-    model = _load(model_spec, dtype, device, normalization)
+    model = _load(model_spec, dtype, device, normalization, remote)
     answers = evaluate_pairs(model, pairs, max_new_tokens=max_new_tokens, batch_size=batch_size,
                              progress=sys.stderr.isatty(), remote=_remote_value(remote))
     acc = accuracy_summary(answers)
@@ -221,7 +225,7 @@ def patch(ctx, model_spec, dtype, device, normalization, pairs_path, out, force,
     mode = canonical_mode(mode)
     prepare_output(out, force)
     pairs = load_pairs(pairs_path or default_pairs()).limit(limit)
-    model = _load(model_spec, dtype, device, normalization)
+    model = _load(model_spec, dtype, device, normalization, remote)
     layer_list = parse_layers(layers, model.n_layers)
     ctx.meta["partial_store"] = (f"{out}.partial" if len(comps) == 1
                                  else f"{out}.<component>.nc.partial")

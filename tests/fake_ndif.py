@@ -17,6 +17,9 @@ What the server does after the POST is the test's choice (`behaviour`):
 - `"silent-handshake"`: accept TCP connections and never answer (not even the HTTP upgrade).
 - `"chatty"`: answer the POST, then send a RUNNING status every 0.1 s, forever.
 
+With `deployed=` (model keys), a request for any other key is answered with the ERROR an NDIF
+server sends for a key it has not deployed (`undeployed_message`, by default ndif 0.1.2's).
+
 Every wait is bounded (`stop()` ends them; none lasts more than `max_wait` seconds), so a test
 whose client hangs still finishes once the server is stopped.
 """
@@ -39,6 +42,20 @@ import time
 from typing import Any
 
 _GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+#: What a self-hosted ndif 0.1.2 answers for a model key it has not deployed: its controller tries
+#: to place the unknown key, sizes it through `describe_checkpoint` with an argument nnsight 0.8.1
+#: does not take, and the queue's processor sends the failed deployment status (lower-cased) followed
+#: by its provisioning message (ndif's `Processor.provision`).
+UNDEPLOYED_SELF_HOSTED = (
+    "typeerror: remotable.describe_checkpoint() got an unexpected keyword argument 'trust_remote_code'"
+    "\n\nThere was an error provisioning the model deployment. Please try again later. Sorry for the inconvenience."
+)
+#: What the public NDIF answers for a model it does not host (ndif's `Processor.enqueue`).
+UNDEPLOYED_PUBLIC = (
+    "Model is not dedicated and hotswapping is not supported for this API key. "
+    "See https://nnsight.net/status/ for a list of scheduled models."
+)
 
 
 def _frame(payload: str | bytes) -> bytes:
@@ -119,9 +136,13 @@ class FakeNDIF:
         frames: list[str | bytes] | None = None,
         inline: bool = True,
         max_wait: float = 60.0,
+        deployed: list[str] | None = None,
+        undeployed_message: str = UNDEPLOYED_SELF_HOSTED,
     ) -> None:
         self.behaviour = behaviour
         self.model = model
+        self.deployed = None if deployed is None else set(deployed)
+        self.undeployed_message = undeployed_message
         self.frames = list(frames or [])
         self.inline = inline
         self.max_wait = max_wait
@@ -288,6 +309,10 @@ class FakeNDIF:
             while not self.stopping.is_set() and time.monotonic() < deadline:
                 inbox.put(status_json("RUNNING", description="still going"))
                 self._wait(0.1)
+            return
+        if self.deployed is not None and json.loads(metadata).get("model_key") not in self.deployed:
+            inbox.put(status_json("QUEUED", description="Model Provisioning..."))
+            inbox.put(status_json("ERROR", description=self.undeployed_message))
             return
         inbox.put(status_json("RUNNING", description="Your job has started running."))
         try:

@@ -13,6 +13,7 @@ import xarray as xr
 from codi_nnsight.data.synthetic import make_synthetic_pairs
 from codi_nnsight.model.inference import generate
 from codi_nnsight.model.remote import RemoteUnavailable
+from codi_nnsight.model.wrapper import CODIModel
 from codi_nnsight.patching import sweep as sweep_mod
 
 SECRET = "sk-test-0123456789abcdef"
@@ -62,6 +63,10 @@ def test_dead_host_gives_clear_error_and_keeps_finished_pairs(tiny_models, tmp_p
         return real(model_, plan, cfg, remote=False if calls["n"] == 1 else remote)
 
     monkeypatch.setattr(sweep_mod, "run_batch", first_local_then_remote)
+    # The sweep's one-off probe of the server (`CODIModel.provenance`) would meet the failure before the
+    # first, local, batch: describe the local model instead, so the failure comes mid-sweep as intended.
+    real_provenance = CODIModel.provenance
+    monkeypatch.setattr(CODIModel, "provenance", lambda self, remote, identity=None: real_provenance(self, False))
     with pytest.raises(RemoteUnavailable) as e:
         sweep_mod.patch_sweep(model, pairs, out=out, batch_size=2, remote=url)
     assert str(e.value).startswith(f"remote {url}: host unreachable (")

@@ -26,6 +26,7 @@ from codi_nnsight.errors import UserError
 from codi_nnsight.model import remote as remote_mod
 from codi_nnsight.model.inference import generate
 from codi_nnsight.model.remote import RemoteUnavailable, UnsafeResponse, check_remote_target, describe, scrub
+from codi_nnsight.model.wrapper import CODIModel
 from codi_nnsight.patching import sweep as sweep_mod
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -217,6 +218,10 @@ def test_a_silent_server_mid_sweep_keeps_the_finished_pairs(tiny_models, tmp_pat
         return real(model_, plan, cfg, remote=False if calls["n"] == 1 else remote)
 
     monkeypatch.setattr(sweep_mod, "run_batch", first_local_then_remote)
+    # The sweep's one-off probe of the server (`CODIModel.provenance`) would meet the failure before the
+    # first, local, batch: describe the local model instead, so the failure comes mid-sweep as intended.
+    real_provenance = CODIModel.provenance
+    monkeypatch.setattr(CODIModel, "provenance", lambda self, remote, identity=None: real_provenance(self, False))
     with FakeNDIF("silent-ws") as server:
         error, _ = bounded(
             lambda: sweep_mod.patch_sweep(

@@ -5,6 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import socket
+import threading
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,16 +103,25 @@ class CODIConfig:
         known = {f.name: f for f in dataclasses.fields(cls) if f.name != "root"}
         unknown = sorted(set(data) - set(known))
         if unknown:
-            raise UserError(f"{source}: unknown key(s) {', '.join(map(repr, unknown))}; "
-                            f"known keys: {', '.join(sorted(known))}")
+            raise UserError(
+                f"{source}: unknown key(s) {', '.join(map(repr, unknown))}; known keys: {', '.join(sorted(known))}"
+            )
         for key in ("base", "checkpoint"):
             if key not in data:
                 raise UserError(f"{source}: missing required key {key!r}")
         types: dict[str, tuple[type, ...]] = {
-            "base": (str,), "checkpoint": (str,), "num_latent": (int,), "lora_r": (int,),
-            "lora_alpha": (int, float), "lora_target_modules": (list, type(None)),
-            "prj_dim": (int, type(None)), "use_prj": (bool,), "prj_no_ln": (bool,),
-            "remove_eos": (bool,), "name": (str, type(None)), "revision": (str, type(None)),
+            "base": (str,),
+            "checkpoint": (str,),
+            "num_latent": (int,),
+            "lora_r": (int,),
+            "lora_alpha": (int, float),
+            "lora_target_modules": (list, type(None)),
+            "prj_dim": (int, type(None)),
+            "use_prj": (bool,),
+            "prj_no_ln": (bool,),
+            "remove_eos": (bool,),
+            "name": (str, type(None)),
+            "revision": (str, type(None)),
         }
         for key, value in data.items():
             ok = isinstance(value, types[key])
@@ -146,12 +159,25 @@ class CODIConfig:
 #: Public CODI checkpoints (need internet; the checkpoint file is fetched from the hub).
 PRESETS: dict[str, CODIConfig] = {
     "codi-gpt2": CODIConfig(
-        base="gpt2", checkpoint="hf://zen-E/CODI-gpt2/pytorch_model.bin", num_latent=6,
-        lora_r=128, lora_alpha=32, prj_dim=768, remove_eos=True, name="CODI-gpt2"),
+        base="gpt2",
+        checkpoint="hf://zen-E/CODI-gpt2/pytorch_model.bin",
+        num_latent=6,
+        lora_r=128,
+        lora_alpha=32,
+        prj_dim=768,
+        remove_eos=True,
+        name="CODI-gpt2",
+    ),
     "codi-llama3.2-1b": CODIConfig(
         base="meta-llama/Llama-3.2-1B-Instruct",
-        checkpoint="hf://zen-E/CODI-llama3.2-1b-Instruct/pytorch_model.bin", num_latent=6,
-        lora_r=128, lora_alpha=32, prj_dim=2048, remove_eos=True, name="CODI-llama3.2-1b-Instruct"),
+        checkpoint="hf://zen-E/CODI-llama3.2-1b-Instruct/pytorch_model.bin",
+        num_latent=6,
+        lora_r=128,
+        lora_alpha=32,
+        prj_dim=2048,
+        remove_eos=True,
+        name="CODI-llama3.2-1b-Instruct",
+    ),
 }
 PRESETS["zen-E/CODI-gpt2"] = PRESETS["codi-gpt2"]
 PRESETS["zen-E/CODI-llama3.2-1b-Instruct"] = PRESETS["codi-llama3.2-1b"]
@@ -181,5 +207,158 @@ def resolve_model_spec(spec: str | Path | CODIConfig | None) -> CODIConfig:
         return CODIConfig.from_json(p)
     if s in PRESETS:
         return dataclasses.replace(PRESETS[s])
-    raise UserError(f"--model {s!r}: not a codi.json file, a folder holding one, or a preset "
-                    f"({', '.join(sorted(PRESETS))})")
+    raise UserError(
+        f"--model {s!r}: not a codi.json file, a folder holding one, or a preset ({', '.join(sorted(PRESETS))})"
+    )
+
+
+# --------------------------------------------------------------------------- hub access
+
+#: Seconds to wait for a TCP connection to the hub before calling it unreachable.
+HUB_CONNECT_TIMEOUT = 3.0
+_TRUE = ("1", "on", "yes", "true")
+#: Files that say a base model's config and tokenizer are in the local cache (any tokenizer file will do).
+_BASE_CONFIG = "config.json"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+
+
+def hub_resources(cfg: CODIConfig) -> list[tuple[str, str, str | None]]:
+    """What loading `cfg` would fetch from the Hugging Face hub: `(repo id, file, revision)` rows.
+
+    The base counts unless it is a local folder (its config and a tokenizer file stand for it);
+    the checkpoint counts when it is `hf://owner/repo/file`.
+    """
+    out: list[tuple[str, str, str | None]] = []
+    base = cfg.base_path
+    if not Path(base).is_dir():
+        out.append((base, _BASE_CONFIG, None))
+    if cfg.checkpoint_path.startswith("hf://"):
+        parts = cfg.checkpoint_path[len("hf://") :].split("/")
+        if len(parts) >= 3:
+            out.append(("/".join(parts[:2]), "/".join(parts[2:]), cfg.revision))
+    return out
+
+
+def _cached(repo: str, filename: str, revision: str | None) -> bool:
+    """Whether the hub file is in the local cache (for a base's config: also one of its tokenizer files)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    def one(name: str) -> bool:
+        try:
+            return isinstance(try_to_load_from_cache(repo, name, revision=revision), str)
+        except Exception:  # a malformed repo id: not cached, and the load will say why
+            return False
+
+    if filename == _BASE_CONFIG:
+        return one(_BASE_CONFIG) and any(one(t) for t in _TOKENIZER_FILES)
+    return one(filename)
+
+
+def hub_offline() -> bool:
+    """Whether the Hugging Face hub is switched off (`HF_HUB_OFFLINE` / `TRANSFORMERS_OFFLINE`)."""
+    if any(os.environ.get(v, "").strip().lower() in _TRUE for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        return True
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return False
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def hub_endpoint() -> str:
+    """The hub address downloads go to (`HF_ENDPOINT`, else huggingface_hub's default)."""
+    env = os.environ.get("HF_ENDPOINT", "").strip()
+    if env:
+        return env.rstrip("/")
+    try:
+        from huggingface_hub import constants
+
+        return str(constants.ENDPOINT).rstrip("/")
+    except ImportError:
+        return "https://huggingface.co"
+
+
+def _proxied() -> bool:
+    return any(
+        os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+    )
+
+
+def hub_unreachable(endpoint: str, timeout: float = HUB_CONNECT_TIMEOUT) -> str | None:
+    """Why a TCP connection to `endpoint` fails within `timeout` seconds, or None when it opens.
+
+    Only the TCP handshake is tried (no request is sent). Name resolution has no timeout of its
+    own, so the attempt runs in a thread that is abandoned after `timeout`. Behind a proxy the
+    direct connection says nothing about reachability, so then None is returned untried.
+    """
+    if _proxied():
+        return None
+    parts = urllib.parse.urlsplit(endpoint)
+    host = parts.hostname
+    if not host:
+        return f"{endpoint!r} is not a URL"
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return f"{endpoint!r} has a bad port"
+    outcome: dict[str, str | None] = {}
+
+    def attempt() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                outcome["error"] = None
+        except OSError as e:
+            outcome["error"] = "timed out" if isinstance(e, TimeoutError) else (e.strerror or type(e).__name__)
+
+    thread = threading.Thread(target=attempt, daemon=True, name="codi-nnsight-hub-probe")
+    thread.start()
+    thread.join(timeout + 0.5)
+    if "error" not in outcome:
+        return f"no connection within {timeout:g} s"
+    return outcome["error"]
+
+
+def _label(cfg: CODIConfig) -> str:
+    preset = next((k for k, v in PRESETS.items() if v == cfg), None)
+    return f"preset {preset}" if preset else f"model {cfg.display_name()}"
+
+
+def check_hub_access(cfg: CODIConfig, timeout: float = HUB_CONNECT_TIMEOUT) -> None:
+    """Fail fast, in one line, when `cfg` needs the hub and the hub is off or out of reach.
+
+    Without this, transformers and huggingface_hub retry each file for about half a minute,
+    printing every retry, before failing. Files already in the local cache load with
+    `HF_HUB_OFFLINE=1`; a model with only local paths never needs the hub.
+
+    Raises:
+        UserError: naming the model (the preset when it is one) and how to run without the hub.
+    """
+    needed = hub_resources(cfg)
+    if not needed:
+        return
+    label = _label(cfg)
+    local = (
+        "or use a local codi.json whose base is a folder with the base model's config and tokenizer and whose "
+        "checkpoint is a local file (README, 'Real CODI models')"
+    )
+    missing = [f"{repo}/{name}" for repo, name, rev in needed if not _cached(repo, name, rev)]
+    if hub_offline():
+        if missing:
+            raise UserError(
+                f"{label}: needs {', '.join(missing)} from the Hugging Face hub, which is switched off "
+                f"(HF_HUB_OFFLINE=1) and not in the local cache; download it once online, {local}"
+            )
+        return
+    endpoint = hub_endpoint()
+    reason = hub_unreachable(endpoint, timeout)
+    if reason is None:
+        return
+    if not missing:
+        raise UserError(
+            f"{label}: the Hugging Face hub ({endpoint}) cannot be reached ({reason}); its files are in "
+            "the local cache: set HF_HUB_OFFLINE=1 to use them"
+        )
+    raise UserError(
+        f"{label}: needs {', '.join(missing)} from the Hugging Face hub, which cannot be reached at "
+        f"{endpoint} ({reason}); connect and retry, {local}"
+    )

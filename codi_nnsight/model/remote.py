@@ -493,6 +493,12 @@ def _classify(remote: bool | str, e: Exception, timeout: float = DEFAULT_TIMEOUT
             "(only tensors and plain Python values are accepted)"
         )
     text = scrub(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__, remote)
+    whole = scrub(" ".join(str(c) for c in chain), remote).lower()
+    if any(marker in whole for marker in _UNDEPLOYED):
+        return RemoteUnavailable(
+            f"remote {name}: model not deployed on this server (its model key must be deployed there first; "
+            f"see docs/remote.md, 'Deploying a CODI model'); the server said: {text}"
+        )
     status = getattr(e, "status_code", None) or getattr(getattr(e, "response", None), "status_code", None)
     lowered = text.lower()
     if (
@@ -521,11 +527,39 @@ def _classify(remote: bool | str, e: Exception, timeout: float = DEFAULT_TIMEOUT
     return RemoteUnavailable(f"remote {name}: request failed ({type(e).__name__}: {text})")
 
 
+# What NDIF answers for a model key it has not deployed (lower case; matched anywhere in the message).
+# Public NDIF: the model is not scheduled ("not dedicated"). Self-hosted ndif 0.1.2: the controller
+# tries to place the unknown key, sizing it through `describe_checkpoint`, and the provisioning fails.
+_UNDEPLOYED = (
+    "not dedicated and hotswapping is not supported",
+    "error provisioning the model deployment",
+    "describe_checkpoint",
+)
+
 # A 401/403 status in a message, but not inside an address or port ("127.0.0.1:40123").
 _HTTP_DENIED = re.compile(r"(?<![\d.:])(401|403)(?!\d)")
 
 # Timeouts of websocket-client and httpx, by name: neither library is imported unless a remote run happens.
 _TIMEOUTS = {"WebSocketTimeoutException", "ReadTimeout", "WriteTimeout", "PoolTimeout", "TimeoutException"}
+
+
+def status_display_wanted() -> bool:
+    """Whether nnsight's live job-status line should show: stdout is a terminal, or this is a notebook.
+
+    Elsewhere (a log file, a pipe, CI) every redraw of the spinner becomes a line of its own.
+    """
+    import sys
+
+    try:
+        if sys.stdout is not None and sys.stdout.isatty():
+            return True
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        pass
+    ipython = sys.modules.get("IPython")
+    try:
+        return ipython is not None and ipython.get_ipython() is not None
+    except Exception:  # an IPython too old or too odd to ask: no display
+        return False
 
 
 def trace_kwargs(remote: bool | str) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import xarray as xr
 
 from ..errors import UserError
 from ..model.remote import check_remote_target, scrub
-from ..model.wrapper import CODIModel
+from ..model.wrapper import DTYPES, CODIModel
 from .config import SweepConfig
 from .dataset import SCHEMA, batch_dataset, with_pair_coordinates
 from .plan import plan_batch
@@ -162,13 +162,16 @@ def _single_sweep(model: CODIModel, pairs: Any, cfg: SweepConfig, batch_size: in
     store = PartialStore(out, fingerprint) if out is not None else None
     with store if store is not None else contextlib.nullcontext():  # the store's lock is released on every exit
         done = store.open(resume) if store is not None else set()
+        # What computes the numbers: one small request when remote; refuses a server with other weights.
+        attrs.update(model.provenance(remote))
         batches = _run_batches(model, [p for p in pairs if int(p.pair_id) not in done], cfg, bs, remote, store,
                                progress, total=len(pairs), ablate=ablate)
         full = full_patch_check(model, pairs, remote=remote)
 
         def finalize(ds: xr.Dataset) -> xr.Dataset:
             ds = with_pair_coordinates(ds, pairs)
-            ds.attrs = clean_attrs({**attrs, **sanity_attrs(measure(ds, full), model.dtype), "end_time": _now()})
+            compute_dtype = DTYPES.get(attrs["dtype"], model.dtype)  # the server's, when remote
+            ds.attrs = clean_attrs({**attrs, **sanity_attrs(measure(ds, full), compute_dtype), "end_time": _now()})
             return ds
 
         if store is not None:
@@ -302,7 +305,7 @@ def _multi_component_sweep(model: CODIModel, pairs: Any, components: list[str], 
                    coords="minimal", compat="override", join="outer", combine_attrs="override")
     ds = ds.transpose("pair", "layer", ...)  # the schema's order: component last
     ds.attrs["component"] = ",".join(components)
-    ds.attrs.update(merge_sanity([p.attrs for p in parts], model.dtype))
+    ds.attrs.update(merge_sanity([p.attrs for p in parts], DTYPES.get(parts[0].attrs.get("dtype"), model.dtype)))
     fp = json.loads(ds.attrs["run_fingerprint"])
     ds.attrs["run_fingerprint"] = json.dumps({**fp, "component": components}, sort_keys=True)
     if out is not None:
