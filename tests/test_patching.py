@@ -324,7 +324,7 @@ def test_parse_layers(text, expected):
     ({"layers": []}, "--layers: empty layer list"),
     ({"component": "heads"}, "--component 'heads': expected one of resid, attn, mlp, latent, head"),
     ({"component": ["resid", "head"]}, "--component head adds a head dimension: sweep it on its own"),
-    ({"mode": "frozn"}, "--mode 'frozn': expected one of recurrent, no-feedback"),
+    ({"mode": "frozn"}, "--mode 'frozn': expected one of recurrent, no-feedback, feedback-only"),
 ])
 def test_bad_sweep_arguments(tiny_models, kwargs, message):
     with pytest.raises(UserError) as e:
@@ -358,3 +358,54 @@ def test_head_sweep_report_draws_the_layer_by_head_heatmap(tiny_models, tmp_path
     analysis.write_report(ds, tmp_path / "rep")
     assert (tmp_path / "rep" / "figures" / "head_heatmap_kl.png").stat().st_size > 0
     assert "by layer × attention head" in (tmp_path / "rep" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("family,component", [("gpt2", "resid"), ("llama", "attn"), ("qwen2", "latent")])
+def test_feedback_route_matches_reference(tiny_models, references, family, component):
+    # feedback-only: the target keeps its own states at position p and takes only the fed-back
+    # embedding of the fully patched run (its input embedding of latent p + 1).
+    model, ref = tiny_models[family], references[family]
+    pair = make_pairs()[1]
+    K = model.num_latent
+    layers = [0] if component == "latent" else list(range(model.n_layers))
+    ds = patch_sweep(model, [pair], component=component, positions="each", mode="feedback-only")
+    toks = answer_tokens(model, pair.clean.answer, pair.corrupted.answer)
+    comp = "resid" if component == "latent" else component
+    source = ref.run(pair.clean.question, suffix=toks.suffix, component=comp)
+    base = ref.run(pair.corrupted.question, suffix=toks.suffix, component=comp)
+    lb = torch.log_softmax(base["logits"], -1)
+    for li, L in enumerate(layers):
+        for p in range(K):
+            if component == "latent":
+                full = ref.run(pair.corrupted.question, suffix=toks.suffix, latent_override={p: source["latents"][p]})
+            else:
+                full = ref.run(pair.corrupted.question, suffix=toks.suffix, component=comp,
+                               patch={L: {p + 1: source["block_latent_outputs"][L][p]}})
+            if p + 1 < K:
+                out = ref.run(pair.corrupted.question, suffix=toks.suffix,
+                              latent_override={p + 1: full["latents"][p + 1]})
+                lp = torch.log_softmax(out["logits"], -1)
+                expected = float((lp.exp() * (lp - lb)).sum())
+            else:
+                expected = 0.0  # the last latent feeds nothing back
+            assert abs(float(ds["kl"].isel(pair=0, layer=li, position=p)) - expected) < TOL
+
+
+def test_route_invariants(tiny_models):
+    model = tiny_models["llama"]
+    pairs = make_pairs()
+    K, last = model.num_latent, model.n_layers - 1
+    runs = {m: patch_sweep(model, pairs, positions="each", mode=m) for m in ("recurrent", "no-feedback",
+                                                                           "feedback-only")}
+    kl = {m: ds["kl"] for m, ds in runs.items()}
+    # The last layer's output reaches later positions only as the fed-back embedding.
+    assert np.allclose(kl["feedback-only"].sel(layer=last), kl["recurrent"].sel(layer=last), atol=TOL, rtol=0)
+    assert np.abs(kl["no-feedback"].sel(layer=last).values).max() < TOL
+    # The last latent feeds nothing back: all of its effect is the attention route.
+    assert np.abs(kl["feedback-only"].isel(position=K - 1).values).max() < TOL
+    assert np.allclose(kl["no-feedback"].isel(position=K - 1), kl["recurrent"].isel(position=K - 1), atol=TOL,
+                       rtol=0)
+    # Elsewhere both routes carry something on this model.
+    assert float(kl["feedback-only"].sel(layer=0).isel(position=0).max()) > 1e-6
+    with pytest.raises(UserError, match="--mode feedback-only needs --positions each"):
+        patch_sweep(model, pairs, mode="feedback-only")

@@ -62,7 +62,11 @@ MODE_TEXT = {
     "continuous thought is recomputed from the patched state. This measures the total effect through the loop.",
     "no-feedback": "Mode `no-feedback`: the latent input embeddings fed back into the model are held at their "
     "unpatched (baseline) values, so the patch does not travel through the feedback of latents. It still "
-    "reaches later thoughts and the answer through attention, so this is not a pure direct effect.",
+    "reaches later thoughts and the answer through attention, so this is not a pure direct effect: it is the "
+    "attention route.",
+    "feedback-only": "Mode `feedback-only`: the patched thought's own states (the keys and values later thoughts "
+    "attend to) are held at their unpatched values, and only its fed-back embedding — the next thought's input — "
+    "carries the patch. This measures the feedback route; at the last thought it is zero by construction.",
 }
 DIRECTION_TEXT = {
     "denoise": "Direction `denoise`: clean activations are patched into the corrupted run. Recovery 1 means the "

@@ -78,6 +78,8 @@ class SweepConfig:
                             f"0-{model.n_layers - 1})")
         if model.num_latent == 0:
             raise UserError("model has num_latent = 0: there are no CoT positions to patch")
+        if self.mode == "feedback-only" and self.positions != "each":
+            raise UserError("--mode feedback-only needs --positions each (the route of one position's feedback)")
 
     def variants(self, model: Any) -> list[tuple[int, int, int]]:
         """(layer, position, unit) of every patched variant; position -1 = all latent positions at

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 POSITIONS = ("all", "each")
-#: `recurrent`: later latents are recomputed from the patched state (the total effect through the
-#: loop). `no-feedback`: the patched run's fed-back latent input embeddings are held at the
-#: baseline's, so the patched activation reaches the answer only through attention to the
-#: patched position and the positions after it — not a direct effect, and exactly zero for
-#: `resid` at the last layer, whose only route onwards is the feedback.
-MODES = ("recurrent", "no-feedback")
+#: What each mode holds fixed — the routes an effect can take through the latent loop:
+#: `recurrent`: nothing; later latents are recomputed from the patched state (the total effect).
+#: `no-feedback`: the patched run's fed-back latent input embeddings are held at the baseline's, so
+#: the patched activation reaches the answer only through attention (the *attention route*): not a
+#: direct effect, and exactly zero for `resid` at the last layer, whose only route onwards is the
+#: feedback.
+#: `feedback-only`: the patched position's own states (so the keys and values later positions
+#: attend to) are held at the baseline's; only its fed-back embedding — the next latent's input —
+#: carries the patch (the *feedback route*). Needs `--positions each`; exactly zero at the last
+#: latent position, which feeds nothing back.
+MODES = ("recurrent", "no-feedback", "feedback-only")
 #: Old mode names still accepted (a warning says the new name).
 MODE_ALIASES = {"frozen": "no-feedback"}
 DIRECTIONS = ("denoise", "noise")

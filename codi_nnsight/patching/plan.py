@@ -124,6 +124,9 @@ class BatchPlan:
     extra_plan: dict[tuple[Any, int], list[tuple[str, slice, torch.Tensor, torch.Tensor]]] = field(
         default_factory=dict)
     donor_rows: list[int] = field(default_factory=list)  # resample ablation: the donor question's run
+    # feedback-only mode: per pair, per variant, the fully patched helper row whose fed-back embedding
+    # the variant row takes (not part of the Dataset).
+    helper_rows: list[list[int]] = field(default_factory=list)
 
     @property
     def baseline_of(self) -> list[int]:
@@ -161,6 +164,9 @@ def plan_batch(model: CODIModel, pairs: Sequence[Any], cfg: SweepConfig, donors:
             rows.append(-1 - i)
         plan.variant_rows.append(list(range(len(rows), len(rows) + len(variants))))
         rows += [p_tgt] * len(variants)
+        if cfg.mode == "feedback-only":
+            plan.helper_rows.append(list(range(len(rows), len(rows) + len(variants))))
+            rows += [p_tgt] * len(variants)
         plan.row_pair += [i] * (len(rows) - len(plan.row_pair))
         plan.tokens.append(answer_tokens(model, pair.clean.answer, pair.corrupted.answer))
     if len({tuple(t.suffix) for t in plan.tokens}) != 1:
@@ -198,7 +204,13 @@ def _plan_patches(plan: BatchPlan, cfg: SweepConfig, model: CODIModel, values: A
     for i in range(len(plan.source_rows)):
         src = plan.donor_rows[i] if cfg.ablation == "resample" else plan.source_rows[i]
         base, selfr = plan.baseline_rows[i], plan.self_rows[i]
-        for (L, p, u), row in zip(plan.variants, plan.variant_rows[i]):
+        for j, ((L, p, u), row) in enumerate(zip(plan.variants, plan.variant_rows[i])):
+            if cfg.mode == "feedback-only":
+                # The helper row takes the patch; the variant row keeps its own states at position p
+                # and takes only the helper's fed-back embedding of position p (the next prj call).
+                helper, row = row, plan.helper_rows[i][j]
+                if p + 1 < K:
+                    copy(("prj", sched.prj_call(p + 1), -1), helper, row)
             for k in range(K):
                 patched = p in (-1, k)
                 key = (L, sched.latent_call(k)) if per_layer else ("prj", sched.prj_call(k))
