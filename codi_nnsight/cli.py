@@ -46,8 +46,11 @@ class _Group(click.Group):
             ctx.exit(EXIT_USAGE)
         except KeyboardInterrupt:
             where = ctx.meta.get("partial_store")
-            hint = (f"; finished pairs are kept in {where} — rerun the same command with --resume "
-                    f"to continue") if where else ""
+            hint = (
+                (f"; finished pairs are kept in {where} — rerun the same command with --resume to continue")
+                if where
+                else ""
+            )
             click.echo(f"interrupted{hint}", err=True)
             ctx.exit(EXIT_INTERRUPTED)
 
@@ -57,8 +60,7 @@ class _Group(click.Group):
 @click.version_option(package_name="codi-nnsight")
 def main(debug: bool) -> None:
     """Find where a CODI continuous chain-of-thought model reasons, by activation patching."""
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not debug:  # library deprecation chatter is not for end users
         import warnings
 
@@ -68,26 +70,43 @@ def main(debug: bool) -> None:
 
 def _model_options(f: Any) -> Any:
     f = click.option("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available).")(f)
-    f = click.option("--dtype", default=None,
-                     type=click.Choice(["float32", "float64", "bfloat16", "float16"]),
-                     help="Default float32 on CPU, bfloat16 on CUDA; float64 for exactness checks.")(f)
-    f = click.option("--model", "model_spec", default=None,
-                     help="codi.json, a folder holding one, or a preset (default: the bundled toy model).")(f)
-    f = click.option("--question-normalization", "normalization", default="official", show_default=True,
-                     type=click.Choice(["official", "none"]),
-                     help="official: question.strip().replace('  ', ' ') as the official CODI evaluation; "
-                          "none: as written.")(f)
+    f = click.option(
+        "--dtype",
+        default=None,
+        type=click.Choice(["float32", "float64", "bfloat16", "float16"]),
+        help="Default float32 on CPU, bfloat16 on CUDA; float64 for exactness checks.",
+    )(f)
+    f = click.option(
+        "--model",
+        "model_spec",
+        default=None,
+        help="codi.json, a folder holding one, or a preset (default: the bundled toy model).",
+    )(f)
+    f = click.option(
+        "--question-normalization",
+        "normalization",
+        default="official",
+        show_default=True,
+        type=click.Choice(["official", "none"]),
+        help="official: question.strip().replace('  ', ' ') as the official CODI evaluation; none: as written.",
+    )(f)
     return f
 
 
-def _load(model_spec: str | None, dtype: str | None, device: str | None, normalization: str = "official",
-          remote: str | None = None) -> Any:
+def _load(
+    model_spec: str | None,
+    dtype: str | None,
+    device: str | None,
+    normalization: str = "official",
+    remote: str | None = None,
+) -> Any:
     from .model.wrapper import load_model
 
     # A real server holds the weights: read none here (`--remote local` runs here and needs them).
     remote_only = _remote_value(remote) not in (False, "local")
-    return load_model(model_spec, dtype=dtype, device=device, question_normalization=normalization,
-                      remote_only=remote_only)
+    return load_model(
+        model_spec, dtype=dtype, device=device, question_normalization=normalization, remote_only=remote_only
+    )
 
 
 def _force_option(f: Any) -> Any:
@@ -107,8 +126,9 @@ def prepare_output(path: str, force: bool, folder: bool = False) -> Path:
         kind = "folder" if out.is_dir() else "file"
         raise UserError(f"{out}: {kind} exists; add --force to overwrite it")
     if out.exists() and out.is_dir() != folder:
-        raise UserError(f"{out}: exists and is {'a file' if folder else 'a folder'}, expected a "
-                        f"{'folder' if folder else 'file'}")
+        raise UserError(
+            f"{out}: exists and is {'a file' if folder else 'a folder'}, expected a {'folder' if folder else 'file'}"
+        )
     parent = out if folder else out.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -131,16 +151,22 @@ def _remote_value(remote: str | None) -> bool | str:
 # ---------------------------------------------------------------------------------------------
 @main.command()
 @_model_options
-@click.option("--pairs", "pairs_path", type=click.Path(dir_okay=False), default=None,
-              help="Pairs file (default: the bundled demo pairs).")
+@click.option(
+    "--pairs",
+    "pairs_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Pairs file (default: the bundled demo pairs).",
+)
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N pairs.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write answers as JSON.")
 @_force_option
 @click.option("--remote", default=None, help="local | ndif | URL of an NDIF host.")
-def evaluate(model_spec, dtype, device, normalization, pairs_path, limit, max_new_tokens, batch_size, out, force,
-             remote) -> None:
+def evaluate(
+    model_spec, dtype, device, normalization, pairs_path, limit, max_new_tokens, batch_size, out, force, remote
+) -> None:
     """Greedy answers and accuracy for the clean and corrupted questions."""
     from .data.pairs import load_pairs
     from .model.inference import accuracy_summary, evaluate_pairs
@@ -149,15 +175,23 @@ def evaluate(model_spec, dtype, device, normalization, pairs_path, limit, max_ne
         prepare_output(out, force)
     pairs = load_pairs(pairs_path or default_pairs()).limit(limit)
     model = _load(model_spec, dtype, device, normalization, remote)
-    answers = evaluate_pairs(model, pairs, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                             progress=sys.stderr.isatty(), remote=_remote_value(remote))
+    answers = evaluate_pairs(
+        model,
+        pairs,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        progress=sys.stderr.isatty(),
+        remote=_remote_value(remote),
+    )
     acc = accuracy_summary(answers)
     if out:
         from .atomic import write_json_atomic
 
         write_json_atomic(out, [a.to_record() for a in answers])
-    click.echo(f"model {model.name}: {len(pairs)} pairs — accuracy clean {acc['clean']:.1%}, "
-               f"corrupted {acc['corrupted']:.1%}, both {acc['both']:.1%}")
+    click.echo(
+        f"model {model.name}: {len(pairs)} pairs — accuracy clean {acc['clean']:.1%}, "
+        f"corrupted {acc['corrupted']:.1%}, both {acc['both']:.1%}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,8 +199,12 @@ def _patch_choices() -> dict[str, list[str]]:
     # The sweep's own tables (light modules: `--help` imports no torch).
     from .patching.options import ABLATIONS, DIRECTIONS, MODE_ALIASES, MODES, POSITIONS
 
-    return {"positions": list(POSITIONS), "mode": [*MODES, *MODE_ALIASES], "direction": list(DIRECTIONS),
-            "ablation": list(ABLATIONS)}
+    return {
+        "positions": list(POSITIONS),
+        "mode": [*MODES, *MODE_ALIASES],
+        "direction": list(DIRECTIONS),
+        "ablation": list(ABLATIONS),
+    }
 
 
 def _families() -> list[str]:
@@ -177,23 +215,45 @@ def _families() -> list[str]:
 
 @main.command()
 @_model_options
-@click.option("--pairs", "pairs_path", type=click.Path(dir_okay=False), default=None,
-              help="Pairs file (default: the bundled demo pairs).")
+@click.option(
+    "--pairs",
+    "pairs_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Pairs file (default: the bundled demo pairs).",
+)
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="Results netCDF file.")
 @_force_option
 @click.option("--layers", default=None, help="e.g. 0-3,7 (default: all).")
-@click.option("--positions", type=click.Choice(_patch_choices()["positions"]), default="all", show_default=True,
-              help="all latent positions at once, or each one (adds a position dim).")
-@click.option("--component", default="resid", show_default=True,
-              help="resid, attn, mlp or latent; a comma list (resid,attn,mlp) adds a component dim.")
-@click.option("--mode", type=click.Choice(_patch_choices()["mode"]), default="recurrent", show_default=True,
-              help="recurrent: total effect through the latent loop; no-feedback: fed-back latents held at the "
-                   "baseline's (effect through attention only; 'frozen' is its old name).")
-@click.option("--direction", type=click.Choice(_patch_choices()["direction"]), default="denoise",
-              show_default=True)
-@click.option("--ablation", type=click.Choice(_patch_choices()["ablation"]), default=None,
-              help="Ablate the site in the clean run instead of patching: zero, mean (over the clean questions), "
-                   "resample (from the next pair's problem) or noise (random direction, same norm).")
+@click.option(
+    "--positions",
+    type=click.Choice(_patch_choices()["positions"]),
+    default="all",
+    show_default=True,
+    help="all latent positions at once, or each one (adds a position dim).",
+)
+@click.option(
+    "--component",
+    default="resid",
+    show_default=True,
+    help="resid, attn, mlp or latent; a comma list (resid,attn,mlp) adds a component dim.",
+)
+@click.option(
+    "--mode",
+    type=click.Choice(_patch_choices()["mode"]),
+    default="recurrent",
+    show_default=True,
+    help="recurrent: total effect through the latent loop; no-feedback: fed-back latents held at the "
+    "baseline's (effect through attention only; 'frozen' is its old name).",
+)
+@click.option("--direction", type=click.Choice(_patch_choices()["direction"]), default="denoise", show_default=True)
+@click.option(
+    "--ablation",
+    type=click.Choice(_patch_choices()["ablation"]),
+    default=None,
+    help="Ablate the site in the clean run instead of patching: zero, mean (over the clean questions), "
+    "resample (from the next pair's problem) or noise (random direction, same norm).",
+)
 @click.option("--batch-size", default="auto", show_default=True, help="Pairs per trace, or auto.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N pairs.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=None)
@@ -202,8 +262,29 @@ def _families() -> list[str]:
 @click.option("--check", is_flag=True, help="Exit 3 if a sanity check fails (results are still written).")
 @click.option("--remote", default=None, help="local | ndif | URL of an NDIF host.")
 @click.pass_context
-def patch(ctx, model_spec, dtype, device, normalization, pairs_path, out, force, layers, positions, component, mode,
-          direction, ablation, batch_size, limit, max_new_tokens, seed, resume, check, remote) -> None:
+def patch(
+    ctx,
+    model_spec,
+    dtype,
+    device,
+    normalization,
+    pairs_path,
+    out,
+    force,
+    layers,
+    positions,
+    component,
+    mode,
+    direction,
+    ablation,
+    batch_size,
+    limit,
+    max_new_tokens,
+    seed,
+    resume,
+    check,
+    remote,
+) -> None:
     """Patch source activations into target runs at the latent positions, layer by layer."""
     from .data.pairs import load_pairs
     from .patching.config import canonical_mode, parse_layers
@@ -227,14 +308,25 @@ def patch(ctx, model_spec, dtype, device, normalization, pairs_path, out, force,
     pairs = load_pairs(pairs_path or default_pairs()).limit(limit)
     model = _load(model_spec, dtype, device, normalization, remote)
     layer_list = parse_layers(layers, model.n_layers)
-    ctx.meta["partial_store"] = (f"{out}.partial" if len(comps) == 1
-                                 else f"{out}.<component>.nc.partial")
-    ds = patch_sweep(model, pairs, layers=layer_list, component=comps if len(comps) > 1 else comps[0],
-                     positions=positions, mode=mode, direction=direction, batch_size=batch_size,
-                     max_new_tokens=max_new_tokens,
-                     remote=_remote_value(remote), out=out, resume=resume, progress=sys.stderr.isatty(),
-                     seed=seed, command=shlex.join(["codi-nnsight", *ctx.meta.get("argv", sys.argv[1:])]),
-                     ablation=ablation)
+    ctx.meta["partial_store"] = f"{out}.partial" if len(comps) == 1 else f"{out}.<component>.nc.partial"
+    ds = patch_sweep(
+        model,
+        pairs,
+        layers=layer_list,
+        component=comps if len(comps) > 1 else comps[0],
+        positions=positions,
+        mode=mode,
+        direction=direction,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        remote=_remote_value(remote),
+        out=out,
+        resume=resume,
+        progress=sys.stderr.isatty(),
+        seed=seed,
+        command=shlex.join(["codi-nnsight", *ctx.meta.get("argv", sys.argv[1:])]),
+        ablation=ablation,
+    )
     click.echo(sweep_summary(ds, out))
     if check and not ds.attrs["sanity_passed"]:
         click.echo(f"error: sanity check failed: {ds.attrs['sanity_details']}", err=True)
@@ -243,15 +335,19 @@ def patch(ctx, model_spec, dtype, device, normalization, pairs_path, out, force,
 
 @main.command("early-exit")
 @_model_options
-@click.option("--pairs", "pairs_path", type=click.Path(dir_okay=False), default=None,
-              help="Pairs file (default: the bundled demo pairs).")
+@click.option(
+    "--pairs",
+    "pairs_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Pairs file (default: the bundled demo pairs).",
+)
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="netCDF file.")
 @_force_option
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N pairs.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--remote", default=None, help="local | ndif | URL of an NDIF host.")
-def early_exit_cmd(model_spec, dtype, device, normalization, pairs_path, out, force, limit, batch_size,
-                   remote) -> None:
+def early_exit_cmd(model_spec, dtype, device, normalization, pairs_path, out, force, limit, batch_size, remote) -> None:
     """Answer after 0, 1, ..., K latent thoughts: accuracy and answer log-probability per thought count."""
     from .data.pairs import load_pairs
     from .patching.ablation import early_exit
@@ -263,8 +359,10 @@ def early_exit_cmd(model_spec, dtype, device, normalization, pairs_path, out, fo
     ds = early_exit(model, list(pairs), batch_size=batch_size, remote=_remote_value(remote))
     _write_atomic_nc(ds, Path(out))
     acc = ds["correct"].mean(("pair", "variant")).values
-    click.echo(f"wrote {out}: accuracy by number of thoughts " + ", ".join(
-        f"{int(k)}: {a:.0%}" for k, a in zip(ds["n_latent"].values, acc)))
+    click.echo(
+        f"wrote {out}: accuracy by number of thoughts "
+        + ", ".join(f"{int(k)}: {a:.0%}" for k, a in zip(ds["n_latent"].values, acc))
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,13 +452,27 @@ def pairs_validate(file: str, model_spec, dtype, device, normalization) -> None:
 
 
 @pairs.command("make")
-@click.option("--gsm8k", "gsm8k_path", default=None,
-              help="GSM8K-format JSON/JSONL file, or 'hub' for the gsm8k dataset (needs internet).")
-@click.option("--synthetic", "n_synthetic", type=click.IntRange(min=1), default=None,
-              help="Generate N synthetic arithmetic pairs instead.")
-@click.option("--kind", type=click.Choice(["toy", "wide"]), default="toy", show_default=True,
-              help="Synthetic problems: toy = the bundled model's distribution (3-4 steps of its words); "
-                   "wide = harder, more varied problems.")
+@click.option(
+    "--gsm8k",
+    "gsm8k_path",
+    default=None,
+    help="GSM8K-format JSON/JSONL file, or 'hub' for the gsm8k dataset (needs internet).",
+)
+@click.option(
+    "--synthetic",
+    "n_synthetic",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Generate N synthetic arithmetic pairs instead.",
+)
+@click.option(
+    "--kind",
+    type=click.Choice(["toy", "wide"]),
+    default="toy",
+    show_default=True,
+    help="Synthetic problems: toy = the bundled model's distribution (3-4 steps of its words); "
+    "wide = harder, more varied problems.",
+)
 @click.option("--out", type=click.Path(dir_okay=False), required=True)
 @_force_option
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -390,8 +502,10 @@ def pairs_make(gsm8k_path, n_synthetic, kind, out, force, seed, offsets, limit) 
         raise UserError(str(e)) from None
     pairset, reasons = make_pairs(records, seed=seed, offsets=offs, limit=limit)
     if not len(pairset):
-        raise UserError(f"{gsm8k_path}: no consistent pair could be made "
-                        f"({', '.join(f'{k}: {v}' for k, v in reasons.most_common())})")
+        raise UserError(
+            f"{gsm8k_path}: no consistent pair could be made "
+            f"({', '.join(f'{k}: {v}' for k, v in reasons.most_common())})"
+        )
     pairset.save(out)
     rejected = ", ".join(f"{k}: {v}" for k, v in reasons.most_common()) or "none"
     click.echo(f"wrote {out}: {len(pairset)} pairs from {len(records)} records (rejected — {rejected})")
@@ -402,11 +516,14 @@ def pairs_make(gsm8k_path, n_synthetic, kind, out, force, seed, offsets, limit) 
 @_model_options
 @click.option("--out", type=click.Path(dir_okay=False), required=True)
 @_force_option
-@click.option("--require-different/--allow-equal", default=True, show_default=True,
-              help="Also drop pairs whose clean and corrupted answers are equal.")
+@click.option(
+    "--require-different/--allow-equal",
+    default=True,
+    show_default=True,
+    help="Also drop pairs whose clean and corrupted answers are equal.",
+)
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
-def pairs_filter(file, model_spec, dtype, device, normalization, out, force, require_different,
-                 max_new_tokens) -> None:
+def pairs_filter(file, model_spec, dtype, device, normalization, out, force, require_different, max_new_tokens) -> None:
     """Keep pairs the model answers correctly in both variants (writes baseline_correct)."""
     from .data.pairs import load_pairs
     from .model.inference import filter_pairs
@@ -414,12 +531,14 @@ def pairs_filter(file, model_spec, dtype, device, normalization, out, force, req
     prepare_output(out, force)
     pairset = load_pairs(file)
     model = _load(model_spec, dtype, device, normalization)
-    kept, dropped = filter_pairs(model, pairset, require_different=require_different,
-                                 max_new_tokens=max_new_tokens, progress=sys.stderr.isatty())
+    kept, dropped = filter_pairs(
+        model, pairset, require_different=require_different, max_new_tokens=max_new_tokens, progress=sys.stderr.isatty()
+    )
     why = ", ".join(f"{k}: {v}" for k, v in dropped.items() if v) or "none"
     if not len(kept):
-        raise UserError(f"{file}: model {model.name} answers no pair correctly in both variants (dropped — {why}); "
-                        "nothing written")
+        raise UserError(
+            f"{file}: model {model.name} answers no pair correctly in both variants (dropped — {why}); nothing written"
+        )
     kept.save(out)
     click.echo(f"wrote {out}: kept {len(kept)} of {len(pairset)} pairs (dropped — {why})")
 
@@ -436,8 +555,7 @@ def make_tiny(out: str, family: str, n_layers: int, hidden: int, num_latent: int
     """Write a tiny random CODI model in the official layout (a dry run without downloads)."""
     from .testing.tiny import write_tiny_codi
 
-    path = write_tiny_codi(out, family=family, n_layers=n_layers, hidden=hidden, num_latent=num_latent,
-                           seed=seed)
+    path = write_tiny_codi(out, family=family, n_layers=n_layers, hidden=hidden, num_latent=num_latent, seed=seed)
     click.echo(f"wrote {path}")
 
 
@@ -454,8 +572,6 @@ def train_toy_cmd(out: str, force: bool, seed: int) -> None:
     prepare_output(out, force=True, folder=True)
     log = train_toy(out, seed=seed)
     click.echo(f"wrote {out}: {describe_training(log)}")
-
-
 
 
 from .readouts.commands import register as _register_readouts  # noqa: E402  (lens, attention, probe)

@@ -23,8 +23,11 @@ def tiny_dirs(tmp_path_factory) -> dict[str, str]:
     out = {}
     for family, layers in (("gpt2", 2), ("llama", 3), ("qwen2", 2)):
         d = tmp_path_factory.mktemp(f"tiny-{family}")
-        out[family] = str(write_tiny_codi(d, family=family, n_layers=layers, kv_heads=None if family == "gpt2"
-                                          else 2, num_latent=3, seed=1))
+        out[family] = str(
+            write_tiny_codi(
+                d, family=family, n_layers=layers, kv_heads=None if family == "gpt2" else 2, num_latent=3, seed=1
+            )
+        )
     return out
 
 

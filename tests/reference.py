@@ -32,19 +32,27 @@ class ReferenceCODI:
         # sdpa: an attention path independent of ours, exact in float64 (no padding at batch 1).
         lm = AutoModelForCausalLM.from_config(hf, attn_implementation="sdpa")
         self.family = "gpt2" if hasattr(lm, "transformer") else "llama"
-        self.lm = get_peft_model(lm, LoraConfig(
-            r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"], target_modules=cfg["lora_target_modules"],
-            lora_dropout=0.0, fan_in_fan_out=self.family == "gpt2"))
+        self.lm = get_peft_model(
+            lm,
+            LoraConfig(
+                r=cfg["lora_r"],
+                lora_alpha=cfg["lora_alpha"],
+                target_modules=cfg["lora_target_modules"],
+                lora_dropout=0.0,
+                fan_in_fan_out=self.family == "gpt2",
+            ),
+        )
         ckpt = root / cfg["checkpoint"]
         sd = load_file(str(ckpt)) if ckpt.suffix == ".safetensors" else torch.load(ckpt, weights_only=True)
-        lm_sd = {k[len("codi."):]: v for k, v in sd.items() if k.startswith("codi.")}
+        lm_sd = {k[len("codi.") :]: v for k, v in sd.items() if k.startswith("codi.")}
         missing, unexpected = self.lm.load_state_dict(lm_sd, strict=False)
         assert not unexpected, unexpected
         assert all("lm_head" in k for k in missing), missing
         d = hf.hidden_size
         pd = cfg.get("prj_dim") or d
-        self.prj = torch.nn.Sequential(torch.nn.Dropout(0.0), torch.nn.Linear(d, pd), torch.nn.GELU(),
-                                       torch.nn.Linear(pd, d))
+        self.prj = torch.nn.Sequential(
+            torch.nn.Dropout(0.0), torch.nn.Linear(d, pd), torch.nn.GELU(), torch.nn.Linear(pd, d)
+        )
         self.prj.add_module("ln", torch.nn.LayerNorm(d))
         self.prj.load_state_dict({k[4:]: v for k, v in sd.items() if k.startswith("prj.")})
         self.lm.to(dtype).eval()
@@ -73,9 +81,17 @@ class ReferenceCODI:
         return block.mlp
 
     @torch.no_grad()
-    def run(self, question: str, suffix: list[int] | None = None, max_new_tokens: int = 0,
-            patch: dict | None = None, candidates: list[list[int]] | None = None,
-            component: str = "resid", latent_override: dict | None = None, head: slice | None = None) -> dict:
+    def run(
+        self,
+        question: str,
+        suffix: list[int] | None = None,
+        max_new_tokens: int = 0,
+        patch: dict | None = None,
+        candidates: list[list[int]] | None = None,
+        component: str = "resid",
+        latent_override: dict | None = None,
+        head: slice | None = None,
+    ) -> dict:
         """One question through the official loop.
 
         `patch` = {layer: {k: tensor(d)}} replaces the `component` output of that layer at latent
@@ -95,6 +111,7 @@ class ReferenceCODI:
                     out = (h,) + tuple(out[1:]) if isinstance(out, tuple) else h
                 records[i].append(h[:, -1, :].clone())
                 return out
+
             return hook
 
         def make_pre_hook(i):  # `head`: patch a slice of the output projection's input
@@ -105,14 +122,15 @@ class ReferenceCODI:
                     x[:, -1, head] = patch[i][call["n"]][head]
                 records[i].append(x[:, -1, :].clone())
                 return (x,) + tuple(args[1:])
+
             return hook
 
         if component == "head":
-            handles = [self.site(i, component).register_forward_pre_hook(make_pre_hook(i))
-                       for i in range(len(self.blocks))]
+            handles = [
+                self.site(i, component).register_forward_pre_hook(make_pre_hook(i)) for i in range(len(self.blocks))
+            ]
         else:
-            handles = [self.site(i, component).register_forward_hook(make_hook(i))
-                       for i in range(len(self.blocks))]
+            handles = [self.site(i, component).register_forward_hook(make_hook(i)) for i in range(len(self.blocks))]
         try:
             ids = torch.tensor([self.tok(question).input_ids + [self.bot]])
             cache = DynamicCache()
@@ -130,9 +148,11 @@ class ReferenceCODI:
             suffix = list(suffix) if suffix is not None else [self.eot]
             out = self._call(cache, inputs_embeds=self.embed(torch.tensor([suffix])))
             logits = out.logits[0, -1]
-            result = {"latents": torch.stack(latents) if latents else None, "logits": logits,
-                      "block_latent_outputs": {i: torch.cat(v[1:1 + self.num_latent])
-                                               for i, v in records.items()}}
+            result = {
+                "latents": torch.stack(latents) if latents else None,
+                "logits": logits,
+                "block_latent_outputs": {i: torch.cat(v[1 : 1 + self.num_latent]) for i, v in records.items()},
+            }
             gen = []
             cur = logits
             for _ in range(max_new_tokens):
@@ -152,8 +172,7 @@ class ReferenceCODI:
             for cand in candidates:
                 lp = torch.log_softmax(result["logits"], -1)[cand[0]]
                 if len(cand) > 1:
-                    lp = lp + self.run_logits_after(question, suffix, cand, patch, component,
-                                                    latent_override)
+                    lp = lp + self.run_logits_after(question, suffix, cand, patch, component, latent_override)
                 lps.append(lp)
             result["candidate_logprobs"] = torch.stack(lps)
         return result
@@ -161,11 +180,9 @@ class ReferenceCODI:
     def run_logits_after(self, question, suffix, cand, patch, component="resid", latent_override=None, head=None):
         """Sum of log p(cand[j] | ..., cand[:j]) for j >= 1, recomputed from scratch."""
         full_suffix = list(suffix) + list(cand[:-1])
-        res = self.run(question, suffix=full_suffix, patch=patch, component=component,
-                       latent_override=latent_override)
+        res = self.run(question, suffix=full_suffix, patch=patch, component=component, latent_override=latent_override)
         # The last logits predict cand[-1]; recurse for the earlier tokens.
         lp = torch.log_softmax(res["logits"], -1)[cand[-1]]
         if len(cand) > 2:
-            lp = lp + self.run_logits_after(question, suffix, cand[:-1], patch, component,
-                                            latent_override)
+            lp = lp + self.run_logits_after(question, suffix, cand[:-1], patch, component, latent_override)
         return lp

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_patching import make_pairs
 
 from codi_nnsight.errors import UserError
 from codi_nnsight.patching import answer_tokens, patch_sweep
 from codi_nnsight.patching.ablation import early_exit
-from test_patching import make_pairs
 
 TOL = 1e-9
 
@@ -26,8 +26,7 @@ def test_zero_and_resample_ablations_match_the_reference(tiny_models, references
     K = model.num_latent
     layer = 0 if component == "latent" else model.n_layers - 1
     zero = patch_sweep(model, pairs, component=component, layers=[layer], positions="each", ablation="zero")
-    resample = patch_sweep(model, pairs, component=component, layers=[layer], positions="each",
-                           ablation="resample")
+    resample = patch_sweep(model, pairs, component=component, layers=[layer], positions="each", ablation="resample")
     assert zero.attrs["direction"] == resample.attrs["direction"] == "noise"  # the clean run is ablated
     for i, pair in enumerate(pairs):
         toks = answer_tokens(model, pair.clean.answer, pair.corrupted.answer)
@@ -41,8 +40,12 @@ def test_zero_and_resample_ablations_match_the_reference(tiny_models, references
                 r = ref.run(pair.clean.question, suffix=toks.suffix, latent_override={k: donor["latents"][k]})
             else:
                 z = ref.run(pair.clean.question, suffix=toks.suffix, component=comp, patch={layer: {k + 1: d}})
-                r = ref.run(pair.clean.question, suffix=toks.suffix, component=comp,
-                            patch={layer: {k + 1: donor["block_latent_outputs"][layer][k]}})
+                r = ref.run(
+                    pair.clean.question,
+                    suffix=toks.suffix,
+                    component=comp,
+                    patch={layer: {k + 1: donor["block_latent_outputs"][layer][k]}},
+                )
             assert abs(float(zero["kl"][i, 0, k]) - _kl(z, base)) < TOL
             assert abs(float(resample["kl"][i, 0, k]) - _kl(r, base)) < TOL
 
@@ -51,8 +54,9 @@ def test_mean_ablation_over_the_question_itself_is_a_no_op(tiny_models):
     model = tiny_models["llama"]
     for pair in make_pairs():
         for component in ("resid", "latent", "head"):
-            ds = patch_sweep(model, [pair], component=component, positions="each", ablation="mean",
-                             reference=[pair.clean.question])
+            ds = patch_sweep(
+                model, [pair], component=component, positions="each", ablation="mean", reference=[pair.clean.question]
+            )
             assert np.abs(ds["kl"].values).max() < 1e-10, component
             assert (ds["kept"].values == ds["kept"].values.flat[0]).all()
 
@@ -95,10 +99,15 @@ def test_early_exit_at_k_equals_the_full_run_and_counts_down(tiny_models):
     ds = early_exit(model, pairs)
     assert ds["answer"].dims == ("pair", "variant", "n_latent") and list(ds["n_latent"].values) == list(range(K + 1))
     full = patch_sweep(model, pairs, layers=[0])
-    assert np.array_equal(ds["answer"].sel(variant="clean", n_latent=K).values,
-                          full["clean_prompted_answer"].values, equal_nan=True)
-    assert np.allclose(ds["logp_answer"].sel(variant="clean", n_latent=K).values,
-                       full["source_logp_clean_answer"].values, atol=TOL, rtol=0)
+    assert np.array_equal(
+        ds["answer"].sel(variant="clean", n_latent=K).values, full["clean_prompted_answer"].values, equal_nan=True
+    )
+    assert np.allclose(
+        ds["logp_answer"].sel(variant="clean", n_latent=K).values,
+        full["source_logp_clean_answer"].values,
+        atol=TOL,
+        rtol=0,
+    )
     # Fewer thoughts change what the model predicts.
     assert not np.allclose(ds["logp_answer"].sel(n_latent=0).values, ds["logp_answer"].sel(n_latent=K).values)
     with pytest.raises(UserError, match=f"--steps: {K + 1} out of range 0..{K}"):

@@ -53,12 +53,18 @@ def test_evaluate_writes_answers(tiny_dir, tmp_path):
     assert "accuracy clean" in r.output
 
 
-@pytest.mark.parametrize("args,message", [
-    (["patch", "--layers", "7", "--out", "x.nc"], "error: --layers: layer 7 out of range (model has 2 layers, 0-1)"),
-    (["patch", "--layers", "", "--out", "x.nc"], "error: --layers: empty layer list"),
-    (["patch", "--pairs", "missing.json", "--out", "x.nc"], "error: missing.json: file not found"),
-    (["analyze", "nope.nc"], "error: nope.nc: no such file"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ["patch", "--layers", "7", "--out", "x.nc"],
+            "error: --layers: layer 7 out of range (model has 2 layers, 0-1)",
+        ),
+        (["patch", "--layers", "", "--out", "x.nc"], "error: --layers: empty layer list"),
+        (["patch", "--pairs", "missing.json", "--out", "x.nc"], "error: missing.json: file not found"),
+        (["analyze", "nope.nc"], "error: nope.nc: no such file"),
+    ],
+)
 def test_errors_are_one_line_exit_2(tiny_dir, tmp_path, args, message, monkeypatch):
     monkeypatch.chdir(tmp_path)
     if args[0] == "patch":
@@ -81,8 +87,9 @@ def test_pairs_validate_make_filter(tiny_dir, tmp_path):
     assert r.exit_code == 2
     assert f"{bad}: record 0 (pair_id 0), field 'answer': not a number: \"x\"" in r.output
     # A random model answers nothing: filter refuses to write an empty file, exit 2.
-    r = CliRunner().invoke(main, ["pairs", "filter", str(made), "--model", str(tiny_dir), "--out",
-                                  str(tmp_path / "none.json")])
+    r = CliRunner().invoke(
+        main, ["pairs", "filter", str(made), "--model", str(tiny_dir), "--out", str(tmp_path / "none.json")]
+    )
     assert r.exit_code == 2 and "answers no pair correctly in both variants" in r.output
     assert not (tmp_path / "none.json").exists()
     # The bundled toy model answers its own demo pairs: all are kept, with baseline_correct.
@@ -94,8 +101,9 @@ def test_pairs_validate_make_filter(tiny_dir, tmp_path):
 
 
 def test_module_entry_point_and_real_exit_code(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "codi_nnsight", "analyze", str(tmp_path / "none.nc")],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "codi_nnsight", "analyze", str(tmp_path / "none.nc")], capture_output=True, text=True
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: {tmp_path / 'none.nc'}: no such file"
     assert "Traceback" not in proc.stderr
@@ -118,8 +126,17 @@ def test_pairs_validate_with_model_reports_lengths_and_correctness(tmp_path):
 
 def test_pairs_validate_warns_about_pairs_that_cannot_flip(tmp_path):
     f = tmp_path / "p.json"
-    f.write_text(json.dumps([{"pair_id": 0, "clean": {"question": "What is 2+2?", "answer": 4},
-                              "corrupted": {"question": "What is 2+2?", "answer": 4}}]))
+    f.write_text(
+        json.dumps(
+            [
+                {
+                    "pair_id": 0,
+                    "clean": {"question": "What is 2+2?", "answer": 4},
+                    "corrupted": {"question": "What is 2+2?", "answer": 4},
+                }
+            ]
+        )
+    )
     r = CliRunner().invoke(main, ["pairs", "validate", str(f)])
     assert r.exit_code == 0
     assert "warning:" in r.output and "questions are identical" in r.output and "answers are equal" in r.output
@@ -155,8 +172,9 @@ def test_output_folders_are_checked_before_any_work(tiny_dir, tmp_path):
     assert run("pairs", "make", "--synthetic", "2", "--out", str(out)).exit_code == 0 and out.exists()
     blocker = tmp_path / "file"
     blocker.write_text("")
-    r = CliRunner().invoke(main, ["pairs", "filter", str(out), "--model", str(tiny_dir), "--out",
-                                  str(blocker / "f.json")])
+    r = CliRunner().invoke(
+        main, ["pairs", "filter", str(out), "--model", str(tiny_dir), "--out", str(blocker / "f.json")]
+    )
     assert r.exit_code == 2 and r.output.startswith(f"error: {blocker}: cannot write there")
     r = CliRunner().invoke(main, ["patch", "--out", ""])
     assert r.exit_code == 2 and r.output.strip() == "error: --out: empty path"
@@ -217,8 +235,23 @@ def test_train_toy_command_reports_the_real_training_log(tmp_path, monkeypatch):
 
     def small(out_dir, seed=0):  # the real training, made tiny: the CLI sees the real log's shape
         seen["args"] = (out_dir, seed)
-        return real(out_dir, seed=seed, steps=2, eval_n=4, n_layers=1, hidden=32, heads=2, intermediate=64,
-                    prj_dim=32, num_latent=2, batch_size=4, warmup=1, log_every=1, verbose=False, teacher_steps=0)
+        return real(
+            out_dir,
+            seed=seed,
+            steps=2,
+            eval_n=4,
+            n_layers=1,
+            hidden=32,
+            heads=2,
+            intermediate=64,
+            prj_dim=32,
+            num_latent=2,
+            batch_size=4,
+            warmup=1,
+            log_every=1,
+            verbose=False,
+            teacher_steps=0,
+        )
 
     monkeypatch.setattr(train, "train_toy", small)
     r = run("train-toy", "--out", str(tmp_path / "toy"), "--seed", "3")
@@ -245,8 +278,19 @@ def test_num_latent_beyond_the_context_is_refused_before_any_work(tiny_dir, tmp_
 
 def test_ablation_and_early_exit_commands(tmp_path):
     # The bundled toy model: zeroing thought 4 breaks most answers; fewer thoughts, fewer right answers.
-    r = run("patch", "--out", str(tmp_path / "a.nc"), "--component", "latent", "--positions", "each",
-            "--ablation", "zero", "--limit", "6")
+    r = run(
+        "patch",
+        "--out",
+        str(tmp_path / "a.nc"),
+        "--component",
+        "latent",
+        "--positions",
+        "each",
+        "--ablation",
+        "zero",
+        "--limit",
+        "6",
+    )
     assert r.exit_code == 0, r.output
     assert "zero ablation: clean answer kept by" in r.output
     ds = xr.open_dataset(tmp_path / "a.nc")

@@ -18,8 +18,11 @@ from codi_nnsight.model.config import CODIConfig, resolve_model_spec
 from codi_nnsight.model.wrapper import CODIModel, load_model
 from codi_nnsight.testing.tiny import write_tiny_codi
 
-QUESTIONS = ["Tom has 3 apples and buys 4 more. How many?", "What is 7-2?",
-             "A box holds 12 eggs; 5 break. How many are left?"]
+QUESTIONS = [
+    "Tom has 3 apples and buys 4 more. How many?",
+    "What is 7-2?",
+    "A box holds 12 eggs; 5 break. How many are left?",
+]
 TOL = 1e-9
 
 
@@ -31,7 +34,7 @@ def test_latents_and_logits_match_reference(family, tiny_models, references):
         inputs = model.prepare([q], max_new_tokens=6)
         with model.trace(**inputs) as tracer:
             outs = nnsight.save({})
-            for step in tracer.iter[1:K + 1]:
+            for step in tracer.iter[1 : K + 1]:
                 for L in range(model.n_layers):
                     outs[(step, L)] = model.layers[L].output.save()
             result = model.output.save()
@@ -100,10 +103,8 @@ def test_model_key_round_trip(tiny_models, tiny_dirs):
 
 
 def test_bin_checkpoint_and_tied_key_variants(tmp_path, references):
-    for i, (fmt, tied) in enumerate((("bin", "both"), ("safetensors", "lm_head"),
-                                     ("safetensors", "embedding"))):
-        path = write_tiny_codi(tmp_path / str(i), family="gpt2", seed=1, checkpoint_format=fmt,
-                               tied_key=tied)
+    for i, (fmt, tied) in enumerate((("bin", "both"), ("safetensors", "lm_head"), ("safetensors", "embedding"))):
+        path = write_tiny_codi(tmp_path / str(i), family="gpt2", seed=1, checkpoint_format=fmt, tied_key=tied)
         m = load_model(path, dtype="float64")
         out = m.codi(**m.prepare([QUESTIONS[1]]))
         ref = load_model(write_tiny_codi(tmp_path / f"r{i}", family="gpt2", seed=1), dtype="float64")
@@ -118,20 +119,25 @@ def _mutate_checkpoint(codi_json, fn):
     return str(ckpt)
 
 
-@pytest.mark.parametrize("case,needle", [
-    ("missing", "model weights missing from the checkpoint: transformer.h.1.ln_2.weight"),
-    ("extra", "checkpoint keys not used by a CODI gpt2 model: codi.base_model.model.bogus.weight"),
-    ("shape", "codi.base_model.model.transformer.h.0.ln_1.bias has shape (3,) in the checkpoint, model expects (32,)"),
-    ("prj", "projection weights missing from the checkpoint: prj.ln.weight"),
-])
+@pytest.mark.parametrize(
+    "case,needle",
+    [
+        ("missing", "model weights missing from the checkpoint: transformer.h.1.ln_2.weight"),
+        ("extra", "checkpoint keys not used by a CODI gpt2 model: codi.base_model.model.bogus.weight"),
+        (
+            "shape",
+            "codi.base_model.model.transformer.h.0.ln_1.bias has shape (3,) in the checkpoint, model expects (32,)",
+        ),
+        ("prj", "projection weights missing from the checkpoint: prj.ln.weight"),
+    ],
+)
 def test_bad_checkpoint_keys_are_named(tmp_path, case, needle):
     path = write_tiny_codi(tmp_path / case, family="gpt2")
     key = "codi.base_model.model.transformer.h.1.ln_2.weight"
     mutate = {
         "missing": lambda sd: sd.pop(key),
         "extra": lambda sd: sd.__setitem__("codi.base_model.model.bogus.weight", torch.zeros(2)),
-        "shape": lambda sd: sd.__setitem__("codi.base_model.model.transformer.h.0.ln_1.bias",
-                                           torch.zeros(3)),
+        "shape": lambda sd: sd.__setitem__("codi.base_model.model.transformer.h.0.ln_1.bias", torch.zeros(3)),
         "prj": lambda sd: sd.pop("prj.ln.weight"),
     }[case]
     ckpt = _mutate_checkpoint(path, mutate)
@@ -144,8 +150,10 @@ def test_wrong_family_checkpoint_is_refused(tmp_path):
     g = write_tiny_codi(tmp_path / "g", family="gpt2")
     lla = write_tiny_codi(tmp_path / "l", family="llama")
     shutil.copy(lla.parent / "ckpt" / "model.safetensors", g.parent / "ckpt" / "model.safetensors")
-    with pytest.raises(UserError, match="checkpoint keys not used by a CODI gpt2 model: "
-                                        "codi.base_model.model.model.embed_tokens.weight"):
+    with pytest.raises(
+        UserError,
+        match="checkpoint keys not used by a CODI gpt2 model: codi.base_model.model.model.embed_tokens.weight",
+    ):
         build_codi(CODIConfig.from_json(g))
 
 
@@ -165,12 +173,15 @@ def test_pickle_checkpoint_that_runs_code_is_refused(tmp_path):
     assert not os.path.exists("/tmp/codi_nnsight_pwned")
 
 
-@pytest.mark.parametrize("data,message", [
-    ({"base": "b", "checkpoint": "c", "num_latnet": 6}, "unknown key(s) 'num_latnet'"),
-    ({"base": "b", "checkpoint": "c", "num_latent": "6"}, "key 'num_latent' must be int, got \"6\""),
-    ({"base": "b", "checkpoint": "c", "use_prj": 1}, "key 'use_prj' must be bool, got 1"),
-    ({"checkpoint": "c"}, "missing required key 'base'"),
-])
+@pytest.mark.parametrize(
+    "data,message",
+    [
+        ({"base": "b", "checkpoint": "c", "num_latnet": 6}, "unknown key(s) 'num_latnet'"),
+        ({"base": "b", "checkpoint": "c", "num_latent": "6"}, "key 'num_latent' must be int, got \"6\""),
+        ({"base": "b", "checkpoint": "c", "use_prj": 1}, "key 'use_prj' must be bool, got 1"),
+        ({"checkpoint": "c"}, "missing required key 'base'"),
+    ],
+)
 def test_codi_json_errors(tmp_path, data, message):
     p = tmp_path / "codi.json"
     p.write_text(json.dumps(data))
@@ -197,8 +208,12 @@ def test_shared_question_prefix_equals_full_prefill(family, tiny_models):
     from codi_nnsight.patching.trace import prompt_inputs
 
     model = tiny_models[family]
-    qs = ["Tom has 3 apples and buys 4 more. How many?", "Tom has 3 apples and buys 5 more. How many?",
-          "What is 7-2?", "Why is 7-2?"]
+    qs = [
+        "Tom has 3 apples and buys 4 more. How many?",
+        "Tom has 3 apples and buys 5 more. How many?",
+        "What is 7-2?",
+        "Why is 7-2?",
+    ]
     shared, calls = prompt_inputs(model, qs)
     assert calls == 2 and shared["prefix_ids"].shape[0] == 2
     rows = torch.tensor([0, 1, 1, 2, 3, 3])
@@ -231,10 +246,12 @@ def test_two_invokes_with_shared_prefix_inputs_equal_separate_traces(tiny_models
     from codi_nnsight.patching import prompt_inputs
 
     model = tiny_models["llama"]
-    a, n_a = prompt_inputs(model, ["Tom has 3 apples and buys 4 more. How many?",
-                                   "Tom has 3 apples and buys 5 more. How many?"])
-    b, n_b = prompt_inputs(model, ["A box holds 12 eggs; 5 break. How many are left?",
-                                   "A box holds 12 eggs; 6 break. How many are left?"])
+    a, n_a = prompt_inputs(
+        model, ["Tom has 3 apples and buys 4 more. How many?", "Tom has 3 apples and buys 5 more. How many?"]
+    )
+    b, n_b = prompt_inputs(
+        model, ["A box holds 12 eggs; 5 break. How many are left?", "A box holds 12 eggs; 6 break. How many are left?"]
+    )
     assert n_a == n_b == 2  # both use shared prefixes
     with model.trace() as tracer:
         with tracer.invoke(**a):
@@ -286,8 +303,9 @@ def test_unsupported_architecture_is_refused_by_model_type(tmp_path):
     class Config:
         model_type = "mamba"
 
-    with pytest.raises(UserError, match="unsupported model_type 'mamba': CODI models are supported for gpt2, "
-                                        "llama, qwen2"):
+    with pytest.raises(
+        UserError, match="unsupported model_type 'mamba': CODI models are supported for gpt2, llama, qwen2"
+    ):
         family_for(Config())
 
 
@@ -305,11 +323,14 @@ def test_readme_python_example_runs_and_prints_what_it_says():
     assert proc.stdout.strip().splitlines()[-1] == "6 thoughts; answer: The answer is: 14"
 
 
-@pytest.mark.parametrize("change,message", [
-    ({"prj_dim": 0}, "codi config: prj_dim must be > 0 (or null for the hidden size), got 0"),
-    ({"prj_dim": -4}, "codi config: prj_dim must be > 0 (or null for the hidden size), got -4"),
-    ({"lora_alpha": float("nan")}, "codi config: lora_alpha must be a finite number, got nan"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"prj_dim": 0}, "codi config: prj_dim must be > 0 (or null for the hidden size), got 0"),
+        ({"prj_dim": -4}, "codi config: prj_dim must be > 0 (or null for the hidden size), got -4"),
+        ({"lora_alpha": float("nan")}, "codi config: lora_alpha must be a finite number, got nan"),
+    ],
+)
 def test_config_values_that_used_to_pass_silently(change, message):
     with pytest.raises(UserError) as e:
         CODIConfig(base="b", checkpoint="c", **change)
@@ -321,14 +342,19 @@ def test_a_base_that_looks_like_a_missing_folder_is_not_sent_to_the_hub(tmp_path
     with pytest.raises(UserError, match=r"base './models/base': no such folder beside .* \(and not a hub id"):
         _ = cfg.base_path
     assert CODIConfig(base="gpt2", checkpoint="c", root=str(tmp_path)).base_path == "gpt2"
-    assert CODIConfig(base="meta-llama/Llama-3.2-1B", checkpoint="c", root=str(tmp_path)).base_path == \
-        "meta-llama/Llama-3.2-1B"
+    assert (
+        CODIConfig(base="meta-llama/Llama-3.2-1B", checkpoint="c", root=str(tmp_path)).base_path
+        == "meta-llama/Llama-3.2-1B"
+    )
 
 
-@pytest.mark.parametrize("corrupt,message", [
-    (lambda v: v.to(torch.int32), "holds int32 values; model weights must be floating point"),
-    (lambda v: v.clone().fill_(float("nan")), "non-finite value(s) (NaN or inf)"),
-])
+@pytest.mark.parametrize(
+    "corrupt,message",
+    [
+        (lambda v: v.to(torch.int32), "holds int32 values; model weights must be floating point"),
+        (lambda v: v.clone().fill_(float("nan")), "non-finite value(s) (NaN or inf)"),
+    ],
+)
 def test_non_float_and_non_finite_weights_are_refused_by_name(tiny_dirs, tmp_path, corrupt, message):
     src = Path(tiny_dirs["llama"]).parent
     dst = tmp_path / "m"

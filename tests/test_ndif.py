@@ -44,8 +44,10 @@ def ndif_server(request):
         yield url, model
         return
     if not _start_requested(request.config):
-        pytest.skip("no NDIF server: set CODI_NNSIGHT_NDIF_URL, or run `pytest -m ndif` "
-                    "(or CODI_NNSIGHT_NDIF_START=1) to start one with scripts/ndif_local.sh")
+        pytest.skip(
+            "no NDIF server: set CODI_NNSIGHT_NDIF_URL, or run `pytest -m ndif` "
+            "(or CODI_NNSIGHT_NDIF_START=1) to start one with scripts/ndif_local.sh"
+        )
     check = _script("check")
     if check.returncode:
         pytest.skip(f"cannot start a local NDIF server: {check.stderr.strip()}")

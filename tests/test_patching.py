@@ -21,12 +21,14 @@ TOL = 1e-9
 
 
 def make_pairs() -> PairSet:
-    qs = [("Sam has 4 cats and 3 dogs. How many pets?", 7, "Sam has 5 cats and 3 dogs. How many pets?", 8),
-          ("A bag has 12 nuts; 5 are eaten. How many remain?", 7,
-           "A bag has 12 nuts; 6 are eaten. How many remain?", 6),
-          ("What is 9 times 3?", 27, "What is 9 times 4 plus 10?", 46)]
-    return PairSet.from_pairs([Pair(i, Question(c, a, {"reasoning_steps": i + 1}), Question(x, b, {}))
-                               for i, (c, a, x, b) in enumerate(qs)])
+    qs = [
+        ("Sam has 4 cats and 3 dogs. How many pets?", 7, "Sam has 5 cats and 3 dogs. How many pets?", 8),
+        ("A bag has 12 nuts; 5 are eaten. How many remain?", 7, "A bag has 12 nuts; 6 are eaten. How many remain?", 6),
+        ("What is 9 times 3?", 27, "What is 9 times 4 plus 10?", 46),
+    ]
+    return PairSet.from_pairs(
+        [Pair(i, Question(c, a, {"reasoning_steps": i + 1}), Question(x, b, {})) for i, (c, a, x, b) in enumerate(qs)]
+    )
 
 
 def reference_runs(ref, model, pair, component, layer, position, mode, direction, candidates=False):
@@ -46,8 +48,14 @@ def reference_runs(ref, model, pair, component, layer, position, mode, direction
     else:
         patch = {layer: {k + 1: source["block_latent_outputs"][layer][k] for k in steps}}
         override = {k: base["latents"][k] for k in range(K)} if mode != "recurrent" else None
-        patched = ref.run(tgt.question, suffix=toks.suffix, patch=patch, component=component,
-                          latent_override=override, candidates=cands)
+        patched = ref.run(
+            tgt.question,
+            suffix=toks.suffix,
+            patch=patch,
+            component=component,
+            latent_override=override,
+            candidates=cands,
+        )
     return source, base, patched, toks
 
 
@@ -62,8 +70,11 @@ def reference_metrics(ref, model, pair, component, layer, position, mode, direct
     return kl, l2, top1
 
 
-CASES = list(itertools.product(["resid", "attn", "mlp", "latent"], ["all", "each"],
-                               ["recurrent", "no-feedback"], ["denoise", "noise"]))
+CASES = list(
+    itertools.product(
+        ["resid", "attn", "mlp", "latent"], ["all", "each"], ["recurrent", "no-feedback"], ["denoise", "noise"]
+    )
+)
 
 
 @pytest.mark.parametrize("component,positions,mode,direction", CASES)
@@ -72,13 +83,14 @@ def test_sweep_matches_reference(tiny_models, references, component, positions, 
     family = FAMILIES[CASES.index((component, positions, mode, direction)) % 3]
     model, ref = tiny_models[family], references[family]
     pairs = make_pairs()[:1] if positions == "each" else make_pairs()[:2]
-    ds = patch_sweep(model, pairs, component=component, positions=positions, mode=mode,
-                     direction=direction, batch_size=2)
+    ds = patch_sweep(
+        model, pairs, component=component, positions=positions, mode=mode, direction=direction, batch_size=2
+    )
     layers = [0] if component == "latent" else list(range(model.n_layers))
     assert list(ds["layer"].values) == layers
     for i, pair in enumerate(pairs):
         for li, L in enumerate(layers):
-            for p in (range(model.num_latent) if positions == "each" else [-1]):
+            for p in range(model.num_latent) if positions == "each" else [-1]:
                 idx = dict(pair=i, layer=li) | ({"position": p} if positions == "each" else {})
                 kl, l2, top1 = reference_metrics(ref, model, pair, component, L, p, mode, direction)
                 assert abs(float(ds["kl"].isel(idx)) - kl) < TOL
@@ -91,11 +103,14 @@ def answer_metrics(run, toks):
     """Every answer metric of one reference run, computed independently of the package."""
     logits, logp = run["logits"], torch.log_softmax(run["logits"], -1)
     c, x = toks.clean[0], toks.corrupted[0]
-    return {"logit_diff": float("nan") if c == x else float(logits[c] - logits[x]),
-            "p_clean": float(logp[c].exp()), "p_corrupted": float(logp[x].exp()),
-            "logp_clean_answer": float(run["candidate_logprobs"][0]),
-            "logp_corrupted_answer": float(run["candidate_logprobs"][1]),
-            "logprob_diff": float(run["candidate_logprobs"][0] - run["candidate_logprobs"][1])}
+    return {
+        "logit_diff": float("nan") if c == x else float(logits[c] - logits[x]),
+        "p_clean": float(logp[c].exp()),
+        "p_corrupted": float(logp[x].exp()),
+        "logp_clean_answer": float(run["candidate_logprobs"][0]),
+        "logp_corrupted_answer": float(run["candidate_logprobs"][1]),
+        "logprob_diff": float(run["candidate_logprobs"][0] - run["candidate_logprobs"][1]),
+    }
 
 
 @pytest.mark.parametrize("family,direction", list(itertools.product(FAMILIES, ["denoise", "noise"])))
@@ -104,8 +119,9 @@ def test_every_metric_matches_an_independent_computation(tiny_models, references
     model, ref = tiny_models[family], references[family]
     pair, layer = make_pairs()[0], model.n_layers - 2
     ds = patch_sweep(model, [pair], layers=[layer], direction=direction)
-    source, base, patched, toks = reference_runs(ref, model, pair, "resid", layer, -1, "recurrent", direction,
-                                                 candidates=True)
+    source, base, patched, toks = reference_runs(
+        ref, model, pair, "resid", layer, -1, "recurrent", direction, candidates=True
+    )
     want_p, want_b, want_s = (answer_metrics(r, toks) for r in (patched, base, source))
     for name, value in want_p.items():
         assert float(ds[name][0, 0]) == pytest.approx(value, abs=TOL, nan_ok=True), name
@@ -120,16 +136,19 @@ def test_every_metric_matches_an_independent_computation(tiny_models, references
 
 def odd_pairs() -> PairSet:
     """Pairs at the edges: equal answers, identical questions, negative answers, a long answer."""
-    qs = [("What is 9 times 3?", 27, "What is 9 times 4 plus 10?", 46),
-          ("Ann has 6 pens and gives 6 away. How many now?", 0, "Ann has 7 pens and gives 7 away. How many now?", 0),
-          ("What is 3 - 8?", -5, "What is 3 - 10?", -7),
-          ("What is 2+2?", 4, "What is 2+2?", 4),
-          ("What is 1000 times 1000?", 1000000, "What is 1000 times 999?", 999000)]
+    qs = [
+        ("What is 9 times 3?", 27, "What is 9 times 4 plus 10?", 46),
+        ("Ann has 6 pens and gives 6 away. How many now?", 0, "Ann has 7 pens and gives 7 away. How many now?", 0),
+        ("What is 3 - 8?", -5, "What is 3 - 10?", -7),
+        ("What is 2+2?", 4, "What is 2+2?", 4),
+        ("What is 1000 times 1000?", 1000000, "What is 1000 times 999?", 999000),
+    ]
     return PairSet.from_pairs([Pair(i, Question(c, a, {}), Question(x, b, {})) for i, (c, a, x, b) in enumerate(qs)])
 
 
-@pytest.mark.parametrize("family,direction", [("gpt2", "denoise"), ("llama", "noise"), ("qwen2", "denoise"),
-                                              ("gpt2", "noise")])
+@pytest.mark.parametrize(
+    "family,direction", [("gpt2", "denoise"), ("llama", "noise"), ("qwen2", "denoise"), ("gpt2", "noise")]
+)
 def test_every_variable_is_independent_of_batch_size(tiny_models, family, direction):
     model = tiny_models[family]
     pairs = list(make_pairs()) + list(odd_pairs())
@@ -224,8 +243,9 @@ def test_resid_at_last_layer_equals_latent_at_the_next_position(tiny_models):
     assert np.abs(resid["kl"].isel(layer=0, position=K - 1).values).max() < TOL
 
 
-@pytest.mark.parametrize("family,positions,direction", [("gpt2", "all", "denoise"), ("llama", "each", "noise"),
-                                                         ("qwen2", "all", "noise")])
+@pytest.mark.parametrize(
+    "family,positions,direction", [("gpt2", "all", "denoise"), ("llama", "each", "noise"), ("qwen2", "all", "noise")]
+)
 def test_head_patching_matches_reference(tiny_models, references, family, positions, direction):
     from codi_nnsight.patching.sites import head_dim, n_heads
 
@@ -242,11 +262,12 @@ def test_head_patching_matches_reference(tiny_models, references, family, positi
     lb = torch.log_softmax(base["logits"], -1)
     for L in range(model.n_layers):
         for h in range(H):
-            for p in (range(K) if positions == "each" else [-1]):
+            for p in range(K) if positions == "each" else [-1]:
                 steps = [k for k in range(K) if p in (-1, k)]
                 patch = {L: {k + 1: source["block_latent_outputs"][L][k] for k in steps}}
-                out = ref.run(tgt.question, suffix=toks.suffix, component="head", patch=patch,
-                              head=slice(h * hd, (h + 1) * hd))
+                out = ref.run(
+                    tgt.question, suffix=toks.suffix, component="head", patch=patch, head=slice(h * hd, (h + 1) * hd)
+                )
                 lp = torch.log_softmax(out["logits"], -1)
                 idx = dict(layer=L, head=h) | ({"position": p} if positions == "each" else {})
                 assert abs(float(ds["kl"].isel(pair=0, **idx)) - float((lp.exp() * (lp - lb)).sum())) < TOL
@@ -268,8 +289,10 @@ def test_all_heads_together_equal_the_attention_output(tiny_models):
     for key, patches in plan.extra_plan.items():
         dst, src = plan.layer_plan.get(key, (torch.tensor([], dtype=torch.long),) * 2)
         rows = {(int(d), int(s_)) for kind, _, ds_, ss in patches for d, s_ in zip(ds_, ss) if kind == "copy"}
-        plan.layer_plan[key] = (torch.cat([dst, torch.tensor([d for d, _ in sorted(rows)])]),
-                                torch.cat([src, torch.tensor([s_ for _, s_ in sorted(rows)])]))
+        plan.layer_plan[key] = (
+            torch.cat([dst, torch.tensor([d for d, _ in sorted(rows)])]),
+            torch.cat([src, torch.tensor([s_ for _, s_ in sorted(rows)])]),
+        )
     plan.extra_plan = {}
     columns, _ = run_batch(model, plan, cfg)
     kl = columns[:, 0]
@@ -298,13 +321,17 @@ def test_metric_table_and_schema_doc_agree():
 def test_sanity_check_with_nan_fails_and_stacked_files_agree_with_themselves(tiny_models):
     from codi_nnsight.patching.sanity import merge_sanity, sanity_attrs
 
-    ok = sanity_attrs({"self_patch": 0.0, "kl_nonnegative": 0.0, "full_patch": 0.0, "full_patch_pair_id": 1},
-                      torch.float64)
-    nan = sanity_attrs({"self_patch": float("nan"), "kl_nonnegative": 0.0, "full_patch": 0.0,
-                        "full_patch_pair_id": 1}, torch.float64)
+    ok = sanity_attrs(
+        {"self_patch": 0.0, "kl_nonnegative": 0.0, "full_patch": 0.0, "full_patch_pair_id": 1}, torch.float64
+    )
+    nan = sanity_attrs(
+        {"self_patch": float("nan"), "kl_nonnegative": 0.0, "full_patch": 0.0, "full_patch_pair_id": 1}, torch.float64
+    )
     assert ok["sanity_passed"] == 1 and nan["sanity_passed"] == 0
-    skipped = sanity_attrs({"self_patch": 0.0, "kl_nonnegative": 0.0, "full_patch": float("nan"),
-                            "full_patch_pair_id": None}, torch.float64)
+    skipped = sanity_attrs(
+        {"self_patch": 0.0, "kl_nonnegative": 0.0, "full_patch": float("nan"), "full_patch_pair_id": None},
+        torch.float64,
+    )
     assert skipped["sanity_passed"] == 1 and "skipped" in json.loads(skipped["sanity_details"])["full_patch"]
     merged = merge_sanity([ok, nan], torch.float64)
     assert merged["sanity_passed"] == 0 and np.isnan(merged["sanity_self_patch_max_kl"])
@@ -319,13 +346,16 @@ def test_parse_layers(text, expected):
     assert parse_layers(text, 5) == expected
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    ({"layers": [5]}, "--layers: layer 5 out of range (model has 2 layers, 0-1)"),
-    ({"layers": []}, "--layers: empty layer list"),
-    ({"component": "heads"}, "--component 'heads': expected one of resid, attn, mlp, latent, head"),
-    ({"component": ["resid", "head"]}, "--component head adds a head dimension: sweep it on its own"),
-    ({"mode": "frozn"}, "--mode 'frozn': expected one of recurrent, no-feedback, feedback-only"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"layers": [5]}, "--layers: layer 5 out of range (model has 2 layers, 0-1)"),
+        ({"layers": []}, "--layers: empty layer list"),
+        ({"component": "heads"}, "--component 'heads': expected one of resid, attn, mlp, latent, head"),
+        ({"component": ["resid", "head"]}, "--component head adds a head dimension: sweep it on its own"),
+        ({"mode": "frozn"}, "--mode 'frozn': expected one of recurrent, no-feedback, feedback-only"),
+    ],
+)
 def test_bad_sweep_arguments(tiny_models, kwargs, message):
     with pytest.raises(UserError) as e:
         patch_sweep(tiny_models["gpt2"], make_pairs(), **kwargs)
@@ -379,11 +409,16 @@ def test_feedback_route_matches_reference(tiny_models, references, family, compo
             if component == "latent":
                 full = ref.run(pair.corrupted.question, suffix=toks.suffix, latent_override={p: source["latents"][p]})
             else:
-                full = ref.run(pair.corrupted.question, suffix=toks.suffix, component=comp,
-                               patch={L: {p + 1: source["block_latent_outputs"][L][p]}})
+                full = ref.run(
+                    pair.corrupted.question,
+                    suffix=toks.suffix,
+                    component=comp,
+                    patch={L: {p + 1: source["block_latent_outputs"][L][p]}},
+                )
             if p + 1 < K:
-                out = ref.run(pair.corrupted.question, suffix=toks.suffix,
-                              latent_override={p + 1: full["latents"][p + 1]})
+                out = ref.run(
+                    pair.corrupted.question, suffix=toks.suffix, latent_override={p + 1: full["latents"][p + 1]}
+                )
                 lp = torch.log_softmax(out["logits"], -1)
                 expected = float((lp.exp() * (lp - lb)).sum())
             else:
@@ -395,16 +430,16 @@ def test_route_invariants(tiny_models):
     model = tiny_models["llama"]
     pairs = make_pairs()
     K, last = model.num_latent, model.n_layers - 1
-    runs = {m: patch_sweep(model, pairs, positions="each", mode=m) for m in ("recurrent", "no-feedback",
-                                                                           "feedback-only")}
+    runs = {
+        m: patch_sweep(model, pairs, positions="each", mode=m) for m in ("recurrent", "no-feedback", "feedback-only")
+    }
     kl = {m: ds["kl"] for m, ds in runs.items()}
     # The last layer's output reaches later positions only as the fed-back embedding.
     assert np.allclose(kl["feedback-only"].sel(layer=last), kl["recurrent"].sel(layer=last), atol=TOL, rtol=0)
     assert np.abs(kl["no-feedback"].sel(layer=last).values).max() < TOL
     # The last latent feeds nothing back: all of its effect is the attention route.
     assert np.abs(kl["feedback-only"].isel(position=K - 1).values).max() < TOL
-    assert np.allclose(kl["no-feedback"].isel(position=K - 1), kl["recurrent"].isel(position=K - 1), atol=TOL,
-                       rtol=0)
+    assert np.allclose(kl["no-feedback"].isel(position=K - 1), kl["recurrent"].isel(position=K - 1), atol=TOL, rtol=0)
     # Elsewhere both routes carry something on this model.
     assert float(kl["feedback-only"].sel(layer=0).isel(position=0).max()) > 1e-6
     with pytest.raises(UserError, match="--mode feedback-only needs --positions each"):

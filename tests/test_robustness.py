@@ -35,8 +35,14 @@ def setup(tmp_path_factory):
 
 
 def cli(*args, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "codi_nnsight", *map(str, args)], capture_output=True,
-                          text=True, env=ENV, timeout=300, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "codi_nnsight", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+        **kw,
+    )
 
 
 def assert_same_results(a: xr.Dataset, b: xr.Dataset) -> None:
@@ -83,8 +89,10 @@ def test_resume_refuses_a_different_configuration(setup, tmp_path, monkeypatch):
         sweep_mod.patch_sweep(model, load_pairs(pairs_file), out=tmp_path / "r.nc", mode="recurrent")
     with pytest.raises(UserError) as e:
         sweep_mod.patch_sweep(model, load_pairs(pairs_file), out=tmp_path / "r.nc", mode="no-feedback", resume=True)
-    assert "partial run has a different configuration (mode differ; e.g. mode: stored 'recurrent', " \
-           "now 'no-feedback'); refusing to mix results" in str(e.value)
+    assert (
+        "partial run has a different configuration (mode differ; e.g. mode: stored 'recurrent', "
+        "now 'no-feedback'); refusing to mix results" in str(e.value)
+    )
 
 
 def test_sigkill_then_resume_equals_uninterrupted_run(setup, tmp_path):
@@ -93,8 +101,12 @@ def test_sigkill_then_resume_equals_uninterrupted_run(setup, tmp_path):
     ref = cli(*common, "--out", tmp_path / "ref.nc")
     assert ref.returncode == 0, ref.stderr
     out = tmp_path / "r.nc"
-    proc = subprocess.Popen([sys.executable, "-m", "codi_nnsight", *map(str, common), "--out", str(out)],
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "codi_nnsight", *map(str, common), "--out", str(out)],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     partial = tmp_path / "r.nc.partial"
     deadline = time.time() + 120
     while time.time() < deadline and len(list(partial.glob("batch-*.nc"))) < 2 and proc.poll() is None:
@@ -112,9 +124,26 @@ def test_sigkill_then_resume_equals_uninterrupted_run(setup, tmp_path):
 def test_sigint_prints_where_results_are_and_exits_130(setup, tmp_path):
     d, model_json, pairs_file = setup
     out = tmp_path / "r.nc"
-    proc = subprocess.Popen([sys.executable, "-m", "codi_nnsight", "patch", "--model", str(model_json),
-                             "--pairs", str(pairs_file), "--batch-size", "1", "--out", str(out)],
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "codi_nnsight",
+            "patch",
+            "--model",
+            str(model_json),
+            "--pairs",
+            str(pairs_file),
+            "--batch-size",
+            "1",
+            "--out",
+            str(out),
+        ],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     partial = tmp_path / "r.nc.partial"
     deadline = time.time() + 120
     while time.time() < deadline and not list(partial.glob("batch-*.nc")) and proc.poll() is None:
@@ -167,13 +196,19 @@ def test_question_too_long_for_context(setup, tmp_path):
     d, model_json, _ = setup
     long_pairs = tmp_path / "long.json"
     q = "What is " + "1 + " * 200 + "1?"
-    long_pairs.write_text(json.dumps([{"pair_id": 3, "variant": "clean", "question": q, "answer": 201},
-                                      {"pair_id": 3, "variant": "corrupted", "question": "What is 2?",
-                                       "answer": 2}]))
+    long_pairs.write_text(
+        json.dumps(
+            [
+                {"pair_id": 3, "variant": "clean", "question": q, "answer": 201},
+                {"pair_id": 3, "variant": "corrupted", "question": "What is 2?", "answer": 2},
+            ]
+        )
+    )
     r = cli("patch", "--model", model_json, "--pairs", long_pairs, "--out", tmp_path / "x.nc")
     assert r.returncode == 2
-    assert r.stderr.strip().startswith("error: pair_id 3, clean question: 812 tokens + 51 for latents and "
-                                       "answer exceed the model's context of 512")
+    assert r.stderr.strip().startswith(
+        "error: pair_id 3, clean question: 812 tokens + 51 for latents and answer exceed the model's context of 512"
+    )
 
 
 def test_debug_flag_shows_traceback(setup, tmp_path):
@@ -199,8 +234,9 @@ def tiny_disk(tmp_path):
 def test_disk_full_gives_clear_error_and_keeps_finished_pairs(setup, tiny_disk):
     _, model_json, pairs_file = setup
     out = tiny_disk / "r.nc"
-    r = cli("patch", "--model", model_json, "--pairs", pairs_file, "--batch-size", "1", "--out", out,
-            "--positions", "each")
+    r = cli(
+        "patch", "--model", model_json, "--pairs", pairs_file, "--batch-size", "1", "--out", out, "--positions", "each"
+    )
     assert r.returncode == 2, r.stderr
     line = r.stderr.strip().splitlines()[-1]
     assert line.startswith("error: ") and "cannot write (No space left on device)" in line
@@ -223,12 +259,15 @@ def _codi_json(setup, tmp_path, **changes) -> Path:
     return path
 
 
-@pytest.mark.parametrize("changes,message", [
-    ({"num_latents": 6}, "unknown key(s) 'num_latents'"),
-    ({"lora_r": "4"}, "key 'lora_r' must be int, got \"4\""),
-    ({"checkpoint": "/nonexistent/model.safetensors"}, "checkpoint /nonexistent/model.safetensors: no such file"),
-    ({"num_latent": -1}, "codi config: num_latent must be >= 0, got -1"),
-])
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        ({"num_latents": 6}, "unknown key(s) 'num_latents'"),
+        ({"lora_r": "4"}, "key 'lora_r' must be int, got \"4\""),
+        ({"checkpoint": "/nonexistent/model.safetensors"}, "checkpoint /nonexistent/model.safetensors: no such file"),
+        ({"num_latent": -1}, "codi config: num_latent must be >= 0, got -1"),
+    ],
+)
 def test_bad_codi_json_via_cli(setup, tmp_path, changes, message):
     path = _codi_json(setup, tmp_path, **changes)
     r = cli("evaluate", "--model", path, "--limit", "1")

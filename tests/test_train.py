@@ -31,8 +31,20 @@ from codi_nnsight.toy.train import (
 )
 
 #: A model small enough that a few steps take about a second.
-TINY = dict(n_layers=1, hidden=32, heads=2, intermediate=64, prj_dim=32, num_latent=2, batch_size=4,
-            warmup=2, lr=1e-2, log_every=4, verbose=False, teacher_steps=0)
+TINY = dict(
+    n_layers=1,
+    hidden=32,
+    heads=2,
+    intermediate=64,
+    prj_dim=32,
+    num_latent=2,
+    batch_size=4,
+    warmup=2,
+    lr=1e-2,
+    log_every=4,
+    verbose=False,
+    teacher_steps=0,
+)
 
 
 def test_word_encoding_matches_tokenizer() -> None:

@@ -474,8 +474,7 @@ def plot_position_heatmap(ds: xr.Dataset, metric: str = "kl", max_pairs: int = 1
         ax.set_xlabel("layer")
         ax.set_ylabel(GRID_LABELS.get(dim, dim))
     fig.colorbar(im, ax=axes, label=units_label(ds, metric), shrink=0.8)
-    fig.suptitle(figure_title(ds.attrs, metric, f"{metric} by layer × {GRID_LABELS.get(dim, dim)}{note}"),
-                 fontsize=10)
+    fig.suptitle(figure_title(ds.attrs, metric, f"{metric} by layer × {GRID_LABELS.get(dim, dim)}{note}"), fontsize=10)
     return fig
 
 

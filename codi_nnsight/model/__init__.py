@@ -11,8 +11,15 @@ from __future__ import annotations
 from typing import Any
 
 # Resolved on first use, so that light modules (`families`, `config`) import without torch.
-_EXPORTS = {"CODIConfig": "config", "resolve_model_spec": "config", "CODIModel": "wrapper", "load_model": "wrapper",
-            "Family": "families", "FAMILIES": "families", "CallSchedule": "schedule"}
+_EXPORTS = {
+    "CODIConfig": "config",
+    "resolve_model_spec": "config",
+    "CODIModel": "wrapper",
+    "load_model": "wrapper",
+    "Family": "families",
+    "FAMILIES": "families",
+    "CallSchedule": "schedule",
+}
 
 __all__ = sorted(_EXPORTS)
 

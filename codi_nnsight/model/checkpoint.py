@@ -37,7 +37,7 @@ def file_sha256(path: str | Path) -> str:
 def fetch_file(location: str, revision: str | None = None) -> Path:
     """A local path for `location`: itself, or a hub download for `hf://<repo>/<file>`."""
     if location.startswith("hf://"):
-        rest = location[len("hf://"):]
+        rest = location[len("hf://") :]
         parts = rest.split("/")
         if len(parts) < 3:
             raise UserError(f"checkpoint {location!r}: expected hf://<owner>/<repo>/<file>")
@@ -77,8 +77,9 @@ def _short(keys: list[str], n: int = 5) -> str:
     return ", ".join(keys[:n]) + more
 
 
-def merge_codi_state_dict(sd: dict[str, torch.Tensor], lm: nn.Module, prj: nn.Module,
-                          cfg: CODIConfig, family: Family, source: str) -> tuple[dict, dict]:
+def merge_codi_state_dict(
+    sd: dict[str, torch.Tensor], lm: nn.Module, prj: nn.Module, cfg: CODIConfig, family: Family, source: str
+) -> tuple[dict, dict]:
     """Map official CODI keys onto the plain LM and prj, merging LoRA (`W += B @ A * alpha / r`).
 
     Returns (lm_state, prj_state). Raises `UserError` naming the offending keys for non-float or
@@ -90,8 +91,7 @@ def merge_codi_state_dict(sd: dict[str, torch.Tensor], lm: nn.Module, prj: nn.Mo
     # Keys this architecture has no place for (e.g. another family's checkpoint) come first:
     # they explain every later mismatch.
     unknown = split.unknown + [split.origin.get(k, k) for k in set(split.lm) - set(lm_sd)]
-    unknown += [split.origin[f"{m}.lora_{w}"] for m, ab in split.lora.items() for w in ab
-                if m + ".weight" not in lm_sd]
+    unknown += [split.origin[f"{m}.lora_{w}"] for m, ab in split.lora.items() for w in ab if m + ".weight" not in lm_sd]
     if unknown:
         raise UserError(f"{source}: checkpoint keys not used by a CODI {family.name} model: {_short(sorted(unknown))}")
     conv1d = {name for name, m in lm.named_modules() if type(m).__name__ == "Conv1D"}
@@ -123,7 +123,7 @@ def _split_keys(sd: dict[str, torch.Tensor]) -> _SplitKeys:
         if key.startswith("prj."):
             out.prj[key[4:]] = value
             continue
-        inner = next((key[len(p):] for p in CKPT_PREFIXES if key.startswith(p)), None)
+        inner = next((key[len(p) :] for p in CKPT_PREFIXES if key.startswith(p)), None)
         if inner is None:
             out.unknown.append(key)
             continue
@@ -142,16 +142,21 @@ def _split_keys(sd: dict[str, torch.Tensor]) -> _SplitKeys:
     return out
 
 
-def _merge_lora(lm_state: dict[str, torch.Tensor], lora: dict[str, dict[str, torch.Tensor]], cfg: CODIConfig,
-                targets: set[str], conv1d: set[str], source: str) -> None:
+def _merge_lora(
+    lm_state: dict[str, torch.Tensor],
+    lora: dict[str, dict[str, torch.Tensor]],
+    cfg: CODIConfig,
+    targets: set[str],
+    conv1d: set[str],
+    source: str,
+) -> None:
     """Add every LoRA delta to its base weight, in float64 (the load casts once, exactly for float64 runs)."""
     scale = cfg.lora_alpha / cfg.lora_r if cfg.lora_r else 0.0
     for mod, ab in sorted(lora.items()):
         if set(ab) != {"A", "B"}:
             raise UserError(f"{source}: LoRA weights for {mod} incomplete (have lora_{''.join(ab)} only)")
         if mod.rsplit(".", 1)[-1] not in targets:
-            raise UserError(f"{source}: LoRA weights for {mod}, which is not in lora_target_modules "
-                            f"{sorted(targets)}")
+            raise UserError(f"{source}: LoRA weights for {mod}, which is not in lora_target_modules {sorted(targets)}")
         wkey = mod + ".weight"
         if wkey not in lm_state:
             raise UserError(f"{source}: LoRA weights for {mod} but no base weight {wkey}")
@@ -163,8 +168,9 @@ def _merge_lora(lm_state: dict[str, torch.Tensor], lora: dict[str, dict[str, tor
             delta = delta.T
         w = lm_state[wkey]
         if delta.shape != w.shape:
-            raise UserError(f"{source}: LoRA delta for {mod} has shape {tuple(delta.shape)}, "
-                            f"weight has {tuple(w.shape)}")
+            raise UserError(
+                f"{source}: LoRA delta for {mod} has shape {tuple(delta.shape)}, weight has {tuple(w.shape)}"
+            )
         lm_state[wkey] = w.double() + delta
 
 
@@ -178,21 +184,29 @@ def _tie(lm_state: dict[str, torch.Tensor], emb_key: str, source: str) -> None:
     lm_state.pop("lm_head.weight", None)
 
 
-def _check_complete(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], prefix: str, what: str,
-                    origin: dict[str, str], source: str, extra_is_error: bool = False) -> None:
+def _check_complete(
+    state: dict[str, torch.Tensor],
+    expected: dict[str, torch.Tensor],
+    prefix: str,
+    what: str,
+    origin: dict[str, str],
+    source: str,
+    extra_is_error: bool = False,
+) -> None:
     """Every expected weight present, no extra one (when asked), every shape right."""
     extra = sorted(set(state) - set(expected))
     if extra and extra_is_error:
-        raise UserError(f"{source}: checkpoint keys not used by the projection: "
-                        f"{_short([prefix + k for k in extra])}")
+        raise UserError(f"{source}: checkpoint keys not used by the projection: {_short([prefix + k for k in extra])}")
     # Non-persistent buffers (e.g. rotary inv_freq, GPT-2 causal masks) are not weights.
     missing = sorted(set(expected) - set(state))
     if missing:
         raise UserError(f"{source}: {what} missing from the checkpoint: {_short([prefix + k for k in missing])}")
     for k, v in state.items():
         if k in expected and tuple(v.shape) != tuple(expected[k].shape):
-            raise UserError(f"{source}: {origin.get(k, prefix + k)} has shape {tuple(v.shape)} in the checkpoint, "
-                            f"model expects {tuple(expected[k].shape)}")
+            raise UserError(
+                f"{source}: {origin.get(k, prefix + k)} has shape {tuple(v.shape)} in the checkpoint, "
+                f"model expects {tuple(expected[k].shape)}"
+            )
 
 
 def check_weight_values(sd: dict[str, torch.Tensor], source: str) -> None:
@@ -203,15 +217,18 @@ def check_weight_values(sd: dict[str, torch.Tensor], source: str) -> None:
     """
     for key, value in sd.items():
         if not value.is_floating_point():
-            raise UserError(f"{source}: {key} holds {str(value.dtype).replace('torch.', '')} values; model "
-                            "weights must be floating point")
+            raise UserError(
+                f"{source}: {key} holds {str(value.dtype).replace('torch.', '')} values; model "
+                "weights must be floating point"
+            )
         if not bool(torch.isfinite(value).all()):
             bad = int((~torch.isfinite(value)).sum())
             raise UserError(f"{source}: {key} holds {bad} non-finite value(s) (NaN or inf)")
 
 
-def build_codi(cfg: CODIConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               meta: bool = False) -> tuple[CODIModule, Any, dict[str, str]]:
+def build_codi(
+    cfg: CODIConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", meta: bool = False
+) -> tuple[CODIModule, Any, dict[str, str]]:
     """Build the merged CODI module and its tokenizer from a config.
 
     Returns (module, tokenizer, info) where info has `checkpoint_sha256` and `family`. With
@@ -246,8 +263,14 @@ def build_codi(cfg: CODIConfig, dtype: torch.dtype = torch.float32, device: str 
             lm.tie_weights()
         prj.load_state_dict(prj_state, strict=True)
         info["checkpoint_sha256"] = file_sha256(path)
-    module = CODIModule(lm, prj, num_latent=cfg.num_latent, vocab_size=vocab,
-                        eos_token_id=tokenizer.eos_token_id, remove_eos=cfg.remove_eos)
+    module = CODIModule(
+        lm,
+        prj,
+        num_latent=cfg.num_latent,
+        vocab_size=vocab,
+        eos_token_id=tokenizer.eos_token_id,
+        remove_eos=cfg.remove_eos,
+    )
     module.eval()
     if not meta:
         module.to(device=device, dtype=dtype)

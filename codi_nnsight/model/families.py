@@ -57,34 +57,83 @@ class Family:
         return f"{self.base}.{self.embedding}.weight"
 
     # -- tiny models for tests ----------------------------------------------------------------
-    def tiny_config(self, vocab: int, n_layers: int, hidden: int, heads: int, kv_heads: int | None,
-                    intermediate: int | None, max_positions: int, bos: int, eos: int) -> Any:
+    def tiny_config(
+        self,
+        vocab: int,
+        n_layers: int,
+        hidden: int,
+        heads: int,
+        kv_heads: int | None,
+        intermediate: int | None,
+        max_positions: int,
+        bos: int,
+        eos: int,
+    ) -> Any:
         """A small transformers config of this family (vocab before CODI's +3 tokens)."""
         import transformers
 
         cls = getattr(transformers, self.config_class)
         if self.name == "gpt2":
-            return cls(vocab_size=vocab, n_positions=max_positions, n_embd=hidden, n_layer=n_layers, n_head=heads,
-                       bos_token_id=bos, eos_token_id=eos, tie_word_embeddings=True)
-        return cls(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate or hidden * 2,
-                   num_hidden_layers=n_layers, num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
-                   max_position_embeddings=max_positions, bos_token_id=bos, eos_token_id=eos,
-                   tie_word_embeddings=True, rms_norm_eps=1e-5)
+            return cls(
+                vocab_size=vocab,
+                n_positions=max_positions,
+                n_embd=hidden,
+                n_layer=n_layers,
+                n_head=heads,
+                bos_token_id=bos,
+                eos_token_id=eos,
+                tie_word_embeddings=True,
+            )
+        return cls(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=intermediate or hidden * 2,
+            num_hidden_layers=n_layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads or heads,
+            max_position_embeddings=max_positions,
+            bos_token_id=bos,
+            eos_token_id=eos,
+            tie_word_embeddings=True,
+            rms_norm_eps=1e-5,
+        )
 
 
-_LLAMA_LIKE = dict(base="model", layers="layers", attention="self_attn", attention_out="self_attn.o_proj",
-                   mlp="mlp", final_norm="norm", embedding="embed_tokens",
-                   lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"),
-                   conv1d=False)
+_LLAMA_LIKE = dict(
+    base="model",
+    layers="layers",
+    attention="self_attn",
+    attention_out="self_attn.o_proj",
+    mlp="mlp",
+    final_norm="norm",
+    embedding="embed_tokens",
+    lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"),
+    conv1d=False,
+)
 
 #: Supported families by name. Qwen2 is Llama's layout with biased q/k/v projections.
-FAMILIES: dict[str, Family] = {f.name: f for f in (
-    Family("gpt2", ("gpt2",), base="transformer", layers="h", attention="attn", attention_out="attn.c_proj",
-           mlp="mlp", final_norm="ln_f", embedding="wte", lora_targets=("c_attn", "c_proj", "c_fc"), conv1d=True,
-           config_class="GPT2Config", tokenizer_style="gpt2"),
-    Family("llama", ("llama",), config_class="LlamaConfig", tokenizer_style="llama", **_LLAMA_LIKE),
-    Family("qwen2", ("qwen2",), config_class="Qwen2Config", tokenizer_style="gpt2", **_LLAMA_LIKE),
-)}
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family(
+            "gpt2",
+            ("gpt2",),
+            base="transformer",
+            layers="h",
+            attention="attn",
+            attention_out="attn.c_proj",
+            mlp="mlp",
+            final_norm="ln_f",
+            embedding="wte",
+            lora_targets=("c_attn", "c_proj", "c_fc"),
+            conv1d=True,
+            config_class="GPT2Config",
+            tokenizer_style="gpt2",
+        ),
+        Family("llama", ("llama",), config_class="LlamaConfig", tokenizer_style="llama", **_LLAMA_LIKE),
+        Family("qwen2", ("qwen2",), config_class="Qwen2Config", tokenizer_style="gpt2", **_LLAMA_LIKE),
+    )
+}
 
 
 def resolve(obj: Any, path: str) -> Any:

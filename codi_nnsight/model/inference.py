@@ -41,8 +41,7 @@ def decode(model: CODIModel, ids: Iterable[int]) -> str:
     return model.tokenizer.decode(keep, skip_special_tokens=True)
 
 
-def generate(model: CODIModel, questions: list[str], max_new_tokens: int = 64,
-             remote: bool | str = False) -> list[str]:
+def generate(model: CODIModel, questions: list[str], max_new_tokens: int = 64, remote: bool | str = False) -> list[str]:
     """Greedy completions after `[eot]` for a batch of questions, in one trace."""
     inputs = model.prepare(questions, max_new_tokens=max_new_tokens)
     with remote_errors(remote), model.trace(**inputs, **trace_kwargs(remote)):
@@ -68,24 +67,35 @@ class Answer:
 
     def to_record(self) -> dict[str, Any]:
         """The `--out` json record."""
-        return {"pair_id": self.pair_id, "variant": self.variant, "question": self.question,
-                "answer": self.answer, "completion": self.completion, "predicted": self.predicted,
-                "correct": self.correct}
+        return {
+            "pair_id": self.pair_id,
+            "variant": self.variant,
+            "question": self.question,
+            "answer": self.answer,
+            "completion": self.completion,
+            "predicted": self.predicted,
+            "correct": self.correct,
+        }
 
 
-def evaluate_pairs(model: CODIModel, pairs: Any, max_new_tokens: int = 64, batch_size: int = 16,
-                   progress: bool = False, remote: bool | str = False) -> list[Answer]:
+def evaluate_pairs(
+    model: CODIModel,
+    pairs: Any,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    progress: bool = False,
+    remote: bool | str = False,
+) -> list[Answer]:
     """Greedy answers for the clean and corrupted variant of every pair."""
     model.check_fits(pairs, extra=model.num_latent + len(model.codi.eot_ids()) + max_new_tokens)
     items = [(p.pair_id, v, getattr(p, v)) for p in pairs for v in ("clean", "corrupted")]
     answers: list[Answer] = []
     bar = _progress(len(items), "evaluate", progress)
     for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
+        chunk = items[start : start + batch_size]
         texts = generate(model, [q.question for _, _, q in chunk], max_new_tokens, remote=remote)
         for (pid, variant, q), text in zip(chunk, texts):
-            answers.append(Answer(pid, variant, q.question, float(q.answer), text,
-                                  extract_answer_number(text)))
+            answers.append(Answer(pid, variant, q.question, float(q.answer), text, extract_answer_number(text)))
         bar.update(len(chunk))
     bar.close()
     return answers
@@ -110,8 +120,14 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
     return tqdm(total=total, desc=desc, disable=not enabled, leave=False)
 
 
-def filter_pairs(model: CODIModel, pairs: Any, require_different: bool = True, max_new_tokens: int = 32,
-                 progress: bool = False, remote: bool | str = False) -> tuple[Any, dict[str, int]]:
+def filter_pairs(
+    model: CODIModel,
+    pairs: Any,
+    require_different: bool = True,
+    max_new_tokens: int = 32,
+    progress: bool = False,
+    remote: bool | str = False,
+) -> tuple[Any, dict[str, int]]:
     """Pairs the model answers correctly in both variants (meta `baseline_correct` added to each question).
 
     Returns (the kept `PairSet`, counts of why pairs were dropped). With `require_different`, pairs
@@ -132,21 +148,31 @@ def filter_pairs(model: CODIModel, pairs: Any, require_different: bool = True, m
             dropped["answers equal"] += 1
             ok = False
         if ok:
-            kept.append(Pair(p.pair_id, *(Question(q.question, q.answer, {**q.meta, "baseline_correct": True})
-                                          for q in (p.clean, p.corrupted))))
+            kept.append(
+                Pair(
+                    p.pair_id,
+                    *(
+                        Question(q.question, q.answer, {**q.meta, "baseline_correct": True})
+                        for q in (p.clean, p.corrupted)
+                    ),
+                )
+            )
     return PairSet.from_pairs(kept), dropped
 
 
 def check_pairs_with_model(model: CODIModel, pairs: Any, max_new_tokens: int = 32) -> list[str]:
     """Lines about how a model sees a pairs file: token lengths and how many it answers correctly."""
-    diffs = [len(model.encode_question(p.clean.question)) - len(model.encode_question(p.corrupted.question))
-             for p in pairs]
+    diffs = [
+        len(model.encode_question(p.clean.question)) - len(model.encode_question(p.corrupted.question)) for p in pairs
+    ]
     answers = evaluate_pairs(model, pairs, max_new_tokens=max_new_tokens)
     by = {(a.pair_id, a.variant): a.correct for a in answers}
     clean = sum(by[(p.pair_id, "clean")] for p in pairs)
     corrupted = sum(by[(p.pair_id, "corrupted")] for p in pairs)
     both = sum(by[(p.pair_id, "clean")] and by[(p.pair_id, "corrupted")] for p in pairs)
-    return [f"token length clean - corrupted: equal for {sum(d == 0 for d in diffs)}/{len(diffs)} pairs, "
-            f"range {min(diffs)}..{max(diffs)}",
-            f"model {model.name} answers correctly: clean {clean}/{len(pairs)}, corrupted {corrupted}/{len(pairs)}, "
-            f"both {both}"]
+    return [
+        f"token length clean - corrupted: equal for {sum(d == 0 for d in diffs)}/{len(diffs)} pairs, "
+        f"range {min(diffs)}..{max(diffs)}",
+        f"model {model.name} answers correctly: clean {clean}/{len(pairs)}, corrupted {corrupted}/{len(pairs)}, "
+        f"both {both}",
+    ]

@@ -13,14 +13,24 @@ from typing import Any
 
 # Resolved on first use, so that light modules (`options`, `sites`) import without torch.
 _EXPORTS = {
-    "COMPONENTS": "sites", "SITES": "sites", "Site": "sites",
-    "DIRECTIONS": "options", "MODES": "options", "POSITIONS": "options",
-    "SweepConfig": "config", "parse_layers": "config",
-    "METRICS": "metrics", "Metric": "metrics",
-    "answer_tokens": "plan", "plan_batch": "plan", "prompt_inputs": "plan",
-    "SANITY_CHECKS": "sanity", "SanityCheck": "sanity",
+    "COMPONENTS": "sites",
+    "SITES": "sites",
+    "Site": "sites",
+    "DIRECTIONS": "options",
+    "MODES": "options",
+    "POSITIONS": "options",
+    "SweepConfig": "config",
+    "parse_layers": "config",
+    "METRICS": "metrics",
+    "Metric": "metrics",
+    "answer_tokens": "plan",
+    "plan_batch": "plan",
+    "prompt_inputs": "plan",
+    "SANITY_CHECKS": "sanity",
+    "SanityCheck": "sanity",
     "patch_sweep": "sweep",
-    "full_patch_check": "trace", "run_batch": "trace",
+    "full_patch_check": "trace",
+    "run_batch": "trace",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -49,21 +49,23 @@ def site_width(model: CODIModel, cfg: SweepConfig) -> int:
     return int(cfg_hf.hidden_size)
 
 
-def reference_means(model: CODIModel, cfg: SweepConfig, questions: Sequence[str], batch_size: int = 32,
-                    remote: bool | str = False) -> dict[tuple[Any, int], torch.Tensor]:
+def reference_means(
+    model: CODIModel, cfg: SweepConfig, questions: Sequence[str], batch_size: int = 32, remote: bool | str = False
+) -> dict[tuple[Any, int], torch.Tensor]:
     """Mean of the site's activation over `questions`, per layer (or "prj") and latent position.
 
     The sums are taken inside the trace (float64), so only one vector per (layer, position) leaves it.
     """
     sums: dict[tuple[Any, int], torch.Tensor] = {}
     for start in range(0, len(questions), batch_size):
-        for key, value in _reference_sums(model, cfg, list(questions[start:start + batch_size]), remote).items():
+        for key, value in _reference_sums(model, cfg, list(questions[start : start + batch_size]), remote).items():
             sums[key] = sums.get(key, 0) + value
     return {key: value / len(questions) for key, value in sums.items()}
 
 
-def _reference_sums(model: CODIModel, cfg: SweepConfig, questions: list[str], remote: bool | str
-                    ) -> dict[tuple[Any, int], torch.Tensor]:
+def _reference_sums(
+    model: CODIModel, cfg: SweepConfig, questions: list[str], remote: bool | str
+) -> dict[tuple[Any, int], torch.Tensor]:
     sched = model.schedule()
     K = model.num_latent
     reads_input = cfg.site.reads == "input"
@@ -71,7 +73,7 @@ def _reference_sums(model: CODIModel, cfg: SweepConfig, questions: list[str], re
     with remote_errors(remote), model.trace(**model.prepare(questions), **trace_kwargs(remote)) as tracer:
         saved = nnsight.save({})  # a plain dict would not come back out of the trace
         if envoys:
-            for call in tracer.iter[sched.latent_calls.start:sched.latent_calls.stop]:
+            for call in tracer.iter[sched.latent_calls.start : sched.latent_calls.stop]:
                 for L, envoy in envoys.items():
                     h = envoy.input if reads_input else output_tensor(envoy.output)
                     saved[(L, call - sched.prefill_calls)] = h[:, -1].to(torch.float64).sum(0).cpu().save()
@@ -82,8 +84,14 @@ def _reference_sums(model: CODIModel, cfg: SweepConfig, questions: list[str], re
     return {key: torch.as_tensor(v) for key, v in saved.items()}
 
 
-def ablation_values(model: CODIModel, cfg: SweepConfig, pairs: Sequence[Any], seed: int,
-                    reference: Sequence[str] | None = None, remote: bool | str = False) -> AblationValues:
+def ablation_values(
+    model: CODIModel,
+    cfg: SweepConfig,
+    pairs: Sequence[Any],
+    seed: int,
+    reference: Sequence[str] | None = None,
+    remote: bool | str = False,
+) -> AblationValues:
     """What the zero, mean and noise ablations write (means over `reference`, default: the clean questions)."""
     values = AblationValues(width=site_width(model, cfg), dtype=model.dtype, seed=seed)
     if cfg.ablation == "mean":
@@ -94,8 +102,14 @@ def ablation_values(model: CODIModel, cfg: SweepConfig, pairs: Sequence[Any], se
     return values
 
 
-def early_exit(model: CODIModel, pairs: Sequence[Any], steps: Sequence[int] | None = None, batch_size: int = 16,
-               max_new_tokens: int | None = None, remote: bool | str = False) -> xr.Dataset:
+def early_exit(
+    model: CODIModel,
+    pairs: Sequence[Any],
+    steps: Sequence[int] | None = None,
+    batch_size: int = 16,
+    max_new_tokens: int | None = None,
+    remote: bool | str = False,
+) -> xr.Dataset:
     """Answer after k latent steps instead of K, for every clean and corrupted question.
 
     Returns a Dataset with dims (pair, variant, n_latent): `answer` (decoded greedily after the
@@ -111,27 +125,43 @@ def early_exit(model: CODIModel, pairs: Sequence[Any], steps: Sequence[int] | No
     out = {name: np.full(shape, np.nan) for name in ("answer", "correct", "logp_answer")}
     for j, k in enumerate(steps):
         for start in range(0, len(items), batch_size):
-            chunk = items[start:start + batch_size]
+            chunk = items[start : start + batch_size]
             answers, logps = _answer_after(model, [q for _, _, q in chunk], k, max_new_tokens, remote)
             for (i, v, q), a, lp in zip(chunk, answers, logps):
                 idx = (i, 0 if v == "clean" else 1, j)
                 out["answer"][idx] = np.nan if a is None else a
                 out["correct"][idx] = float(a is not None and a == float(q.answer))
                 out["logp_answer"][idx] = lp
-    attrs = {"answer": ("number decoded after the teacher-forced prompt", "answer value"),
-             "correct": ("the decoded answer equals the question's true answer", "share"),
-             "logp_answer": ("teacher-forced log-probability of the question's true answer", "nats")}
-    ds = xr.Dataset({n: (("pair", "variant", "n_latent"), a, {"long_name": attrs[n][0], "units": attrs[n][1]})
-                     for n, a in out.items()},
-                    coords={"pair": np.array([int(p.pair_id) for p in pairs], dtype=np.int64),
-                            "variant": ["clean", "corrupted"], "n_latent": np.array(steps, dtype=np.int64)})
-    ds.attrs.update({"codi_nnsight_schema": "codi-nnsight/early-exit/1", "model_name": model.name,
-                     "num_latent": model.num_latent, "question_normalization": model.question_normalization})
+    attrs = {
+        "answer": ("number decoded after the teacher-forced prompt", "answer value"),
+        "correct": ("the decoded answer equals the question's true answer", "share"),
+        "logp_answer": ("teacher-forced log-probability of the question's true answer", "nats"),
+    }
+    ds = xr.Dataset(
+        {
+            n: (("pair", "variant", "n_latent"), a, {"long_name": attrs[n][0], "units": attrs[n][1]})
+            for n, a in out.items()
+        },
+        coords={
+            "pair": np.array([int(p.pair_id) for p in pairs], dtype=np.int64),
+            "variant": ["clean", "corrupted"],
+            "n_latent": np.array(steps, dtype=np.int64),
+        },
+    )
+    ds.attrs.update(
+        {
+            "codi_nnsight_schema": "codi-nnsight/early-exit/1",
+            "model_name": model.name,
+            "num_latent": model.num_latent,
+            "question_normalization": model.question_normalization,
+        }
+    )
     return ds
 
 
-def _answer_after(model: CODIModel, questions: list[Any], k: int, max_new_tokens: int | None,
-                  remote: bool | str) -> tuple[list[float | None], list[float]]:
+def _answer_after(
+    model: CODIModel, questions: list[Any], k: int, max_new_tokens: int | None, remote: bool | str
+) -> tuple[list[float | None], list[float]]:
     """Greedy answers and true-answer log-probabilities after k latents, one trace."""
     toks = [answer_tokens(model, q.answer, q.answer) for q in questions]
     if len({tuple(t.suffix) for t in toks}) != 1:
@@ -141,8 +171,13 @@ def _answer_after(model: CODIModel, questions: list[Any], k: int, max_new_tokens
     for r, t in enumerate(toks):
         cands[r, 0, : len(t.clean)] = torch.tensor(t.clean)
     limits = [max_new_tokens or len(t.clean) + 3 for t in toks]
-    inputs = model.prepare([q.question for q in questions], suffix_ids=torch.tensor(toks[0].suffix),
-                           candidates=cands, max_new_tokens=max(limits), num_latent=k)
+    inputs = model.prepare(
+        [q.question for q in questions],
+        suffix_ids=torch.tensor(toks[0].suffix),
+        candidates=cands,
+        max_new_tokens=max(limits),
+        num_latent=k,
+    )
     with remote_errors(remote), model.trace(**inputs, **trace_kwargs(remote)):
         logp = model.output["candidate_logprobs"][:, 0].to(torch.float64).cpu().save()
         generated = model.output["generated"].cpu().save()

@@ -20,16 +20,24 @@ from .options import ABLATIONS, DIRECTIONS, MODE_ALIASES, MODES, POSITIONS
 from .sites import COMPONENTS, SITES
 
 #: The choices of every option, for validation and the CLI.
-OPTIONS: dict[str, tuple[str, ...]] = {"component": COMPONENTS, "positions": POSITIONS, "mode": MODES,
-                                       "direction": DIRECTIONS}
+OPTIONS: dict[str, tuple[str, ...]] = {
+    "component": COMPONENTS,
+    "positions": POSITIONS,
+    "mode": MODES,
+    "direction": DIRECTIONS,
+}
 
 
 def canonical_mode(mode: str) -> str:
     """`mode` with old names mapped to the current one (warns once per call)."""
     if mode in MODE_ALIASES:
         new = MODE_ALIASES[mode]
-        warnings.warn(f"mode {mode!r} is now called {new!r}: it holds the fed-back latent embeddings at their "
-                      "baseline values, which is not a direct effect", FutureWarning, stacklevel=3)
+        warnings.warn(
+            f"mode {mode!r} is now called {new!r}: it holds the fed-back latent embeddings at their "
+            "baseline values, which is not a direct effect",
+            FutureWarning,
+            stacklevel=3,
+        )
         return new
     return mode
 
@@ -74,8 +82,9 @@ class SweepConfig:
             raise UserError("--layers: empty layer list")
         bad = [L for L in self.layers if not 0 <= L < model.n_layers]
         if bad:
-            raise UserError(f"--layers: layer {bad[0]} out of range (model has {model.n_layers} layers, "
-                            f"0-{model.n_layers - 1})")
+            raise UserError(
+                f"--layers: layer {bad[0]} out of range (model has {model.n_layers} layers, 0-{model.n_layers - 1})"
+            )
         if model.num_latent == 0:
             raise UserError("model has num_latent = 0: there are no CoT positions to patch")
         if self.mode == "feedback-only" and self.positions != "each":
@@ -92,8 +101,10 @@ class SweepConfig:
         return {
             **dataclasses.asdict(self),
             "model_config": model.codi_config.to_json() if model.codi_config else "",
-            "checkpoint_sha256": model.checkpoint_sha256, "pairs_sha256": pairs_sha256,
-            "dtype": str(model.dtype).replace("torch.", ""), "seed": seed,
+            "checkpoint_sha256": model.checkpoint_sha256,
+            "pairs_sha256": pairs_sha256,
+            "dtype": str(model.dtype).replace("torch.", ""),
+            "seed": seed,
             "question_normalization": model.question_normalization,
             "recovery_min_denominator": RECOVERY_MIN_DENOMINATOR,
         }
@@ -112,8 +123,9 @@ class SweepConfig:
         if not diff:
             return None
         k = diff[0]
-        return (f"{', '.join(diff)} differ; e.g. {k}: stored {json.dumps(stored.get(k))}, "
-                f"now {json.dumps(current.get(k))}")
+        return (
+            f"{', '.join(diff)} differ; e.g. {k}: stored {json.dumps(stored.get(k))}, now {json.dumps(current.get(k))}"
+        )
 
 
 def parse_layers(text: str | None, n_layers: int) -> list[int]:

@@ -25,16 +25,22 @@ SCHEMA = "codi-nnsight/results/2"
 
 #: Per-pair variables that are not `baseline_<m>` / `source_<m>`: name -> (long_name, units).
 PAIR_VARIABLES: dict[str, tuple[str, str]] = {
-    "clean_prompted_answer": ("number decoded greedily after the teacher-forced prompt, unpatched clean run",
-                              "answer value"),
-    "corrupted_prompted_answer": ("number decoded greedily after the teacher-forced prompt, unpatched corrupted "
-                                  "run", "answer value"),
+    "clean_prompted_answer": (
+        "number decoded greedily after the teacher-forced prompt, unpatched clean run",
+        "answer value",
+    ),
+    "corrupted_prompted_answer": (
+        "number decoded greedily after the teacher-forced prompt, unpatched corrupted run",
+        "answer value",
+    ),
     "clean_prompted_correct": ("clean_prompted_answer equals the clean question's true answer", "share"),
     "corrupted_prompted_correct": ("corrupted_prompted_answer equals the corrupted question's true answer", "share"),
     "comparable": ("the clean and corrupted answers differ, so flips and recoveries are defined", "share"),
     "self_patch_kl": ("KL of the self-patched control row against the baseline (sanity: 0)", "nats"),
-    "self_patch_l2": ("RMS logit difference of the self-patched control row against the baseline (sanity: 0)",
-                      "logits"),
+    "self_patch_l2": (
+        "RMS logit difference of the self-patched control row against the baseline (sanity: 0)",
+        "logits",
+    ),
 }
 
 
@@ -44,20 +50,31 @@ def per_pair_names() -> list[str]:
     return runs + list(PAIR_VARIABLES)
 
 
-def row_frame(model: CODIModel, pairs: Sequence[Any], cfg: SweepConfig, plan: BatchPlan,
-              generated: np.ndarray) -> RowFrame:
+def row_frame(
+    model: CODIModel, pairs: Sequence[Any], cfg: SweepConfig, plan: BatchPlan, generated: np.ndarray
+) -> RowFrame:
     """The row layout derived metrics need: baseline/source rows, source answers, decoded answers."""
     answers = [extract_answer_number(decode(model, g)) for g in generated]
     src_answer = [float((p.clean if cfg.direction == "denoise" else p.corrupted).answer) for p in pairs]
     tgt_answer = [float((p.corrupted if cfg.direction == "denoise" else p.clean).answer) for p in pairs]
-    return RowFrame(columns={}, baseline_row=np.array(plan.baseline_of), source_row=np.array(plan.source_of),
-                    source_answer=np.array([src_answer[i] for i in plan.row_pair], dtype=np.float64),
-                    target_answer=np.array([tgt_answer[i] for i in plan.row_pair], dtype=np.float64),
-                    answer=np.array([np.nan if a is None else a for a in answers], dtype=np.float64))
+    return RowFrame(
+        columns={},
+        baseline_row=np.array(plan.baseline_of),
+        source_row=np.array(plan.source_of),
+        source_answer=np.array([src_answer[i] for i in plan.row_pair], dtype=np.float64),
+        target_answer=np.array([tgt_answer[i] for i in plan.row_pair], dtype=np.float64),
+        answer=np.array([np.nan if a is None else a for a in answers], dtype=np.float64),
+    )
 
 
-def batch_dataset(model: CODIModel, pairs: Sequence[Any], cfg: SweepConfig, plan: BatchPlan,
-                  columns: np.ndarray, generated: np.ndarray) -> xr.Dataset:
+def batch_dataset(
+    model: CODIModel,
+    pairs: Sequence[Any],
+    cfg: SweepConfig,
+    plan: BatchPlan,
+    columns: np.ndarray,
+    generated: np.ndarray,
+) -> xr.Dataset:
     """Assemble the per-batch `xarray.Dataset` (schema in docs/results-schema.md)."""
     rows = row_metrics(columns, row_frame(model, pairs, cfg, plan, generated))
     comparable = np.array([float(p.clean.answer != p.corrupted.answer) for p in pairs])
@@ -66,8 +83,10 @@ def batch_dataset(model: CODIModel, pairs: Sequence[Any], cfg: SweepConfig, plan
     axis = cfg.site.axis
     unit_ids = cfg.site.units(model)
     shape = (len(pairs), len(cfg.layers)) + ((len(unit_ids),) if axis else ()) + ((K,) if each else ())
-    index = [(cfg.layers.index(L),) + ((unit_ids.index(u),) if axis else ()) + ((p,) if each else ())
-             for L, p, u in plan.variants]
+    index = [
+        (cfg.layers.index(L),) + ((unit_ids.index(u),) if axis else ()) + ((p,) if each else ())
+        for L, p, u in plan.variants
+    ]
     dims = ("pair", "layer") + ((axis,) if axis else ()) + (("position",) if each else ())
     data: dict[str, Any] = {}
     for m in METRICS:
@@ -75,21 +94,32 @@ def batch_dataset(model: CODIModel, pairs: Sequence[Any], cfg: SweepConfig, plan
         for i in range(len(pairs)):
             for idx, row in zip(index, plan.variant_rows[i]):
                 arr[(i, *idx)] = rows[m.name][row]
-        data[m.name] = (dims, _mask(arr, comparable, m.needs_distinct_answers),
-                        {"long_name": m.long_name, "units": m.units})
+        data[m.name] = (
+            dims,
+            _mask(arr, comparable, m.needs_distinct_answers),
+            {"long_name": m.long_name, "units": m.units},
+        )
     for m in (m for m in METRICS if m.per_run):
         for run, run_rows in (("baseline", plan.baseline_rows), ("source", plan.source_rows)):
             values = _mask(rows[m.name][run_rows], comparable, m.needs_distinct_answers)
-            data[f"{run}_{m.name}"] = ("pair", values, {"long_name": f"{m.long_name} — unpatched {run} run",
-                                                        "units": m.units})
+            data[f"{run}_{m.name}"] = (
+                "pair",
+                values,
+                {"long_name": f"{m.long_name} — unpatched {run} run", "units": m.units},
+            )
     for name, values in _pair_values(pairs, cfg, plan, rows, comparable).items():
         long_name, units = PAIR_VARIABLES[name]
         data[name] = ("pair", values, {"long_name": long_name, "units": units})
-    coords: dict[str, Any] = {"pair": np.array([p.pair_id for p in pairs], dtype=np.int64),
-                              "layer": np.array(cfg.layers, dtype=np.int64)}
+    coords: dict[str, Any] = {
+        "pair": np.array([p.pair_id for p in pairs], dtype=np.int64),
+        "layer": np.array(cfg.layers, dtype=np.int64),
+    }
     if each:
-        coords["position"] = ("position", np.arange(K, dtype=np.int64),
-                              {"long_name": "latent token (continuous thought) index"})
+        coords["position"] = (
+            "position",
+            np.arange(K, dtype=np.int64),
+            {"long_name": "latent token (continuous thought) index"},
+        )
     if axis:
         coords[axis] = (axis, np.array(unit_ids, dtype=np.int64), {"long_name": f"attention {axis} index"})
     # Pair metadata coordinates are added once for the whole run (`with_pair_coordinates`): their
@@ -111,11 +141,13 @@ def _mask(values: np.ndarray, comparable: np.ndarray, needs_distinct: bool) -> n
     return np.where(keep, values, np.nan)
 
 
-def _pair_values(pairs: Sequence[Any], cfg: SweepConfig, plan: BatchPlan, rows: dict[str, np.ndarray],
-                 comparable: np.ndarray) -> dict[str, np.ndarray]:
+def _pair_values(
+    pairs: Sequence[Any], cfg: SweepConfig, plan: BatchPlan, rows: dict[str, np.ndarray], comparable: np.ndarray
+) -> dict[str, np.ndarray]:
     """Prompted answers of the unpatched runs, the comparability flag and the self-patch control."""
-    clean_rows, corrupted_rows = ((plan.source_rows, plan.baseline_rows) if cfg.direction == "denoise"
-                                  else (plan.baseline_rows, plan.source_rows))
+    clean_rows, corrupted_rows = (
+        (plan.source_rows, plan.baseline_rows) if cfg.direction == "denoise" else (plan.baseline_rows, plan.source_rows)
+    )
     out: dict[str, np.ndarray] = {}
     for variant, run_rows in (("clean", clean_rows), ("corrupted", corrupted_rows)):
         answer = rows["answer"][run_rows]

@@ -82,7 +82,7 @@ def _logit_diff(v: dict[str, Any]) -> torch.Tensor:
 
 
 def _p_first(which: int) -> Callable[[dict[str, Any]], torch.Tensor]:
-    return lambda v: v["logp"].gather(1, v["first"][:, which:which + 1]).squeeze(1).exp()
+    return lambda v: v["logp"].gather(1, v["first"][:, which : which + 1]).squeeze(1).exp()
 
 
 def _logp_answer(which: int) -> Callable[[dict[str, Any]], torch.Tensor]:
@@ -121,31 +121,84 @@ def _flipped(f: RowFrame) -> np.ndarray:
 METRICS: tuple[Metric, ...] = (
     Metric("kl", "KL(patched || baseline) of the next-token distribution at the answer position", "nats", _kl),
     Metric("l2", "root-mean-square logit difference, patched vs baseline, at the answer position", "logits", _l2),
-    Metric("top1_changed", "the most likely decodable token (all ids but [eot]) differs from the baseline's",
-           "share", _top1_changed),
-    Metric("logit_diff", "logit(clean answer's first token) - logit(corrupted answer's first token); NaN when "
-           "both answers start with the same token", "logits", _logit_diff, per_run=True, needs_distinct_answers=True),
+    Metric(
+        "top1_changed",
+        "the most likely decodable token (all ids but [eot]) differs from the baseline's",
+        "share",
+        _top1_changed,
+    ),
+    Metric(
+        "logit_diff",
+        "logit(clean answer's first token) - logit(corrupted answer's first token); NaN when "
+        "both answers start with the same token",
+        "logits",
+        _logit_diff,
+        per_run=True,
+        needs_distinct_answers=True,
+    ),
     Metric("p_clean", "probability of the clean answer's first token", "probability", _p_first(0), per_run=True),
-    Metric("p_corrupted", "probability of the corrupted answer's first token", "probability", _p_first(1),
-           per_run=True),
-    Metric("logp_clean_answer", "teacher-forced log-probability of the whole clean answer", "nats",
-           _logp_answer(0), per_run=True),
-    Metric("logp_corrupted_answer", "teacher-forced log-probability of the whole corrupted answer", "nats",
-           _logp_answer(1), per_run=True),
-    Metric("logprob_diff", "logp_clean_answer - logp_corrupted_answer (defined whenever the answers differ)",
-           "nats", _logprob_diff, per_run=True, needs_distinct_answers=True),
-    Metric("recovery", "(patched - baseline) / (source - baseline) of logit_diff; NaN where |source - baseline| "
-           f"< {RECOVERY_MIN_DENOMINATOR}", "fraction", derive=_recovery_of("logit_diff"),
-           needs_distinct_answers=True),
-    Metric("logprob_recovery", "(patched - baseline) / (source - baseline) of logprob_diff; NaN where "
-           f"|source - baseline| < {RECOVERY_MIN_DENOMINATOR}", "fraction", derive=_recovery_of("logprob_diff"),
-           needs_distinct_answers=True),
-    Metric("answer", "number decoded greedily after the teacher-forced answer prompt in the patched run (NaN: none)",
-           "answer value", derive=_answer),
-    Metric("kept", "the patched run's decoded answer is still the target question's own true answer (for "
-           "ablations: the answer survived)", "share", derive=_kept),
-    Metric("flipped", "the patched run's decoded answer equals the source question's true answer; NaN when the "
-           "clean and corrupted answers are equal", "share", derive=_flipped, needs_distinct_answers=True),
+    Metric(
+        "p_corrupted", "probability of the corrupted answer's first token", "probability", _p_first(1), per_run=True
+    ),
+    Metric(
+        "logp_clean_answer",
+        "teacher-forced log-probability of the whole clean answer",
+        "nats",
+        _logp_answer(0),
+        per_run=True,
+    ),
+    Metric(
+        "logp_corrupted_answer",
+        "teacher-forced log-probability of the whole corrupted answer",
+        "nats",
+        _logp_answer(1),
+        per_run=True,
+    ),
+    Metric(
+        "logprob_diff",
+        "logp_clean_answer - logp_corrupted_answer (defined whenever the answers differ)",
+        "nats",
+        _logprob_diff,
+        per_run=True,
+        needs_distinct_answers=True,
+    ),
+    Metric(
+        "recovery",
+        "(patched - baseline) / (source - baseline) of logit_diff; NaN where |source - baseline| "
+        f"< {RECOVERY_MIN_DENOMINATOR}",
+        "fraction",
+        derive=_recovery_of("logit_diff"),
+        needs_distinct_answers=True,
+    ),
+    Metric(
+        "logprob_recovery",
+        "(patched - baseline) / (source - baseline) of logprob_diff; NaN where "
+        f"|source - baseline| < {RECOVERY_MIN_DENOMINATOR}",
+        "fraction",
+        derive=_recovery_of("logprob_diff"),
+        needs_distinct_answers=True,
+    ),
+    Metric(
+        "answer",
+        "number decoded greedily after the teacher-forced answer prompt in the patched run (NaN: none)",
+        "answer value",
+        derive=_answer,
+    ),
+    Metric(
+        "kept",
+        "the patched run's decoded answer is still the target question's own true answer (for "
+        "ablations: the answer survived)",
+        "share",
+        derive=_kept,
+    ),
+    Metric(
+        "flipped",
+        "the patched run's decoded answer equals the source question's true answer; NaN when the "
+        "clean and corrupted answers are equal",
+        "share",
+        derive=_flipped,
+        needs_distinct_answers=True,
+    ),
 )
 
 BY_NAME: dict[str, Metric] = {m.name: m for m in METRICS}

@@ -59,8 +59,10 @@ def answer_tokens(model: CODIModel, clean_answer: float, corrupted_answer: float
         while n < min(len(prompt), len(full)) and prompt[n] == full[n]:
             n += 1
         if n < len(prompt) - 1:
-            raise UserError(f"tokenizer merges the answer prompt {ANSWER_PROMPT!r} with the answer "
-                            f"{format_answer(value)!r}; cannot find the answer position")
+            raise UserError(
+                f"tokenizer merges the answer prompt {ANSWER_PROMPT!r} with the answer "
+                f"{format_answer(value)!r}; cannot find the answer position"
+            )
         head, rest = full[:n], full[n:]
         while rest and tok.decode([rest[0]]).strip() == "":
             head.append(rest.pop(0))
@@ -68,8 +70,10 @@ def answer_tokens(model: CODIModel, clean_answer: float, corrupted_answer: float
             raise UserError(f"answer {format_answer(value)!r} tokenizes to whitespace only")
         parts.append((head, rest))
     if parts[0][0] != parts[1][0]:
-        raise UserError(f"answers {format_answer(clean_answer)!r} and {format_answer(corrupted_answer)!r} "
-                        "put different tokens before the number; the answer position is ambiguous")
+        raise UserError(
+            f"answers {format_answer(clean_answer)!r} and {format_answer(corrupted_answer)!r} "
+            "put different tokens before the number; the answer position is ambiguous"
+        )
     return AnswerTokens(model.codi.eot_ids() + parts[0][0], parts[0][1], parts[1][1])
 
 
@@ -94,11 +98,14 @@ def prompt_inputs(model: CODIModel, questions: list[str]) -> tuple[dict[str, Any
     if not shared or sum(shared) < MIN_SHARED_PREFIX * len(shared):
         return left_pad(seqs, model.codi.pad_id), 1
     prefixes = [seqs[2 * i][:n] for i, n in enumerate(shared)]
-    rests = [s[shared[i // 2]:] for i, s in enumerate(seqs)]
+    rests = [s[shared[i // 2] :] for i, s in enumerate(seqs)]
     pre = left_pad(prefixes, model.codi.pad_id)
-    return {**left_pad(rests, model.codi.pad_id), "prefix_ids": pre["input_ids"],
-            "prefix_mask": pre["attention_mask"],
-            "prompt_prefix": torch.arange(len(seqs)) // 2}, 2
+    return {
+        **left_pad(rests, model.codi.pad_id),
+        "prefix_ids": pre["input_ids"],
+        "prefix_mask": pre["attention_mask"],
+        "prompt_prefix": torch.arange(len(seqs)) // 2,
+    }, 2
 
 
 @dataclass
@@ -121,8 +128,7 @@ class BatchPlan:
     # Every other patch, {(layer or "prj", call): [(kind, slice of the last dim, dst rows, payload), ...]}:
     # kind "copy" (payload: src rows; per-head slices), "set" (payload: values (n|1, 1, width)) or
     # "norm" (payload: unit directions (n, 1, width), scaled to the replaced activation's norm).
-    extra_plan: dict[tuple[Any, int], list[tuple[str, slice, torch.Tensor, torch.Tensor]]] = field(
-        default_factory=dict)
+    extra_plan: dict[tuple[Any, int], list[tuple[str, slice, torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
     donor_rows: list[int] = field(default_factory=list)  # resample ablation: the donor question's run
     # feedback-only mode: per pair, per variant, the fully patched helper row whose fed-back embedding
     # the variant row takes (not part of the Dataset).
@@ -139,8 +145,13 @@ class BatchPlan:
         return [self.source_rows[i] for i in self.row_pair]
 
 
-def plan_batch(model: CODIModel, pairs: Sequence[Any], cfg: SweepConfig, donors: Sequence[str] | None = None,
-               ablation_values: AblationValues | None = None) -> BatchPlan:
+def plan_batch(
+    model: CODIModel,
+    pairs: Sequence[Any],
+    cfg: SweepConfig,
+    donors: Sequence[str] | None = None,
+    ablation_values: AblationValues | None = None,
+) -> BatchPlan:
     """Lay out the rows of one batch and the (destination, source) rows of every patch.
 
     `donors` (resample ablation): the question each pair's activations are resampled from.
@@ -184,8 +195,13 @@ def plan_batch(model: CODIModel, pairs: Sequence[Any], cfg: SweepConfig, donors:
     _plan_patches(plan, cfg, model, ablation_values)
     limits = [cfg.max_new_tokens or (max(len(t.clean), len(t.corrupted)) + DECODE_MARGIN) for t in plan.tokens]
     plan.decode_limit = [limits[i] for i in plan.row_pair]
-    plan.inputs = {**enc, "rows": torch.tensor(rows), "suffix_ids": torch.tensor(plan.tokens[0].suffix),
-                   "candidates": _candidates(plan), "max_new_tokens": max(plan.decode_limit)}
+    plan.inputs = {
+        **enc,
+        "rows": torch.tensor(rows),
+        "suffix_ids": torch.tensor(plan.tokens[0].suffix),
+        "candidates": _candidates(plan),
+        "max_new_tokens": max(plan.decode_limit),
+    }
     return plan
 
 
@@ -224,7 +240,7 @@ def _plan_patches(plan: BatchPlan, cfg: SweepConfig, model: CODIModel, values: A
                     if (not patched) if not per_layer else k > 0:
                         copy(("prj", sched.prj_call(k), -1), row, base)
         for k in range(K):  # the self-patch control: every patched site, from its own baseline
-            for L in (cfg.layers if per_layer else ["prj"]):
+            for L in cfg.layers if per_layer else ["prj"]:
                 copy((L, sched.latent_call(k) if per_layer else sched.prj_call(k), -1), selfr, base)
     for (site, call, u), (d, s_) in sorted(copies.items(), key=lambda kv: str(kv[0])):
         dst, src = torch.tensor(d), torch.tensor(s_)
@@ -251,8 +267,9 @@ class AblationValues:
     seed: int = 0
 
 
-def _ablation_payload(cfg: SweepConfig, values: AblationValues | None, site: Any, k: int, u: int, sl: slice,
-                      pairs_of_rows: list[int]) -> tuple[str, torch.Tensor]:
+def _ablation_payload(
+    cfg: SweepConfig, values: AblationValues | None, site: Any, k: int, u: int, sl: slice, pairs_of_rows: list[int]
+) -> tuple[str, torch.Tensor]:
     """(kind, payload) replacing the site's activation at latent position k in the given rows."""
     if values is None:
         raise ValueError(f"the {cfg.ablation} ablation needs AblationValues")

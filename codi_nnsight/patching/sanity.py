@@ -44,12 +44,24 @@ class SanityCheck:
 
 
 SANITY_CHECKS: tuple[SanityCheck, ...] = (
-    SanityCheck("self_patch", "sanity_self_patch_max_kl",
-                "patching the target run with its own activations changes nothing (max KL, nats)", max, True, 1e-6),
+    SanityCheck(
+        "self_patch",
+        "sanity_self_patch_max_kl",
+        "patching the target run with its own activations changes nothing (max KL, nats)",
+        max,
+        True,
+        1e-6,
+    ),
     SanityCheck("kl_nonnegative", "sanity_min_kl", "every KL is >= 0 up to rounding (min KL, nats)", min, False, -1e-7),
-    SanityCheck("full_patch", "sanity_full_patch_max_abs",
-                "patching every position of the residual stream at layer 0 reproduces the source logits "
-                "(max |logit difference|)", max, True, None),
+    SanityCheck(
+        "full_patch",
+        "sanity_full_patch_max_abs",
+        "patching every position of the residual stream at layer 0 reproduces the source logits "
+        "(max |logit difference|)",
+        max,
+        True,
+        None,
+    ),
 )
 
 
@@ -95,9 +107,9 @@ def sanity_attrs(values: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
 def merge_sanity(parts: Sequence[dict[str, Any]], dtype: torch.dtype) -> dict[str, Any]:
     """Sanity attrs of a file stacked from several sweeps (each check's worst value)."""
     details = [json.loads(p["sanity_details"]) for p in parts]
-    values: dict[str, Any] = {c.name: _nan_worst(c.worst, [d[c.name]["value"] for d in details])
-                              for c in SANITY_CHECKS}
+    values: dict[str, Any] = {c.name: _nan_worst(c.worst, [d[c.name]["value"] for d in details]) for c in SANITY_CHECKS}
     # The full-patch check is the same for every component: keep the first pair that ran it.
-    values["full_patch_pair_id"] = next((d["full_patch"].get("pair_id") for d in details
-                                         if d["full_patch"].get("pair_id") is not None), None)
+    values["full_patch_pair_id"] = next(
+        (d["full_patch"].get("pair_id") for d in details if d["full_patch"].get("pair_id") is not None), None
+    )
     return sanity_attrs(values, dtype)

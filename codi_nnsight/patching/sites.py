@@ -53,14 +53,22 @@ class Site:
 
 
 #: Every patch site, by name. `--component` takes these names.
-SITES: dict[str, Site] = {s.name: s for s in (
-    Site("resid", "the residual stream: a decoder block's output"),
-    Site("attn", "the attention sub-layer's output (before it is added to the residual stream)", part="attention"),
-    Site("mlp", "the MLP sub-layer's output (before it is added to the residual stream)", part="mlp"),
-    Site("latent", "the continuous thought fed back as the next input embedding (prj output)", per_layer=False),
-    Site("head", "one attention head's output: its slice of the input to the attention output projection",
-         part="attention_out", reads="input", axis="head"),
-)}
+SITES: dict[str, Site] = {
+    s.name: s
+    for s in (
+        Site("resid", "the residual stream: a decoder block's output"),
+        Site("attn", "the attention sub-layer's output (before it is added to the residual stream)", part="attention"),
+        Site("mlp", "the MLP sub-layer's output (before it is added to the residual stream)", part="mlp"),
+        Site("latent", "the continuous thought fed back as the next input embedding (prj output)", per_layer=False),
+        Site(
+            "head",
+            "one attention head's output: its slice of the input to the attention output projection",
+            part="attention_out",
+            reads="input",
+            axis="head",
+        ),
+    )
+}
 
 COMPONENTS = tuple(SITES)
 

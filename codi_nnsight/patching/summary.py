@@ -22,14 +22,23 @@ def sweep_summary(ds: Any, out: str | None = None) -> str:
         peak = "KL is NaN everywhere (the model produced NaN logits)"
     comparable = ds["comparable"].values > 0 if "comparable" in ds else np.ones(ds.sizes["pair"], dtype=bool)
     flipped = ds["flipped"].mean("pair").max().item() if comparable.any() else math.nan
-    flips = (f"most pairs flipped: {flipped:.0%} of {int(comparable.sum())}" if math.isfinite(flipped)
-             else "no pair can flip")
+    flips = (
+        f"most pairs flipped: {flipped:.0%} of {int(comparable.sum())}"
+        if math.isfinite(flipped)
+        else "no pair can flip"
+    )
     if ds.attrs.get("ablation") and "kept" in ds:
         kept = ds["kept"].mean("pair")
-        flips = (f"{ds.attrs['ablation']} ablation: clean answer kept by {float(kept.min()):.0%} to "
-                 f"{float(kept.max()):.0%} of pairs across sites")
+        flips = (
+            f"{ds.attrs['ablation']} ablation: clean answer kept by {float(kept.min()):.0%} to "
+            f"{float(kept.max()):.0%} of pairs across sites"
+        )
     left_out = int((~comparable).sum())
-    excluded = (f"; {left_out} pair{'s' if left_out != 1 else ''} left out of flips and recoveries "
-                "(clean and corrupted answers equal)" if left_out else "")
+    excluded = (
+        f"; {left_out} pair{'s' if left_out != 1 else ''} left out of flips and recoveries "
+        "(clean and corrupted answers equal)"
+        if left_out
+        else ""
+    )
     status = "passed" if int(ds.attrs.get("sanity_passed", 0)) else "FAILED"
     return f"{where}; {peak}; {flips}{excluded}; sanity checks {status}"

@@ -41,8 +41,10 @@ def _version(name: str) -> str:
 
 def versions() -> dict[str, str]:
     """Versions that determine the numbers (stored in every results file)."""
-    return {f"version_{n.replace('-', '_')}": _version(n)
-            for n in ("codi-nnsight", "nnsight", "torch", "transformers", "numpy", "xarray")}
+    return {
+        f"version_{n.replace('-', '_')}": _version(n)
+        for n in ("codi-nnsight", "nnsight", "torch", "transformers", "numpy", "xarray")
+    }
 
 
 def auto_batch_size(model: CODIModel, rows_per_pair: int, prompt_len: int) -> int:
@@ -114,24 +116,62 @@ def patch_sweep(
         The results `xarray.Dataset` (docs/results-schema.md).
     """
     components = [component] if isinstance(component, str) else list(component)
-    cfg = SweepConfig(layers=list(range(model.n_layers)) if layers is None else list(layers),
-                      component=components[0], positions=positions, mode=mode, direction=direction,
-                      max_new_tokens=max_new_tokens, ablation=ablation)
+    cfg = SweepConfig(
+        layers=list(range(model.n_layers)) if layers is None else list(layers),
+        component=components[0],
+        positions=positions,
+        mode=mode,
+        direction=direction,
+        max_new_tokens=max_new_tokens,
+        ablation=ablation,
+    )
     if len(components) > 1:
         from .sites import SITES
 
         axis = next((c for c in components if c in SITES and SITES[c].axis), None)
         if axis is not None:
             raise UserError(f"--component {axis} adds a {SITES[axis].axis} dimension: sweep it on its own")
-        return _multi_component_sweep(model, pairs, components, cfg, out=out, resume=resume, batch_size=batch_size,
-                                      remote=remote, progress=progress, seed=seed, command=command)
-    return _single_sweep(model, pairs, cfg, batch_size=batch_size, remote=remote, out=out, resume=resume,
-                         progress=progress, seed=seed, command=command, reference=reference)
+        return _multi_component_sweep(
+            model,
+            pairs,
+            components,
+            cfg,
+            out=out,
+            resume=resume,
+            batch_size=batch_size,
+            remote=remote,
+            progress=progress,
+            seed=seed,
+            command=command,
+        )
+    return _single_sweep(
+        model,
+        pairs,
+        cfg,
+        batch_size=batch_size,
+        remote=remote,
+        out=out,
+        resume=resume,
+        progress=progress,
+        seed=seed,
+        command=command,
+        reference=reference,
+    )
 
 
-def _single_sweep(model: CODIModel, pairs: Any, cfg: SweepConfig, batch_size: int | str, remote: bool | str,
-                  out: str | Path | None, resume: bool, progress: bool, seed: int, command: str | None,
-                  reference: Sequence[str] | None = None) -> xr.Dataset:
+def _single_sweep(
+    model: CODIModel,
+    pairs: Any,
+    cfg: SweepConfig,
+    batch_size: int | str,
+    remote: bool | str,
+    out: str | Path | None,
+    resume: bool,
+    progress: bool,
+    seed: int,
+    command: str | None,
+    reference: Sequence[str] | None = None,
+) -> xr.Dataset:
     """One component: check everything, run the batches (streamed to the store), assemble the file."""
     check_remote_target(remote)  # before any store exists: a refused target leaves nothing behind
     cfg.validate(model)
@@ -153,19 +193,37 @@ def _single_sweep(model: CODIModel, pairs: Any, cfg: SweepConfig, batch_size: in
         fingerprint["reference_sha256"] = hashlib.sha256("\n".join(reference).encode()).hexdigest()
     bs = _batch_size(model, pairs, cfg, batch_size)
     ablate = _ablation_inputs(model, cfg, pairs, seed, reference, remote)
-    attrs = {"codi_nnsight_schema": SCHEMA, "model_name": model.name, **SweepConfig.attrs_of(fingerprint),
-             "run_fingerprint": json.dumps(fingerprint, sort_keys=True), "device": str(model.device),
-             "command": command if command is not None else shlex.join(sys.argv), "start_time": start,
-             "pairs_file": str(source or ""), "remote": scrub(str(remote), remote), "num_latent": model.num_latent,
-             "n_layers_model": model.n_layers, **versions()}
+    attrs = {
+        "codi_nnsight_schema": SCHEMA,
+        "model_name": model.name,
+        **SweepConfig.attrs_of(fingerprint),
+        "run_fingerprint": json.dumps(fingerprint, sort_keys=True),
+        "device": str(model.device),
+        "command": command if command is not None else shlex.join(sys.argv),
+        "start_time": start,
+        "pairs_file": str(source or ""),
+        "remote": scrub(str(remote), remote),
+        "num_latent": model.num_latent,
+        "n_layers_model": model.n_layers,
+        **versions(),
+    }
     order = [int(p.pair_id) for p in pairs]
     store = PartialStore(out, fingerprint) if out is not None else None
     with store if store is not None else contextlib.nullcontext():  # the store's lock is released on every exit
         done = store.open(resume) if store is not None else set()
         # What computes the numbers: one small request when remote; refuses a server with other weights.
         attrs.update(model.provenance(remote))
-        batches = _run_batches(model, [p for p in pairs if int(p.pair_id) not in done], cfg, bs, remote, store,
-                               progress, total=len(pairs), ablate=ablate)
+        batches = _run_batches(
+            model,
+            [p for p in pairs if int(p.pair_id) not in done],
+            cfg,
+            bs,
+            remote,
+            store,
+            progress,
+            total=len(pairs),
+            ablate=ablate,
+        )
         full = full_patch_check(model, pairs, remote=remote)
 
         def finalize(ds: xr.Dataset) -> xr.Dataset:
@@ -194,8 +252,9 @@ def _batch_size(model: CODIModel, pairs: list[Any], cfg: SweepConfig, batch_size
     return bs
 
 
-def _ablation_inputs(model: CODIModel, cfg: SweepConfig, pairs: list[Any], seed: int,
-                     reference: Sequence[str] | None, remote: bool | str) -> dict[str, Any]:
+def _ablation_inputs(
+    model: CODIModel, cfg: SweepConfig, pairs: list[Any], seed: int, reference: Sequence[str] | None, remote: bool | str
+) -> dict[str, Any]:
     """Donor questions (resample) or values (zero / mean / noise) of an ablation, for the whole sweep."""
     from .ablation import ablation_values, donor_questions
 
@@ -215,9 +274,17 @@ def _plan_chunk(model: CODIModel, chunk: list[Any], cfg: SweepConfig, ablate: di
     return plan_batch(model, chunk, cfg, donors=donors, ablation_values=values)
 
 
-def _run_batches(model: CODIModel, todo: list[Any], cfg: SweepConfig, bs: int, remote: bool | str,
-                 store: PartialStore | None, progress: bool, total: int,
-                 ablate: dict[str, Any] | None = None) -> list[xr.Dataset]:
+def _run_batches(
+    model: CODIModel,
+    todo: list[Any],
+    cfg: SweepConfig,
+    bs: int,
+    remote: bool | str,
+    store: PartialStore | None,
+    progress: bool,
+    total: int,
+    ablate: dict[str, Any] | None = None,
+) -> list[xr.Dataset]:
     """Trace `todo` in batches; each finished batch goes to the store (or is returned)."""
     from tqdm.auto import tqdm
 
@@ -227,7 +294,7 @@ def _run_batches(model: CODIModel, todo: list[Any], cfg: SweepConfig, bs: int, r
     interrupt = _DeferredInterrupt()
     try:
         for i in range(0, len(todo), bs):
-            chunk = todo[i:i + bs]
+            chunk = todo[i : i + bs]
             plan = _plan_chunk(model, chunk, cfg, ablate or {})
             columns, generated = run_batch(model, plan, cfg, remote=remote)
             ds = batch_dataset(model, chunk, cfg, plan, columns, generated)
@@ -240,8 +307,9 @@ def _run_batches(model: CODIModel, todo: list[Any], cfg: SweepConfig, bs: int, r
             interrupt.check()
     except UserError as e:
         if store is not None and finished:  # same error type, with where the work is and how to go on
-            e.args = (f"{e}; the finished pairs are kept in {store.dir} — rerun the same command with --resume "
-                      "to continue",)
+            e.args = (
+                f"{e}; the finished pairs are kept in {store.dir} — rerun the same command with --resume to continue",
+            )
         raise
     finally:
         interrupt.restore()
@@ -280,8 +348,15 @@ class _DeferredInterrupt:
             self.previous = None
 
 
-def _multi_component_sweep(model: CODIModel, pairs: Any, components: list[str], cfg: SweepConfig,
-                           out: str | Path | None, resume: bool, **kw: Any) -> xr.Dataset:
+def _multi_component_sweep(
+    model: CODIModel,
+    pairs: Any,
+    components: list[str],
+    cfg: SweepConfig,
+    out: str | Path | None,
+    resume: bool,
+    **kw: Any,
+) -> xr.Dataset:
     """One sweep per component, stacked along a `component` dim (each streams to its own file).
 
     A finished `OUT.<component>.nc` is reused on `--resume` only when its recorded fingerprint is
@@ -294,15 +369,29 @@ def _multi_component_sweep(model: CODIModel, pairs: Any, components: list[str], 
     parts = []
     for c in components:
         sub = None if out is None else Path(f"{out}.{c}.nc")
-        sub_kw = dict(layers=cfg.layers, component=c, positions=cfg.positions, mode=cfg.mode,
-                      direction=cfg.direction, max_new_tokens=cfg.max_new_tokens, **kw)
+        sub_kw = dict(
+            layers=cfg.layers,
+            component=c,
+            positions=cfg.positions,
+            mode=cfg.mode,
+            direction=cfg.direction,
+            max_new_tokens=cfg.max_new_tokens,
+            **kw,
+        )
         if sub is not None and sub.exists():
             parts.append(_reuse_component(model, pairs, sub, c, cfg, resume, kw.get("seed", 0)))
             continue
         parts.append(patch_sweep(model, pairs, out=sub, resume=resume, **sub_kw))
     stacked = [m.name for m in METRICS] + [n for n in per_pair_names() if n.startswith("self_patch")]
-    ds = xr.concat(parts, dim=xr.DataArray(components, dims="component", name="component"), data_vars=stacked,
-                   coords="minimal", compat="override", join="outer", combine_attrs="override")
+    ds = xr.concat(
+        parts,
+        dim=xr.DataArray(components, dims="component", name="component"),
+        data_vars=stacked,
+        coords="minimal",
+        compat="override",
+        join="outer",
+        combine_attrs="override",
+    )
     ds = ds.transpose("pair", "layer", ...)  # the schema's order: component last
     ds.attrs["component"] = ",".join(components)
     ds.attrs.update(merge_sanity([p.attrs for p in parts], DTYPES.get(parts[0].attrs.get("dtype"), model.dtype)))
@@ -315,17 +404,26 @@ def _multi_component_sweep(model: CODIModel, pairs: Any, components: list[str], 
     return ds
 
 
-def _reuse_component(model: CODIModel, pairs: Any, path: Path, component: str, cfg: SweepConfig, resume: bool,
-                     seed: int) -> xr.Dataset:
+def _reuse_component(
+    model: CODIModel, pairs: Any, path: Path, component: str, cfg: SweepConfig, resume: bool, seed: int
+) -> xr.Dataset:
     """A component file finished before an interruption, if it belongs to this very run."""
     if not resume:
-        raise UserError(f"{path}: a finished component of an earlier run exists; rerun with --resume to use it, "
-                        "or delete it to start over")
+        raise UserError(
+            f"{path}: a finished component of an earlier run exists; rerun with --resume to use it, "
+            "or delete it to start over"
+        )
     from ..data.pairs import PairSet
 
     sha = getattr(pairs, "sha256", None) or PairSet.from_pairs(list(pairs)).sha256
-    sub_cfg = SweepConfig(layers=cfg.layers, component=component, positions=cfg.positions, mode=cfg.mode,
-                          direction=cfg.direction, max_new_tokens=cfg.max_new_tokens)
+    sub_cfg = SweepConfig(
+        layers=cfg.layers,
+        component=component,
+        positions=cfg.positions,
+        mode=cfg.mode,
+        direction=cfg.direction,
+        max_new_tokens=cfg.max_new_tokens,
+    )
     sub_cfg.validate(model)
     expected = sub_cfg.fingerprint(model, sha, seed)
     with xr.open_dataset(path) as f:
@@ -333,8 +431,10 @@ def _reuse_component(model: CODIModel, pairs: Any, path: Path, component: str, c
     stored = json.loads(ds.attrs.get("run_fingerprint", "{}"))
     diff = SweepConfig.difference(stored, expected)
     if diff is not None:
-        raise UserError(f"{path}: finished component file is from a different run ({diff}); refusing to mix "
-                        "results — delete it to start over")
+        raise UserError(
+            f"{path}: finished component file is from a different run ({diff}); refusing to mix "
+            "results — delete it to start over"
+        )
     return ds
 
 

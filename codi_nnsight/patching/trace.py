@@ -57,8 +57,9 @@ def apply_patches(h: torch.Tensor, patches: list[tuple[str, slice, torch.Tensor,
             h[dst, ..., sl] = x.to(h.dtype) * h[dst, ..., sl].norm(dim=-1, keepdim=True)
 
 
-def run_batch(model: CODIModel, plan: BatchPlan, cfg: SweepConfig, remote: bool | str = False
-              ) -> tuple[np.ndarray, np.ndarray]:
+def run_batch(
+    model: CODIModel, plan: BatchPlan, cfg: SweepConfig, remote: bool | str = False
+) -> tuple[np.ndarray, np.ndarray]:
     """Run one planned batch in a single nnsight trace.
 
     Returns (trace metric columns (rows, len(TRACE_METRICS)) float64 in `metrics.TRACE_METRICS`
@@ -81,7 +82,7 @@ def run_batch(model: CODIModel, plan: BatchPlan, cfg: SweepConfig, remote: bool 
             # Every (layer, call) has at least the self row's patch, so each call's first request
             # is a layer output pinned to that decoder call; the prj request after it is relaxed
             # and binds to the next prj call, which makes the next latent token's input.
-            for call in tracer.iter[sched.latent_calls.start:sched.latent_calls.stop]:
+            for call in tracer.iter[sched.latent_calls.start : sched.latent_calls.stop]:
                 for L in layers:
                     if (L, call) in layer_plan:
                         h = envoys[L].input if reads_input else output_tensor(envoys[L].output)
@@ -97,9 +98,15 @@ def run_batch(model: CODIModel, plan: BatchPlan, cfg: SweepConfig, remote: bool 
         logits = result["logits"].to(torch.float64)
         logp = torch.log_softmax(logits, dim=-1)
         base = baseline_of.to(logits.device)
-        values = {"logits": logits, "logp": logp, "base_logits": logits[base], "base_logp": logp[base],
-                  "first": result["candidate_first"], "cand": result["candidate_logprobs"].to(torch.float64),
-                  "n_decodable": n_decodable}
+        values = {
+            "logits": logits,
+            "logp": logp,
+            "base_logits": logits[base],
+            "base_logp": logp[base],
+            "first": result["candidate_first"],
+            "cand": result["candidate_logprobs"].to(torch.float64),
+            "n_decodable": n_decodable,
+        }
         columns = columns_of(values).cpu().save()
         generated = result["generated"].cpu().save()
     return torch.as_tensor(columns).numpy(), cut_to_limits(torch.as_tensor(generated).numpy(), plan.decode_limit)
@@ -113,8 +120,9 @@ def cut_to_limits(generated: np.ndarray, limits: Sequence[int]) -> np.ndarray:
     return out
 
 
-def full_patch_check(model: CODIModel, pairs: Sequence[Any], remote: bool | str = False,
-                     skip_question: bool = False) -> dict[str, Any]:
+def full_patch_check(
+    model: CODIModel, pairs: Sequence[Any], remote: bool | str = False, skip_question: bool = False
+) -> dict[str, Any]:
     """Patch `resid` at every position of every token (layer 0) on an equal-length pair.
 
     The corrupted run must then reproduce the clean run's answer-position logits. Returns
@@ -122,8 +130,10 @@ def full_patch_check(model: CODIModel, pairs: Sequence[Any], remote: bool | str 
     leaves the question tokens unpatched — a deliberately incomplete patch that must fail.
     """
     # The shortest equal-length pair: the check costs one more (small) trace per sweep.
-    lengths = [(len(model.encode_question(p.clean.question)), len(model.encode_question(p.corrupted.question)), i)
-               for i, p in enumerate(pairs)]
+    lengths = [
+        (len(model.encode_question(p.clean.question)), len(model.encode_question(p.corrupted.question)), i)
+        for i, p in enumerate(pairs)
+    ]
     equal = [(a, i) for a, b, i in lengths if a == b]
     if not equal:
         return {"max_abs": float("nan"), "pair_id": None}
@@ -138,7 +148,7 @@ def full_patch_check(model: CODIModel, pairs: Sequence[Any], remote: bool | str 
     start = prefill_calls - (0 if skip_question else 1)
     block = model.layers[0]
     with remote_errors(remote), model.trace(**inputs, **trace_kwargs(remote)) as tracer:
-        for _call in tracer.iter[start:sched.suffix_call + 1]:  # question, latents, suffix
+        for _call in tracer.iter[start : sched.suffix_call + 1]:  # question, latents, suffix
             h = output_tensor(block.output)
             h[1] = h[0]
         logits = model.output["logits"].to(torch.float64).cpu().save()

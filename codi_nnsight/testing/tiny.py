@@ -25,8 +25,9 @@ BYTE_VOCAB = 256
 
 def _byte_chars() -> list[str]:
     """The printable stand-in character of each byte, as in GPT-2's byte-level BPE."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
+    keep = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars = {b: chr(b) for b in keep}
     n = 0
     for b in range(256):
@@ -54,13 +55,14 @@ def byte_tokenizer(family: str) -> Any:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     if style == "gpt2":
-        fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=specials[0],
-                                       eos_token=specials[0], unk_token=specials[0])
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=tok, bos_token=specials[0], eos_token=specials[0], unk_token=specials[0]
+        )
     else:
         tok.post_processor = processors.TemplateProcessing(
-            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])])
-        fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                       unk_token="</s>")
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
+        )
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="</s>")
     return fast
 
 
@@ -79,25 +81,54 @@ def bpe_tokenizer(family: str, vocab_size: int = 1000, seed: int = 1) -> Any:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[eos], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
+    tok.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[eos],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, bos_token=eos, unk_token=eos)
 
 
-def tiny_hf_config(family: str, n_layers: int = 2, hidden: int = 32, heads: int = 4,
-                   kv_heads: int | None = None, intermediate: int | None = None,
-                   vocab: int = BYTE_VOCAB + 2, max_positions: int = 512) -> Any:
+def tiny_hf_config(
+    family: str,
+    n_layers: int = 2,
+    hidden: int = 32,
+    heads: int = 4,
+    kv_heads: int | None = None,
+    intermediate: int | None = None,
+    vocab: int = BYTE_VOCAB + 2,
+    max_positions: int = 512,
+) -> Any:
     """A small transformers config of the given family (vocab before CODI's +3)."""
     fam = family_named(family)
     eos = BYTE_VOCAB if fam.tokenizer_style == "gpt2" else BYTE_VOCAB + 1
-    return fam.tiny_config(vocab=vocab, n_layers=n_layers, hidden=hidden, heads=heads, kv_heads=kv_heads,
-                           intermediate=intermediate, max_positions=max_positions, bos=BYTE_VOCAB, eos=eos)
+    return fam.tiny_config(
+        vocab=vocab,
+        n_layers=n_layers,
+        hidden=hidden,
+        heads=heads,
+        kv_heads=kv_heads,
+        intermediate=intermediate,
+        max_positions=max_positions,
+        bos=BYTE_VOCAB,
+        eos=eos,
+    )
 
 
-def official_state_dict(lm: torch.nn.Module, prj: torch.nn.Module, family: str, lora_r: int,
-                        lora_alpha: int, targets: list[str], seed: int = 0,
-                        tied_key: str = "both") -> dict[str, torch.Tensor]:
+def official_state_dict(
+    lm: torch.nn.Module,
+    prj: torch.nn.Module,
+    family: str,
+    lora_r: int,
+    lora_alpha: int,
+    targets: list[str],
+    seed: int = 0,
+    tied_key: str = "both",
+) -> dict[str, torch.Tensor]:
     """The state_dict an official `CODI` module would save: peft-wrapped LM under `codi.`, `prj.`.
 
     LoRA weights are random (not peft's zero-B default) so that merging really matters.
@@ -108,9 +139,17 @@ def official_state_dict(lm: torch.nn.Module, prj: torch.nn.Module, family: str, 
     from peft import LoraConfig, get_peft_model
 
     g = torch.Generator().manual_seed(seed + 1)
-    peft_lm = get_peft_model(copy.deepcopy(lm), LoraConfig(
-        r=lora_r, lora_alpha=lora_alpha, target_modules=targets, lora_dropout=0.0,
-        init_lora_weights=False, fan_in_fan_out=family_named(family).conv1d))
+    peft_lm = get_peft_model(
+        copy.deepcopy(lm),
+        LoraConfig(
+            r=lora_r,
+            lora_alpha=lora_alpha,
+            target_modules=targets,
+            lora_dropout=0.0,
+            init_lora_weights=False,
+            fan_in_fan_out=family_named(family).conv1d,
+        ),
+    )
     with torch.no_grad():
         for name, p in peft_lm.named_parameters():
             if "lora_" in name:
@@ -128,11 +167,23 @@ def official_state_dict(lm: torch.nn.Module, prj: torch.nn.Module, family: str, 
     return sd
 
 
-def write_tiny_codi(out_dir: str | Path, family: str = "gpt2", n_layers: int = 2, hidden: int = 32,
-                    heads: int = 4, kv_heads: int | None = None, num_latent: int = 3, lora_r: int = 4,
-                    lora_alpha: int = 8, prj_dim: int | None = None, seed: int = 0,
-                    remove_eos: bool = True, checkpoint_format: str = "safetensors",
-                    tied_key: str = "both", init_std: float = 0.2) -> Path:
+def write_tiny_codi(
+    out_dir: str | Path,
+    family: str = "gpt2",
+    n_layers: int = 2,
+    hidden: int = 32,
+    heads: int = 4,
+    kv_heads: int | None = None,
+    num_latent: int = 3,
+    lora_r: int = 4,
+    lora_alpha: int = 8,
+    prj_dim: int | None = None,
+    seed: int = 0,
+    remove_eos: bool = True,
+    checkpoint_format: str = "safetensors",
+    tied_key: str = "both",
+    init_std: float = 0.2,
+) -> Path:
     """Write a tiny random CODI model in the official layout; return the path of its `codi.json`.
 
     `init_std` scales the random weights: larger values give sharper, more varied predictions
@@ -169,9 +220,17 @@ def write_tiny_codi(out_dir: str | Path, family: str = "gpt2", n_layers: int = 2
     else:
         ckpt = Path("ckpt/pytorch_model.bin")
         torch.save(sd, out / ckpt)
-    cfg = CODIConfig(base="base", checkpoint=str(ckpt), num_latent=num_latent, lora_r=lora_r,
-                     lora_alpha=lora_alpha, lora_target_modules=targets, prj_dim=prj_dim or hidden,
-                     remove_eos=remove_eos, name=f"tiny-{family}")
+    cfg = CODIConfig(
+        base="base",
+        checkpoint=str(ckpt),
+        num_latent=num_latent,
+        lora_r=lora_r,
+        lora_alpha=lora_alpha,
+        lora_target_modules=targets,
+        prj_dim=prj_dim or hidden,
+        remove_eos=remove_eos,
+        name=f"tiny-{family}",
+    )
     cfg.save(out / "codi.json")
     return out / "codi.json"
 
@@ -179,13 +238,26 @@ def write_tiny_codi(out_dir: str | Path, family: str = "gpt2", n_layers: int = 2
 SHAPES: dict[str, dict[str, Any]] = {
     "toy": {"family": "llama", "n_layers": 4, "hidden": 64, "heads": 4, "kv_heads": 2, "vocab": BYTE_VOCAB + 2},
     "gpt2-small": {"family": "gpt2", "n_layers": 12, "hidden": 768, "heads": 12, "vocab": 50257},
-    "llama-1b": {"family": "llama", "n_layers": 16, "hidden": 2048, "heads": 32, "kv_heads": 8,
-                 "intermediate": 8192, "vocab": 128256},
+    "llama-1b": {
+        "family": "llama",
+        "n_layers": 16,
+        "hidden": 2048,
+        "heads": 32,
+        "kv_heads": 8,
+        "intermediate": 8192,
+        "vocab": 128256,
+    },
 }
 
 
-def random_codi(shape: str = "toy", num_latent: int = 6, dtype: torch.dtype = torch.float32,
-                device: str | torch.device = "cpu", seed: int = 0, tokenizer: str = "byte") -> Any:
+def random_codi(
+    shape: str = "toy",
+    num_latent: int = 6,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    tokenizer: str = "byte",
+) -> Any:
     """A random-weight `CODIModel` of a named shape, built in memory (benchmarks, no checkpoint).
 
     The tokenizer (`byte`, or a small `bpe` for realistic token counts) encodes any text whatever

@@ -45,8 +45,12 @@ from ..model.module import CODIModule, make_prj, register_attention
 #: Word-level vocabulary: specials, the numbers 0-99, operators, then every word of the
 #: generator's templates. Each number is ONE token, so the answer is a single token.
 SPECIALS = ["<s>", "</s>", "<unk>"]
-VOCAB = SPECIALS + [str(i) for i in range(100)] + ["+", "-", "*", "/", "="] + \
-    [w for w in toy_words() if w not in ("+", "-", "*", "/", "=")]
+VOCAB = (
+    SPECIALS
+    + [str(i) for i in range(100)]
+    + ["+", "-", "*", "/", "="]
+    + [w for w in toy_words() if w not in ("+", "-", "*", "/", "=")]
+)
 BOS, EOS, UNK = 0, 1, 2  # `<s>` (prepended by the tokenizer), `</s>`, `<unk>`
 BASE_VOCAB = len(VOCAB)
 PAD, BOT, EOT = BASE_VOCAB, BASE_VOCAB + 1, BASE_VOCAB + 2
@@ -108,11 +112,10 @@ def word_tokenizer() -> Any:
     tok = Tokenizer(models.WordLevel(dict(_IDS), unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS)])
-    tok.decoder = decoders.Sequence([decoders.WordPiece(prefix="##", cleanup=True),
-                                     decoders.Replace(" :", ":")])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS)]
+    )
+    tok.decoder = decoders.Sequence([decoders.WordPiece(prefix="##", cleanup=True), decoders.Replace(" :", ":")])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
 def encode_words(text: str) -> list[int]:
@@ -138,8 +141,7 @@ def sample_problems(rng: random.Random, n: int, cfg: ToyConfig, held_out: bool) 
     """`n` problems from the training (or held-out) side of the chain split."""
     out: list[WordProblem] = []
     while len(out) < n:
-        p = make_toy_problem(rng, rng.randint(cfg.min_steps, cfg.max_steps), cfg.max_operand,
-                             cfg.max_result)
+        p = make_toy_problem(rng, rng.randint(cfg.min_steps, cfg.max_steps), cfg.max_operand, cfg.max_result)
         if is_held_out(p) == held_out:
             out.append(p)
     return out
@@ -191,9 +193,19 @@ def make_batch(problems: list[WordProblem]) -> dict[str, torch.Tensor]:
     width = max(len(p.steps) for p in problems)
     res = [[encode_words(s.split("=")[1])[0] for s in p.steps] for p in problems]
     results = torch.tensor([r + [r[-1]] * (width - len(r)) for r in res], dtype=torch.long)
-    return {"q_ids": q_ids, "q_mask": q_mask, "s_ids": s_ids, "s_mask": s_mask, "results": results,
-            "s_labels": s_labels, "t_ids": t_ids, "t_mask": t_mask, "t_labels": t_labels,
-            "t_distill": t_distill, "s_distill": s_distill}
+    return {
+        "q_ids": q_ids,
+        "q_mask": q_mask,
+        "s_ids": s_ids,
+        "s_mask": s_mask,
+        "results": results,
+        "s_labels": s_labels,
+        "t_ids": t_ids,
+        "t_mask": t_mask,
+        "t_labels": t_labels,
+        "t_distill": t_distill,
+        "s_distill": s_distill,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,36 +216,49 @@ def build_model(cfg: ToyConfig) -> tuple[CODIModule, Any]:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(cfg.seed)
-    hf_config = LlamaConfig(vocab_size=BASE_VOCAB, hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
-                            num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.heads,
-                            num_key_value_heads=cfg.heads, max_position_embeddings=256, bos_token_id=BOS,
-                            eos_token_id=EOS, tie_word_embeddings=True, rms_norm_eps=1e-5)
+    hf_config = LlamaConfig(
+        vocab_size=BASE_VOCAB,
+        hidden_size=cfg.hidden,
+        intermediate_size=cfg.intermediate,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.heads,
+        max_position_embeddings=256,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-5,
+    )
     big = type(hf_config).from_dict(hf_config.to_dict())
     big.vocab_size = BASE_VOCAB + 3  # pad, bot, eot
     lm = AutoModelForCausalLM.from_config(big, attn_implementation=register_attention())
     prj = make_prj(cfg.hidden, cfg.prj_dim, True, False)
     num_latent = 0 if cfg.baseline else cfg.num_latent
-    module = CODIModule(lm, prj, num_latent=num_latent, vocab_size=BASE_VOCAB, eos_token_id=EOS,
-                        remove_eos=True)
+    module = CODIModule(lm, prj, num_latent=num_latent, vocab_size=BASE_VOCAB, eos_token_id=EOS, remove_eos=True)
     return module, hf_config
 
 
-def _base(module: CODIModule, mask: torch.Tensor, pos: torch.Tensor, cache: Any = None,
-          **inputs: torch.Tensor) -> Any:
+def _base(module: CODIModule, mask: torch.Tensor, pos: torch.Tensor, cache: Any = None, **inputs: torch.Tensor) -> Any:
     """One decoder pass with CODI's own additive mask (same as inference), all hidden states."""
     q = next(iter(inputs.values())).shape[1]
     kw = {module.cache_kw: cache} if cache is not None else {}
-    return module.base(**inputs, attention_mask=module.additive_mask(mask, q), position_ids=pos,
-                       use_cache=cache is not None, output_hidden_states=True, **kw)
+    return module.base(
+        **inputs,
+        attention_mask=module.additive_mask(mask, q),
+        position_ids=pos,
+        use_cache=cache is not None,
+        output_hidden_states=True,
+        **kw,
+    )
 
 
 def _ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                       ignore_index=-100)
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
 
 
-def compute_losses(module: CODIModule, batch: dict[str, torch.Tensor], cfg: ToyConfig,
-                   teacher_only: bool = False) -> dict[str, torch.Tensor]:
+def compute_losses(
+    module: CODIModule, batch: dict[str, torch.Tensor], cfg: ToyConfig, teacher_only: bool = False
+) -> dict[str, torch.Tensor]:
     """Teacher CE, student CE, distillation loss and their weighted total for one batch.
 
     `teacher_only` (curriculum phase 1): the teacher CE alone.
@@ -311,8 +336,7 @@ def compute_losses(module: CODIModule, batch: dict[str, torch.Tensor], cfg: ToyC
 # ---------------------------------------------------------------------------------------------
 # Saving
 # ---------------------------------------------------------------------------------------------
-def save_toy(module: CODIModule, hf_config: Any, cfg: ToyConfig, out_dir: str | Path,
-             name: str = "toy-codi") -> Path:
+def save_toy(module: CODIModule, hf_config: Any, cfg: ToyConfig, out_dir: str | Path, name: str = "toy-codi") -> Path:
     """Write the official layout (`codi.json`, `base/`, `ckpt/model.safetensors`).
 
     Returns the path of `codi.json`.
@@ -324,14 +348,22 @@ def save_toy(module: CODIModule, hf_config: Any, cfg: ToyConfig, out_dir: str | 
     (out / "ckpt").mkdir(parents=True, exist_ok=True)
     hf_config.save_pretrained(out / "base")
     word_tokenizer().save_pretrained(out / "base")
-    sd = {"codi." + k: v.detach().clone().contiguous()
-          for k, v in module.lm.state_dict().items() if k != "lm_head.weight"}  # tied to embed
-    sd.update({"prj." + k: v.detach().clone().contiguous()
-               for k, v in module.prj.state_dict().items()})
+    sd = {
+        "codi." + k: v.detach().clone().contiguous() for k, v in module.lm.state_dict().items() if k != "lm_head.weight"
+    }  # tied to embed
+    sd.update({"prj." + k: v.detach().clone().contiguous() for k, v in module.prj.state_dict().items()})
     save_file(sd, str(out / "ckpt" / "model.safetensors"))
-    codi_cfg = CODIConfig(base="base", checkpoint="ckpt/model.safetensors",
-                          num_latent=module.num_latent, lora_r=0, prj_dim=cfg.prj_dim, use_prj=True,
-                          prj_no_ln=False, remove_eos=True, name=name)
+    codi_cfg = CODIConfig(
+        base="base",
+        checkpoint="ckpt/model.safetensors",
+        num_latent=module.num_latent,
+        lora_r=0,
+        prj_dim=cfg.prj_dim,
+        use_prj=True,
+        prj_no_ln=False,
+        remove_eos=True,
+        name=name,
+    )
     codi_cfg.save(out / "codi.json")
     return out / "codi.json"
 
@@ -353,9 +385,16 @@ def _lr_factor(step: int, cfg: ToyConfig) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def train_toy(out_dir: str | Path, seed: int = 0, steps: int | None = None, evaluate: bool = True,
-              eval_n: int = 200, log_every: int = 100, verbose: bool = True,
-              **overrides: Any) -> dict[str, Any]:
+def train_toy(
+    out_dir: str | Path,
+    seed: int = 0,
+    steps: int | None = None,
+    evaluate: bool = True,
+    eval_n: int = 200,
+    log_every: int = 100,
+    verbose: bool = True,
+    **overrides: Any,
+) -> dict[str, Any]:
     """Train a toy CODI model (or, with `baseline=True`, the no-latent baseline) into `out_dir`.
 
     Deterministic for a seed on CPU. `overrides` set `ToyConfig` fields. Returns the training
@@ -369,9 +408,11 @@ def train_toy(out_dir: str | Path, seed: int = 0, steps: int | None = None, eval
     module.train()
     decay = [p for n, p in module.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in module.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=cfg.lr, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.98),
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
     rng = random.Random(cfg.seed)
     history: list[dict[str, float]] = []
@@ -390,8 +431,11 @@ def train_toy(out_dir: str | Path, seed: int = 0, steps: int | None = None, eval
             running[k] = running.get(k, 0.0) + float(v.detach())
         if (step + 1) % log_every == 0 or step + 1 == cfg.steps:
             n = (step % log_every) + 1
-            entry = {"step": step + 1, "time_s": round(time.time() - t0, 1),
-                     **{k: round(v / n, 5) for k, v in running.items()}}
+            entry = {
+                "step": step + 1,
+                "time_s": round(time.time() - t0, 1),
+                **{k: round(v / n, 5) for k, v in running.items()},
+            }
             history.append(entry)
             running = {}
             if verbose:
@@ -400,8 +444,12 @@ def train_toy(out_dir: str | Path, seed: int = 0, steps: int | None = None, eval
     module.eval()
     name = "toy-codi-baseline" if cfg.baseline else "toy-codi"
     save_toy(module, hf_config, cfg, out_dir, name=name)
-    log: dict[str, Any] = {"config": asdict(cfg), "train_time_s": round(train_time, 1),
-                           "torch_threads": torch.get_num_threads(), "history": history}
+    log: dict[str, Any] = {
+        "config": asdict(cfg),
+        "train_time_s": round(train_time, 1),
+        "torch_threads": torch.get_num_threads(),
+        "history": history,
+    }
     if evaluate:
         log["eval"] = evaluate_toy(out_dir, n=eval_n, teacher=not cfg.baseline, cfg=cfg)
     Path(out_dir, "train_log.json").write_text(json.dumps(log, indent=2) + "\n", encoding="utf-8")
@@ -411,8 +459,10 @@ def train_toy(out_dir: str | Path, seed: int = 0, steps: int | None = None, eval
 def describe_training(log: dict[str, Any]) -> str:
     """One line about a `train_toy` log: steps, time, final loss and, if evaluated, held-out accuracy."""
     last = log["history"][-1] if log.get("history") else {}
-    text = (f"{last.get('step', 0)} steps in {log.get('train_time_s', 0):.1f} s "
-            f"({log.get('torch_threads', '?')} threads), final loss {last.get('total', float('nan')):.4f}")
+    text = (
+        f"{last.get('step', 0)} steps in {log.get('train_time_s', 0):.1f} s "
+        f"({log.get('torch_threads', '?')} threads), final loss {last.get('total', float('nan')):.4f}"
+    )
     ev = log.get("eval")
     if ev:
         text += f"; held-out accuracy {ev['accuracy']:.1%} on {ev['n']} problems"
@@ -434,7 +484,7 @@ class _ReplacePrj:
     def __call__(self, module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
         k = self.calls
         self.calls += 1
-        return self.latents[:, k:k + 1, :].to(output.dtype).expand_as(output).clone()
+        return self.latents[:, k : k + 1, :].to(output.dtype).expand_as(output).clone()
 
 
 def _accuracy(texts: list[str], problems: list[WordProblem]) -> float:
@@ -444,8 +494,7 @@ def _accuracy(texts: list[str], problems: list[WordProblem]) -> float:
     return right / len(problems)
 
 
-def teacher_generate(module: CODIModule, questions: list[str],
-                     max_new_tokens: int = 48) -> list[str]:
+def teacher_generate(module: CODIModule, questions: list[str], max_new_tokens: int = 48) -> list[str]:
     """Explicit-CoT greedy decoding after `question [bot]` (no latents); text after `[eot]`."""
     ids, mask = _pad([[BOS, *encode_words(q), BOT] for q in questions], left=True)
     done = torch.zeros(len(questions), dtype=torch.bool)
@@ -453,8 +502,9 @@ def teacher_generate(module: CODIModule, questions: list[str],
     with torch.inference_mode():
         for _ in range(max_new_tokens):
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            h = module.base(input_ids=ids, attention_mask=module.additive_mask(mask, ids.shape[1]),
-                            position_ids=pos).last_hidden_state[:, -1]
+            h = module.base(
+                input_ids=ids, attention_mask=module.additive_mask(mask, ids.shape[1]), position_ids=pos
+            ).last_hidden_state[:, -1]
             logits = module.lm.lm_head(h)
             logits[:, [PAD, BOT]] = -math.inf  # only text, eos and [eot] can follow
             nxt = torch.where(done, torch.full_like(done, PAD, dtype=torch.long), logits.argmax(-1))
@@ -466,14 +516,20 @@ def teacher_generate(module: CODIModule, questions: list[str],
                 break
     texts = []
     for row in torch.stack(gen, dim=1).tolist():
-        after = row[row.index(EOT) + 1:] if EOT in row else []
+        after = row[row.index(EOT) + 1 :] if EOT in row else []
         texts.append(decode_words(after))
     return texts
 
 
-def evaluate_toy(model_dir: str | Path, n: int = 200, seed: int = 12345, batch_size: int = 100,
-                 teacher: bool = True, max_new_tokens: int = 24,
-                 cfg: ToyConfig | None = None) -> dict[str, Any]:
+def evaluate_toy(
+    model_dir: str | Path,
+    n: int = 200,
+    seed: int = 12345,
+    batch_size: int = 100,
+    teacher: bool = True,
+    max_new_tokens: int = 24,
+    cfg: ToyConfig | None = None,
+) -> dict[str, Any]:
     """Held-out accuracy of a toy model with real CODI inference, and latent ablations.
 
     Problems come from `eval_problems(n, seed)` (chains never seen in training; the default seed
@@ -490,8 +546,7 @@ def evaluate_toy(model_dir: str | Path, n: int = 200, seed: int = 12345, batch_s
     codi = model.codi
     log_path = Path(model_dir, "train_log.json")
     if cfg is None:  # evaluate on the training distribution of this model
-        cfg = ToyConfig(**json.loads(log_path.read_text())["config"]) if log_path.exists() \
-            else ToyConfig()
+        cfg = ToyConfig(**json.loads(log_path.read_text())["config"]) if log_path.exists() else ToyConfig()
     problems = eval_problems(n, seed, cfg)
     questions = [p.question for p in problems]
     # "Other" problem: the next one with a different answer, so copying its latents is detectable.
@@ -513,16 +568,15 @@ def evaluate_toy(model_dir: str | Path, n: int = 200, seed: int = 12345, batch_s
     texts, zero, swapped = [], [], []
     K, d = codi.num_latent, codi.lm.config.hidden_size
     for start in range(0, n, batch_size):
-        qs = questions[start:start + batch_size]
+        qs = questions[start : start + batch_size]
         texts += run(qs)
         if K:
             zero += run(qs, torch.zeros(len(qs), K, d))
-            idx = other[start:start + batch_size]
+            idx = other[start : start + batch_size]
             with torch.inference_mode():
                 lat = codi(**model.prepare([questions[j] for j in idx]))["latents"]
             swapped += run(qs, lat)
-    out: dict[str, Any] = {"n": n, "seed": seed, "num_latent": K,
-                           "accuracy": _accuracy(texts, problems)}
+    out: dict[str, Any] = {"n": n, "seed": seed, "num_latent": K, "accuracy": _accuracy(texts, problems)}
     if K:
         out["zero_latent"] = _accuracy(zero, problems)
         out["other_latent"] = _accuracy(swapped, problems)
@@ -530,8 +584,9 @@ def evaluate_toy(model_dir: str | Path, n: int = 200, seed: int = 12345, batch_s
     if teacher and K:
         t_texts = []
         for start in range(0, n, batch_size):
-            t_texts += teacher_generate(codi, questions[start:start + batch_size])
+            t_texts += teacher_generate(codi, questions[start : start + batch_size])
         out["teacher"] = _accuracy(t_texts, problems)
-    out["examples"] = [{"question": p.question, "answer": p.answer, "completion": t}
-                       for p, t in zip(problems[:5], texts[:5])]
+    out["examples"] = [
+        {"question": p.question, "answer": p.answer, "completion": t} for p, t in zip(problems[:5], texts[:5])
+    ]
     return out
