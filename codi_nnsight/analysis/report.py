@@ -732,7 +732,7 @@ def clear_report_files(out: Path) -> list[Path]:
     return removed
 
 
-def write_report(
+def write_report(  # noqa: C901 — a linear sequence of optional report sections, each a short branch
     ds: xr.Dataset,
     out_dir: str | Path,
     metric: str = "kl",

@@ -10,13 +10,31 @@ Call order of every decoder block (what `tracer.iter[...]` indexes):
 * call 1 … K: latent steps (latent position p = call p+1);
 * call K+1: the suffix (`[eot]`, then the teacher-forced prompt, if any);
 * call K+2 … K+1+C: one call per candidate answer being scored (cache rolled back after each);
-* then one call per greedily decoded token after the first.
+* then one call per greedily decoded token after the first: `max_new_tokens - 1` calls, or fewer
+  when every row has emitted eos — checked only after every `EOS_CHECK_EVERY`-th token, so a
+  forward may run up to `EOS_CHECK_EVERY - 1` decoder calls past the point where all rows were done
+  (their tokens are -1 and trimmed; `generated` is exactly what a per-token check would give).
 
 `prj` is called K times: call p produces the input embedding of latent position p.
+
+Speed without changing a result beyond float rounding (the exactness tests hold at 1e-9 in
+float64):
+
+* the KV cache and the attention mask are preallocated for the whole forward
+  (`PreallocatedCache`, `_LoopState`) instead of being regrown with `torch.cat` at every step —
+  that copy, with its page faults, was most of a CPU sweep's time;
+* rows that continue the same prompt share its prefill cache (`SharedPrefix`): nothing is copied
+  per row, and `codi_attention` reads each prompt's keys once per step for all its rows, as one
+  matrix product, instead of once per row;
+* grouped-query attention folds the query heads instead of repeating the keys;
+* the latent and decode loops make no host sync (greedy decoding asks once per
+  `EOS_CHECK_EVERY` tokens whether all rows are done, and once at the end).
 """
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import inspect
 import logging
 from dataclasses import dataclass
@@ -32,33 +50,239 @@ log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------
+# A preallocated KV cache, with the question's part shared by the rows that continue it
+# ---------------------------------------------------------------------------------------------
+#: The cache of the decoder pass now running, for `codi_attention` to find shared question keys.
+_ACTIVE_CACHE: contextvars.ContextVar[Any] = contextvars.ContextVar("codi_active_cache", default=None)
+
+
+@dataclass
+class SharedPrefix:
+    """Which rows continue which prompt, laid out for batched per-prompt products.
+
+    Rows are grouped by prompt into a (P, G) grid, G the largest group; `slot[p, i]` is the i-th
+    row of prompt p (unused slots repeat row 0 and are never read back), `inv[r]` is row r's cell
+    in the flattened grid.
+    """
+
+    n_prompts: int
+    group: int
+    slot: torch.Tensor  # (P, G) row index
+    inv: torch.Tensor  # (R,) index into P * G
+
+    @classmethod
+    def of(cls, rows: torch.Tensor, n_prompts: int) -> SharedPrefix:
+        """The layout of `rows` (R,) prompt indices."""
+        order = torch.argsort(rows, stable=True)
+        sorted_rows = rows[order]
+        counts = torch.bincount(rows, minlength=n_prompts)
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(len(rows), device=rows.device) - starts[sorted_rows]
+        group = int(counts.max())  # the one host sync of the shared layout, once per forward
+        slot = torch.zeros(n_prompts, group, dtype=torch.long, device=rows.device)
+        slot[sorted_rows, rank] = order
+        inv = torch.empty_like(rows)
+        inv[order] = sorted_rows * group + rank
+        return cls(n_prompts, group, slot, inv)
+
+    def to_grid(self, x: torch.Tensor, kv_heads: int) -> torch.Tensor:
+        """(R, H, q, E) per row -> (P, kv_heads, G * groups * q, E): each prompt's rows as one matrix."""
+        _, n_heads, q, e = x.shape
+        groups = n_heads // kv_heads
+        grid = x[self.slot].view(self.n_prompts, self.group, kv_heads, groups, q, e)
+        return grid.permute(0, 2, 1, 3, 4, 5).reshape(self.n_prompts, kv_heads, self.group * groups * q, e)
+
+    def from_grid(self, y: torch.Tensor, n_heads: int, q: int) -> torch.Tensor:
+        """Inverse of `to_grid`: (P, kv_heads, G * groups * q, E) -> (R, H, q, E)."""
+        kv_heads, e = y.shape[1], y.shape[-1]
+        grid = y.view(self.n_prompts, kv_heads, self.group, n_heads // kv_heads, q, e).permute(0, 2, 1, 3, 4, 5)
+        return grid.reshape(self.n_prompts * self.group, n_heads, q, e)[self.inv]
+
+
+@functools.cache
+def preallocated_classes() -> tuple[type, type]:  # noqa: C901 — two classes defined in one factory
+    """(`PreallocatedLayer`, `PreallocatedCache`), defined on first use: importing this module skips transformers."""
+    from transformers.cache_utils import Cache, DynamicLayer
+
+    class PreallocatedLayer(DynamicLayer):
+        """One layer's KV cache in buffers of a fixed token capacity, filled in place.
+
+        transformers' `DynamicLayer` regrows keys and values with `torch.cat` at every decoder call,
+        copying the whole cache (and, on CPU, page-faulting a fresh allocation) once per layer and
+        step. Here `update` writes the new tokens into the buffer and returns views of the filled
+        part. It grows (doubling) only if a caller under-estimated the capacity.
+
+        After `share`, the tokens cached so far (the prompts' prefill, one row per prompt) become
+        `shared_keys`/`shared_values` and the buffers hold only each row's own later tokens: `update`
+        returns those, and `codi_attention` attends to the shared part through the cache's
+        `SharedPrefix` layout. Nothing is copied per row, and each prompt's keys are read once per
+        step for all its rows instead of once per row.
+        """
+
+        def __init__(self, capacity: int) -> None:
+            super().__init__()
+            self.capacity = capacity
+            self.length = 0  # tokens in the buffers (after `share`: each row's own tokens)
+            self.shared_keys: torch.Tensor | None = None
+            self.shared_values: torch.Tensor | None = None
+
+        def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+            """Allocate the buffers from the first update's batch, heads, dtype and device."""
+            self.device = key_states.device
+            b, h, _, dk = key_states.shape
+            self.keys = key_states.new_empty(b, h, self.capacity, dk)
+            self.values = value_states.new_empty(b, h, self.capacity, value_states.shape[-1])
+            self.is_initialized = True
+
+        def update(
+            self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            """Write the new tokens after the cached ones; return the views of all buffered tokens."""
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            end = self.length + key_states.shape[-2]
+            if end > self.keys.shape[-2]:
+                self._grow(max(end, 2 * self.keys.shape[-2]))
+            self.keys[:, :, self.length : end] = key_states
+            self.values[:, :, self.length : end] = value_states
+            self.length = end
+            return self.keys[:, :, :end], self.values[:, :, :end]
+
+        def _grow(self, capacity: int) -> None:
+            keys, values = self.keys, self.values
+            self.keys = keys.new_empty(*keys.shape[:2], capacity, keys.shape[-1])
+            self.values = values.new_empty(*values.shape[:2], capacity, values.shape[-1])
+            self.keys[:, :, : self.length] = keys[:, :, : self.length]
+            self.values[:, :, : self.length] = values[:, :, : self.length]
+            self.capacity = capacity
+
+        def share(self, n_rows: int) -> None:
+            """Make the cached tokens the shared part; start empty per-row buffers for `n_rows` rows."""
+            if not self.is_initialized:
+                return
+            self.shared_keys = self.keys[:, :, : self.length]
+            self.shared_values = self.values[:, :, : self.length]
+            own = max(self.capacity - self.length, 1)
+            self.keys = self.keys.new_empty(n_rows, self.keys.shape[1], own, self.keys.shape[-1])
+            self.values = self.values.new_empty(n_rows, self.values.shape[1], own, self.values.shape[-1])
+            self.capacity, self.length = own, 0
+
+        @property
+        def shared_length(self) -> int:
+            return 0 if self.shared_keys is None else self.shared_keys.shape[-2]
+
+        def get_seq_length(self) -> int:
+            """Tokens cached, shared ones included (a Python int: asking costs no device sync)."""
+            return self.shared_length + self.length
+
+        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+            """Length and offset of the keys a query attends to."""
+            return self.get_seq_length() + query_length, 0
+
+        def crop(self, tokens_to_remove: int) -> None:
+            """Forget the last `-tokens_to_remove` tokens (negative, as `DynamicLayer.crop` wants)."""
+            if tokens_to_remove > 0 or -tokens_to_remove > self.length:
+                raise ValueError(f"cannot crop {tokens_to_remove} of {self.length} own tokens")
+            self.length += tokens_to_remove
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            """Keep (or repeat) the rows `indices`: one gather, into buffers of the same capacity."""
+            if self.shared_keys is not None:
+                raise NotImplementedError("rows of a shared-prefix cache cannot be reselected")
+            if self.is_initialized:
+                self.keys = self.keys[indices]
+                self.values = self.values[indices]
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            """Repeat every row `repeats` times."""
+            self.batch_select_indices(torch.arange(self.keys.shape[0]).repeat_interleave(repeats))
+
+        def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+            """Reorder rows (beam search)."""
+            if self.is_initialized:
+                self.batch_select_indices(beam_idx.to(self.keys.device))
+
+        def reset(self) -> None:
+            """Drop the buffers."""
+            self.length = 0
+            self.shared_keys = self.shared_values = None
+            super().reset()
+
+    class PreallocatedCache(Cache):
+        """`PreallocatedLayer`s, one per decoder block, and the rows' `SharedPrefix` once shared."""
+
+        def __init__(self, n_layers: int, capacity: int) -> None:
+            super().__init__(layers=[PreallocatedLayer(capacity) for _ in range(n_layers)])
+            self.prefix: SharedPrefix | None = None
+
+        def share(self, rows: torch.Tensor, n_prompts: int) -> None:
+            """Let row r continue prompt `rows[r]` without copying its cache (see `PreallocatedLayer`)."""
+            self.prefix = SharedPrefix.of(rows, n_prompts)
+            for layer in self.layers:
+                layer.share(len(rows))
+
+    return PreallocatedLayer, PreallocatedCache
+
+
+def preallocated_cache(n_layers: int, capacity: int) -> Any:
+    """A transformers `Cache` of `n_layers` `PreallocatedLayer`s holding `capacity` tokens each."""
+    return preallocated_classes()[1](n_layers, capacity)
+
+
+# ---------------------------------------------------------------------------------------------
 # The module
 # ---------------------------------------------------------------------------------------------
 ATTENTION = "codi_eager"
 
 
-def codi_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                   attention_mask: torch.Tensor | None, scaling: float | None = None,
-                   dropout: float = 0.0, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def codi_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Eager attention whose softmax runs in the activations' own dtype (float32 for half types).
 
     transformers' Llama eager attention always takes the softmax in float32, which caps float64
     runs at ~1e-7 agreement; CODI's latent loop amplifies such noise, and our exactness checks
     (batched = unbatched, package = reference) need float64 all the way through.
     """
-    groups = getattr(module, "num_key_value_groups", 1)
-    if groups > 1:
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    weights = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    b, n_heads, q, d = query.shape
+    kv_heads = key.shape[1]
+    # Grouped-query attention without `repeat_interleave`, which copied the whole KV cache of every
+    # layer at every step: query heads j*groups ... j*groups+groups-1 share kv head j, so folding
+    # each group's heads into the query-length axis gives the same dot products.
+    scores = torch.matmul(query.reshape(b, kv_heads, -1, d), key.transpose(-1, -2)).view(b, n_heads, q, -1)
+    cache = _ACTIVE_CACHE.get()
+    layer = cache.layers[module.layer_idx] if cache is not None and getattr(cache, "prefix", None) else None
+    n_shared = 0
+    if layer is not None and layer.shared_keys is not None:
+        # Rows continuing a shared prompt: their scores against its keys, one product per prompt;
+        # the mask's first columns are those keys, then the row's own (cached and new) tokens.
+        pre = cache.prefix
+        shared = pre.from_grid(
+            torch.matmul(pre.to_grid(query, kv_heads), layer.shared_keys.transpose(-1, -2)), n_heads, q
+        )
+        n_shared = shared.shape[-1]
+        scores = torch.cat([shared, scores], dim=-1)
+    weights = scores * scaling
     if attention_mask is not None:
-        weights = weights + attention_mask[..., : key.shape[-2]]
+        weights = weights + attention_mask[..., : weights.shape[-1]]
     soft = torch.float32 if query.dtype in (torch.float16, torch.bfloat16) else query.dtype
     weights = torch.softmax(weights, dim=-1, dtype=soft).to(value.dtype)
     weights = nn.functional.dropout(weights, p=dropout, training=module.training)
-    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+    own = weights[..., n_shared:] if n_shared else weights
+    out = torch.matmul(own.reshape(b, kv_heads, -1, own.shape[-1]), value).view(b, n_heads, q, value.shape[-1])
+    if n_shared:
+        shared_w = pre.to_grid(weights[..., :n_shared], kv_heads)
+        out = out + pre.from_grid(torch.matmul(shared_w, layer.shared_values), n_heads, q)
+    return out.transpose(1, 2).contiguous(), weights
 
 
 def register_attention() -> str:
@@ -82,8 +306,16 @@ def make_prj(hidden: int, prj_dim: int, use_prj: bool, prj_no_ln: bool) -> nn.Mo
 class CODIModule(nn.Module):
     """A causal LM (LoRA merged) plus CODI's projection, running CODI inference in `forward`."""
 
-    def __init__(self, lm: nn.Module, prj: nn.Module, *, num_latent: int, vocab_size: int,
-                 eos_token_id: int | None, remove_eos: bool = True) -> None:
+    def __init__(
+        self,
+        lm: nn.Module,
+        prj: nn.Module,
+        *,
+        num_latent: int,
+        vocab_size: int,
+        eos_token_id: int | None,
+        remove_eos: bool = True,
+    ) -> None:
         super().__init__()
         self.lm = lm
         self.prj = prj
@@ -126,25 +358,64 @@ class CODIModule(nn.Module):
         return CallSchedule(self.num_latent, prefill_calls)
 
     # -- one decoder pass --------------------------------------------------------------------
-    def new_cache(self) -> Any:
-        """An empty KV cache for `run_decoder`."""
-        from transformers import DynamicCache
+    def new_cache(self, capacity: int | None = None) -> Any:
+        """An empty KV cache for `run_decoder`: preallocated for `capacity` tokens when given.
 
-        return DynamicCache()
+        With autograd on (training) the growing `DynamicCache` is kept: attention saves views of
+        the cache for the backward pass, which in-place writes into a shared buffer would spoil.
+        """
+        if capacity is None or torch.is_grad_enabled():
+            from transformers import DynamicCache
 
-    def run_decoder(self, cache: Any, mask: torch.Tensor, pos: torch.Tensor, *, input_ids: torch.Tensor | None = None,
-                    inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+            return DynamicCache()
+        return preallocated_cache(len(self.layers), capacity)
+
+    def run_decoder(
+        self,
+        cache: Any,
+        mask: torch.Tensor,
+        pos: torch.Tensor,
+        *,
+        input_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """One pass of the decoder stack over new tokens; returns the last-layer hidden states.
 
         `mask` (B, K) covers every cached and new token, `pos` (B, q) are the new tokens' positions.
         Training (`toy.train`) and inference share this, so both run exactly the same model.
         """
         q = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        return self._run(cache, self.additive_mask(mask, q), pos, input_ids=input_ids, inputs_embeds=inputs_embeds)
+
+    def _run(
+        self,
+        cache: Any,
+        additive: torch.Tensor,
+        pos: torch.Tensor,
+        *,
+        input_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`run_decoder` with the (B, 1, q, K) additive mask already built."""
         cache_arg = {self.cache_kw: cache} if cache is not None else {}
-        out = self.base(input_ids=input_ids, inputs_embeds=inputs_embeds,
-                        attention_mask=self.additive_mask(mask, q), position_ids=pos,
-                        use_cache=cache is not None, **cache_arg)
+        token = _ACTIVE_CACHE.set(cache)  # `codi_attention` reads a shared prefix from it
+        try:
+            out = self.base(
+                input_ids=input_ids,
+                inputs_embeds=inputs_embeds,
+                attention_mask=additive,
+                position_ids=pos,
+                use_cache=cache is not None,
+                **cache_arg,
+            )
+        finally:
+            _ACTIVE_CACHE.reset(token)
         return out.last_hidden_state
+
+    def mask_fill(self) -> float:
+        """The additive mask's fill value (see `additive_mask`)."""
+        dtype = self.lm.get_input_embeddings().weight.dtype
+        return max(torch.finfo(dtype).min, torch.finfo(torch.float32).min)
 
     def additive_mask(self, mask: torch.Tensor, q: int) -> torch.Tensor:
         """(B, 1, q, K) additive causal + padding mask with a *finite* fill value.
@@ -155,13 +426,13 @@ class CODIModule(nn.Module):
         underflows exp() to exactly 0, so padded and unpadded runs agree bit for bit.
         """
         dtype = self.lm.get_input_embeddings().weight.dtype
-        fill = max(torch.finfo(dtype).min, torch.finfo(torch.float32).min)
         k = mask.shape[1]
         key_pos = torch.arange(k, device=mask.device)
         query_pos = torch.arange(k - q, k, device=mask.device)
         allowed = (key_pos[None, :] <= query_pos[:, None])[None] & mask.bool()[:, None, :]
-        return torch.zeros(allowed.shape, dtype=dtype, device=mask.device).masked_fill(
-            ~allowed, fill)[:, None]
+        return torch.zeros(allowed.shape, dtype=dtype, device=mask.device).masked_fill(~allowed, self.mask_fill())[
+            :, None
+        ]
 
     # -- the CODI procedure ------------------------------------------------------------------
     def forward(
@@ -189,12 +460,13 @@ class CODIModule(nn.Module):
                 -1; each candidate starts right after the suffix.
             max_new_tokens: greedy tokens to decode after the suffix (stops at eos).
             num_latent: override the number of latent steps.
-            prefix_ids, prefix_mask: (Q, Tp) left-padded token prefixes shared by several prompts
-                (a clean question and its corrupted twin share everything before the changed
-                number); `input_ids` then holds only the rest of each prompt, and
-                `prompt_prefix` (P,) says which prefix each prompt continues. The prefill then
-                takes two decoder calls (prefixes, then the rests) and every later call index
-                shifts by one (see `CallSchedule`).
+            prefix_ids: (Q, Tp) left-padded token prefixes shared by several prompts (a clean
+                question and its corrupted twin share everything before the changed number);
+                `input_ids` then holds only the rest of each prompt. The prefill then takes two
+                decoder calls (prefixes, then the rests) and every later call index shifts by one
+                (see `CallSchedule`).
+            prefix_mask: (Q, Tp) 1 for the real tokens of `prefix_ids`.
+            prompt_prefix: (P,) which prefix each prompt continues.
 
         Returns:
             dict with `logits` (R, V) at the last suffix position, `latents` (R, K, d) the latent
@@ -204,25 +476,37 @@ class CODIModule(nn.Module):
         # No autograd outside training: patching edits activations in place, and it is faster.
         with torch.inference_mode(not self.training):
             K = self.num_latent if num_latent is None else num_latent
-            state = self._prefill(input_ids, attention_mask, rows, prefix_ids, prefix_mask, prompt_prefix)
+            # Every token this forward will cache, so the KV cache and the mask are allocated once.
+            n_suffix = len(self.eot_ids()) if suffix_ids is None else suffix_ids.shape[-1]
+            n_after = max(candidates.shape[-1] if candidates is not None else 0, max_new_tokens - 1)
+            capacity = (
+                input_ids.shape[1] + (prefix_ids.shape[1] if prefix_ids is not None else 0) + K + n_suffix + n_after
+            )
+            state = self._prefill(input_ids, attention_mask, rows, prefix_ids, prefix_mask, prompt_prefix, capacity)
             latents = self._latent_loop(state, K)
             logits, hidden_size = self._suffix(state, suffix_ids)
             out: dict[str, torch.Tensor] = {"logits": logits}
-            out["latents"] = (torch.cat(latents, dim=1) if latents
-                              else logits.new_zeros(logits.shape[0], 0, hidden_size))
+            out["latents"] = torch.cat(latents, dim=1) if latents else logits.new_zeros(logits.shape[0], 0, hidden_size)
             if candidates is not None:
                 out["candidate_logprobs"], out["candidate_first"] = self._score(state, logits, candidates)
             if max_new_tokens > 0:
                 out["generated"] = self._greedy(state, logits, max_new_tokens)
             return out
 
-    def _prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor | None,
-                 prefix_ids: torch.Tensor | None, prefix_mask: torch.Tensor | None,
-                 prompt_prefix: torch.Tensor | None) -> _LoopState:
+    def _prefill(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        rows: torch.Tensor | None,
+        prefix_ids: torch.Tensor | None,
+        prefix_mask: torch.Tensor | None,
+        prompt_prefix: torch.Tensor | None,
+        capacity: int,
+    ) -> _LoopState:
         """Decoder call 0 (or calls 0-1 with shared prefixes): the questions, then rows picked."""
         dev = input_ids.device
         mask = attention_mask.to(dtype=torch.long)
-        cache = self.new_cache()
+        cache = self.new_cache(capacity)
         if prefix_ids is None:
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
         else:  # call 0: the shared prefixes, once each; call 1 (below): the rest of every prompt
@@ -238,9 +522,12 @@ class CODIModule(nn.Module):
         next_pos = pos[:, -1:] + 1
         if rows is not None:
             rows = rows.to(dev)
-            cache.batch_select_indices(rows)
+            if hasattr(cache, "share") and getattr(self.lm.config, "_attn_implementation", None) == ATTENTION:
+                cache.share(rows, input_ids.shape[0])  # rows read their prompt's cache, no copy
+            else:
+                cache.batch_select_indices(rows)
             last, mask, next_pos = last[rows], mask[rows], next_pos[rows]
-        return _LoopState(cache, mask, next_pos, last)
+        return _LoopState.start(cache, mask, next_pos, last, capacity, self.mask_fill(), hidden.dtype)
 
     def _latent_loop(self, state: _LoopState, num_latent: int) -> list[torch.Tensor]:
         """The continuous thoughts: prj call k makes latent token k's input embedding."""
@@ -265,13 +552,20 @@ class CODIModule(nn.Module):
     def _step(self, state: _LoopState, **new: torch.Tensor) -> torch.Tensor:
         """Append new tokens (ids or embeddings) to every row and run the decoder once."""
         n_new = next(iter(new.values())).shape[1]
-        state.mask = torch.cat([state.mask, state.mask.new_ones(state.mask.shape[0], n_new)], dim=1)
+        start, end = state.reserve(n_new)
+        state.mask[:, start:end] = 1
+        state.length = end
         pos = state.next_pos + torch.arange(n_new, device=state.mask.device)
         state.next_pos = state.next_pos + n_new
-        return self.run_decoder(state.cache, state.mask, pos, **new)
+        if n_new == 1:  # one new token sees every earlier one: the padding bias alone is the mask
+            additive = state.bias[:, None, None, :end]
+        else:
+            additive = self.additive_mask(state.mask[:, :end], n_new)
+        return self._run(state.cache, additive, pos, **new)
 
-    def _score(self, state: _LoopState, logits: torch.Tensor, candidates: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _score(
+        self, state: _LoopState, logits: torch.Tensor, candidates: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced log-probability of each candidate answer (cache rolled back after each)."""
         dev = logits.device
         candidates = candidates.to(dev)
@@ -284,9 +578,16 @@ class CODIModule(nn.Module):
             A = tok.shape[1]
             lp = first_logp.gather(1, tok[:, :1]).squeeze(1)
             if A > 1:
-                cmask = torch.cat([state.mask, valid.to(state.mask.dtype)], dim=1)
-                h = self.run_decoder(state.cache, cmask, state.next_pos + torch.arange(A, device=dev),
-                                     inputs_embeds=self.embed(tok))
+                # The candidate's mask goes after the cached tokens without advancing `length`:
+                # decoding (or the next candidate) overwrites it, as `crop` rolls the cache back.
+                start, end = state.reserve(A)
+                state.mask[:, start:end] = valid
+                h = self._run(
+                    state.cache,
+                    self.additive_mask(state.mask[:, :end], A),
+                    state.next_pos + torch.arange(A, device=dev),
+                    inputs_embeds=self.embed(tok),
+                )
                 step_logits = _upcast(self.lm.lm_head(h[:, :-1, :]))
                 step_lp = torch.log_softmax(step_logits, dim=-1).gather(2, tok[:, 1:, None]).squeeze(2)
                 lp = lp + (step_lp * valid[:, 1:]).sum(1)
@@ -296,19 +597,29 @@ class CODIModule(nn.Module):
         return torch.stack(lps, dim=1), torch.stack(firsts, dim=1)
 
     def _greedy(self, state: _LoopState, logits: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        """Greedy decoding as the official code does it: argmax over all ids but `[eot]`."""
+        """Greedy decoding as the official code does it: argmax over all ids but `[eot]`.
+
+        Rows that have emitted eos keep being decoded (their tokens are replaced by -1), so no
+        step needs to know on the host whether all rows are done; that is asked only every
+        `EOS_CHECK_EVERY` tokens, and the result is trimmed to the columns a per-token check
+        would have produced, so `generated` does not depend on the check interval.
+        """
         eos = -1 if self.eos_token_id is None else self.eos_token_id
         finished = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
-        tokens = []
+        tokens, all_done = [], []
         for t in range(max_new_tokens):
             nxt = logits[:, : self.eot_id].argmax(-1)
             tokens.append(torch.where(finished, torch.full_like(nxt, -1), nxt))
             finished = finished | (nxt == eos)
-            if t == max_new_tokens - 1 or bool(finished.all()):
+            all_done.append(finished.all())
+            if t == max_new_tokens - 1 or ((t + 1) % EOS_CHECK_EVERY == 0 and bool(all_done[-1])):
                 break
             h = self._step(state, input_ids=nxt[:, None])
             logits = self.lm.lm_head(h[:, -1, :])
-        return torch.stack(tokens, dim=1)
+        done = torch.stack(all_done)
+        # One sync per forward: the width up to the first token after which every row was done.
+        width = int(torch.where(done.any(), done.long().argmax(), len(tokens) - 1)) + 1
+        return torch.stack(tokens, dim=1)[:, :width]
 
     @property
     def cache_kw(self) -> str:
@@ -316,14 +627,52 @@ class CODIModule(nn.Module):
         return self._cache_kw
 
 
+#: Greedy decoding asks the host whether every row has emitted eos only after this many tokens.
+EOS_CHECK_EVERY = 8
+
+
 @dataclass
 class _LoopState:
-    """What the latent loop carries from one decoder call to the next, per row."""
+    """What the latent loop carries from one decoder call to the next, per row.
+
+    `mask` and `bias` are preallocated for every token of the forward; the first `length`
+    columns are in use.
+    """
 
     cache: Any
-    mask: torch.Tensor  # (R, tokens so far)
+    mask: torch.Tensor  # (R, capacity) 1 for real tokens
+    bias: torch.Tensor  # (R, capacity) additive padding mask: fill where `mask` is 0 (before `length`)
+    length: int  # tokens so far
     next_pos: torch.Tensor  # (R, 1) position of the next token
     last: torch.Tensor  # (R, 1, d) last hidden state
+
+    @classmethod
+    def start(
+        cls,
+        cache: Any,
+        mask: torch.Tensor,
+        next_pos: torch.Tensor,
+        last: torch.Tensor,
+        capacity: int,
+        fill: float,
+        dtype: torch.dtype,
+    ) -> _LoopState:
+        """The state after the prefill: `mask` (R, T) copied into buffers of `capacity` columns."""
+        n_rows, length = mask.shape
+        buf = mask.new_zeros(n_rows, max(capacity, length))
+        buf[:, :length] = mask
+        bias = torch.zeros(buf.shape, dtype=dtype, device=mask.device)
+        bias[:, :length].masked_fill_(mask == 0, fill)
+        return cls(cache, buf, bias, length, next_pos, last)
+
+    def reserve(self, n_new: int) -> tuple[int, int]:
+        """Columns [start, end) for `n_new` tokens after the current ones (grown if ever short)."""
+        start, end = self.length, self.length + n_new
+        if end > self.mask.shape[1]:
+            extra = max(end, 2 * self.mask.shape[1]) - self.mask.shape[1]
+            self.mask = torch.cat([self.mask, self.mask.new_zeros(self.mask.shape[0], extra)], dim=1)
+            self.bias = torch.cat([self.bias, self.bias.new_zeros(self.bias.shape[0], extra)], dim=1)
+        return start, end
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:

@@ -161,7 +161,7 @@ def _pair_values(
 
 
 def metric_names() -> list[str]:
-    """Every metric variable name (dims pair, layer[, position][, component])."""
+    """Every metric variable name (dims `pair, layer[, head][, position][, component]`)."""
     return [m.name for m in METRICS]
 
 

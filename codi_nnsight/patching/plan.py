@@ -234,14 +234,34 @@ def _plan_patches(plan: BatchPlan, cfg: SweepConfig, model: CODIModel, values: A
                     copy((*key, u), row, src)
                 elif patched:
                     sets.setdefault((*key, u, k), []).append(row)
-                if cfg.mode == "no-feedback":
-                    # The fed-back embeddings stay the baseline's wherever they are not the site itself
-                    # (prj call 0 reads only the unpatched question, so layer sites need no reset there).
-                    if (not patched) if not per_layer else k > 0:
-                        copy(("prj", sched.prj_call(k), -1), row, base)
+                if _feedback_reset(cfg, patched, k):
+                    copy(("prj", sched.prj_call(k), -1), row, base)
         for k in range(K):  # the self-patch control: every patched site, from its own baseline
             for L in cfg.layers if per_layer else ["prj"]:
                 copy((L, sched.latent_call(k) if per_layer else sched.prj_call(k), -1), selfr, base)
+    _store_patches(plan, cfg, model, values, copies, sets)
+
+
+def _feedback_reset(cfg: SweepConfig, patched: bool, k: int) -> bool:
+    """no-feedback: whether the fed-back embedding of latent k stays the baseline's in a patched row.
+
+    Everywhere but the site itself; prj call 0 reads only the unpatched question, so layer sites
+    need no reset there.
+    """
+    if cfg.mode != "no-feedback":
+        return False
+    return not patched if not cfg.site.per_layer else k > 0
+
+
+def _store_patches(
+    plan: BatchPlan,
+    cfg: SweepConfig,
+    model: CODIModel,
+    values: AblationValues | None,
+    copies: dict[Any, tuple[list[int], list[int]]],
+    sets: dict[Any, list[int]],
+) -> None:
+    """Turn the collected row lists into the plan's index tensors and ablation payloads."""
     for (site, call, u), (d, s_) in sorted(copies.items(), key=lambda kv: str(kv[0])):
         dst, src = torch.tensor(d), torch.tensor(s_)
         if u >= 0:

@@ -107,7 +107,7 @@ def logit_lens(
 ) -> xr.Dataset:
     """Logit lens of every question of `pairs` at every step and layer (layout: docs/readouts.md).
 
-    Returns a Dataset with dims (pair, variant, step, layer[, k][, intermediate]) and attr
+    Returns a Dataset with dims `(pair, variant, step, layer[, k][, intermediate])` and attr
     `codi_nnsight_schema = "codi-nnsight/lens/1"`. `remote` is False, "local", True (NDIF) or a URL.
     """
     infos = question_infos(model, pairs)

@@ -1,0 +1,124 @@
+"""The tutorial notebooks in docs/tutorials: stored without outputs, their `codi_nnsight` names exist, and 1-4 run.
+
+Notebooks 1-4 are executed with nbclient on the bundled toy model (offline, about a minute or less
+each on 2 CPU cores) and must end with a figure. Notebook 5 needs the Hugging Face Hub: it is only
+parsed, and every `codi_nnsight` name it uses must exist.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+TUTORIALS = Path(__file__).resolve().parent.parent / "docs" / "tutorials"
+EXECUTED = [
+    "01_where_does_the_model_reason.ipynb",
+    "02_what_does_each_thought_hold.ipynb",
+    "03_heads_ablations_and_early_exit.ipynb",
+    "04_your_own_traces.ipynb",
+]
+NOT_EXECUTED = ["05_real_checkpoints.ipynb"]
+#: Wall-clock budget of one notebook's cells (kernel start not included); each takes 10-30 s here.
+NOTEBOOK_TIMEOUT_S = 240
+
+
+def _notebook(name: str) -> dict:
+    return json.loads((TUTORIALS / name).read_text(encoding="utf-8"))
+
+
+def _code_cells(nb: dict) -> list[str]:
+    return ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
+
+
+def _python(source: str) -> str:
+    """A cell's source with IPython magics and shell lines commented out, so `ast` can parse it."""
+    return "\n".join("# " + line if line.lstrip().startswith(("%", "!")) else line for line in source.splitlines())
+
+
+def _codi_names(tree: ast.Module) -> set[str]:
+    """Dotted `codi_nnsight` names the code imports or reads, e.g. `codi_nnsight.analysis.layer_summary`."""
+    imported: dict[str, str] = {}  # local name -> dotted name
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "codi_nnsight":
+            for alias in node.names:
+                dotted = f"{node.module}.{alias.name}"
+                names.add(dotted)
+                imported[alias.asname or alias.name] = dotted
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "codi_nnsight":
+                    names.add(alias.name)
+                    # `import codi_nnsight.x` binds `codi_nnsight`; `import codi_nnsight.x as y` binds y to it
+                    imported[alias.asname or "codi_nnsight"] = alias.name if alias.asname else "codi_nnsight"
+    for node in ast.walk(tree):  # attributes of imported names: analysis.layer_summary, CODIConfig.from_json, ...
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in imported:
+            names.add(f"{imported[node.value.id]}.{node.attr}")
+    return names
+
+
+def _resolve(dotted: str) -> object | None:
+    """The object a dotted name refers to (a module, or an attribute of one), None if there is none."""
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj: object = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for attr in parts[i:]:
+            if not hasattr(obj, attr):
+                return None
+            obj = getattr(obj, attr)
+        return obj
+    return None
+
+
+@pytest.mark.parametrize("name", EXECUTED + NOT_EXECUTED)
+def test_notebook_is_stored_without_outputs_and_names_exist(name: str) -> None:
+    nb = _notebook(name)
+    assert nb["metadata"]["kernelspec"]["name"] == "python3"
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert code, f"{name}: no code cells"
+    for cell in code:
+        assert cell["outputs"] == [] and cell["execution_count"] is None, f"{name}: outputs committed"
+    tree = ast.parse("\n\n".join(_python(s) for s in _code_cells(nb)), filename=name)  # SyntaxError fails here
+    names = _codi_names(tree)
+    assert names, f"{name}: uses no codi_nnsight name"
+    missing = sorted(n for n in names if _resolve(n) is None)
+    assert not missing, f"{name} uses codi_nnsight names that do not exist: {missing}"
+
+
+def test_every_tutorial_is_tested() -> None:
+    assert sorted(p.name for p in TUTORIALS.glob("*.ipynb")) == sorted(EXECUTED + NOT_EXECUTED)
+
+
+@pytest.mark.parametrize("name", EXECUTED)
+def test_notebook_runs_and_ends_with_a_figure(name: str, tmp_path: Path) -> None:
+    nbformat = pytest.importorskip("nbformat", reason="executing the tutorials needs nbformat (pip install -e .[test])")
+    nbclient = pytest.importorskip("nbclient", reason="executing the tutorials needs nbclient (pip install -e .[test])")
+    pytest.importorskip("ipykernel", reason="executing the tutorials needs ipykernel (pip install -e .[test])")
+    nb = nbformat.read(TUTORIALS / name, as_version=4)
+    deadline: list[float] = []
+
+    def remaining(cell: object) -> int:
+        """Each cell gets what is left of the notebook's budget."""
+        if not deadline:
+            deadline.append(time.monotonic() + NOTEBOOK_TIMEOUT_S)
+        return max(1, int(deadline[0] - time.monotonic()))
+
+    client = nbclient.NotebookClient(
+        nb, kernel_name="python3", timeout_func=remaining, resources={"metadata": {"path": str(tmp_path)}}
+    )  # runs in tmp_path
+    client.execute()  # raises CellExecutionError (with the cell and traceback) on any error
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(c.execution_count is not None for c in code), f"{name}: not every cell ran"
+    errors = [o for c in code for o in c.outputs if o.output_type == "error"]
+    assert not errors, f"{name}: {errors}"
+    last = code[-1].outputs
+    assert any("image/png" in o.get("data", {}) for o in last), f"{name}: the last cell drew no figure"
+    assert list(tmp_path.iterdir()) == [], f"{name}: wrote files into its working folder"
