@@ -295,3 +295,23 @@ def test_wrong_family_and_malicious_checkpoint_via_cli(setup, tmp_path):
     r = cli("evaluate", "--model", gpt2, "--limit", "1")
     assert r.returncode == 2 and "refused to load (weights_only=True)" in r.stderr
     assert not Path("/tmp/codi_nnsight_cli_pwned").exists()
+
+
+def test_text_the_tokenizer_would_change_is_refused_by_pair():
+    from codi_nnsight.data.pairs import Pair, PairSet, Question
+
+    model = load_model()  # the bundled toy: a word tokenizer with <unk>
+    good = load_pairs(Path(__file__).resolve().parent.parent / "data" / "demo_pairs.json")[0]
+    special = PairSet.from_pairs(
+        [Pair(7, Question(good.clean.question + " </s>", good.clean.answer, {}), good.corrupted)]
+    )
+    with pytest.raises(UserError) as e:
+        sweep_mod.patch_sweep(model, special, layers=[0])
+    assert (
+        str(e.value) == "pair_id 7, clean question: the text contains the special token(s) </s>; remove them "
+        "from the question"
+    )
+    unknown = PairSet.from_pairs([Pair(8, good.clean, Question(good.corrupted.question, 150, {}))])
+    with pytest.raises(UserError) as e:
+        sweep_mod.patch_sweep(model, unknown, layers=[0])
+    assert str(e.value).startswith("pair_id 8, corrupted answer 150: the tokenizer cannot spell it (it becomes <unk>)")

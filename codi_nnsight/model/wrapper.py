@@ -430,6 +430,33 @@ class CODIModel(Remotable):
                         f"latents and answer exceed the model's context of {limit}"
                     )
 
+    def check_text(self, pairs: Any) -> None:
+        """Refuse, naming the pair, text the tokenizer would silently change.
+
+        A question whose text becomes a special token (`</s>`, `<unk>`, ...) feeds the model
+        something the question does not say; an answer the tokenizer cannot spell (`<unk>`) makes
+        two different answers score identically, so logit and log-probability differences vanish.
+        """
+        tok = self.tokenizer
+        special = set(getattr(tok, "all_special_ids", []) or [])
+        unk = getattr(tok, "unk_token_id", None)
+        for p in pairs:
+            for variant in ("clean", "corrupted"):
+                q = getattr(p, variant)
+                ids = tok(self.normalize_question(q.question), add_special_tokens=False).input_ids
+                bad = sorted({tok.convert_ids_to_tokens(i) for i in ids if i in special})
+                if bad:
+                    raise UserError(
+                        f"pair_id {p.pair_id}, {variant} question: the text contains the special "
+                        f"token(s) {', '.join(bad)}; remove them from the question"
+                    )
+                answer = format_number(q.answer)
+                if unk is not None and unk in tok(f" {answer}", add_special_tokens=False).input_ids:
+                    raise UserError(
+                        f"pair_id {p.pair_id}, {variant} answer {answer}: the tokenizer cannot spell it "
+                        f"(it becomes {tok.unk_token}), so it would score like any other unknown answer"
+                    )
+
     def prepare(self, questions: list[str] | str, **extra: Any) -> dict[str, Any]:
         """Left-padded `input_ids` / `attention_mask` for `questions`, plus `extra` forward kwargs."""
         if isinstance(questions, str):
@@ -552,6 +579,11 @@ def _pad_left_cat(ids: list[torch.Tensor], masks: list[torch.Tensor], pad_id: in
         "input_ids": torch.cat([torch.nn.functional.pad(x, (width - x.shape[1], 0), value=pad_id) for x in ids]),
         "attention_mask": torch.cat([torch.nn.functional.pad(m, (width - m.shape[1], 0), value=0) for m in masks]),
     }
+
+
+def format_number(value: float) -> str:
+    """A number as the model writes it: integers without a decimal point."""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
 # The public import path names the class in NDIF model keys: keep keys stable across refactors.

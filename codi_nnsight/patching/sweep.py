@@ -441,3 +441,4 @@ def _reuse_component(
 def check_context(model: CODIModel, pairs: list[Any]) -> None:
     """Refuse questions too long for the model's context, naming the pair."""
     model.check_fits(pairs, extra=model.num_latent + 48)  # latents, [eot], answer prompt, answer tokens
+    model.check_text(pairs)
