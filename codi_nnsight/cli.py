@@ -109,6 +109,20 @@ def _load(
     )
 
 
+def _pairs_option(f: Any) -> Any:
+    return click.option(
+        "--pairs",
+        "pairs_path",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="Pairs file (default: the bundled demo pairs).",
+    )(f)
+
+
+def _remote_option(f: Any) -> Any:
+    return click.option("--remote", default=None, help="local | ndif | URL of an NDIF host.")(f)
+
+
 def _force_option(f: Any) -> Any:
     return click.option("--force", is_flag=True, help="Overwrite an existing output.")(f)
 
@@ -151,19 +165,13 @@ def _remote_value(remote: str | None) -> bool | str:
 # ---------------------------------------------------------------------------------------------
 @main.command()
 @_model_options
-@click.option(
-    "--pairs",
-    "pairs_path",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="Pairs file (default: the bundled demo pairs).",
-)
+@_pairs_option
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N pairs.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write answers as JSON.")
 @_force_option
-@click.option("--remote", default=None, help="local | ndif | URL of an NDIF host.")
+@_remote_option
 def evaluate(
     model_spec, dtype, device, normalization, pairs_path, limit, max_new_tokens, batch_size, out, force, remote
 ) -> None:
@@ -215,13 +223,7 @@ def _families() -> list[str]:
 
 @main.command()
 @_model_options
-@click.option(
-    "--pairs",
-    "pairs_path",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="Pairs file (default: the bundled demo pairs).",
-)
+@_pairs_option
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="Results netCDF file.")
 @_force_option
 @click.option("--layers", default=None, help="e.g. 0-3,7 (default: all).")
@@ -260,7 +262,7 @@ def _families() -> list[str]:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue an interrupted run of the same configuration.")
 @click.option("--check", is_flag=True, help="Exit 3 if a sanity check fails (results are still written).")
-@click.option("--remote", default=None, help="local | ndif | URL of an NDIF host.")
+@_remote_option
 @click.pass_context
 def patch(
     ctx,
@@ -335,18 +337,12 @@ def patch(
 
 @main.command("early-exit")
 @_model_options
-@click.option(
-    "--pairs",
-    "pairs_path",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="Pairs file (default: the bundled demo pairs).",
-)
+@_pairs_option
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="netCDF file.")
 @_force_option
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N pairs.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--remote", default=None, help="local | ndif | URL of an NDIF host.")
+@_remote_option
 def early_exit_cmd(model_spec, dtype, device, normalization, pairs_path, out, force, limit, batch_size, remote) -> None:
     """Answer after 0, 1, ..., K latent thoughts: accuracy and answer log-probability per thought count."""
     from .data.pairs import load_pairs

@@ -369,15 +369,7 @@ def _multi_component_sweep(
     parts = []
     for c in components:
         sub = None if out is None else Path(f"{out}.{c}.nc")
-        sub_kw = dict(
-            layers=cfg.layers,
-            component=c,
-            positions=cfg.positions,
-            mode=cfg.mode,
-            direction=cfg.direction,
-            max_new_tokens=cfg.max_new_tokens,
-            **kw,
-        )
+        sub_kw = {**dataclasses.asdict(cfg), "component": c, **kw}
         if sub is not None and sub.exists():
             parts.append(_reuse_component(model, pairs, sub, c, cfg, resume, kw.get("seed", 0)))
             continue
@@ -416,14 +408,7 @@ def _reuse_component(
     from ..data.pairs import PairSet
 
     sha = getattr(pairs, "sha256", None) or PairSet.from_pairs(list(pairs)).sha256
-    sub_cfg = SweepConfig(
-        layers=cfg.layers,
-        component=component,
-        positions=cfg.positions,
-        mode=cfg.mode,
-        direction=cfg.direction,
-        max_new_tokens=cfg.max_new_tokens,
-    )
+    sub_cfg = dataclasses.replace(cfg, component=component, layers=list(cfg.layers))
     sub_cfg.validate(model)
     expected = sub_cfg.fingerprint(model, sha, seed)
     with xr.open_dataset(path) as f:
