@@ -175,22 +175,9 @@ def _single_sweep(
     """One component: check everything, run the batches (streamed to the store), assemble the file."""
     check_remote_target(remote)  # before any store exists: a refused target leaves nothing behind
     cfg.validate(model)
-    source, pairs_sha = getattr(pairs, "source", None), getattr(pairs, "sha256", None)
-    pairs = list(pairs)
-    if not pairs:
-        raise UserError("no pairs to patch")
-    check_context(model, pairs)
-    if pairs_sha is None:
-        from ..data.pairs import PairSet
-
-        pairs_sha = PairSet.from_pairs(pairs).sha256
+    source = getattr(pairs, "source", None)
+    pairs, fingerprint = _checked_pairs(model, pairs, cfg, seed, reference)
     torch.manual_seed(seed)
-    start = _now()
-    fingerprint = cfg.fingerprint(model, pairs_sha, seed)
-    if reference is not None:
-        import hashlib
-
-        fingerprint["reference_sha256"] = hashlib.sha256("\n".join(reference).encode()).hexdigest()
     bs = _batch_size(model, pairs, cfg, batch_size)
     ablate = _ablation_inputs(model, cfg, pairs, seed, reference, remote)
     attrs = {
@@ -200,7 +187,7 @@ def _single_sweep(
         "run_fingerprint": json.dumps(fingerprint, sort_keys=True),
         "device": str(model.device),
         "command": command if command is not None else shlex.join(sys.argv),
-        "start_time": start,
+        "start_time": _now(),
         "pairs_file": str(source or ""),
         "remote": scrub(str(remote), remote),
         "num_latent": model.num_latent,
@@ -235,6 +222,27 @@ def _single_sweep(
         if store is not None:
             return store.finish({}, order, transform=finalize)
         return finalize(xr.concat(batches, dim="pair", combine_attrs="drop"))
+
+
+def _checked_pairs(
+    model: CODIModel, pairs: Any, cfg: SweepConfig, seed: int, reference: Sequence[str] | None
+) -> tuple[list[Any], dict[str, Any]]:
+    """The pairs as a list, checked against the model, and the run's fingerprint."""
+    pairs_sha = getattr(pairs, "sha256", None)
+    pairs = list(pairs)
+    if not pairs:
+        raise UserError("no pairs to patch")
+    check_context(model, pairs)
+    if pairs_sha is None:
+        from ..data.pairs import PairSet
+
+        pairs_sha = PairSet.from_pairs(pairs).sha256
+    fingerprint = cfg.fingerprint(model, pairs_sha, seed)
+    if reference is not None:
+        import hashlib
+
+        fingerprint["reference_sha256"] = hashlib.sha256("\n".join(reference).encode()).hexdigest()
+    return pairs, fingerprint
 
 
 def _now() -> str:
