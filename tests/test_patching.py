@@ -444,3 +444,13 @@ def test_route_invariants(tiny_models):
     assert float(kl["feedback-only"].sel(layer=0).isel(position=0).max()) > 1e-6
     with pytest.raises(UserError, match="--mode feedback-only needs --positions each"):
         patch_sweep(model, pairs, mode="feedback-only")
+
+
+def test_auto_batch_size_from_memory_or_the_remote_row_budget(tiny_models):
+    from codi_nnsight.patching.sweep import REMOTE_ROWS, auto_batch_size
+
+    model = tiny_models["llama"]
+    assert auto_batch_size(model, 10, 40, remote="http://127.0.0.1:1") == REMOTE_ROWS // 10
+    assert auto_batch_size(model, 10, 40, remote="local") == auto_batch_size(model, 10, 40)  # runs here
+    local = [auto_batch_size(model, rows, 40) for rows in (5, 50, 500, 5000)]
+    assert local == sorted(local, reverse=True) and local[-1] == 1 and local[0] >= 1

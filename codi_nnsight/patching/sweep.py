@@ -47,23 +47,35 @@ def versions() -> dict[str, str]:
     }
 
 
-def auto_batch_size(model: CODIModel, rows_per_pair: int, prompt_len: int) -> int:
-    """Pairs per trace from free memory (CUDA) or a fixed row budget (CPU)."""
+#: Rows per request when a remote server runs the sweep: its memory is not ours to measure, and
+#: fewer, larger requests spend less time queueing (a request of this many rows returns well under 1 MB).
+REMOTE_ROWS = 1024
+
+
+def auto_batch_size(model: CODIModel, rows_per_pair: int, prompt_len: int, remote: bool | str = False) -> int:
+    """Pairs per trace: from free memory (CUDA), a memory and row budget (CPU), or a row budget (remote).
+
+    Rows that continue a question share its prefill cache, so a pair costs two prompts' caches plus
+    each row's own latent, suffix and decoded tokens — not a full cache per row.
+    """
+    if remote and remote != "local":
+        n = max(1, REMOTE_ROWS // rows_per_pair)
+        log.info("--batch-size auto with a remote server: %d pairs (%d rows) per request", n, n * rows_per_pair)
+        return n
     cfg = model.codi.lm.config
     d = cfg.hidden_size
-    n_layers = model.n_layers
     kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    kv_dim = kv_heads * (d // cfg.num_attention_heads)
-    seq = prompt_len + model.num_latent + 32
+    kv_token = 2 * model.n_layers * kv_heads * (d // cfg.num_attention_heads) * (torch.finfo(model.dtype).bits // 8)
+    own = model.num_latent + 32  # latents, [eot] + prompt, candidates, decoded tokens
     elem = torch.finfo(model.dtype).bits // 8
-    per_row = 2 * n_layers * seq * kv_dim * elem + 4 * cfg.vocab_size * 8 + 16 * d * seq * elem
+    per_pair = kv_token * (2 * prompt_len + rows_per_pair * own) + rows_per_pair * (
+        4 * cfg.vocab_size * 8 + 16 * d * own * elem
+    )
     dev = model.device
     if dev is not None and dev.type == "cuda":
         free, _ = torch.cuda.mem_get_info(dev)
-        rows = int(free * 0.6 // per_row)
-    else:
-        rows = min(512, int(2e9 // per_row))
-    return max(1, rows // rows_per_pair)
+        return max(1, int(free * 0.6 // per_pair))
+    return max(1, min(512 // rows_per_pair, int(2e9 // per_pair)))
 
 
 def patch_sweep(
@@ -178,7 +190,7 @@ def _single_sweep(
     source = getattr(pairs, "source", None)
     pairs, fingerprint = _checked_pairs(model, pairs, cfg, seed, reference)
     torch.manual_seed(seed)
-    bs = _batch_size(model, pairs, cfg, batch_size)
+    bs = _batch_size(model, pairs, cfg, batch_size, remote)
     ablate = _ablation_inputs(model, cfg, pairs, seed, reference, remote)
     attrs = {
         "codi_nnsight_schema": SCHEMA,
@@ -249,11 +261,14 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _batch_size(model: CODIModel, pairs: list[Any], cfg: SweepConfig, batch_size: int | str) -> int:
+def _batch_size(
+    model: CODIModel, pairs: list[Any], cfg: SweepConfig, batch_size: int | str, remote: bool | str = False
+) -> int:
     """Pairs per trace: a number >= 1, or `auto` from the memory a batch needs."""
     if batch_size == "auto":
         longest = max(len(model.encode_question(q.question)) for p in pairs for q in (p.clean, p.corrupted))
-        return auto_batch_size(model, 3 + len(cfg.variants(model)), longest)
+        rows = 3 + (cfg.ablation == "resample") + len(cfg.variants(model)) * (2 if cfg.mode == "feedback-only" else 1)
+        return auto_batch_size(model, rows, longest, remote)
     bs = int(batch_size)
     if bs < 1:
         raise UserError(f"--batch-size {batch_size}: must be >= 1 or auto")
