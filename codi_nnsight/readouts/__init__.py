@@ -1,4 +1,4 @@
-"""Readouts: analyses that read what each continuous thought holds (logit lens, attention, probes).
+"""Readouts: analyses that read what each continuous thought holds (logit and tuned lens, attention, probes).
 
     from codi_nnsight.readouts import attention_readout, gold_intermediates, logit_lens
     from codi_nnsight.readouts.probe import probe  # (`readouts.probe` is the module's name)
@@ -17,6 +17,10 @@ _EXPORTS = {
     "logit_lens": "lens",
     "attention_readout": "attention",
     "top_question_tokens": "attention",
+    "TunedLens": "tuned",
+    "train_tuned_lens": "tuned",
+    "save_tuned_lens": "tuned",
+    "load_tuned_lens": "tuned",
 }
 
 __all__ = sorted(_EXPORTS)

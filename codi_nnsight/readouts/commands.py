@@ -1,4 +1,4 @@
-"""`codi-nnsight lens | attention | probe`: the readouts on the command line.
+"""`codi-nnsight lens | attention | probe | tuned-lens train`: the readouts on the command line.
 
 Registered on the main group by `register(main)` at the end of `codi_nnsight.cli`. Imports of
 torch and the model happen inside the commands, so `--help` stays fast.
@@ -15,7 +15,7 @@ _PENDING: list[click.Group] = []
 
 
 def register(group: click.Group) -> None:
-    """Add `lens`, `attention` and `probe` to `group` (safe in either import order of cli and this module)."""
+    """Add the readout commands to `group` (safe in either import order of cli and this module)."""
     commands = globals().get("READOUT_COMMANDS")
     if commands is None:
         _PENDING.append(group)
@@ -27,7 +27,7 @@ def register(group: click.Group) -> None:
 from ..cli import _force_option, _load, _model_options, _remote_value, default_pairs, prepare_output  # noqa: E402
 from ..errors import UserError  # noqa: E402
 
-__all__ = ["READOUT_COMMANDS", "attention", "lens", "probe", "register"]
+__all__ = ["READOUT_COMMANDS", "attention", "lens", "probe", "register", "tuned_lens"]
 
 
 def _pairs_options(f: Any) -> Any:
@@ -62,9 +62,18 @@ def _load_pairs(pairs_path: str | None, limit: int | None) -> Any:
 @_pairs_options
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="Lens netCDF file.")
 @click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True, help="Top tokens kept per position.")
+@click.option(
+    "--tuned",
+    "tuned_path",
+    type=click.Path(),
+    default=None,
+    help="Tuned lens folder (from `tuned-lens train`): decode A_L h + b_L instead of h.",
+)
 @_common
-def lens(model_spec, dtype, device, normalization, pairs_path, limit, out, top_k, force, batch_size, remote) -> None:
-    """Logit lens at [bot], every latent step and the answer position, for every layer."""
+def lens(
+    model_spec, dtype, device, normalization, pairs_path, limit, out, top_k, tuned_path, force, batch_size, remote
+) -> None:
+    """Logit lens (or tuned lens) at [bot], every latent step and the answer position, for every layer."""
     from ..analysis.readouts import readout_summary
     from .common import write_dataset
     from .lens import logit_lens
@@ -72,9 +81,15 @@ def lens(model_spec, dtype, device, normalization, pairs_path, limit, out, top_k
     prepare_output(out, force)
     pairs = _load_pairs(pairs_path, limit)
     model = _load(model_spec, dtype, device, normalization)
-    ds = logit_lens(model, pairs, top_k=top_k, batch_size=batch_size, remote=_remote_value(remote))
+    tuned = None
+    if tuned_path is not None:
+        from .tuned import load_tuned_lens
+
+        tuned = load_tuned_lens(tuned_path, model)
+    ds = logit_lens(model, pairs, top_k=top_k, batch_size=batch_size, remote=_remote_value(remote), tuned=tuned)
     write_dataset(ds, out)
-    click.echo(f"wrote {out}: logit lens of {2 * len(pairs)} questions\n{readout_summary(ds)}")
+    kind = "tuned lens" if tuned is not None else "logit lens"
+    click.echo(f"wrote {out}: {kind} of {2 * len(pairs)} questions\n{readout_summary(ds)}")
 
 
 @click.command("attention")
@@ -186,7 +201,93 @@ def probe(
     click.echo(f"wrote {out}: probes on {2 * len(pairs)} questions\n{readout_summary(ds)}")
 
 
+@click.group("tuned-lens")
+def tuned_lens() -> None:
+    """Tuned lens: train per-layer affine translators for `lens --tuned` (docs/readouts.md)."""
+
+
+@tuned_lens.command("train")
+@_model_options
+@_pairs_options
+@click.option(
+    "--synthetic",
+    "n_synthetic",
+    type=click.IntRange(min=2),
+    default=None,
+    help="Train on N generated toy pairs (make_toy_pairs; the default is 500 when --pairs is not given).",
+)
+@click.option("--data-seed", type=int, default=0, show_default=True, help="Seed of the --synthetic pairs.")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Tuned lens folder.")
+@click.option("--steps", type=click.IntRange(min=0), default=300, show_default=True, help="Adam steps per layer.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the held-out split and minibatches.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=3e-3, show_default=True, help="Adam rate.")
+@click.option(
+    "--held-out",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=0.2,
+    show_default=True,
+    help="Share of pairs held out.",
+)
+@click.option(
+    "--positions",
+    type=click.Choice(["latent", "all"]),
+    default="latent",
+    show_default=True,
+    help="Train on the latent positions, or also on [bot] and the answer position.",
+)
+@_common
+def tuned_lens_train(
+    model_spec,
+    dtype,
+    device,
+    normalization,
+    pairs_path,
+    limit,
+    n_synthetic,
+    data_seed,
+    out,
+    steps,
+    seed,
+    lr,
+    held_out,
+    positions,
+    force,
+    batch_size,
+    remote,
+) -> None:
+    """Train a tuned lens on the model's latent-position states; print the held-out KL per layer."""
+    from .tuned import kl_table, save_tuned_lens, train_tuned_lens
+
+    if n_synthetic is not None and pairs_path is not None:
+        raise UserError("give --pairs FILE or --synthetic N, not both")
+    prepare_output(out, force, folder=True)
+    if pairs_path is None:
+        from ..data.synthetic import make_toy_pairs
+
+        pairs = make_toy_pairs(n_synthetic or 500, seed=data_seed).limit(limit)
+    else:
+        pairs = _load_pairs(pairs_path, limit)
+    model = _load(model_spec, dtype, device, normalization)
+    got = train_tuned_lens(
+        model,
+        pairs,
+        steps=steps,
+        seed=seed,
+        lr=lr,
+        held_out=held_out,
+        batch_size=batch_size,
+        remote=_remote_value(remote),
+        positions=positions,
+    )
+    save_tuned_lens(got, out)
+    n_test = got.meta["n_heldout_questions"]
+    click.echo(
+        f"wrote {out}: tuned lens of {model.name} trained on {got.meta['n_train_questions']} questions; "
+        f"held-out KL (nats, {n_test} questions, {positions} positions):\n{kl_table(got)}"
+    )
+
+
 #: Every readout command, for `main.add_command`.
-READOUT_COMMANDS = (lens, attention, probe)
+READOUT_COMMANDS = (lens, attention, probe, tuned_lens)
 for _group in _PENDING:
     register(_group)

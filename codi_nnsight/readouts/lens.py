@@ -9,6 +9,9 @@ whole output vocabulary). For `bot` and every latent step the projected continuo
 From each distribution we keep the top-k tokens and the rank (1 = most likely) and probability of
 the question's answer token and of each gold intermediate value's token (`readouts.gold`).
 
+With `tuned=` (a `readouts.tuned.TunedLens`) each block output h of layer L is first translated
+to `A_L h + b_L` (the tuned lens, Belrose et al. 2023); the projected thoughts are decoded as before.
+
 Everything is computed inside one nnsight trace per batch, with torch only in the trace body,
 so it runs unchanged on NDIF (`remote=`); only the small per-position results leave the trace.
 """
@@ -61,15 +64,18 @@ def lens_stats(logits: torch.Tensor, targets: torch.Tensor, top_k: int) -> list[
 
 
 def _run_lens(
-    model: Any, batch: ReadoutBatch, targets: torch.Tensor, top_k: int, remote: bool | str
+    model: Any, batch: ReadoutBatch, targets: torch.Tensor, top_k: int, remote: bool | str, tuned: Any = None
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """One trace: lens statistics of every block output and every prj output of the batch."""
+    """One trace: lens statistics of every block output (translated by `tuned` when given) and every prj output."""
     K, n_layers = model.num_latent, model.n_layers
     blocks = [model.layers[L] for L in range(n_layers)]
     norm = resolve(model.family.decoder(model.lm), model.family.final_norm)
     head = model.lm.lm_head
     prj = model.prj
     stats = lens_stats
+    translators = None
+    if tuned is not None:
+        translators = (tuned.weight, tuned.bias)
     if not remote and model.device is not None:
         targets = targets.to(model.device)
     with remote_errors(remote), model.trace(**batch.inputs, **trace_kwargs(remote)) as tracer:
@@ -82,7 +88,13 @@ def _run_lens(
                 h = blocks[L].output
                 h = h[0] if isinstance(h, tuple) else h
                 hs.append(h[:, -1, :])
-            for part, value in zip(block_parts, stats(head(norm(torch.stack(hs, 1))), targets, top_k)):
+            x = torch.stack(hs, 1)
+            if translators is not None:
+                # Tuned lens: A_L h + b_L per layer in the translators' dtype, then back to the states' dtype.
+                w = translators[0].to(x.device)
+                b = translators[1].to(x.device)
+                x = (torch.einsum("blj,lij->bli", x.to(w.dtype), w) + b).to(x.dtype)
+            for part, value in zip(block_parts, stats(head(norm(x)), targets, top_k)):
                 part.append(value)
             if call < K:
                 # prj call `call` turns this position's final state into the next latent's input embedding.
@@ -103,13 +115,22 @@ def _run_lens(
 
 
 def logit_lens(
-    model: Any, pairs: Sequence[Any], top_k: int = 5, batch_size: int = 16, remote: bool | str = False
+    model: Any,
+    pairs: Sequence[Any],
+    top_k: int = 5,
+    batch_size: int = 16,
+    remote: bool | str = False,
+    tuned: Any = None,
 ) -> xr.Dataset:
     """Logit lens of every question of `pairs` at every step and layer (layout: docs/readouts.md).
 
     Returns a Dataset with dims `(pair, variant, step, layer[, k][, intermediate])` and attr
     `codi_nnsight_schema = "codi-nnsight/lens/1"`. `remote` is False, "local", True (NDIF) or a URL.
+    `tuned`: a `readouts.tuned.TunedLens` for this model (refused otherwise): block outputs are
+    translated before decoding (attr `lens = "tuned"`; `"logit"` without).
     """
+    if tuned is not None:
+        tuned.check_model(model)
     infos = question_infos(model, pairs)
     n_gold = max((len(i.gold_tokens) for i in infos), default=0)
     K, n_layers = model.num_latent, model.n_layers
@@ -139,7 +160,7 @@ def logit_lens(
                 dtype=np.int64,
             )
         )
-        got_block, got_prj = _run_lens(model, batch, targets, top_k, remote)
+        got_block, got_prj = _run_lens(model, batch, targets, top_k, remote, tuned)
         for store, got in zip(block, got_block):
             store[batch.index] = got
         for store, got in zip(proj, got_prj):
@@ -202,12 +223,17 @@ def logit_lens(
     }
     coords = base_coords(model, pairs, infos)
     coords["k"] = ("k", np.arange(top_k, dtype=np.int64), {"long_name": "0 = most likely"})
-    attrs = provenance(
-        model,
-        pairs,
-        SCHEMA,
-        top_k=top_k,
-        remote=str(remote) if remote else "",
-        readout="logit lens: softmax(lm_head(final_norm(h))) over the whole output vocabulary",
-    )
+    if tuned is None:
+        extra = {
+            "lens": "logit",
+            "readout": "logit lens: softmax(lm_head(final_norm(h))) over the whole output vocabulary",
+        }
+    else:
+        extra = {
+            "lens": "tuned",
+            "readout": "tuned lens: softmax(lm_head(final_norm(A_L h + b_L))) over the whole output vocabulary",
+            "tuned_lens_source": str(tuned.meta.get("source") or ""),
+            "tuned_lens_sha256": tuned.sha256,
+        }
+    attrs = provenance(model, pairs, SCHEMA, top_k=top_k, remote=str(remote) if remote else "", **extra)
     return xr.Dataset(data, coords=coords, attrs=attrs)
