@@ -361,6 +361,78 @@ def early_exit_cmd(model_spec, dtype, device, normalization, pairs_path, out, fo
     )
 
 
+@main.command("attribute")
+@_model_options
+@_pairs_option
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="AtP netCDF file.")
+@_force_option
+@click.option("--layers", default=None, help="e.g. 0-3,7 (default: all).")
+@click.option(
+    "--component",
+    default="resid",
+    show_default=True,
+    help="resid, attn, mlp, latent or head; a comma list (no head) adds a component dim.",
+)
+@click.option("--positions", type=click.Choice(["each", "all"]), default="each", show_default=True)
+@click.option("--direction", type=click.Choice(_patch_choices()["direction"]), default="denoise", show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N pairs.")
+@click.option(
+    "--verify",
+    "verify_n",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Also run the exact sweep on the N layers AtP ranks highest and print the agreement.",
+)
+@click.pass_context
+def attribute(
+    ctx,
+    model_spec,
+    dtype,
+    device,
+    normalization,
+    pairs_path,
+    out,
+    force,
+    layers,
+    component,
+    positions,
+    direction,
+    batch_size,
+    limit,
+    verify_n,
+) -> None:
+    """Attribution patching: a first-order estimate of every patch from one backward pass (local only)."""
+    import json
+
+    from .data.pairs import load_pairs
+    from .patching.attribution import attribution_patching, verify_top
+    from .patching.config import parse_layers
+    from .patching.store import _write_atomic_nc
+
+    comps = [c.strip() for c in component.split(",") if c.strip()]
+    if verify_n is not None and len(comps) > 1:
+        raise UserError("--verify checks one component at a time")
+    out_path = prepare_output(out, force)
+    pairs = load_pairs(pairs_path or default_pairs()).limit(limit)
+    model = _load(model_spec, dtype, device, normalization)
+    ds = attribution_patching(
+        model,
+        pairs,
+        component=comps if len(comps) > 1 else comps[0],
+        layers=parse_layers(layers, model.n_layers),
+        positions=positions,
+        direction=direction,
+        batch_size=batch_size,
+        command=shlex.join(["codi-nnsight", *ctx.meta.get("argv", sys.argv[1:])]),
+    )
+    _write_atomic_nc(ds, out_path)
+    click.echo(f"wrote {out_path}: AtP of {ds.attrs['component']} for {ds.sizes['pair']} pairs")
+    if verify_n is not None:
+        checked = verify_top(model, pairs, ds, verify_n, batch_size=batch_size)
+        click.echo(f"exact sweep on layers {checked.layers}: {json.dumps(checked.comparison)}")
+
+
 # ---------------------------------------------------------------------------------------------
 @main.command()
 @click.argument("results", type=click.Path(dir_okay=False))

@@ -33,6 +33,7 @@ float64):
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import inspect
@@ -319,6 +320,12 @@ class CODIModule(nn.Module):
         super().__init__()
         self.lm = lm
         self.prj = prj
+        #: Off (default): outside training `forward` runs under `torch.inference_mode` with the
+        #: preallocated KV cache. On: `forward` runs with autograd enabled (and so the growing
+        #: `DynamicCache`, see `new_cache`) even in eval mode, so a caller can take gradients of
+        #: its outputs w.r.t. any activation (attribution patching, `patching.attribution`).
+        #: Patches must then not write in place into tensors autograd saved.
+        self.keep_grad = False
         self.num_latent = num_latent
         self.family = family_for(lm.config)
         self.pad_id = vocab_size
@@ -474,7 +481,9 @@ class CODIModule(nn.Module):
             ids (when candidates are given) and `generated` (R, N) greedy ids, -1 after eos.
         """
         # No autograd outside training: patching edits activations in place, and it is faster.
-        with torch.inference_mode(not self.training):
+        # `keep_grad` (attribution patching) turns autograd on in eval mode too.
+        grad = contextlib.nullcontext() if not self.keep_grad else torch.enable_grad()
+        with torch.inference_mode(not (self.training or self.keep_grad)), grad:
             K = self.num_latent if num_latent is None else num_latent
             # Every token this forward will cache, so the KV cache and the mask are allocated once.
             n_suffix = len(self.eot_ids()) if suffix_ids is None else suffix_ids.shape[-1]

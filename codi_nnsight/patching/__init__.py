@@ -29,6 +29,9 @@ _EXPORTS = {
     "SANITY_CHECKS": "sanity",
     "SanityCheck": "sanity",
     "patch_sweep": "sweep",
+    "attribution_patching": "attribution",
+    "compare_with_exact": "attribution",
+    "verify_top": "attribution",
     "full_patch_check": "trace",
     "run_batch": "trace",
 }
