@@ -384,6 +384,7 @@ def early_exit_cmd(model_spec, dtype, device, normalization, pairs_path, out, fo
     default=None,
     help="Also run the exact sweep on the N layers AtP ranks highest and print the agreement.",
 )
+@_remote_option
 @click.pass_context
 def attribute(
     ctx,
@@ -401,8 +402,9 @@ def attribute(
     batch_size,
     limit,
     verify_n,
+    remote,
 ) -> None:
-    """Attribution patching: a first-order estimate of every patch from one backward pass (local only)."""
+    """Attribution patching: a first-order estimate of every patch from one backward pass."""
     import json
 
     from .data.pairs import load_pairs
@@ -415,7 +417,7 @@ def attribute(
         raise UserError("--verify checks one component at a time")
     out_path = prepare_output(out, force)
     pairs = load_pairs(pairs_path or default_pairs()).limit(limit)
-    model = _load(model_spec, dtype, device, normalization)
+    model = _load(model_spec, dtype, device, normalization, remote)
     ds = attribution_patching(
         model,
         pairs,
@@ -425,11 +427,12 @@ def attribute(
         direction=direction,
         batch_size=batch_size,
         command=shlex.join(["codi-nnsight", *ctx.meta.get("argv", sys.argv[1:])]),
+        remote=_remote_value(remote),
     )
     _write_atomic_nc(ds, out_path)
     click.echo(f"wrote {out_path}: AtP of {ds.attrs['component']} for {ds.sizes['pair']} pairs")
     if verify_n is not None:
-        checked = verify_top(model, pairs, ds, verify_n, batch_size=batch_size)
+        checked = verify_top(model, pairs, ds, verify_n, batch_size=batch_size, remote=_remote_value(remote))
         click.echo(f"exact sweep on layers {checked.layers}: {json.dumps(checked.comparison)}")
 
 

@@ -156,3 +156,16 @@ def test_compare_and_verify_top_on_a_tiny_random_checkpoint(tiny_models):
     cmp = checked.comparison["resid"]
     assert np.isfinite(cmp["spearman"]) and np.isfinite(cmp["spearman_pairs"]) and np.isfinite(cmp["top_k_recall"])
     assert cmp["n_sites"] == 2 * model.num_latent
+
+
+def test_remote_local_simulation_equals_local(tiny_models):
+    # The request asks for autograd itself (keep_grad=True), so the same code runs on a server.
+    from codi_nnsight.patching.attribution import attribution_patching
+
+    model = tiny_models["llama"]
+    pairs = PairSet.from_pairs([PAIR])
+    local = attribution_patching(model, pairs, component="resid")
+    simulated = attribution_patching(model, pairs, component="resid", remote="local")
+    for name in ("atp_logprob_diff", "atp_logit_diff"):
+        assert np.allclose(local[name].values, simulated[name].values, atol=1e-12, rtol=0, equal_nan=True)
+    assert not model.codi.keep_grad  # nothing left switched on in this process

@@ -454,6 +454,7 @@ class CODIModule(nn.Module):
         prefix_ids: torch.Tensor | None = None,
         prefix_mask: torch.Tensor | None = None,
         prompt_prefix: torch.Tensor | None = None,
+        keep_grad: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Run CODI inference.
 
@@ -474,6 +475,9 @@ class CODIModule(nn.Module):
                 (see `CallSchedule`).
             prefix_mask: (Q, Tp) 1 for the real tokens of `prefix_ids`.
             prompt_prefix: (P,) which prefix each prompt continues.
+            keep_grad: run with autograd in eval mode too (as the `keep_grad` attribute does), so
+                gradients of the outputs w.r.t. any activation can be taken — in a request, so a
+                remote server does it as well (attribution patching).
 
         Returns:
             dict with `logits` (R, V) at the last suffix position, `latents` (R, K, d) the latent
@@ -482,8 +486,9 @@ class CODIModule(nn.Module):
         """
         # No autograd outside training: patching edits activations in place, and it is faster.
         # `keep_grad` (attribution patching) turns autograd on in eval mode too.
-        grad = contextlib.nullcontext() if not self.keep_grad else torch.enable_grad()
-        with torch.inference_mode(not (self.training or self.keep_grad)), grad:
+        keep_grad = keep_grad or self.keep_grad
+        grad = contextlib.nullcontext() if not keep_grad else torch.enable_grad()
+        with torch.inference_mode(not (self.training or keep_grad)), grad:
             K = self.num_latent if num_latent is None else num_latent
             # Every token this forward will cache, so the KV cache and the mask are allocated once.
             n_suffix = len(self.eot_ids()) if suffix_ids is None else suffix_ids.shape[-1]

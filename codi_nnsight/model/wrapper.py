@@ -525,7 +525,7 @@ BATCHED_INPUTS = (
     "prompt_prefix",
 )
 #: Forward arguments that hold for the whole call.
-SHARED_INPUTS = ("max_new_tokens", "num_latent")
+SHARED_INPUTS = ("max_new_tokens", "num_latent", "keep_grad")
 
 
 def batch_invokes(kws: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
@@ -569,6 +569,8 @@ def batch_invokes(kws: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
         out["max_new_tokens"] = max(kw.get("max_new_tokens", 0) for kw in kws)
     if kws[0].get("num_latent") is not None:
         out["num_latent"] = kws[0]["num_latent"]
+    if any(kw.get("keep_grad") for kw in kws):
+        out["keep_grad"] = True
     return out
 
 

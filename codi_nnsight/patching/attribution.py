@@ -28,9 +28,8 @@ gradient with respect to all of them at once (nnsight's `with metric.backward():
 same numbers across `tracer.iter` iterations when asked in reverse order, but hangs on a tensor
 that gets no gradient — the last layer at the last latent). Only the products leave the trace.
 
-Local only: the forward must keep autograd (`CODIModule.keep_grad`, an attribute of the module
-in this process), which a remote (NDIF) server's module does not have switched on — its forward
-runs under `torch.inference_mode`.
+Remote-capable: the request itself asks the forward to keep autograd (`keep_grad=True`, a forward
+argument, so a server's module does it too); the clean activations travel with the second request.
 """
 
 from __future__ import annotations
@@ -49,6 +48,7 @@ import torch
 import xarray as xr
 
 from ..errors import UserError
+from ..model.remote import remote_errors, trace_kwargs
 from ..model.wrapper import CODIModel
 from .plan import answer_tokens
 from .sites import SITES, head_dim, n_heads, output_tensor
@@ -155,6 +155,7 @@ def _run_pair_batch(
     layers: list[int],
     metrics: list[str],
     direction: str,
+    remote: bool | str = False,
 ) -> dict[str, Any]:
     """One batch: the source forward (activations), the target forward with autograd, one backward per metric.
 
@@ -170,7 +171,7 @@ def _run_pair_batch(
     read = _read_sites
     values_of = _metric_values
     # The source run: activations only, no autograd (the fast, preallocated path).
-    with model.trace(**model.prepare(src_q, **extra)) as tracer:
+    with remote_errors(remote), model.trace(**model.prepare(src_q, **extra), **trace_kwargs(remote)) as tracer:
         acts = read(tracer, model, components, layers, K, sched)
         source_acts = nnsight.save(
             {
@@ -182,7 +183,8 @@ def _run_pair_batch(
         )
         source_vals = nnsight.save({m: v.cpu() for m, v in values_of(model.output).items()})
     # The target run with autograd, and the gradient of each metric w.r.t. every site at once.
-    with keeping_grad(model), model.trace(**model.prepare(tgt_q, **extra)) as tracer:
+    target_inputs = model.prepare(tgt_q, **extra, keep_grad=True)
+    with remote_errors(remote), model.trace(**target_inputs, **trace_kwargs(remote)) as tracer:
         acts = read(tracer, model, components, layers, K, sched)
         vals = values_of(model.output)
         names = list(acts)
@@ -233,6 +235,7 @@ def attribution_sweeps(
     metrics: Sequence[str] = ("logprob_diff", "logit_diff"),
     batch_size: int = 16,
     command: str | None = None,
+    remote: bool | str = False,
 ) -> dict[str, xr.Dataset]:
     """AtP for several components from the same forward and backward passes: {component: Dataset}.
 
@@ -257,8 +260,6 @@ def attribution_sweeps(
         raise UserError(f"--layers: {bad_l[0] if bad_l else 'empty'} out of range 0-{model.n_layers - 1}")
     if int(batch_size) < 1:
         raise UserError(f"--batch-size {batch_size}: must be >= 1")
-    if model.remote_only:
-        raise UserError("attribution patching runs locally only (it needs autograd in the model's forward)")
     pairs = list(pairs)
     if not pairs:
         raise UserError("no pairs to attribute")
@@ -266,7 +267,7 @@ def attribution_sweeps(
     model.check_text(pairs)
     start = _now()
     parts = [
-        _run_pair_batch(model, chunk, components, layers, list(metrics), direction)
+        _run_pair_batch(model, chunk, components, layers, list(metrics), direction, remote)
         for chunk in _batches(model, pairs, int(batch_size))
     ]
     atp = {m: {c: torch.cat([p["atp"][m][c] for p in parts]).numpy() for c in components} for m in metrics}
@@ -288,11 +289,12 @@ def attribution_patching(
     metrics: Sequence[str] = ("logprob_diff", "logit_diff"),
     batch_size: int = 16,
     command: str | None = None,
+    remote: bool | str = False,
 ) -> xr.Dataset:
-    """Attribution patching: the first-order estimate of `patch_sweep` for every site (local only).
+    """Attribution patching: the first-order estimate of `patch_sweep` for every site.
 
     Args:
-        model: a loaded `CODIModel` (with local weights).
+        model: a loaded `CODIModel`.
         pairs: a `PairSet` or sequence of pairs.
         component: a site of `sites.SITES`, or a list of them (adds a `component` dim, as the
             sweep does; `head` adds a `head` dim and goes on its own).
@@ -304,6 +306,7 @@ def attribution_patching(
         metrics: which of `logprob_diff`, `logit_diff` to differentiate (one backward each).
         batch_size: pairs per forward/backward.
         command: recorded in the attrs.
+        remote: nnsight's `remote=` (False, True for NDIF, a host URL, or "local").
 
     Returns:
         Dataset with dims `(pair, layer[, head][, position][, component])`, variables
@@ -324,6 +327,7 @@ def attribution_patching(
         metrics=metrics,
         batch_size=batch_size,
         command=command,
+        remote=remote,
     )
     if len(comps) == 1:
         return parts[comps[0]]
