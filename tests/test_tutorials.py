@@ -19,7 +19,7 @@ TUTORIALS = Path(__file__).resolve().parent.parent / "docs" / "tutorials"
 EXECUTED = [
     "01_where_does_the_model_reason.ipynb",
     "02_what_does_each_thought_hold.ipynb",
-    "03_heads_ablations_and_early_exit.ipynb",
+    "03_heads_routes_ablations_attribution.ipynb",
     "04_your_own_traces.ipynb",
 ]
 NOT_EXECUTED = ["05_real_checkpoints.ipynb"]
