@@ -358,3 +358,43 @@ def test_unsummarisable_and_all_nan_metrics_are_refused(tmp_path) -> None:
         analysis.write_report(make_results(6, 3, n_same_first_token=6), tmp_path / "b", metric="logit_diff")
     with pytest.raises(analysis.ResultsError, match="cannot be summarised"):
         analysis.format_layer_table(make_results(6, 3), "answer")
+
+
+def _chromium() -> str | None:
+    import shutil
+
+    return next((p for p in (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")) if p), None)
+
+
+@pytest.mark.skipif(_chromium() is None, reason="no headless Chromium on this machine (.ci/run installs it)")
+def test_report_html_renders_in_a_real_browser_with_every_image_loaded(planted_report, tmp_path) -> None:
+    import subprocess
+
+    _, md, _ = planted_report
+    html = (md.parent / "report.html").read_text()
+    # A copy with a probe script: after load, the body records how many images the browser decoded.
+    probe = (
+        "<script>window.addEventListener('load', () => { const im = [...document.images];"
+        " document.body.setAttribute('data-images', im.filter(i => i.complete && i.naturalWidth > 0).length"
+        " + '/' + im.length); });</script>"
+    )
+    page = tmp_path / "probe.html"
+    page.write_text(html.replace("</body>", probe + "</body>"))
+    proc = subprocess.run(
+        [
+            _chromium(),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    found = re.search(r'data-images="(\d+)/(\d+)"', proc.stdout)
+    assert found, proc.stderr[-2000:]
+    loaded, total = map(int, found.groups())
+    assert total == 7 and loaded == total
