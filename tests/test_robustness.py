@@ -315,3 +315,32 @@ def test_text_the_tokenizer_would_change_is_refused_by_pair():
     with pytest.raises(UserError) as e:
         sweep_mod.patch_sweep(model, unknown, layers=[0])
     assert str(e.value).startswith("pair_id 8, corrupted answer 150: the tokenizer cannot spell it (it becomes <unk>)")
+
+
+@pytest.mark.parametrize("remote,immediate", [(False, False), ("http://127.0.0.1:9", True)])
+def test_ctrl_c_ends_a_remote_wait_at_once_and_a_local_batch_at_its_end(
+    setup, tmp_path, monkeypatch, remote, immediate
+):
+    import os
+    import signal
+    import threading
+    import time
+
+    _, model_json, pairs_file = setup
+    model = load_model(model_json, dtype="float32")
+    monkeypatch.setattr(type(model), "provenance", lambda self, remote, identity=None: {})
+
+    def slow_batch(*args, **kwargs):  # a batch that takes 3 s: a long remote wait, or a long local trace
+        time.sleep(3)
+        raise AssertionError("the batch was not interrupted")
+
+    monkeypatch.setattr(sweep_mod, "run_batch", slow_batch)
+    threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+    start = time.monotonic()
+    with pytest.raises((KeyboardInterrupt, AssertionError)) as e:
+        sweep_mod.patch_sweep(model, load_pairs(pairs_file), out=tmp_path / "r.nc", batch_size=1, remote=remote)
+    elapsed = time.monotonic() - start
+    if immediate:  # the remote wait ends at the first Ctrl-C
+        assert e.type is KeyboardInterrupt and elapsed < 2.5
+    else:  # a local batch runs to its end first (nnsight's interleaving must not be torn)
+        assert e.type is AssertionError and elapsed >= 3

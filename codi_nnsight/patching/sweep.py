@@ -314,7 +314,7 @@ def _run_batches(
     bar = tqdm(total=total, initial=total - len(todo), desc="patching pairs", disable=not progress, unit="pair")
     in_memory: list[xr.Dataset] = []
     finished = total - len(todo)
-    interrupt = _DeferredInterrupt()
+    interrupt = _DeferredInterrupt(immediate=bool(remote) and remote != "local")
     try:
         for i in range(0, len(todo), bs):
             chunk = todo[i : i + bs]
@@ -345,11 +345,13 @@ class _DeferredInterrupt:
 
     A KeyboardInterrupt raised inside nnsight's interleaving (its worker greenlets) can leave the
     trace hanging instead of unwinding, so the first SIGINT only sets a flag checked between
-    batches. Installed only in the main thread, where Python delivers signals.
+    batches. A remote sweep interleaves nothing here — it waits on the network — so there the
+    first Ctrl-C ends the wait at once (`immediate`). Installed only in the main thread, where
+    Python delivers signals.
     """
 
-    def __init__(self) -> None:
-        self.requested = False
+    def __init__(self, immediate: bool = False) -> None:
+        self.requested = immediate
         self.previous: Any = None
         if threading.current_thread() is threading.main_thread():
             self.previous = signal.signal(signal.SIGINT, self._handle)
