@@ -10,7 +10,9 @@ grid every layer × latent position × component (`resid`, `attn`, `mlp`, `laten
   autograd and one backward per metric, per batch); `atp_one_metric_s` differentiates
   `logprob_diff` only;
 * `speed_ratio` = exact_s / atp_s (best of `--repeat`);
-* `agreement` — `compare_with_exact` per component (Spearman, top-10 recall, ...), on `logprob_diff`.
+* `agreement` — `compare_with_exact` per component (Spearman, top-10 recall, ...), on `logprob_diff`;
+* `atpstar_one_metric_s`, `agreement_atpstar_graddrop` — the same for `method="atp*"` (AtP* GradDrop
+  score `atpstar_logprob_diff`: one more target forward and backward per decoder layer; timed once).
 
 JSON on stdout.
 """
@@ -54,7 +56,13 @@ def bench(name: str, model: Any, pairs: list[Any], batch_size: int, repeat: int)
     one_s, _ = _best(
         lambda: attribution_sweeps(model, pairs, COMPONENTS, metrics=("logprob_diff",), batch_size=batch_size), repeat
     )
-    exact_total, per_comp, agreement = 0.0, {}, {}
+    star_s, star = _best(
+        lambda: attribution_sweeps(
+            model, pairs, COMPONENTS, metrics=("logprob_diff",), batch_size=batch_size, method="atp*"
+        ),
+        1,
+    )
+    exact_total, per_comp, agreement, agreement_star = 0.0, {}, {}, {}
     for c in COMPONENTS:
         t, exact = _best(
             lambda c=c: patch_sweep(model, pairs, component=c, positions="each", batch_size=batch_size), repeat
@@ -62,6 +70,7 @@ def bench(name: str, model: Any, pairs: list[Any], batch_size: int, repeat: int)
         exact_total += t
         per_comp[c] = round(t, 4)
         agreement.update(compare_with_exact(parts[c], exact))
+        agreement_star.update(compare_with_exact(star[c], exact, estimate="atpstar"))
     return {
         "model": name,
         "n_layers": model.n_layers,
@@ -74,7 +83,9 @@ def bench(name: str, model: Any, pairs: list[Any], batch_size: int, repeat: int)
         "atp_one_metric_s": round(one_s, 4),
         "speed_ratio": round(exact_total / atp_s, 2),
         "speed_ratio_one_metric": round(exact_total / one_s, 2),
+        "atpstar_one_metric_s": round(star_s, 4),
         "agreement": {c: {k: round(v, 4) for k, v in d.items()} for c, d in agreement.items()},
+        "agreement_atpstar_graddrop": {c: {k: round(v, 4) for k, v in d.items()} for c, d in agreement_star.items()},
     }
 
 

@@ -375,6 +375,13 @@ def early_exit_cmd(model_spec, dtype, device, normalization, pairs_path, out, fo
 )
 @click.option("--positions", type=click.Choice(["each", "all"]), default="each", show_default=True)
 @click.option("--direction", type=click.Choice(_patch_choices()["direction"]), default="denoise", show_default=True)
+@click.option(
+    "--method",
+    type=click.Choice(["atp", "atp*"]),
+    default="atp",
+    show_default=True,
+    help="atp*: also the GradDrop-corrected ranking score (one more forward and backward per layer).",
+)
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N pairs.")
 @click.option(
@@ -399,6 +406,7 @@ def attribute(
     component,
     positions,
     direction,
+    method,
     batch_size,
     limit,
     verify_n,
@@ -428,6 +436,7 @@ def attribute(
         batch_size=batch_size,
         command=shlex.join(["codi-nnsight", *ctx.meta.get("argv", sys.argv[1:])]),
         remote=_remote_value(remote),
+        method=method,
     )
     _write_atomic_nc(ds, out_path)
     click.echo(f"wrote {out_path}: AtP of {ds.attrs['component']} for {ds.sizes['pair']} pairs")

@@ -169,3 +169,93 @@ def test_remote_local_simulation_equals_local(tiny_models):
     for name in ("atp_logprob_diff", "atp_logit_diff"):
         assert np.allclose(local[name].values, simulated[name].values, atol=1e-12, rtol=0, equal_nan=True)
     assert not model.codi.keep_grad  # nothing left switched on in this process
+
+
+def _hooked_atp(model, toks, drop=None):
+    """Plain-torch AtP of every `resid` site, block `drop` cut from the backward by a forward hook.
+
+    Independent of nnsight: forward hooks on the decoder blocks record their outputs at the latent
+    calls (block `drop` first returns y.detach() + (x − x.detach()), x its input: the same numbers,
+    no gradient through its attention and MLP), and `torch.autograd.grad` differentiates
+    logprob_diff. Returns (n_layers, K) float64.
+    """
+    extra = {"suffix_ids": torch.tensor(toks.suffix), "max_new_tokens": 0}
+    n = max(len(toks.clean), len(toks.corrupted))
+    cands = torch.full((1, 2, n), -1, dtype=torch.long)
+    cands[0, 0, : len(toks.clean)] = torch.tensor(toks.clean)
+    cands[0, 1, : len(toks.corrupted)] = torch.tensor(toks.corrupted)
+    extra["candidates"] = cands
+    K = model.num_latent
+
+    def run(question, cut):
+        seen, calls, handles = {}, {}, []
+        for L, block in enumerate(model.codi.layers):
+            if L == cut:
+
+                def drop_hook(mod, args, out):
+                    x = args[0]
+                    y = out[0] if isinstance(out, tuple) else out
+                    new = y.detach() + (x - x.detach())
+                    return (new, *out[1:]) if isinstance(out, tuple) else new
+
+                handles.append(block.register_forward_hook(drop_hook))
+
+            def record(mod, args, out, L=L):
+                i = calls[L] = calls.get(L, -1) + 1
+                if 1 <= i <= K:
+                    seen[(L, i - 1)] = out[0] if isinstance(out, tuple) else out
+
+            handles.append(block.register_forward_hook(record))
+        try:
+            out = model.codi(**model.prepare([question], **extra))
+        finally:
+            for h in handles:
+                h.remove()
+        return seen, out["candidate_logprobs"][0, 0] - out["candidate_logprobs"][0, 1]
+
+    src, _ = run(PAIR.clean.question, None)
+    with keeping_grad(model):
+        tgt, metric = run(PAIR.corrupted.question, drop)
+        keys = list(tgt)
+        grads = torch.autograd.grad(metric, [tgt[k] for k in keys], allow_unused=True)
+    res = np.zeros((model.n_layers, K))
+    for key, g in zip(keys, grads):
+        if g is not None:
+            res[key] = float(((src[key][:, -1] - tgt[key][:, -1].detach()) * g[:, -1]).sum())
+    return res
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_graddrop_equals_plain_torch_hooks(tiny_models, family):
+    # atpstar = sign(AtP) · Σ_l |AtP with block l cut| / (L − 1), each term from plain torch hooks.
+    model = tiny_models[family]
+    toks = answer_tokens(model, PAIR.clean.answer, PAIR.corrupted.answer)
+    parts = attribution_sweeps(model, [PAIR], ("resid", "attn", "latent"), metrics=("logprob_diff",), method="atp*")
+    plain = _hooked_atp(model, toks)
+    dropped = [_hooked_atp(model, toks, drop=L) for L in range(model.n_layers)]
+    assert np.abs(plain - dropped[0]).max() > 1e-6  # the cut changes the gradient: the check means something
+    expected = np.sign(plain) * np.sum(np.abs(dropped), axis=0) / (model.n_layers - 1)
+    ds = parts["resid"]
+    assert np.allclose(ds["atp_logprob_diff"].values[0], plain, rtol=1e-9, atol=1e-13)
+    assert np.allclose(ds["atpstar_logprob_diff"].values[0], expected, rtol=1e-9, atol=1e-13)
+    assert ds["atpstar_logprob_diff"].dims == ds["atp_logprob_diff"].dims
+    assert ds.attrs["atp_method"] == "atp*"
+    # Cutting block l leaves the attention output of block l no path to the metric: its term is 0,
+    # so for the last block's attention the score is |AtP with every earlier block cut| / (L − 1).
+    attn = parts["attn"]
+    assert np.all(np.isfinite(attn["atpstar_logprob_diff"].values))
+    plain_only = attribution_sweeps(model, [PAIR], ("resid",), metrics=("logprob_diff",))["resid"]
+    assert np.array_equal(plain_only["atp_logprob_diff"].values, ds["atp_logprob_diff"].values)
+    assert "atpstar_logprob_diff" not in plain_only
+
+
+def test_graddrop_remote_local_equals_local(tiny_models):
+    model = tiny_models["qwen2"]
+    pairs = PairSet.from_pairs([PAIR])
+    comps = ["resid", "mlp", "latent"]
+    local = attribution_patching(model, pairs, component=comps, method="atp*")
+    simulated = attribution_patching(model, pairs, component=comps, method="atp*", remote="local")
+    assert local["atpstar_logit_diff"].dims == ("pair", "layer", "position", "component")
+    for name in ("atp_logprob_diff", "atpstar_logprob_diff", "atpstar_logit_diff"):
+        assert np.allclose(local[name].values, simulated[name].values, atol=1e-12, rtol=0, equal_nan=True)
+    assert not model.codi.keep_grad

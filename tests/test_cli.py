@@ -305,9 +305,22 @@ def test_ablation_and_early_exit_commands(tmp_path):
 
 
 def test_attribute_command_writes_the_sweep_layout_and_verifies(tmp_path):
-    r = run("attribute", "--out", str(tmp_path / "atp.nc"), "--limit", "3", "--component", "latent", "--verify", "1")
+    r = run(
+        "attribute",
+        "--out",
+        str(tmp_path / "atp.nc"),
+        "--limit",
+        "3",
+        "--component",
+        "latent",
+        "--verify",
+        "1",
+        "--method",
+        "atp*",
+    )
     assert r.exit_code == 0, r.output
     ds = xr.open_dataset(tmp_path / "atp.nc")
     assert ds.attrs["codi_nnsight_schema"] == "codi-nnsight/attribution/1"
     assert ds["atp_logprob_diff"].dims == ("pair", "layer", "position") and ds.sizes["pair"] == 3
+    assert ds["atpstar_logprob_diff"].dims == ds["atp_logprob_diff"].dims
     assert "exact sweep on layers [0]:" in r.output

@@ -28,6 +28,36 @@ gradient with respect to all of them at once (nnsight's `with metric.backward():
 same numbers across `tracer.iter` iterations when asked in reverse order, but hangs on a tensor
 that gets no gradient — the last layer at the last latent). Only the products leave the trace.
 
+AtP* (`method="atp*"`, Kramár et al. 2024, "AtP*: An efficient and scalable method for
+localizing LLM behaviour to components"), restricted to the corrections that apply here:
+
+* GradDrop. For each decoder block l = 0 … L−1, one more target forward and backward in which
+  block l's output y is replaced by y.detach() + (x − x.detach()) (x the block's input) at every
+  latent call, the suffix call and the answer-candidate calls: the forward is numerically the
+  same, the backward reaches earlier sites only along the residual stream past block l, not
+  through its attention and MLP. That gives AtP_drop_l(n) for every site n, and
+
+      atpstar(n) = sign(AtP(n)) · (1/(L−1)) · Σ_{l=0}^{L−1} |AtP_drop_l(n)|     (L = 1: divide by 1)
+
+  (the paper's GradDrop score is the unsigned (1/(L−1)) Σ_l |AtP_drop_l(n)| over all L layers;
+  the sign of plain AtP is added here so it can be compared with signed effects; |atpstar| is
+  the paper's score). It is a ranking score, not an effect size: a site's score is large when
+  some path that does not cancel carries a large effect. In a plain transformer the terms with l
+  before the node's layer equal AtP(n); here they do not, because a site of latent k reaches
+  later latents through every block. Attention/MLP/head outputs of block l get no gradient when
+  block l is cut (their term is 0); a `resid` site at block l is the replaced tensor, so its
+  term is the full downstream gradient with block l's own path removed from later calls.
+  Variables `atpstar_<metric>` (beside `atp_<metric>`), same dims.
+* The QK fix (recomputing the attention softmax exactly when patching a node's queries or keys
+  — the per-key attention logits for the query/key nodes of a head) is not implemented and does
+  not apply to these sites: it corrects the AtP estimate of *query and key* nodes, whose effect
+  passes through a saturating softmax of the node's own head. This package's sites are the
+  outputs of blocks, attention sub-layers, MLPs and heads, and `prj` — value-side / output
+  nodes; a patch of them changes queries and keys of *later* heads, but the paper's fix treats
+  those downstream softmaxes linearly too (it only fixes the patched node's own attention).
+  Applying it would mean adding q/k sites (per head, per key position), which this package
+  does not patch, so the exact sweep offers nothing to compare them with.
+
 Remote-capable: the request itself asks the forward to keep autograd (`keep_grad=True`, a forward
 argument, so a server's module does it too); the clean activations travel with the second request.
 """
@@ -69,6 +99,11 @@ ATP_METRICS: dict[str, tuple[str, str]] = {
     ),
 }
 
+#: `method` values: plain AtP, or AtP with the AtP* GradDrop correction.
+METHODS = ("atp", "atp*")
+#: Prefix of the GradDrop variables (`atpstar_<metric>`).
+STAR = "atpstar_"
+
 #: Within one decoder block, the order its parts run in (reads must follow the forward).
 _PART_ORDER = {"attention_out": 0, "attention": 1, "mlp": 2, None: 3}
 
@@ -108,10 +143,25 @@ def _candidates(tokens: list[Any]) -> torch.Tensor:
     return cands
 
 
-def _read_sites(tracer: Any, model: CODIModel, components: list[str], layers: list[int], n_latent: int, sched: Any):
+def _read_sites(
+    tracer: Any,
+    model: CODIModel,
+    components: list[str],
+    layers: list[int],
+    n_latent: int,
+    sched: Any,
+    drop: int | None = None,
+    calls_after: int = 0,
+):
     """Every site's tensor at every latent position, in forward order: {component: [[(R, 1, w)] per k] per layer}.
 
     Runs inside a trace. Layer sites are read at latent decoder calls; `latent` is prj call k.
+
+    With `drop = l` (GradDrop), block l's output y is replaced by y.detach() + (x − x.detach()) at
+    every latent call and at the `calls_after` decoder calls after them (suffix, answer
+    candidates), x being the block's input: the same numbers forward, and the backward passes
+    only along the residual stream past block l, not through its attention and MLP. A `resid`
+    site at layer l is then that replaced tensor.
     """
     layer_comps = sorted((c for c in components if SITES[c].per_layer), key=lambda c: _PART_ORDER[SITES[c].part])
     acts: dict[str, list[list[Any]]] = {c: [[] for _ in layers] for c in layer_comps}
@@ -120,7 +170,9 @@ def _read_sites(tracer: Any, model: CODIModel, components: list[str], layers: li
     prj = model.prj
     if "latent" in components:
         acts["latent"][0].append(prj.output)  # prj call 0, before the first latent decoder call
-    if layer_comps:
+    if drop is not None:
+        _read_dropped(tracer, model, acts, layer_comps, layers, n_latent, sched, drop, calls_after)
+    elif layer_comps:
         envoys = {(c, L): SITES[c].envoy(model, L) for c in layer_comps for L in layers}
         for call in tracer.iter[sched.latent_calls.start : sched.latent_calls.stop]:
             for li, L in enumerate(layers):
@@ -134,6 +186,48 @@ def _read_sites(tracer: Any, model: CODIModel, components: list[str], layers: li
         for _k in tracer.iter[1:n_latent]:
             acts["latent"][0].append(prj.output)
     return acts
+
+
+def _read_dropped(
+    tracer: Any,
+    model: CODIModel,
+    acts: dict[str, list[list[Any]]],
+    layer_comps: list[str],
+    layers: list[int],
+    n_latent: int,
+    sched: Any,
+    drop: int,
+    calls_after: int,
+) -> None:
+    """`_read_sites`' loop with block `drop` cut from the backward (fills `acts`; in a trace)."""
+    components = list(acts)
+    prj = model.prj
+    start, stop = sched.latent_calls.start, sched.latent_calls.stop
+    visit = sorted(set(layers) | {drop} if layer_comps else {drop})
+    blocks = {L: model.layers[L] for L in visit}
+    envoys = {(c, L): SITES[c].envoy(model, L) for c in layer_comps for L in layers}
+    for call in tracer.iter[start : stop + calls_after]:
+        latent = call < stop
+        for L in visit:
+            if L == drop:
+                x = blocks[L].input
+            if latent and L in layers:
+                li = layers.index(L)
+                for c in layer_comps:
+                    if SITES[c].reads == "input":
+                        acts[c][li].append(envoys[(c, L)].input)
+                    elif c != "resid" or L != drop:
+                        acts[c][li].append(output_tensor(envoys[(c, L)].output))
+            if L == drop:
+                out = blocks[L].output
+                y = output_tensor(out)
+                cut = y.detach() + (x - x.detach())
+                blocks[L].output = (cut, *out[1:]) if isinstance(out, tuple) else cut
+                if latent and L in layers and "resid" in layer_comps:
+                    acts["resid"][layers.index(L)].append(cut)
+        k = call - sched.prefill_calls + 1
+        if latent and "latent" in components and k < n_latent:
+            acts["latent"][0].append(prj.output)
 
 
 def _metric_values(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -156,18 +250,22 @@ def _run_pair_batch(
     metrics: list[str],
     direction: str,
     remote: bool | str = False,
+    drops: Sequence[int | None] = (None,),
 ) -> dict[str, Any]:
     """One batch: the source forward (activations), the target forward with autograd, one backward per metric.
 
+    One target forward per entry of `drops`: None is plain AtP, a layer l is AtP with block l's
+    residual contribution cut from the backward (GradDrop, see `_read_sites`).
+
     Returns {"atp": {metric: {component: (R, n_layers, K, units) float64}}, "base": {metric: (R,)},
-    "source": {metric: (R,)}}; `units` is 1 except for per-head sites.
+    "source": {metric: (R,)}, "drops": [that "atp" per entry of `drops`]}; `units` is 1 except for
+    per-head sites; "atp" is the first entry's.
     """
     tokens = [answer_tokens(model, p.clean.answer, p.corrupted.answer) for p in chunk]
     src_q = [(p.clean if direction == "denoise" else p.corrupted).question for p in chunk]
     tgt_q = [(p.corrupted if direction == "denoise" else p.clean).question for p in chunk]
     extra = {"suffix_ids": torch.tensor(tokens[0].suffix), "candidates": _candidates(tokens), "max_new_tokens": 0}
     sched, K = model.schedule(), model.num_latent
-    H = n_heads(model)
     read = _read_sites
     values_of = _metric_values
     # The source run: activations only, no autograd (the fast, preallocated path).
@@ -183,9 +281,40 @@ def _run_pair_batch(
         )
         source_vals = nnsight.save({m: v.cpu() for m, v in values_of(model.output).items()})
     # The target run with autograd, and the gradient of each metric w.r.t. every site at once.
+    calls_after = 1 + (extra["candidates"].shape[1] if extra["candidates"].shape[-1] > 1 else 0)
+    out: dict[str, Any] = {"drops": []}
+    for drop in drops:
+        atp, base_vals = _target_pass(
+            model, tgt_q, extra, components, layers, metrics, source_acts, remote, drop, calls_after
+        )
+        out["drops"].append(atp)
+        if drop is None or "base" not in out:
+            out["base"] = dict(base_vals)
+    out["atp"] = out["drops"][0]
+    out["source"] = dict(source_vals)
+    return out
+
+
+def _target_pass(
+    model: CODIModel,
+    tgt_q: list[str],
+    extra: dict[str, Any],
+    components: list[str],
+    layers: list[int],
+    metrics: list[str],
+    source_acts: dict[str, torch.Tensor],
+    remote: bool | str,
+    drop: int | None,
+    calls_after: int,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The target forward with autograd (block `drop` cut from the backward, if any) and the AtP products."""
+    sched, K = model.schedule(), model.num_latent
+    H = n_heads(model)
+    read = _read_sites
+    values_of = _metric_values
     target_inputs = model.prepare(tgt_q, **extra, keep_grad=True)
     with remote_errors(remote), model.trace(**target_inputs, **trace_kwargs(remote)) as tracer:
-        acts = read(tracer, model, components, layers, K, sched)
+        acts = read(tracer, model, components, layers, K, sched, drop, calls_after)
         vals = values_of(model.output)
         names = list(acts)
         flat = [a for c in names for per_k in acts[c] for a in per_k]
@@ -222,7 +351,7 @@ def _run_pair_batch(
             result[m] = per_comp
         atp = nnsight.save(result)
         base_vals = nnsight.save({m: v.detach().cpu() for m, v in vals.items()})
-    return {"atp": atp, "base": dict(base_vals), "source": dict(source_vals)}
+    return atp, base_vals
 
 
 def attribution_sweeps(
@@ -236,10 +365,12 @@ def attribution_sweeps(
     batch_size: int = 16,
     command: str | None = None,
     remote: bool | str = False,
+    method: str = "atp",
 ) -> dict[str, xr.Dataset]:
     """AtP for several components from the same forward and backward passes: {component: Dataset}.
 
     Each Dataset has the layout `attribution_patching` returns for that component alone.
+    `method="atp*"` adds one target forward and backward per decoder layer (GradDrop).
     """
     components = list(dict.fromkeys(components))
     bad = [c for c in components if c not in SITES]
@@ -252,6 +383,8 @@ def attribution_sweeps(
         raise UserError(f"--positions {positions!r}: expected one of all, each")
     if direction not in ("denoise", "noise"):
         raise UserError(f"--direction {direction!r}: expected one of denoise, noise")
+    if method not in METHODS:
+        raise UserError(f"--method {method!r}: expected one of {', '.join(METHODS)}")
     if model.num_latent == 0:
         raise UserError("model has num_latent = 0: there are no CoT positions to patch")
     layers = list(range(model.n_layers)) if layers is None else [int(L) for L in layers]
@@ -266,15 +399,24 @@ def attribution_sweeps(
     model.check_fits(pairs, extra=model.num_latent + 48)
     model.check_text(pairs)
     start = _now()
+    drops: list[int | None] = [None] + (list(range(model.n_layers)) if method == "atp*" else [])
     parts = [
-        _run_pair_batch(model, chunk, components, layers, list(metrics), direction, remote)
+        _run_pair_batch(model, chunk, components, layers, list(metrics), direction, remote, drops)
         for chunk in _batches(model, pairs, int(batch_size))
     ]
     atp = {m: {c: torch.cat([p["atp"][m][c] for p in parts]).numpy() for c in components} for m in metrics}
+    if method == "atp*":
+        denom = max(model.n_layers - 1, 1)
+        for m in metrics:
+            for c in components:
+                dropped = [torch.cat([p["drops"][i][m][c] for p in parts]).numpy() for i in range(1, len(drops))]
+                gd = np.sum([np.abs(d) for d in dropped], axis=0) / denom
+                atp[f"{STAR}{m}"] = atp.get(f"{STAR}{m}", {})
+                atp[f"{STAR}{m}"][c] = np.sign(atp[m][c]) * gd
     base = {m: torch.cat([p["base"][m] for p in parts]).numpy() for m in ATP_METRICS}
     source = {m: torch.cat([p["source"][m] for p in parts]).numpy() for m in ATP_METRICS}
     return {
-        c: _dataset(model, pairs, c, layers, positions, direction, metrics, atp, base, source, start, command)
+        c: _dataset(model, pairs, c, layers, positions, direction, metrics, atp, base, source, start, command, method)
         for c in components
     }
 
@@ -290,6 +432,7 @@ def attribution_patching(
     batch_size: int = 16,
     command: str | None = None,
     remote: bool | str = False,
+    method: str = "atp",
 ) -> xr.Dataset:
     """Attribution patching: the first-order estimate of `patch_sweep` for every site.
 
@@ -307,11 +450,16 @@ def attribution_patching(
         batch_size: pairs per forward/backward.
         command: recorded in the attrs.
         remote: nnsight's `remote=` (False, True for NDIF, a host URL, or "local").
+        method: `atp` (plain AtP, the default) or `atp*`: AtP with the AtP* GradDrop correction
+            (Kramár et al. 2024), which adds `atpstar_<metric>` (see the module docstring for the
+            formula; the QK fix does not apply to these sites) at the cost of one more target
+            forward and backward per decoder layer.
 
     Returns:
         Dataset with dims `(pair, layer[, head][, position][, component])`, variables
         `atp_<metric>` (the estimated change of the target run's metric), per-pair
-        `baseline_<metric>` / `source_<metric>` (the unpatched runs) and `comparable`.
+        `baseline_<metric>` / `source_<metric>` (the unpatched runs) and `comparable`; with
+        `method="atp*"` also `atpstar_<metric>` (same dims).
     """
     comps = [component] if isinstance(component, str) else list(component)
     axis = next((c for c in comps if c in SITES and SITES[c].axis), None)
@@ -328,14 +476,16 @@ def attribution_patching(
         batch_size=batch_size,
         command=command,
         remote=remote,
+        method=method,
     )
     if len(comps) == 1:
         return parts[comps[0]]
-    per_pair = [n for n in parts[comps[0]].data_vars if not n.startswith("atp_")]
+    site_vars = [n for n in parts[comps[0]].data_vars if n.startswith(("atp_", STAR))]
+    per_pair = [n for n in parts[comps[0]].data_vars if n not in site_vars]
     ds = xr.concat(
         [parts[c] for c in comps],
         dim=xr.DataArray(comps, dims="component", name="component"),
-        data_vars=[f"atp_{m}" for m in metrics],
+        data_vars=site_vars,
         coords="minimal",
         compat="override",
         join="outer",
@@ -361,6 +511,7 @@ def _dataset(
     source: dict[str, np.ndarray],
     start: str,
     command: str | None,
+    method: str = "atp",
 ) -> xr.Dataset:
     """The labeled Dataset of one component (same dims and coordinates as the exact sweep's)."""
     from .dataset import with_pair_coordinates
@@ -373,8 +524,11 @@ def _dataset(
     keep = comparable > 0
     dims = ("pair", "layer") + (("head",) if site.axis else ()) + (("position",) if positions == "each" else ())
     data: dict[str, Any] = {}
-    for m in metrics:
-        a = atp[m][component]  # (pair, layer, K, units)
+    names = [(m, f"atp_{m}", m) for m in metrics]
+    if method == "atp*":
+        names += [(f"{STAR}{m}", f"{STAR}{m}", m) for m in metrics]
+    for key, var, m in names:
+        a = atp[key][component]  # (pair, layer, K, units)
         a = np.moveaxis(a, 2, 3)  # (pair, layer, units, K)
         if not site.axis:
             a = a[:, :, 0]
@@ -383,7 +537,12 @@ def _dataset(
         defined = keep & np.isfinite(base[m])
         a = np.where(defined.reshape((-1,) + (1,) * (a.ndim - 1)), a, np.nan)
         long_name, units = ATP_METRICS[m]
-        data[f"atp_{m}"] = (dims, a, {"long_name": long_name, "units": units})
+        if var != f"atp_{m}":
+            long_name = (
+                f"AtP* (GradDrop) score of {m}: sign(AtP) * sum over dropped layers l of |AtP with block l's "
+                "residual contribution cut from the backward| / (n_layers - 1); ranks sites, not an effect size"
+            )
+        data[var] = (dims, a, {"long_name": long_name, "units": units})
     for m, (_, units) in ATP_METRICS.items():
         for run, vals in (("baseline", base[m]), ("source", source[m])):
             data[f"{run}_{m}"] = (
@@ -408,7 +567,13 @@ def _dataset(
     ds.attrs = {
         "codi_nnsight_schema": SCHEMA,
         "method": "attribution patching (AtP): (source - target activation) . d metric / d activation, "
-        "gradient in the target run through prj and the latent loop",
+        "gradient in the target run through prj and the latent loop"
+        + (
+            "; atpstar_*: AtP* GradDrop (Kramar et al. 2024), sign(AtP) * sum_l |AtP_drop l| / (L - 1)"
+            if method == "atp*"
+            else ""
+        ),
+        "atp_method": method,
         "model_name": model.name,
         "component": component,
         "positions": positions,
@@ -458,9 +623,12 @@ def _top_recall(a: np.ndarray, e: np.ndarray, k: int) -> float:
 
 
 def compare_with_exact(
-    atp_ds: xr.Dataset, exact_ds: xr.Dataset, metric: str = "logprob_diff", k: int = 10
+    atp_ds: xr.Dataset, exact_ds: xr.Dataset, metric: str = "logprob_diff", k: int = 10, estimate: str = "atp"
 ) -> dict[str, dict[str, float]]:
     """How well AtP ranks the sites of an exact sweep, per component.
+
+    `estimate`: `atp` compares `atp_<metric>`, `atpstar` the GradDrop score `atpstar_<metric>`
+    (of `method="atp*"`).
 
     The exact effect of a site is `exact[metric] − exact["baseline_" + metric]` (what AtP
     estimates). Per component, over the sites (layer × position × head) both datasets hold:
@@ -472,7 +640,9 @@ def compare_with_exact(
     * `n_sites`, `n_pairs`; `pearson` of the pair means, for scale.
     """
     effect = exact_ds[metric] - exact_ds[f"baseline_{metric}"]
-    atp = atp_ds[f"atp_{metric}"]
+    if estimate not in ("atp", "atpstar"):
+        raise UserError(f"estimate {estimate!r}: expected atp or atpstar")
+    atp = atp_ds[f"{estimate}_{metric}"]
     atp, effect = xr.align(atp, effect, join="inner")
     comps = list(atp["component"].values) if "component" in atp.dims else [str(atp_ds.attrs.get("component", ""))]
     out: dict[str, dict[str, float]] = {}
