@@ -351,13 +351,14 @@ class _DeferredInterrupt:
     """
 
     def __init__(self, immediate: bool = False) -> None:
-        self.requested = immediate
+        self.immediate = immediate
+        self.requested = False
         self.previous: Any = None
         if threading.current_thread() is threading.main_thread():
             self.previous = signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:  # asked twice: stop now
+        if self.requested or self.immediate:  # asked twice, or only waiting on a server: stop now
             raise KeyboardInterrupt
         self.requested = True
 
