@@ -125,6 +125,12 @@ def test_make_pair_matches_hand_computed(record: dict, outcomes: dict) -> None:
         assert b.count(new) == 1
         assert len(corrupted["question"]) == len(clean["question"]) + len(new) - len(old)
         assert corrupted["reasoning_steps"] == record["answer"].count("<<")
+        # each variant carries its own chain's results; the corrupted chain ends in its new answer
+        assert len(clean["intermediates"]) == len(corrupted["intermediates"]) == corrupted["reasoning_steps"]
+        assert clean["answer"] in clean["intermediates"] and corrupted["answer"] in corrupted["intermediates"]
+        from codi_nnsight.readouts.gold import gold_intermediates
+
+        assert gold_intermediates(corrupted) == [float(v) for v in corrupted["intermediates"]]
         seen.add(changed)
     assert seen == set(outcomes)  # every admissible corruption is reachable
 
@@ -156,6 +162,7 @@ def test_make_pairs_counts_and_format(tmp_path: Path) -> None:
         "answer",
         "reasoning_steps",
         "changed",
+        "intermediates",
         "source_index",
     }
     assert [r["source_index"] for r in recs] == [0, 0, 11, 11, 13, 13]

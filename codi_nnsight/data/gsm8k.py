@@ -236,7 +236,8 @@ def make_pair(record: Any, rng: random.Random, offsets: Sequence[int] = (-1, 1))
     is changed by an offset from ``offsets`` (candidates and offsets tried in ``rng`` order);
     the chain is re-evaluated and the new final answer taken from the step that produced the
     original ``####`` answer.  The returned dicts have ``question``, ``answer``,
-    ``reasoning_steps`` and ``changed`` (``"old->new"``).
+    ``reasoning_steps``, ``changed`` (``"old->new"``) and ``intermediates`` (each step's result in
+    that variant's own chain: what the readouts compare the thoughts with).
     """
     if not isinstance(record, dict):
         return REJECT_BAD_RECORD
@@ -291,17 +292,20 @@ def make_pair(record: Any, rng: random.Random, offsets: Sequence[int] = (-1, 1))
             new_text = _format_like(text, int(new_x))
             new_question = question[:start] + new_text + question[end:]
             changed = f"{text}->{new_text}"
+            # Each variant's own intermediate results, for the readouts' gold values.
             clean = {
                 "question": question,
                 "answer": _out_number(final),
                 "reasoning_steps": len(steps),
                 "changed": changed,
+                "intermediates": [_out_number(v) for v in old_vals],
             }
             corrupted = {
                 "question": new_question,
                 "answer": _out_number(new_vals[final_idx]),
                 "reasoning_steps": len(steps),
                 "changed": changed,
+                "intermediates": [_out_number(v) for v in new_vals],
             }
             return clean, corrupted
     return first_reason or REJECT_NO_VALID_OFFSET
