@@ -11,26 +11,21 @@ Subpackages follow the data flow: `data` (pairs) → `model` (CODI under nnsight
 
 from __future__ import annotations
 
-from typing import Any
+from ._lazy import lazy_getattr
 
 __version__ = "0.1.0"
 
 # Names resolve on first use: `codi-nnsight --help` must not pay for importing torch and nnsight.
 _EXPORTS = {
-    "UserError": "codi_nnsight.errors",
-    "CODIModel": "codi_nnsight.model.wrapper",
-    "load_model": "codi_nnsight.model.wrapper",
-    "PairSet": "codi_nnsight.data.pairs",
-    "load_pairs": "codi_nnsight.data.pairs",
-    "patch_sweep": "codi_nnsight.patching.sweep",
+    "UserError": "errors",
+    "CODIModel": "model.wrapper",
+    "load_model": "model.wrapper",
+    "PairSet": "data.pairs",
+    "load_pairs": "data.pairs",
+    "patch_sweep": "patching.sweep",
 }
 
 __all__ = ["CODIModel", "PairSet", "UserError", "__version__", "load_model", "load_pairs", "patch_sweep"]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'codi_nnsight' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

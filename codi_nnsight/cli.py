@@ -109,6 +109,13 @@ def _load(
     )
 
 
+def load_cli_pairs(pairs_path: str | None, limit: int | None = None) -> Any:
+    """`--pairs` (default: the bundled demo pairs), cut to `--limit`."""
+    from .data.pairs import load_pairs
+
+    return load_pairs(pairs_path or default_pairs()).limit(limit)
+
+
 def _pairs_option(f: Any) -> Any:
     return click.option(
         "--pairs",
@@ -176,12 +183,11 @@ def evaluate(
     model_spec, dtype, device, normalization, pairs_path, limit, max_new_tokens, batch_size, out, force, remote
 ) -> None:
     """Greedy answers and accuracy for the clean and corrupted questions."""
-    from .data.pairs import load_pairs
     from .model.inference import accuracy_summary, evaluate_pairs
 
     if out:
         prepare_output(out, force)
-    pairs = load_pairs(pairs_path or default_pairs()).limit(limit)
+    pairs = load_cli_pairs(pairs_path, limit)
     model = _load(model_spec, dtype, device, normalization, remote)
     answers = evaluate_pairs(
         model,
@@ -288,7 +294,6 @@ def patch(
     remote,
 ) -> None:
     """Patch source activations into target runs at the latent positions, layer by layer."""
-    from .data.pairs import load_pairs
     from .patching.config import canonical_mode, parse_layers
     from .patching.sites import COMPONENTS
     from .patching.summary import sweep_summary
@@ -307,7 +312,7 @@ def patch(
         click.echo("note: --mode frozen is now called no-feedback (it is not a direct effect)", err=True)
     mode = canonical_mode(mode)
     prepare_output(out, force)
-    pairs = load_pairs(pairs_path or default_pairs()).limit(limit)
+    pairs = load_cli_pairs(pairs_path, limit)
     model = _load(model_spec, dtype, device, normalization, remote)
     layer_list = parse_layers(layers, model.n_layers)
     ctx.meta["partial_store"] = f"{out}.partial" if len(comps) == 1 else f"{out}.<component>.nc.partial"
@@ -345,12 +350,11 @@ def patch(
 @_remote_option
 def early_exit_cmd(model_spec, dtype, device, normalization, pairs_path, out, force, limit, batch_size, remote) -> None:
     """Answer after 0, 1, ..., K latent thoughts: accuracy and answer log-probability per thought count."""
-    from .data.pairs import load_pairs
     from .patching.ablation import early_exit
     from .patching.store import _write_atomic_nc
 
     prepare_output(out, force)
-    pairs = load_pairs(pairs_path or default_pairs()).limit(limit)
+    pairs = load_cli_pairs(pairs_path, limit)
     model = _load(model_spec, dtype, device, normalization)
     ds = early_exit(model, list(pairs), batch_size=batch_size, remote=_remote_value(remote))
     _write_atomic_nc(ds, Path(out))
@@ -415,7 +419,6 @@ def attribute(
     """Attribution patching: a first-order estimate of every patch from one backward pass."""
     import json
 
-    from .data.pairs import load_pairs
     from .patching.attribution import attribution_patching, verify_top
     from .patching.config import parse_layers
     from .patching.store import _write_atomic_nc
@@ -424,7 +427,7 @@ def attribute(
     if verify_n is not None and len(comps) > 1:
         raise UserError("--verify checks one component at a time")
     out_path = prepare_output(out, force)
-    pairs = load_pairs(pairs_path or default_pairs()).limit(limit)
+    pairs = load_cli_pairs(pairs_path, limit)
     model = _load(model_spec, dtype, device, normalization, remote)
     ds = attribution_patching(
         model,

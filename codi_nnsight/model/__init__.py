@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from .._lazy import lazy_getattr
 
 # Resolved on first use, so that light modules (`families`, `config`) import without torch.
 _EXPORTS = {
@@ -24,9 +24,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

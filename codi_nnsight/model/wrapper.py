@@ -437,6 +437,8 @@ class CODIModel(Remotable):
         something the question does not say; an answer the tokenizer cannot spell (`<unk>`) makes
         two different answers score identically, so logit and log-probability differences vanish.
         """
+        from .inference import format_answer  # inference imports this module
+
         tok = self.tokenizer
         special = set(getattr(tok, "all_special_ids", []) or [])
         unk = getattr(tok, "unk_token_id", None)
@@ -450,7 +452,7 @@ class CODIModel(Remotable):
                         f"pair_id {p.pair_id}, {variant} question: the text contains the special "
                         f"token(s) {', '.join(bad)}; remove them from the question"
                     )
-                answer = format_number(q.answer)
+                answer = format_answer(q.answer)
                 if unk is not None and unk in tok(f" {answer}", add_special_tokens=False).input_ids:
                     raise UserError(
                         f"pair_id {p.pair_id}, {variant} answer {answer}: the tokenizer cannot spell it "
@@ -581,11 +583,6 @@ def _pad_left_cat(ids: list[torch.Tensor], masks: list[torch.Tensor], pad_id: in
         "input_ids": torch.cat([torch.nn.functional.pad(x, (width - x.shape[1], 0), value=pad_id) for x in ids]),
         "attention_mask": torch.cat([torch.nn.functional.pad(m, (width - m.shape[1], 0), value=0) for m in masks]),
     }
-
-
-def format_number(value: float) -> str:
-    """A number as the model writes it: integers without a decimal point."""
-    return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
 # The public import path names the class in NDIF model keys: keep keys stable across refactors.

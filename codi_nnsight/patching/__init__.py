@@ -9,7 +9,7 @@ batch; `trace` runs it in one nnsight trace; `dataset` turns rows into the label
 
 from __future__ import annotations
 
-from typing import Any
+from .._lazy import lazy_getattr
 
 # Resolved on first use, so that light modules (`options`, `sites`) import without torch.
 _EXPORTS = {
@@ -39,9 +39,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

@@ -27,6 +27,7 @@ from ..model.wrapper import CODIModel
 from .config import SweepConfig
 from .plan import AblationValues, answer_tokens
 from .sites import output_tensor
+from .trace import cut_to_limits
 
 
 def donor_questions(pairs: Sequence[Any]) -> dict[int, str]:
@@ -181,7 +182,5 @@ def _answer_after(
     with remote_errors(remote), model.trace(**inputs, **trace_kwargs(remote)):
         logp = model.output["candidate_logprobs"][:, 0].to(torch.float64).cpu().save()
         generated = model.output["generated"].cpu().save()
-    gen = torch.as_tensor(generated).numpy().copy()
-    for r, lim in enumerate(limits):  # each question's own limit: answers never depend on the batch
-        gen[r, lim:] = -1
+    gen = cut_to_limits(torch.as_tensor(generated).numpy(), limits)  # answers never depend on the batch
     return ([extract_answer_number(decode(model, g)) for g in gen], torch.as_tensor(logp).tolist())

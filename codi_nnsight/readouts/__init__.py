@@ -10,7 +10,7 @@ docs/readouts.md. Names are imported lazily so `import codi_nnsight.readouts` st
 
 from __future__ import annotations
 
-from typing import Any
+from .._lazy import lazy_getattr
 
 _EXPORTS = {
     "gold_intermediates": "gold",
@@ -26,9 +26,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

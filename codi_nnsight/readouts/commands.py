@@ -24,7 +24,15 @@ def register(group: click.Group) -> None:
         group.add_command(command)
 
 
-from ..cli import _force_option, _load, _model_options, _remote_value, default_pairs, prepare_output  # noqa: E402
+from ..cli import (  # noqa: E402
+    _force_option,
+    _load,
+    _model_options,
+    _remote_option,
+    _remote_value,
+    load_cli_pairs,
+    prepare_output,
+)
 from ..errors import UserError  # noqa: E402
 
 __all__ = ["READOUT_COMMANDS", "attention", "lens", "probe", "register", "tuned_lens"]
@@ -43,7 +51,7 @@ def _pairs_options(f: Any) -> Any:
 
 
 def _common(f: Any) -> Any:
-    f = click.option("--remote", default=None, help="local | ndif | URL of an NDIF host.")(f)
+    f = _remote_option(f)
     f = click.option(
         "--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Questions per trace."
     )(f)
@@ -51,10 +59,19 @@ def _common(f: Any) -> Any:
     return f
 
 
-def _load_pairs(pairs_path: str | None, limit: int | None) -> Any:
-    from ..data.pairs import load_pairs
+def _pairs_or_synthetic(
+    pairs_path: str | None, n_synthetic: int | None, data_seed: int, limit: int | None, default_n: int | None = None
+) -> Any:
+    """`--pairs FILE`, or `--synthetic N` generated toy pairs (`default_n` of them when neither is given).
 
-    return load_pairs(pairs_path or default_pairs()).limit(limit)
+    The commands refuse both at once before any output is made.
+    """
+    n = n_synthetic if n_synthetic is not None else (default_n if pairs_path is None else None)
+    if n is None:
+        return load_cli_pairs(pairs_path, limit)
+    from ..data.synthetic import make_toy_pairs
+
+    return make_toy_pairs(n, seed=data_seed).limit(limit)
 
 
 @click.command("lens")
@@ -79,7 +96,7 @@ def lens(
     from .lens import logit_lens
 
     prepare_output(out, force)
-    pairs = _load_pairs(pairs_path, limit)
+    pairs = load_cli_pairs(pairs_path, limit)
     model = _load(model_spec, dtype, device, normalization)
     tuned = None
     if tuned_path is not None:
@@ -111,7 +128,7 @@ def attention(model_spec, dtype, device, normalization, pairs_path, limit, out, 
     from .common import write_dataset
 
     prepare_output(out, force)
-    pairs = _load_pairs(pairs_path, limit)
+    pairs = load_cli_pairs(pairs_path, limit)
     model = _load(model_spec, dtype, device, normalization)
     ds = attention_readout(model, pairs, batch_size=batch_size, top=top, remote=_remote_value(remote))
     write_dataset(ds, out)
@@ -179,12 +196,7 @@ def probe(
         raise UserError("give --pairs FILE or --synthetic N, not both")
     seed_list = _int_list(seeds, "--seeds")
     prepare_output(out, force)
-    if n_synthetic is not None:
-        from ..data.synthetic import make_toy_pairs
-
-        pairs = make_toy_pairs(n_synthetic, seed=data_seed).limit(limit)
-    else:
-        pairs = _load_pairs(pairs_path, limit)
+    pairs = _pairs_or_synthetic(pairs_path, n_synthetic, data_seed, limit)
     model = _load(model_spec, dtype, device, normalization)
     layer_list = parse_layers(layers, model.n_layers)
     ds = run_probe(
@@ -261,12 +273,7 @@ def tuned_lens_train(
     if n_synthetic is not None and pairs_path is not None:
         raise UserError("give --pairs FILE or --synthetic N, not both")
     prepare_output(out, force, folder=True)
-    if pairs_path is None:
-        from ..data.synthetic import make_toy_pairs
-
-        pairs = make_toy_pairs(n_synthetic or 500, seed=data_seed).limit(limit)
-    else:
-        pairs = _load_pairs(pairs_path, limit)
+    pairs = _pairs_or_synthetic(pairs_path, n_synthetic, data_seed, limit, default_n=500)
     model = _load(model_spec, dtype, device, normalization)
     got = train_tuned_lens(
         model,
