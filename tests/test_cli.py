@@ -324,3 +324,50 @@ def test_attribute_command_writes_the_sweep_layout_and_verifies(tmp_path):
     assert ds["atp_logprob_diff"].dims == ("pair", "layer", "position") and ds.sizes["pair"] == 3
     assert ds["atpstar_logprob_diff"].dims == ds["atp_logprob_diff"].dims
     assert "exact sweep on layers [0]:" in r.output
+
+
+def test_newer_sweep_options_run_from_the_command_line(tiny_dir, tmp_path):
+    r = run(
+        "patch",
+        "--model",
+        str(tiny_dir),
+        "--out",
+        str(tmp_path / "f.nc"),
+        "--limit",
+        "2",
+        "--positions",
+        "each",
+        "--mode",
+        "feedback-only",
+        "--question-normalization",
+        "none",
+    )
+    assert r.exit_code == 0, r.output
+    ds = xr.open_dataset(tmp_path / "f.nc")
+    assert ds.attrs["mode"] == "feedback-only" and ds.attrs["question_normalization"] == "none"
+    assert ds["kl"].dims == ("pair", "layer", "position")
+    r = CliRunner().invoke(
+        main, ["patch", "--model", str(tiny_dir), "--out", str(tmp_path / "g.nc"), "--mode", "feedback-only"]
+    )
+    assert (
+        r.exit_code == 2
+        and r.output.strip()
+        == "error: --mode feedback-only needs --positions each (the route of one position's feedback)"
+    )
+    r = CliRunner().invoke(
+        main, ["patch", "--model", str(tiny_dir), "--out", str(tmp_path / "h.nc"), "--question-normalization", "nfc"]
+    )
+    assert r.exit_code == 2 and "Invalid value for '--question-normalization'" in r.output
+
+
+def test_pairs_make_kinds_and_make_tiny_families(tmp_path):
+    for kind in ("toy", "wide"):
+        r = run("pairs", "make", "--synthetic", "3", "--kind", kind, "--out", str(tmp_path / f"{kind}.json"))
+        assert r.exit_code == 0 and r.output.strip() == f"wrote {tmp_path / f'{kind}.json'}: 3 synthetic pairs ({kind})"
+    assert (tmp_path / "toy.json").read_text() != (tmp_path / "wide.json").read_text()
+    r = run("make-tiny", "--out", str(tmp_path / "q"), "--family", "qwen2", "--num-latent", "2")
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((tmp_path / "q" / "base" / "config.json").read_text())
+    assert cfg["model_type"] == "qwen2"
+    r = run("evaluate", "--model", str(tmp_path / "q"), "--limit", "1", "--max-new-tokens", "2")
+    assert r.exit_code == 0 and "accuracy clean" in r.output
