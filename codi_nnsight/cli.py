@@ -553,7 +553,7 @@ def pairs_validate(file: str, model_spec, dtype, device, normalization) -> None:
     type=click.Choice(["toy", "wide"]),
     default="toy",
     show_default=True,
-    help="Synthetic problems: toy = the bundled model's distribution (3-4 steps of its words); "
+    help="Synthetic problems: toy = the bundled model's distribution (3-5 steps of its words); "
     "wide = harder, more varied problems.",
 )
 @click.option("--out", type=click.Path(dir_okay=False), required=True)
@@ -646,14 +646,29 @@ def make_tiny(out: str, family: str, n_layers: int, hidden: int, num_latent: int
 @click.option("--out", type=click.Path(file_okay=False), required=True)
 @_force_option
 @click.option("--seed", type=int, default=0, show_default=True)
-def train_toy_cmd(out: str, force: bool, seed: int) -> None:
+@click.option(
+    "--baseline",
+    is_flag=True,
+    help="Train the no-latent baseline instead (same model and data, answers with no continuous thoughts).",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="torch CPU threads (the toy's small matrix products run fastest on one).",
+)
+def train_toy_cmd(out: str, force: bool, seed: int, baseline: bool, threads: int) -> None:
     """Train the bundled toy CODI model from scratch (CPU)."""
+    import torch
+
     from .toy.train import describe_training, train_toy
 
     if Path(out).exists() and any(Path(out).iterdir()) and not force:
         raise UserError(f"{out}: folder is not empty; add --force to train into it")
     prepare_output(out, force=True, folder=True)
-    log = train_toy(out, seed=seed)
+    torch.set_num_threads(threads)
+    log = train_toy(out, seed=seed, baseline=baseline)
     click.echo(f"wrote {out}: {describe_training(log)}")
 
 

@@ -297,10 +297,38 @@ def test_wrong_family_and_malicious_checkpoint_via_cli(setup, tmp_path):
     assert not Path("/tmp/codi_nnsight_cli_pwned").exists()
 
 
-def test_text_the_tokenizer_would_change_is_refused_by_pair():
+def _word_level_toy(tmp_path: Path) -> Path:
+    """The bundled toy model with a word-level tokenizer over its own vocabulary (same ids), whose
+    unknown words become `<unk>`: the kind of tokenizer that cannot spell every answer."""
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from codi_nnsight.model.config import bundled_model_dir
+
+    out = tmp_path / "word-toy"
+    shutil.copytree(bundled_model_dir(), out)
+    bpe = sorted(AutoTokenizer.from_pretrained(out / "base").get_vocab().items(), key=lambda kv: kv[1])
+    vocab: dict[str, int] = {}
+    for token, i in bpe:  # "Ġapples" becomes the word "apples" (unless taken); every id is kept
+        word = token.removeprefix("Ġ")
+        vocab[word if word and word not in vocab else token] = i
+    spare = next(t for t, i in vocab.items() if i >= 2 and len(t) == 1 and not t.isalnum())
+    vocab["<unk>"] = vocab.pop(spare)  # same size and ids: the model's embeddings still fit
+    words = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=words, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (out / "base" / name).unlink(missing_ok=True)
+    tok.save_pretrained(out / "base")
+    return out / "codi.json"
+
+
+def test_text_the_tokenizer_would_change_is_refused_by_pair(tmp_path):
     from codi_nnsight.data.pairs import Pair, PairSet, Question
 
-    model = load_model()  # the bundled toy: a word tokenizer with <unk>
+    model = load_model()  # the bundled toy
     good = load_pairs(Path(__file__).resolve().parent.parent / "data" / "demo_pairs.json")[0]
     special = PairSet.from_pairs(
         [Pair(7, Question(good.clean.question + " </s>", good.clean.answer, {}), good.corrupted)]
@@ -311,9 +339,12 @@ def test_text_the_tokenizer_would_change_is_refused_by_pair():
         str(e.value) == "pair_id 7, clean question: the text contains the special token(s) </s>; remove them "
         "from the question"
     )
+    # The toy's byte-level BPE spells any answer; a word-level tokenizer over the same ids cannot.
     unknown = PairSet.from_pairs([Pair(8, good.clean, Question(good.corrupted.question, 150, {}))])
+    model.check_text(unknown)
+    words = load_model(str(_word_level_toy(tmp_path)))
     with pytest.raises(UserError) as e:
-        sweep_mod.patch_sweep(model, unknown, layers=[0])
+        sweep_mod.patch_sweep(words, unknown, layers=[0])
     assert str(e.value).startswith("pair_id 8, corrupted answer 150: the tokenizer cannot spell it (it becomes <unk>)")
 
 

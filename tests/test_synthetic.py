@@ -133,18 +133,18 @@ def test_synthetic_pairs(kind: str) -> None:
         assert pair.clean.answer != pair.corrupted.answer
         assert pair.clean.meta["changed"] == pair.corrupted.meta["changed"]
     ds = ps.to_xarray()
-    assert set(ds["reasoning_steps"].values.tolist()) <= {2, 3, 4}
+    assert set(ds["reasoning_steps"].values.tolist()) <= ({3, 4, 5} if kind == "toy" else {2, 3, 4})
 
 
 def test_demo_file_is_reproducible() -> None:
-    expected = make_toy_pairs(24, seed=0, steps=(3, 4))
+    expected = make_toy_pairs(24, seed=0, steps=(3, 5))
     loaded = load_pairs(DEMO)
     assert loaded == expected
     assert len(loaded) == 24
 
 
 def test_demo_file_bytes_match_save(tmp_path: Path) -> None:
-    out = make_toy_pairs(24, seed=0, steps=(3, 4)).save(tmp_path / "demo.json")
+    out = make_toy_pairs(24, seed=0, steps=(3, 5)).save(tmp_path / "demo.json")
     assert out.read_bytes() == DEMO.read_bytes()
 
 
@@ -155,14 +155,17 @@ def test_demo_file_bytes_match_save(tmp_path: Path) -> None:
 
 def test_default_synthetic_pairs_are_toy_pairs() -> None:
     ps = make_synthetic_pairs(40, seed=7)
-    assert ps == make_toy_pairs(40, seed=7, steps=(3, 4)) == make_synthetic_pairs(40, seed=7, kind="toy")
+    assert ps == make_toy_pairs(40, seed=7, steps=(3, 5)) == make_synthetic_pairs(40, seed=7, kind="toy")
     for pair in ps:
         for q in (pair.clean, pair.corrupted):
-            assert q.meta["reasoning_steps"] in (3, 4)
+            assert q.meta["reasoning_steps"] in (3, 4, 5)
             numbers = [int(t) for t in re.findall(r"\b\d+\b", q.question)]
-            assert all(2 <= k <= 9 for k in numbers)  # toy operands
+            assert 2 <= numbers[0] <= 29 and all(2 <= k <= 9 for k in numbers[1:])  # toy start and operands
             assert all(re.fullmatch(r"\d+[-+]\d+=\d+", s) for s in q.meta["steps"])  # toy: + and - only
-            assert 0 <= q.answer <= 19
+            assert all(0 <= int(s.split("=")[1]) <= 39 for s in q.meta["steps"])
+    # multi-digit numbers on both sides of the chains
+    numbers = {int(t) for pair in ps for t in re.findall(r"\d+", " ".join(pair.clean.meta["steps"]))}
+    assert len({k for k in numbers if k >= 10}) > 20
     # the demo file is exactly the default synthetic pairs
     assert make_synthetic_pairs(24, seed=0) == load_pairs(DEMO)
 
@@ -184,7 +187,8 @@ def test_wide_kind_is_the_former_default() -> None:
 
 
 def test_synthetic_pairs_argument_errors() -> None:
-    with pytest.raises(ValueError, match=r"^max_value applies to kind='wide' only \(toy operands are 2-9\)$"):
+    expected = r"^max_value applies to kind='wide' only \(toy problems have their own ranges\)$"
+    with pytest.raises(ValueError, match=expected):
         make_synthetic_pairs(2, seed=0, max_value=20)
     with pytest.raises(ValueError, match=r"^unknown kind 'hard' \(expected one of toy, wide\)$"):
         make_synthetic_pairs(2, seed=0, kind="hard")  # type: ignore[arg-type]

@@ -17,17 +17,17 @@ from codi_nnsight.toy.train import (
     BOT,
     EOS,
     EOT,
-    UNK,
+    SINGLE_TOKEN_NUMBERS,
     ToyConfig,
-    decode_words,
-    encode_words,
+    decode,
+    encode,
     eval_problems,
     evaluate_toy,
     is_held_out,
     make_batch,
     sample_problems,
+    toy_tokenizer,
     train_toy,
-    word_tokenizer,
 )
 
 #: A model small enough that a few steps take about a second.
@@ -47,15 +47,30 @@ TINY = dict(
 )
 
 
-def test_word_encoding_matches_tokenizer() -> None:
-    tok = word_tokenizer()
+def test_bpe_tokenizer_splits_like_llama3() -> None:
+    tok = toy_tokenizer()
+    # a whitespace-only token before every number, each number 0-99 one token, words keep their space
+    assert tok.convert_ids_to_tokens(encode("The answer is: 18")) == ["The", "Ġanswer", "Ġis", ":", "Ġ", "18"]
+    assert tok.convert_ids_to_tokens(encode("17-3=14 14+19=33")) == [
+        "17", "-", "3", "=", "14", "Ġ", "14", "+", "19", "=", "33"
+    ]  # fmt: skip
+    assert all(len(encode(str(n))) == 1 for n in SINGLE_TOKEN_NUMBERS)
+    # longer numbers are split in groups of three digits before BPE, as in Llama 3
+    assert [t for t, _ in tok.backend_tokenizer.pre_tokenizer.pre_tokenize_str("1234")] == ["123", "4"]
+    # a byte-level BPE: a word it has rarely seen is split, and any text encodes and decodes back
+    assert len(encode(" Xylophone")) > 1
+    for text in ("naïve 😀 text\n\twith tabs", "Then Sam buys 17 more pens."):
+        assert tok.decode(encode(text)) == decode(encode(text)) == text
+
+
+def test_encoding_matches_tokenizer() -> None:
+    tok = toy_tokenizer()
     for p in eval_problems(20, 0):
-        assert tok(p.question).input_ids == [BOS, *encode_words(p.question)]
-        assert UNK not in encode_words(p.question)
+        assert tok(p.question).input_ids == [BOS, *encode(p.question)]
         text = f"{ANSWER_PREFIX}{p.answer}"
-        ids = encode_words(text)
-        assert len(ids) == len(encode_words(ANSWER_PREFIX)) + 1  # the answer is one token
-        assert tok.decode(ids) == decode_words(ids) == text
+        ids = encode(text)
+        assert ids == encode(ANSWER_PREFIX) + encode(str(p.answer))  # prompt, whitespace token, one answer token
+        assert tok.decode(ids) == decode(ids) == text
         assert extract_answer_number(tok.decode(ids)) == p.answer
 
 
@@ -64,32 +79,32 @@ def test_batch_targets_and_distill_positions() -> None:
     b = make_batch(problems)
     for i, p in enumerate(problems):
         q = [t for t, m in zip(b["q_ids"][i].tolist(), b["q_mask"][i].tolist()) if m]
-        assert q == [BOS, *encode_words(p.question), BOT]
-        answer = encode_words(ANSWER_PREFIX + str(p.answer)) + [EOS]
+        assert q == [BOS, *encode(p.question), BOT]
+        answer = encode(ANSWER_PREFIX + str(p.answer)) + [EOS]
         student = [t for t in b["s_labels"][i].tolist() if t != -100]
         assert student == answer
         teacher = [t for t in b["t_labels"][i].tolist() if t != -100]
-        assert teacher == encode_words(" ".join(p.steps)) + [EOT] + answer
-        # Both distillation positions hold the ':' whose next token is the answer.
+        assert teacher == encode(" ".join(p.steps)) + [EOT] + answer
+        # Both distillation positions hold the whitespace token whose next token is the answer.
         s_at, t_at = int(b["s_distill"][i]), int(b["t_distill"][i])
-        answer_id = encode_words(str(p.answer))[0]
-        assert b["s_ids"][i, s_at] == encode_words(":")[0] and b["s_ids"][i, s_at + 1] == answer_id
-        assert b["t_ids"][i, t_at] == encode_words(":")[0] and b["t_ids"][i, t_at + 1] == answer_id
+        answer_id = encode(str(p.answer))[0]
+        space = encode(" ")[0]  # the whitespace-only token before the number
+        assert b["s_ids"][i, s_at] == space and b["s_ids"][i, s_at + 1] == answer_id
+        assert b["t_ids"][i, t_at] == space and b["t_ids"][i, t_at + 1] == answer_id
 
 
 def test_toy_problems_and_pairs_stay_in_range() -> None:
     from codi_nnsight.data.synthetic import make_toy_pairs, make_toy_problems
 
-    for p in make_toy_problems(200, seed=1, steps=(2, 4)):
-        assert 2 <= len(p.steps) <= 4 and len(set(p.numbers)) == len(p.numbers)
-        assert all(2 <= k <= 9 for k in p.numbers)
-        assert all(0 <= int(s.split("=")[1]) <= 19 for s in p.steps)
-        assert UNK not in encode_words(p.question) and UNK not in encode_words(" ".join(p.steps))
+    for p in make_toy_problems(200, seed=1, steps=(2, 5)):
+        assert 2 <= len(p.steps) <= 5 and len(set(p.numbers)) == len(p.numbers)
+        assert 2 <= p.numbers[0] <= 29 and all(2 <= k <= 9 for k in p.numbers[1:])
+        assert all(0 <= int(s.split("=")[1]) <= 39 for s in p.steps)
     for pair in make_toy_pairs(30, seed=2):
         c, k = pair.clean, pair.corrupted
-        assert c.answer != k.answer and 0 <= k.answer <= 19
-        assert len(encode_words(c.question)) == len(encode_words(k.question))  # one number token differs
-        assert sum(a != b for a, b in zip(encode_words(c.question), encode_words(k.question))) == 1
+        assert c.answer != k.answer and 0 <= k.answer <= 39
+        assert len(encode(c.question)) == len(encode(k.question))  # one number token differs
+        assert sum(a != b for a, b in zip(encode(c.question), encode(k.question))) == 1
 
 
 def test_held_out_split_is_disjoint() -> None:
@@ -147,7 +162,18 @@ def shipped_metrics() -> dict:
 def test_shipped_model_layout() -> None:
     cfg = json.loads((SHIPPED / "codi.json").read_text())
     assert cfg["num_latent"] == 6 and cfg["lora_r"] == 0 and cfg["base"] == "base"
-    assert (SHIPPED / "ckpt" / "model.safetensors").stat().st_size < 5_000_000
+    assert (SHIPPED / "ckpt" / "model.safetensors").stat().st_size <= 10_000_000
+    base = json.loads((SHIPPED / "base" / "config.json").read_text())
+    assert base["model_type"] == "llama" and base["num_hidden_layers"] >= 6
+
+
+def test_shipped_tokenizer_is_the_toy_bpe() -> None:
+    from transformers import AutoTokenizer
+
+    shipped = AutoTokenizer.from_pretrained(SHIPPED / "base")
+    assert shipped.get_vocab() == toy_tokenizer().get_vocab()
+    for p in eval_problems(10, 0):
+        assert shipped(p.question).input_ids == [BOS, *encode(p.question)]
 
 
 def test_shipped_model_accuracy(shipped_metrics) -> None:
@@ -178,10 +204,10 @@ def test_demo_pairs_patching_flips_answers() -> None:
 
 
 # Measured on the first 60 held-out problems with the shipped model (see docs/toy-model.md):
-# 60/60 right, 4/60 with zero latents, 0/60 with another problem's latents (58/60 of those give
-# the other problem's answer). The targets: accuracy >= 0.9, ablation drops >= 0.4.
-SHIPPED_ACCURACY = 60 / 60
-SHIPPED_ZERO_DROP = 56 / 60
-SHIPPED_OTHER_DROP = 60 / 60
-#: Best share of demo pairs flipped by the default sweep (resid, all positions): 24/24 at layer 1.
-SHIPPED_FLIPPED = 1.0
+# 56/60 right, 2/60 with zero latents, 0/60 with another problem's latents (54/60 of those give
+# the other problem's answer). The regression floors: accuracy >= 0.9, ablation drops >= 0.4.
+SHIPPED_ACCURACY = 56 / 60
+SHIPPED_ZERO_DROP = 54 / 60
+SHIPPED_OTHER_DROP = 56 / 60
+#: Best share of demo pairs flipped by the default sweep (resid, all positions): 23/24 at layer 5.
+SHIPPED_FLIPPED = 23 / 24

@@ -23,7 +23,7 @@ EXECUTED = [
     "04_your_own_traces.ipynb",
 ]
 NOT_EXECUTED = ["05_real_checkpoints.ipynb"]
-#: Wall-clock budget of one notebook's cells (kernel start not included); each takes 10-30 s here.
+#: Wall-clock budget of one notebook's cells (kernel start not included); each takes 10-60 s here.
 NOTEBOOK_TIMEOUT_S = 240
 
 

@@ -1,6 +1,6 @@
 """Synthetic multi-step arithmetic word problems with a tiny vocabulary.
 
-Used to train a toy CODI model with a char-level tokenizer and as test data.  Every problem is a
+Used to train the bundled toy CODI model and as test data.  Every problem is a
 left-to-right chain: step 0 combines the first two question numbers, every later step combines
 the previous result with the next question number, so ``steps[i]`` looks like ``"12-2=10"``.
 Question numbers are distinct and appear exactly once as standalone tokens, in chain order,
@@ -11,7 +11,8 @@ digits, space, ``.`` and ``?``; the steps add the operators).
 
 Two distributions:
 
-* ``toy`` (:func:`make_toy_problem`): 3-4 additions/subtractions of operands 2-9, results 0-19 --
+* ``toy`` (:func:`make_toy_problem`): 3-5 additions/subtractions from a start of 2-29, operands
+  2-9, results 0-39 --
   what the bundled toy CODI model is trained on, so it answers them;
 * ``wide`` (:func:`make_problem`): 2-4 steps of ``+ - * /`` with operands up to 20 and results up
   to 99, sentences such as "has 3 boxes with 4 pens each" -- harder than anything the toy model
@@ -263,14 +264,14 @@ def make_synthetic_pairs(
     """``n`` clean/corrupted pairs (ids 0..n-1) with meta ``reasoning_steps``, ``steps``, ``changed``.
 
     ``kind="toy"`` (default) draws from the bundled toy model's distribution (`make_toy_pairs`,
-    ``steps`` default :data:`TOY_STEPS` = (3, 4), the range the model was trained on), so the
+    ``steps`` default :data:`TOY_STEPS` = (3, 5), the range the model was trained on), so the
     default model answers the pairs.  ``kind="wide"`` gives the older, harder problems of
     `make_problem` (``steps`` default (2, 4), ``max_value`` default 20); ``max_value`` applies
     to it only.
     """
     if kind == "toy":
         if max_value is not None:
-            raise ValueError("max_value applies to kind='wide' only (toy operands are 2-9)")
+            raise ValueError("max_value applies to kind='wide' only (toy problems have their own ranges)")
         return make_toy_pairs(n, seed, steps=TOY_STEPS if steps is None else steps, offsets=offsets)
     if kind != "wide":
         raise ValueError(f"unknown kind {kind!r} (expected one of {', '.join(KINDS)})")
@@ -323,11 +324,16 @@ def _pair(pair_id: int, clean: WordProblem, bad: WordProblem) -> Pair:
 # ---------------------------------------------------------------------------------------------
 # The toy model's distribution: small additions and subtractions
 # ---------------------------------------------------------------------------------------------
-#: Operands of toy problems are in [2, TOY_MAX_OPERAND]; every result in [0, TOY_MAX_RESULT].
+#: A toy problem starts from a number in [2, TOY_MAX_START], adds or subtracts operands in
+#: [2, TOY_MAX_OPERAND], and every intermediate result and the answer is in [0, TOY_MAX_RESULT]:
+#: multi-digit starts, intermediates and answers (one token each, after a whitespace token).
+TOY_MAX_START = 29
 TOY_MAX_OPERAND = 9
-TOY_MAX_RESULT = 19
+TOY_MAX_RESULT = 39
 #: Step counts of the bundled toy model's training problems (``ToyConfig.min_steps/max_steps``).
-TOY_STEPS = (3, 4)
+TOY_STEPS = (3, 5)
+#: Longest chain a toy problem may have (the `wide` generator stops at 4).
+TOY_MAX_CHAIN = 5
 _TOY_TEMPLATES = {
     "+": ("{p} buys {k} more {o} .", "{p} finds {k} more {o} .", "Then {p2} gets {k} more {o} ."),
     "-": ("{p} eats {k} {o} .", "{p} gives {k} {o} away .", "Then {p2} loses {k} {o} ."),
@@ -350,31 +356,43 @@ def toy_words() -> list[str]:
     return sorted(words)
 
 
-def _toy_chain_ok(numbers: Sequence[int], ops: Sequence[str], max_operand: int, max_result: int) -> bool:
+def _toy_chain_ok(
+    numbers: Sequence[int],
+    ops: Sequence[str],
+    max_operand: int = TOY_MAX_OPERAND,
+    max_result: int = TOY_MAX_RESULT,
+    max_start: int = TOY_MAX_START,
+) -> bool:
     results = _chain(numbers, ops)
     return (
         results is not None
         and all(0 <= r <= max_result for r in results)
-        and all(2 <= k <= max_operand for k in numbers)
+        and 2 <= numbers[0] <= max_start
+        and all(2 <= k <= max_operand for k in numbers[1:])
         and len(set(numbers)) == len(numbers)
     )
 
 
 def make_toy_problem(
-    rng: random.Random, n_steps: int, max_operand: int = TOY_MAX_OPERAND, max_result: int = TOY_MAX_RESULT
+    rng: random.Random,
+    n_steps: int,
+    max_operand: int = TOY_MAX_OPERAND,
+    max_result: int = TOY_MAX_RESULT,
+    max_start: int = TOY_MAX_START,
 ) -> WordProblem:
-    """A word problem of ``n_steps`` (2-4) additions/subtractions of distinct operands in
-    [2, max_operand], every intermediate result and the answer in [0, max_result].
+    """A word problem of ``n_steps`` (2-5) additions/subtractions: a start in [2, max_start], then
+    operands in [2, max_operand], all question numbers distinct, every intermediate result and the
+    answer in [0, max_result].
 
-    E.g. ``Tom has 7 pens. He eats 3 pens. Then he gets 9 more pens. How many pens does he have
-    now?`` with steps ``7-3=4 4+9=13``. Numbers are standalone words, so `corrupt` applies.
+    E.g. ``Tom has 17 pens. He eats 3 pens. Then he gets 9 more pens. How many pens does he have
+    now?`` with steps ``17-3=14 14+9=23``. Numbers are standalone words, so `corrupt` applies.
     """
-    if not _MIN_STEPS <= n_steps <= _MAX_STEPS:
-        raise ValueError(f"n_steps must be in [{_MIN_STEPS}, {_MAX_STEPS}], got {n_steps}")
+    if not _MIN_STEPS <= n_steps <= TOY_MAX_CHAIN:
+        raise ValueError(f"n_steps must be in [{_MIN_STEPS}, {TOY_MAX_CHAIN}], got {n_steps}")
     name, pron = rng.choice(_NAMES)
     obj = rng.choice(_OBJECTS)
     for _ in range(1000):
-        numbers = [rng.randint(2, max_operand)]
+        numbers = [rng.randint(2, max_start)]
         ops: list[str] = []
         for _ in range(n_steps):
             acc = _chain(numbers, ops)[-1] if ops else numbers[0]
@@ -389,7 +407,7 @@ def make_toy_problem(
             op, k = rng.choice(options)
             numbers.append(k)
             ops.append(op)
-        if len(ops) == n_steps and _toy_chain_ok(numbers, ops, max_operand, max_result):
+        if len(ops) == n_steps and _toy_chain_ok(numbers, ops, max_operand, max_result, max_start):
             break
     else:  # pragma: no cover
         raise RuntimeError("could not generate a valid toy problem")
@@ -403,22 +421,22 @@ def make_toy_problem(
     return WordProblem(question, _format_steps(numbers, ops, results), results[-1], list(numbers))
 
 
-def make_toy_problems(n: int, seed: int, steps: tuple[int, int] = (2, 4)) -> list[WordProblem]:
+def make_toy_problems(n: int, seed: int, steps: tuple[int, int] = TOY_STEPS) -> list[WordProblem]:
     """``n`` toy problems (`make_toy_problem`) with step counts uniform in ``steps``."""
     rng = random.Random(seed)
     return [make_toy_problem(rng, rng.randint(*steps)) for _ in range(n)]
 
 
-def make_toy_pairs(n: int, seed: int, steps: tuple[int, int] = (2, 4), offsets: Sequence[int] = (-1, 1)) -> PairSet:
+def make_toy_pairs(n: int, seed: int, steps: tuple[int, int] = TOY_STEPS, offsets: Sequence[int] = (-1, 1)) -> PairSet:
     """``n`` clean/corrupted pairs of toy problems; both variants stay in the toy distribution
-    (operands in [2, 9], results in [0, 19]) and differ in one number and in their answers."""
+    (`_toy_chain_ok` with the defaults) and differ in one number and in their answers."""
     rng = random.Random(seed)
     pairs: list[Pair] = []
     failures = 0
     while len(pairs) < n:
         clean = make_toy_problem(rng, rng.randint(*steps))
         bad = corrupt(clean, rng, offsets)
-        if bad is None or not _toy_chain_ok(bad.numbers, _ops_of(bad), TOY_MAX_OPERAND, TOY_MAX_RESULT):
+        if bad is None or not _toy_chain_ok(bad.numbers, _ops_of(bad)):
             failures = _failed(failures, offsets)
             continue
         failures = 0
