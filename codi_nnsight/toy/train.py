@@ -210,7 +210,7 @@ def make_batch(problems: list[WordProblem]) -> dict[str, torch.Tensor]:
     ``[eot] The answer is: X</s>`` and the teacher continuation
     ``steps [eot] The answer is: X</s>`` (both run after the shared question prefix) are
     right-padded. ``*_labels`` hold the target of each position (-100 = no loss);
-    ``*_distill`` index the position predicting the first digit.
+    ``*_distill`` index the position predicting the answer number (the whitespace token before it).
     """
     question = [[BOS, *encode(p.question), BOT] for p in problems]
     answer = [encode(ANSWER_PREFIX + str(p.answer)) + [EOS] for p in problems]
@@ -224,10 +224,11 @@ def make_batch(problems: list[WordProblem]) -> dict[str, torch.Tensor]:
     # Target of the prefix's last ([bot]) position, then of each continuation position.
     t_labels = torch.full((len(problems), t_ids.shape[1] + 1), -100, dtype=torch.long)
     t_labels[:, :-1] = torch.where(t_mask.bool(), t_ids, -100)
-    # In the continuation the ':' predicting the answer sits len(prefix) - 1 tokens into it.
+    # In the continuation the token predicting the answer number (the whitespace token after
+    # `is:`, the prefix's last token) sits len(prefix) - 1 tokens into the answer.
     n_prefix = len(encode(ANSWER_PREFIX))
     t_distill = torch.tensor([len(c) - len(a) + n_prefix - 1 for c, a in zip(cont, answer)])
-    # In the student suffix [eot] + answer the same ':' is at index len(prefix).
+    # In the student suffix [eot] + answer the same token is at index len(prefix).
     s_distill = torch.full((len(problems),), n_prefix, dtype=torch.long)
     # Token id of each step's result; rows padded with the answer (the last result).
     width = max(len(p.steps) for p in problems)
