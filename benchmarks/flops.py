@@ -143,31 +143,24 @@ def sweep_flops(
     max_new_tokens: int | None,
     positions: str = "all",
 ) -> dict[str, int]:
-    """Useful FLOPs of `patch_sweep(model, pairs, layers=..., positions=...)` with its sanity trace.
+    """Useful FLOPs of `patch_sweep(model, pairs, layers=..., positions=...)` with its sanity check.
 
     Counts the same forwards the sweep runs: one per batch (from `plan_batch`, so the rows,
-    shared prefixes and decode limits are the sweep's own) plus `full_patch_check`'s.
+    shared prefixes and decode limits are the sweep's own), the batch holding the full-patch
+    check's pair with its extra prompt and row.
     """
-    from codi_nnsight.patching import SweepConfig, answer_tokens, plan_batch, prompt_inputs
+    from codi_nnsight.patching import SweepConfig, plan_batch
+    from codi_nnsight.patching.trace import full_patch_pair
 
     dims = model_dims(model.codi)
     K = model.num_latent
     cfg = SweepConfig(layers=list(layers), positions=positions, max_new_tokens=max_new_tokens)
+    check = full_patch_pair(model, pairs)
     total: dict[str, int] = {}
     for start in range(0, len(pairs), batch_size):
-        plan = plan_batch(model, pairs[start : start + batch_size], cfg)
+        carried = check - start if check is not None and start <= check < start + batch_size else None
+        plan = plan_batch(model, pairs[start : start + batch_size], cfg, full_patch=carried)
         total = add(total, forward_flops(dims, plan.inputs, K, plan.decode_limit))
-    # `full_patch_check`: the shortest equal-length pair, both questions, no candidates or decoding.
-    equal = [
-        (len(model.encode_question(p.clean.question)), i)
-        for i, p in enumerate(pairs)
-        if len(model.encode_question(p.clean.question)) == len(model.encode_question(p.corrupted.question))
-    ]
-    if equal:
-        pair = pairs[min(equal)[1]]
-        toks = answer_tokens(model, pair.clean.answer, pair.corrupted.answer)
-        inputs, _ = prompt_inputs(model, [pair.clean.question, pair.corrupted.question])
-        total = add(total, forward_flops(dims, {**inputs, "suffix_ids": torch.tensor(toks.suffix)}, K))
     return total
 
 

@@ -44,6 +44,7 @@ from codi_nnsight.data.synthetic import make_synthetic_pairs  # noqa: E402
 from codi_nnsight.model.wrapper import DTYPES  # noqa: E402
 from codi_nnsight.patching import SweepConfig, answer_tokens, plan_batch  # noqa: E402
 from codi_nnsight.patching.sweep import patch_sweep, versions  # noqa: E402
+from codi_nnsight.patching.trace import full_patch_pair  # noqa: E402
 from codi_nnsight.testing.tiny import random_codi  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -109,23 +110,31 @@ def naive(model: Any, pairs: list, layers: list[int], max_new: int) -> np.ndarra
 
 
 def raw(model: Any, pairs: list, layers: list[int], batch_size: int, max_new: int) -> np.ndarray:
-    """`patch_sweep`'s batched algorithm with torch hooks instead of nnsight."""
+    """`patch_sweep`'s batched algorithm with torch hooks instead of nnsight.
+
+    The same plans as the sweep's, the full-patch check carried by the batch holding its pair.
+    """
     codi = model.codi
     cfg = SweepConfig(layers=layers, max_new_tokens=max_new)
+    check = full_patch_pair(model, pairs)
     out = np.zeros((len(pairs), len(layers), 3))
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
-        plan = plan_batch(model, chunk, cfg)
+        carried = check - start if check is not None and start <= check < start + batch_size else None
+        plan = plan_batch(model, chunk, cfg, full_patch=carried)
         handles = []
-        for L in layers:
+        for L in sorted({*layers, 0}):
             calls = {"n": 0}
 
             def hook(mod, args, output, L=L, calls=calls, plan=plan):
                 step = calls["n"]
                 calls["n"] += 1
+                h = output[0] if isinstance(output, tuple) else output
                 if (L, step) in plan.layer_plan:
-                    h = output[0] if isinstance(output, tuple) else output
                     dst, src = plan.layer_plan[(L, step)]
+                    h[dst.to(h.device)] = h[src.to(h.device)]
+                if L == 0 and step in plan.full_patch_plan:
+                    dst, src = plan.full_patch_plan[step]
                     h[dst.to(h.device)] = h[src.to(h.device)]
                 return output
 
@@ -139,43 +148,7 @@ def raw(model: Any, pairs: list, layers: list[int], batch_size: int, max_new: in
         m = _metrics(logits, logits[torch.tensor(plan.baseline_of, device=logits.device)], codi.eot_id)
         for i in range(len(chunk)):
             out[start + i] = m[plan.variant_rows[i]]
-    raw_full_check(model, pairs)  # the same sanity work `patch_sweep` does, so only nnsight differs
     return out
-
-
-def raw_full_check(model: Any, pairs: list) -> float:
-    """`patching.full_patch_check` with a torch hook: layer 0 patched at every token."""
-    from codi_nnsight.patching import prompt_inputs
-
-    equal = [
-        p
-        for p in pairs
-        if len(model.encode_question(p.clean.question)) == len(model.encode_question(p.corrupted.question))
-    ]
-    if not equal:
-        return float("nan")
-    pair = min(equal, key=lambda p: len(model.encode_question(p.clean.question)))
-    toks = answer_tokens(model, pair.clean.answer, pair.corrupted.answer)
-    inputs, prefill_calls = prompt_inputs(model, [pair.clean.question, pair.corrupted.question])
-    sched = model.schedule(prefill_calls)
-    calls = {"n": 0}
-
-    def hook(mod, args, output):
-        n = calls["n"]
-        calls["n"] += 1
-        if prefill_calls - 1 <= n <= sched.suffix_call:
-            h = output[0] if isinstance(output, tuple) else output
-            h[1] = h[0]
-        return output
-
-    handle = model.codi.layers[0].register_forward_hook(hook)
-    try:
-        dev = model.device
-        inputs = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in inputs.items()}
-        logits = model.codi(**inputs, suffix_ids=torch.tensor(toks.suffix, device=dev))["logits"]
-    finally:
-        handle.remove()
-    return float((logits[1] - logits[0]).abs().max())
 
 
 def ours(

@@ -116,8 +116,11 @@ def test_sweep_flops_grow_with_rows(positions):
     base = flops.sweep_flops(model, pairs, layers, 2, 4)
     got = flops.sweep_flops(model, pairs, layers, 2, 4, positions=positions)
     assert got["prefill"] == base["prefill"]
-    # Latent work is per row (questions are all ~100 tokens): batch rows + the sanity trace's 2.
-    rows = [sweep.rows_per_batch(2, len(layers), model.num_latent, p) + 2 for p in (positions, "all")]
+    # Latent work is per row (questions are all ~100 tokens): batch rows + the full-patch check's one.
+    from codi_nnsight.patching.trace import full_patch_pair
+
+    assert full_patch_pair(model, pairs) is not None
+    rows = [sweep.rows_per_batch(2, len(layers), model.num_latent, p) + 1 for p in (positions, "all")]
     assert got["latent"] / base["latent"] == pytest.approx(rows[0] / rows[1], rel=0.02)
 
 

@@ -9,13 +9,16 @@ import re
 import numpy as np
 import pytest
 import torch
+import xarray as xr
 from conftest import FAMILIES
 
 from codi_nnsight.data.pairs import Pair, PairSet, Question
 from codi_nnsight.errors import UserError
 from codi_nnsight.patching import answer_tokens, parse_layers
+from codi_nnsight.patching import plan as plan_mod
 from codi_nnsight.patching.metrics import RECOVERY_MIN_DENOMINATOR
 from codi_nnsight.patching.sweep import patch_sweep
+from codi_nnsight.patching.trace import run_batch
 
 TOL = 1e-9
 
@@ -275,9 +278,7 @@ def test_head_patching_matches_reference(tiny_models, references, family, positi
 
 def test_all_heads_together_equal_the_attention_output(tiny_models):
     # Patching every head's slice of the output projection's input is patching the attention output.
-    from codi_nnsight.patching import plan as plan_mod
     from codi_nnsight.patching.config import SweepConfig
-    from codi_nnsight.patching.trace import run_batch
 
     model = tiny_models["llama"]
     pairs = make_pairs()[:2]
@@ -294,7 +295,7 @@ def test_all_heads_together_equal_the_attention_output(tiny_models):
             torch.cat([src, torch.tensor([s_ for _, s_ in sorted(rows)])]),
         )
     plan.extra_plan = {}
-    columns, _ = run_batch(model, plan, cfg)
+    columns = run_batch(model, plan, cfg).columns
     kl = columns[:, 0]
     for i in range(len(pairs)):
         rows = plan.variant_rows[i]
@@ -379,6 +380,92 @@ def test_full_patch_check_catches_a_broken_patch(tiny_models, monkeypatch):
     # A patch that misses the question tokens must be caught (the check can fail).
     broken = patching.full_patch_check(model, pairs, skip_question=True)
     assert broken["max_abs"] > 1e-3
+
+
+@pytest.mark.parametrize(
+    "family,kwargs",
+    [("llama", {}), ("gpt2", {"direction": "noise", "component": "mlp"}), ("qwen2", {"ablation": "zero"})],
+)
+def test_batch_carries_the_full_patch_check(tiny_models, monkeypatch, family, kwargs):
+    # The default configurations run the check inside the batch holding its pair: no second trace,
+    # the same pair as the separate check, an exact patch, and the other rows unchanged.
+    from codi_nnsight.patching import sweep as sweep_mod
+    from codi_nnsight.patching import trace as patching
+    from codi_nnsight.patching.config import SweepConfig
+
+    model, pairs = tiny_models[family], make_pairs()
+    separate = patching.full_patch_check(model, pairs)
+    monkeypatch.setattr(sweep_mod, "full_patch_check", lambda *a, **k: pytest.fail("separate check trace"))
+    by_batch = {bs: patch_sweep(model, pairs, batch_size=bs, **kwargs) for bs in (1, 3)}
+    for ds in by_batch.values():
+        assert json.loads(ds.attrs["sanity_details"])["full_patch"]["pair_id"] == separate["pair_id"] == 0
+        assert ds.attrs["sanity_full_patch_max_abs"] < TOL
+    xr.testing.assert_allclose(by_batch[1].drop_attrs(), by_batch[3].drop_attrs(), rtol=1e-9, atol=1e-12)
+    # Row by row, a batch that carries the check computes what one without it does.
+    patching_kwargs = {k: v for k, v in kwargs.items() if k != "ablation"}  # (ablations need reference values)
+    cfg = SweepConfig(layers=list(range(model.n_layers)), **patching_kwargs)
+    cfg.validate(model)
+    plain = plan_mod.plan_batch(model, pairs, cfg)
+    carried = plan_mod.plan_batch(model, pairs, cfg, full_patch=0)
+    a, b = run_batch(model, plain, cfg), run_batch(model, carried, cfg)
+    n = len(plain.row_pair)
+    assert a.full_patch_max_abs is None and b.full_patch_max_abs < TOL
+    assert len(carried.row_pair) == n + 1 and carried.full_patch_row == n
+    np.testing.assert_allclose(b.columns[:n], a.columns, rtol=1e-9, atol=1e-12, equal_nan=True)
+    np.testing.assert_array_equal(b.generated[:n], a.generated)
+
+
+def test_carried_full_patch_check_catches_a_broken_patch(tiny_models):
+    # Leaving the question's tokens unpatched in the carried check must be caught, as in the separate one.
+    from codi_nnsight.patching.config import SweepConfig
+
+    model, pairs = tiny_models["llama"], make_pairs()
+    cfg = SweepConfig(layers=list(range(model.n_layers)))
+    plan = plan_mod.plan_batch(model, pairs, cfg, full_patch=0)
+    del plan.full_patch_plan[plan.schedule.prefill_calls - 1]
+    assert run_batch(model, plan, cfg).full_patch_max_abs > 1e-3
+
+
+@pytest.mark.parametrize("kwargs", [{"mode": "no-feedback"}, {"component": "latent"}])
+def test_configurations_that_patch_prj_run_the_check_on_its_own(tiny_models, monkeypatch, kwargs):
+    from codi_nnsight.patching import sweep as sweep_mod
+    from codi_nnsight.patching.config import SweepConfig
+
+    model, pairs = tiny_models["gpt2"], make_pairs()
+    cfg = SweepConfig(layers=[0] if kwargs.get("component") == "latent" else [0, 1], **kwargs)
+    assert not plan_mod.carries_full_patch(cfg)
+    with pytest.raises(ValueError, match="cannot carry the full-patch check"):
+        plan_mod.plan_batch(model, pairs, cfg, full_patch=0)
+    calls = []
+    real = sweep_mod.full_patch_check
+    monkeypatch.setattr(sweep_mod, "full_patch_check", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ds = patch_sweep(model, pairs, layers=cfg.layers, **kwargs)
+    assert calls == [1] and ds.attrs["sanity_full_patch_max_abs"] < TOL
+
+
+def test_resumed_sweep_runs_the_check_whose_batch_was_already_done(tiny_models, tmp_path, monkeypatch):
+    from codi_nnsight.patching import sweep as sweep_mod
+
+    model, pairs, out = tiny_models["llama"], make_pairs(), tmp_path / "r.nc"
+    real = sweep_mod.run_batch
+    seen = {"n": 0}
+
+    def stop_after_first(*a, **k):
+        seen["n"] += 1
+        if seen["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(sweep_mod, "run_batch", stop_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        patch_sweep(model, pairs, batch_size=1, out=out)  # pair 0, which carries the check, is stored
+    monkeypatch.setattr(sweep_mod, "run_batch", real)
+    calls = []
+    real_check = sweep_mod.full_patch_check
+    monkeypatch.setattr(sweep_mod, "full_patch_check", lambda *a, **k: calls.append(1) or real_check(*a, **k))
+    ds = patch_sweep(model, pairs, batch_size=1, out=out, resume=True)
+    assert calls == [1] and json.loads(ds.attrs["sanity_details"])["full_patch"]["pair_id"] == 0
+    assert ds.attrs["sanity_full_patch_max_abs"] < TOL
 
 
 def test_head_sweep_report_draws_the_layer_by_head_heatmap(tiny_models, tmp_path):

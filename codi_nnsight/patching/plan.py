@@ -7,7 +7,12 @@ Rows of a batch, per pair (denoise shown; noise swaps clean and corrupted):
 * `self`     — the corrupted run patched with its *own* baseline activations at every patched
   site (sanity: must equal `baseline`);
 * one row per variant (layer × [position]) — the corrupted run with the source's activation
-  assigned in at that site.
+  assigned in at that site;
+* at most one `full-patch` row per sweep (`plan_batch(full_patch=...)`): the sanity check of
+  `trace.full_patch_check` carried by the batch that holds its pair — a copy of the target
+  question whose layer-0 block output takes the source's at every token (question, latents,
+  suffix), so its answer-position logits must equal the source row's. Carried here it costs one
+  prompt and one row, not a second trace with its own prefill.
 
 Every row shares its question's prefill (one KV cache per question, `CODIModule(rows=...)`).
 Because the source row runs in the same batch, "clean activation at layer L, latent token k" is
@@ -133,6 +138,10 @@ class BatchPlan:
     # feedback-only mode: per pair, per variant, the fully patched helper row whose fed-back embedding
     # the variant row takes (not part of the Dataset).
     helper_rows: list[list[int]] = field(default_factory=list)
+    # The full-patch check (not part of the Dataset): its row, and per decoder call the layer-0
+    # block output rows (dst, src) it copies — prompts at the question's call, rows after it.
+    full_patch_row: int | None = None
+    full_patch_plan: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def baseline_of(self) -> list[int]:
@@ -151,11 +160,14 @@ def plan_batch(
     cfg: SweepConfig,
     donors: Sequence[str] | None = None,
     ablation_values: AblationValues | None = None,
+    full_patch: int | None = None,
 ) -> BatchPlan:
     """Lay out the rows of one batch and the (destination, source) rows of every patch.
 
     `donors` (resample ablation): the question each pair's activations are resampled from.
     `ablation_values`: reference means and noise seeds of the other ablations (see `ablation_values`).
+    `full_patch`: index (in `pairs`) of an equal-length pair to carry the full-patch check
+    (see `carries_full_patch` for the configurations that can).
     """
     variants = cfg.variants(model)
     questions: list[str] = []
@@ -192,6 +204,8 @@ def plan_batch(
         rows = [first + 2 * (-1 - r) if r < 0 else r for r in rows]
     enc, prefill_calls = prompt_inputs(model, questions)
     plan.schedule = model.schedule(prefill_calls)
+    if full_patch is not None:
+        rows = _add_full_patch(plan, cfg, model, enc, rows, full_patch)
     _plan_patches(plan, cfg, model, ablation_values)
     limits = [cfg.max_new_tokens or (max(len(t.clean), len(t.corrupted)) + DECODE_MARGIN) for t in plan.tokens]
     plan.decode_limit = [limits[i] for i in plan.row_pair]
@@ -203,6 +217,45 @@ def plan_batch(
         "max_new_tokens": max(plan.decode_limit),
     }
     return plan
+
+
+def carries_full_patch(cfg: SweepConfig) -> bool:
+    """Whether a batch of this configuration can carry the full-patch check.
+
+    The check's row only needs layer-0 block outputs; configurations that also patch `prj`
+    (the latent site, no-feedback and feedback-only modes) iterate `prj` calls in the trace,
+    and run the check as its own trace instead.
+    """
+    return cfg.site.per_layer and cfg.mode == "recurrent"
+
+
+def _add_full_patch(
+    plan: BatchPlan, cfg: SweepConfig, model: CODIModel, enc: dict[str, Any], rows: list[int], i: int
+) -> list[int]:
+    """Append the full-patch prompt and row for pair `i` (see the module docstring); new `rows`."""
+    if not carries_full_patch(cfg):
+        raise ValueError(f"a {cfg.mode} sweep of {cfg.component!r} cannot carry the full-patch check")
+    p_src, p_tgt = 2 * i, 2 * i + 1
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    if int(mask[p_src].sum()) != int(mask[p_tgt].sum()):
+        raise ValueError(f"pair {i} of the batch has questions of different lengths: no full-patch check")
+    # A copy of the target prompt: same tokens, same padding, same shared prefix (if any).
+    p_copy = ids.shape[0]
+    enc["input_ids"] = torch.cat([ids, ids[p_tgt : p_tgt + 1]])
+    enc["attention_mask"] = torch.cat([mask, mask[p_tgt : p_tgt + 1]])
+    if "prompt_prefix" in enc:
+        enc["prompt_prefix"] = torch.cat([enc["prompt_prefix"], enc["prompt_prefix"][p_tgt : p_tgt + 1]])
+    row = len(rows)
+    plan.full_patch_row = row
+    plan.row_pair.append(i)
+    sched = plan.schedule
+    # With a shared prefix (call 0) both questions already share those states, so patching from
+    # the call that holds the rest of each question covers every token.
+    question_call = sched.prefill_calls - 1
+    plan.full_patch_plan[question_call] = (torch.tensor([p_copy]), torch.tensor([p_src]))
+    for call in [*sched.latent_calls, sched.suffix_call]:
+        plan.full_patch_plan[call] = (torch.tensor([row]), torch.tensor([plan.source_rows[i]]))
+    return [*rows, p_copy]
 
 
 def _plan_patches(plan: BatchPlan, cfg: SweepConfig, model: CODIModel, values: AblationValues | None) -> None:

@@ -24,10 +24,10 @@ from ..model.remote import check_remote_target, scrub
 from ..model.wrapper import DTYPES, CODIModel
 from .config import SweepConfig
 from .dataset import SCHEMA, batch_dataset, with_pair_coordinates
-from .plan import plan_batch
+from .plan import carries_full_patch, plan_batch
 from .sanity import measure, merge_sanity, sanity_attrs
 from .store import PartialStore, _write_atomic_nc, clean_attrs
-from .trace import full_patch_check, run_batch
+from .trace import full_patch_check, full_patch_pair, run_batch
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,8 @@ def _single_sweep(
         done = store.open(resume) if store is not None else set()
         # What computes the numbers: one small request when remote; refuses a server with other weights.
         attrs.update(model.provenance(remote))
-        batches = _run_batches(
+        check = full_patch_pair(model, pairs)
+        batches, full = _run_batches(
             model,
             [p for p in pairs if int(p.pair_id) not in done],
             cfg,
@@ -222,8 +223,10 @@ def _single_sweep(
             progress,
             total=len(pairs),
             ablate=ablate,
+            full_patch_id=None if check is None else int(pairs[check].pair_id),
         )
-        full = full_patch_check(model, pairs, remote=remote)
+        if full is None:  # not carried by a batch: a configuration that cannot, or a resumed run
+            full = full_patch_check(model, pairs, remote=remote)
 
         def finalize(ds: xr.Dataset) -> xr.Dataset:
             ds = with_pair_coordinates(ds, pairs)
@@ -288,13 +291,18 @@ def _ablation_inputs(
     return {"values": ablation_values(model, cfg, pairs, seed, reference=reference, remote=remote)}
 
 
-def _plan_chunk(model: CODIModel, chunk: list[Any], cfg: SweepConfig, ablate: dict[str, Any]) -> Any:
-    """The plan of one batch, with the ablation inputs of its pairs."""
+def _plan_chunk(
+    model: CODIModel, chunk: list[Any], cfg: SweepConfig, ablate: dict[str, Any], full_patch_id: int | None = None
+) -> Any:
+    """The plan of one batch, with the ablation inputs of its pairs (and the full-patch check, if
+    the pair `full_patch_id` is in it and the configuration can carry it)."""
     donors = [ablate["donors"][int(p.pair_id)] for p in chunk] if "donors" in ablate else None
     values = ablate.get("values")
     if values is not None:
         values = dataclasses.replace(values, pair_seeds=[int(p.pair_id) for p in chunk])
-    return plan_batch(model, chunk, cfg, donors=donors, ablation_values=values)
+    ids = [int(p.pair_id) for p in chunk]
+    full_patch = ids.index(full_patch_id) if full_patch_id in ids and carries_full_patch(cfg) else None
+    return plan_batch(model, chunk, cfg, donors=donors, ablation_values=values, full_patch=full_patch)
 
 
 def _run_batches(
@@ -307,20 +315,27 @@ def _run_batches(
     progress: bool,
     total: int,
     ablate: dict[str, Any] | None = None,
-) -> list[xr.Dataset]:
-    """Trace `todo` in batches; each finished batch goes to the store (or is returned)."""
+    full_patch_id: int | None = None,
+) -> tuple[list[xr.Dataset], dict[str, Any] | None]:
+    """Trace `todo` in batches; each finished batch goes to the store (or is returned).
+
+    Returns (the batches kept in memory, the full-patch check if a batch carried it).
+    """
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total, initial=total - len(todo), desc="patching pairs", disable=not progress, unit="pair")
     in_memory: list[xr.Dataset] = []
+    full: dict[str, Any] | None = None
     finished = total - len(todo)
     interrupt = _DeferredInterrupt(immediate=bool(remote) and remote != "local")
     try:
         for i in range(0, len(todo), bs):
             chunk = todo[i : i + bs]
-            plan = _plan_chunk(model, chunk, cfg, ablate or {})
-            columns, generated = run_batch(model, plan, cfg, remote=remote)
-            ds = batch_dataset(model, chunk, cfg, plan, columns, generated)
+            plan = _plan_chunk(model, chunk, cfg, ablate or {}, full_patch_id)
+            out = run_batch(model, plan, cfg, remote=remote)
+            if out.full_patch_max_abs is not None:
+                full = {"max_abs": out.full_patch_max_abs, "pair_id": full_patch_id}
+            ds = batch_dataset(model, chunk, cfg, plan, out.columns, out.generated)
             if store is not None:
                 store.add(ds)
             else:
@@ -337,7 +352,7 @@ def _run_batches(
     finally:
         interrupt.restore()
         bar.close()
-    return in_memory
+    return in_memory, full
 
 
 class _DeferredInterrupt:

@@ -8,7 +8,7 @@ leave it.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -24,25 +24,29 @@ from .sites import output_tensor
 NO_TOKEN = -1
 
 
-def _on_device(plan: BatchPlan, model: CODIModel, remote: bool | str) -> tuple[dict, dict, torch.Tensor]:
+def _on_device(plan: BatchPlan, model: CODIModel, remote: bool | str) -> tuple[dict, dict, dict, torch.Tensor]:
     """Every patch as one table per envoy kind, indices on the model's device.
 
-    Returns ({(layer, call): patches}, {prj call: patches}, baseline rows), patches being
-    [(kind, slice, dst, payload)] as in `BatchPlan.extra_plan`. CPU indices into CUDA tensors cost a
-    copy per patch, so they move once here.
+    Returns ({(layer, call): patches}, {prj call: patches}, {call: full-patch patches}, baseline
+    rows), patches being [(kind, slice, dst, payload)] as in `BatchPlan.extra_plan`. CPU indices
+    into CUDA tensors cost a copy per patch, so they move once here.
     """
     layer_plan: dict[Any, list] = {k: [("copy", slice(None), d, s)] for k, (d, s) in plan.layer_plan.items()}
     prj_plan: dict[Any, list] = {k: [("copy", slice(None), d, s)] for k, (d, s) in plan.prj_plan.items()}
+    full_plan: dict[Any, list] = {k: [("copy", slice(None), d, s)] for k, (d, s) in plan.full_patch_plan.items()}
     for (site, call), patches in plan.extra_plan.items():
         table, key = (prj_plan, call) if site == "prj" else (layer_plan, (site, call))
         table.setdefault(key, []).extend(patches)
     baseline_of = torch.tensor(plan.baseline_of)
     if not remote and model.device is not None and model.device.type != "cpu":
         dev = model.device
-        layer_plan = {k: [(kd, sl, d.to(dev), x.to(dev)) for kd, sl, d, x in v] for k, v in layer_plan.items()}
-        prj_plan = {k: [(kd, sl, d.to(dev), x.to(dev)) for kd, sl, d, x in v] for k, v in prj_plan.items()}
+
+        def move(table: dict[Any, list]) -> dict[Any, list]:
+            return {k: [(kd, sl, d.to(dev), x.to(dev)) for kd, sl, d, x in v] for k, v in table.items()}
+
+        layer_plan, prj_plan, full_plan = move(layer_plan), move(prj_plan), move(full_plan)
         baseline_of = baseline_of.to(dev)
-    return layer_plan, prj_plan, baseline_of
+    return layer_plan, prj_plan, full_plan, baseline_of
 
 
 def apply_patches(h: torch.Tensor, patches: list[tuple[str, slice, torch.Tensor, torch.Tensor]]) -> None:
@@ -57,19 +61,28 @@ def apply_patches(h: torch.Tensor, patches: list[tuple[str, slice, torch.Tensor,
             h[dst, ..., sl] = x.to(h.dtype) * h[dst, ..., sl].norm(dim=-1, keepdim=True)
 
 
-def run_batch(
-    model: CODIModel, plan: BatchPlan, cfg: SweepConfig, remote: bool | str = False
-) -> tuple[np.ndarray, np.ndarray]:
-    """Run one planned batch in a single nnsight trace.
+class BatchOutput(NamedTuple):
+    """What one traced batch returns."""
 
-    Returns (trace metric columns (rows, len(TRACE_METRICS)) float64 in `metrics.TRACE_METRICS`
-    order, generated ids (rows, N) with each row cut to its own decode limit).
-    """
+    columns: np.ndarray  # (rows, len(TRACE_METRICS)) float64, in `metrics.TRACE_METRICS` order
+    generated: np.ndarray  # (rows, N) greedy ids, each row cut to its own decode limit
+    #: The full-patch check the batch carried: max |logit difference| of its row against the
+    #: source row (as `full_patch_check`'s `max_abs`), or None when it carried none.
+    full_patch_max_abs: float | None = None
+
+
+def run_batch(model: CODIModel, plan: BatchPlan, cfg: SweepConfig, remote: bool | str = False) -> BatchOutput:
+    """Run one planned batch in a single nnsight trace (and its full-patch check, if it carries one)."""
     sched = plan.schedule
     K = sched.num_latent
     envoys = {L: cfg.site.envoy(model, L) for L in cfg.layers} if cfg.site.per_layer else {}
-    layer_plan, prj_plan, baseline_of = _on_device(plan, model, remote)
+    layer_plan, prj_plan, full_plan, baseline_of = _on_device(plan, model, remote)
     layers = sorted(envoys)
+    latent = sched.latent_calls
+    # The full-patch row patches layer 0's block output from the question's call to the suffix's.
+    calls = range(min(full_plan), max(full_plan) + 1) if full_plan else latent
+    order = sorted({*layers, 0}) if full_plan else layers
+    block0 = model.layers[0]
     reads_input = cfg.site.reads == "input"
     prj = model.prj
     columns_of = metric_table.trace_columns
@@ -79,16 +92,19 @@ def run_batch(
         if 0 in prj_plan:  # prj call 0 happens before the first latent decoder call
             patch(prj.output, prj_plan[0])
         if layers:
-            # Every (layer, call) has at least the self row's patch, so each call's first request
-            # is a layer output pinned to that decoder call; the prj request after it is relaxed
-            # and binds to the next prj call, which makes the next latent token's input.
-            for call in tracer.iter[sched.latent_calls.start : sched.latent_calls.stop]:
-                for L in layers:
+            # Every (layer, latent call) has at least the self row's patch, so each latent call's
+            # first request is a layer output pinned to that decoder call; the prj request after
+            # it is relaxed and binds to the next prj call, which makes the next latent token's
+            # input. Requests follow execution order: a layer's site, then (layer 0) its block output.
+            for call in tracer.iter[calls.start : calls.stop]:
+                for L in order:
                     if (L, call) in layer_plan:
                         h = envoys[L].input if reads_input else output_tensor(envoys[L].output)
                         patch(h, layer_plan[(L, call)])
+                    if L == 0 and call in full_plan:
+                        patch(output_tensor(block0.output), full_plan[call])
                 k = call - sched.prefill_calls + 1
-                if k < K and k in prj_plan:
+                if call in latent and k < K and k in prj_plan:
                     patch(prj.output, prj_plan[k])
         else:  # the latent site: only prj calls 1 .. K-1 (call 0 was handled above)
             for k in tracer.iter[1:K]:
@@ -109,7 +125,12 @@ def run_batch(
         }
         columns = columns_of(values).cpu().save()
         generated = result["generated"].cpu().save()
-    return torch.as_tensor(columns).numpy(), cut_to_limits(torch.as_tensor(generated).numpy(), plan.decode_limit)
+        if plan.full_patch_row is not None:
+            check, src = plan.full_patch_row, plan.source_of[plan.full_patch_row]
+            full_max = (logits[check] - logits[src]).abs().max().cpu().save()
+    full = float(torch.as_tensor(full_max)) if plan.full_patch_row is not None else None
+    generated = cut_to_limits(torch.as_tensor(generated).numpy(), plan.decode_limit)
+    return BatchOutput(torch.as_tensor(columns).numpy(), generated, full)
 
 
 def cut_to_limits(generated: np.ndarray, limits: Sequence[int]) -> np.ndarray:
@@ -120,6 +141,19 @@ def cut_to_limits(generated: np.ndarray, limits: Sequence[int]) -> np.ndarray:
     return out
 
 
+def full_patch_pair(model: CODIModel, pairs: Sequence[Any]) -> int | None:
+    """Index of the pair the full-patch check runs on: the shortest with equal-length questions.
+
+    Chosen from the whole sweep, so the check (and what it records) never depends on the batch size.
+    """
+    equal = [
+        (len(model.encode_question(p.clean.question)), i)
+        for i, p in enumerate(pairs)
+        if len(model.encode_question(p.clean.question)) == len(model.encode_question(p.corrupted.question))
+    ]
+    return min(equal)[1] if equal else None
+
+
 def full_patch_check(
     model: CODIModel, pairs: Sequence[Any], remote: bool | str = False, skip_question: bool = False
 ) -> dict[str, Any]:
@@ -128,16 +162,15 @@ def full_patch_check(
     The corrupted run must then reproduce the clean run's answer-position logits. Returns
     {"max_abs": float (NaN if no equal-length pair), "pair_id": id or None}. `skip_question`
     leaves the question tokens unpatched — a deliberately incomplete patch that must fail.
+
+    A sweep usually runs this check inside the batch that holds the pair (`plan_batch(full_patch=
+    ...)`, the same patch on a copy of the target question); this separate trace is for the
+    configurations and resumed runs where that batch cannot carry it.
     """
-    # The shortest equal-length pair: the check costs one more (small) trace per sweep.
-    lengths = [
-        (len(model.encode_question(p.clean.question)), len(model.encode_question(p.corrupted.question)), i)
-        for i, p in enumerate(pairs)
-    ]
-    equal = [(a, i) for a, b, i in lengths if a == b]
-    if not equal:
+    i = full_patch_pair(model, pairs)
+    if i is None:
         return {"max_abs": float("nan"), "pair_id": None}
-    pair = pairs[min(equal)[1]]
+    pair = pairs[i]
     toks = answer_tokens(model, pair.clean.answer, pair.corrupted.answer)
     inputs, prefill_calls = prompt_inputs(model, [pair.clean.question, pair.corrupted.question])
     sched = model.schedule(prefill_calls)
