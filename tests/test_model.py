@@ -367,3 +367,17 @@ def test_non_float_and_non_finite_weights_are_refused_by_name(tiny_dirs, tmp_pat
     with pytest.raises(UserError) as e:
         load_model(dst, dtype="float64")
     assert str(e.value).startswith(f"{ckpt}: {key} ") and message in str(e.value)
+
+
+def test_gpt2_gelu_runs_as_one_fused_kernel_with_the_same_values(tiny_models):
+    # `gelu_new` is swapped for torch's fused tanh GELU at the same place; the values agree to rounding.
+    from transformers.activations import NewGELUActivation
+
+    from codi_nnsight.model.module import FusedGELUTanh, fuse_activations
+
+    gpt2 = tiny_models["gpt2"].codi
+    acts = [block.mlp.act for block in gpt2.layers]
+    assert all(type(a) is FusedGELUTanh for a in acts)
+    x = torch.linspace(-12, 12, 2001, dtype=torch.float64)
+    assert (acts[0](x) - NewGELUActivation()(x)).abs().max() < 1e-14
+    assert fuse_activations(tiny_models["llama"].codi.lm) == 0  # SiLU models keep their activation
