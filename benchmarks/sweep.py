@@ -1,7 +1,7 @@
 """Benchmark: a layer sweep the naive way vs `patch_sweep`, in one process, same metrics checked.
 
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/sweep.py --shape gpt2-small --pairs 4 \
-        --device cpu --dtype float32 --threads 1 --each --json bench.json
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/sweep.py --shape gpt2-small --pairs 8 \
+        --device cpu --dtype float32 --threads 2 --each --json bench.json
 
 * naive   — the original study's structure with the correct latent loop: batch 1, plain PyTorch
             forward hooks, one clean extraction forward per layer and one patched forward per layer;
