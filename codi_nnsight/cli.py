@@ -656,19 +656,29 @@ def make_tiny(out: str, family: str, n_layers: int, hidden: int, num_latent: int
     type=click.IntRange(min=1),
     default=1,
     show_default=True,
-    help="torch CPU threads (the toy's small matrix products run fastest on one).",
+    help="torch CPU threads of a one-process run (the toy's small matrix products run fastest on one).",
 )
-def train_toy_cmd(out: str, force: bool, seed: int, baseline: bool, threads: int) -> None:
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="data-parallel training processes, one core and one thread each (default: the shipped "
+    "model's, ToyConfig.workers); the model depends on the count only through rounding.",
+)
+def train_toy_cmd(out: str, force: bool, seed: int, baseline: bool, threads: int, workers: int | None) -> None:
     """Train the bundled toy CODI model from scratch (CPU)."""
     import torch
 
-    from .toy.train import describe_training, train_toy
+    from .toy.train import ToyConfig, describe_training, train_toy
 
     if Path(out).exists() and any(Path(out).iterdir()) and not force:
         raise UserError(f"{out}: folder is not empty; add --force to train into it")
+    workers = ToyConfig().workers if workers is None else workers
+    if ToyConfig().batch_size % workers:
+        raise UserError(f"--workers {workers}: the batch of {ToyConfig().batch_size} problems does not split evenly")
     prepare_output(out, force=True, folder=True)
     torch.set_num_threads(threads)
-    log = train_toy(out, seed=seed, baseline=baseline)
+    log = train_toy(out, seed=seed, baseline=baseline, workers=workers)
     click.echo(f"wrote {out}: {describe_training(log)}")
 
 

@@ -96,7 +96,7 @@ def test_pairs_validate_make_filter(tiny_dir, tmp_path):
     # The bundled toy model answers its own demo pairs: 23 of 24 are kept (measured), with baseline_correct.
     r = run("pairs", "filter", str(default_pairs()), "--out", str(tmp_path / "f.json"))
     assert r.exit_code == 0, r.output
-    assert "kept 23 of 24 pairs (dropped — clean wrong: 1, corrupted wrong: 1)" in r.output
+    assert "kept 23 of 24 pairs (dropped — corrupted wrong: 1)" in r.output
     kept = json.loads((tmp_path / "f.json").read_text())
     assert len(kept) == 46 and all(rec["baseline_correct"] is True for rec in kept)
 
@@ -122,7 +122,7 @@ def test_pairs_validate_with_model_reports_lengths_and_correctness(tmp_path):
     r = run("pairs", "validate", str(default_pairs()), "--model", bundled)
     assert r.exit_code == 0, r.output
     assert "token length clean - corrupted: equal for 24/24 pairs, range 0..0" in r.output
-    assert "answers correctly: clean 23/24, corrupted 23/24, both 23" in r.output  # measured
+    assert "answers correctly: clean 24/24, corrupted 23/24, both 23" in r.output  # measured
 
 
 def test_pairs_validate_warns_about_pairs_that_cannot_flip(tmp_path):
@@ -234,12 +234,14 @@ def test_train_toy_command_reports_the_real_training_log(tmp_path, monkeypatch):
     real = train.train_toy
     seen = {}
 
-    def small(out_dir, seed=0, baseline=False):  # the real training, made tiny: the CLI sees the real log's shape
+    def small(out_dir, seed=0, baseline=False, workers=1):  # the real training, made tiny: the real log's shape
         seen["args"] = (out_dir, seed, baseline, torch.get_num_threads())
+        seen["workers"] = workers
         return real(
             out_dir,
             seed=seed,
             baseline=baseline,
+            workers=1,
             steps=2,
             eval_n=4,
             n_layers=1,
@@ -269,6 +271,14 @@ def test_train_toy_command_reports_the_real_training_log(tmp_path, monkeypatch):
         assert seen["args"] == (str(tmp_path / "base"), 0, True, 2)
         assert json.loads((tmp_path / "base" / "codi.json").read_text())["num_latent"] == 0
         assert "zeroed latents" not in r.output  # no latents to ablate
+        assert seen["workers"] == train.ToyConfig().workers  # the shipped model's by default
+        r = run("train-toy", "--out", str(tmp_path / "w4"), "--workers", "4")
+        assert r.exit_code == 0 and seen["workers"] == 4, r.output
+        r = run("train-toy", "--out", str(tmp_path / "w5"), "--workers", "5")
+        assert r.exit_code == 2 and r.output.strip() == (
+            "error: --workers 5: the batch of 32 problems does not split evenly"
+        )
+        assert not (tmp_path / "w5").exists()  # refused before any output
     finally:
         torch.set_num_threads(threads)
 

@@ -340,4 +340,4 @@ def test_toy_model_lens_rates_and_timing(request):
     )
     print(rates.to_pandas().round(3))
     print(lens_top1_rates(lens, "block").sel(layer=model.n_layers - 1).to_pandas().round(3))
-    assert min(diag[:3]) > 0.95 and min(diag) > 0.8  # measured 1.0, 0.995, 0.992, 0.942, 0.848
+    assert min(diag) > 0.95  # measured 1.0, 0.992, 0.988, 0.982, 0.979

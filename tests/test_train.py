@@ -19,6 +19,7 @@ from codi_nnsight.toy.train import (
     EOT,
     SINGLE_TOKEN_NUMBERS,
     ToyConfig,
+    build_model,
     decode,
     encode,
     eval_problems,
@@ -142,6 +143,31 @@ def test_train_toy_is_deterministic(tmp_path) -> None:
     assert blobs[0] != blobs[2]
 
 
+def test_two_workers_train_on_the_whole_batch_together(tmp_path) -> None:
+    # Two processes each take half of every batch and average their gradients: deterministic, and
+    # close to one process training on the whole batch (only the per-half loss means differ).
+    from safetensors.torch import load_file
+
+    kw = {**TINY, "teacher_steps": 1, "batch_size": 8, "evaluate": False}
+    train_toy(tmp_path / "one", seed=0, steps=4, **kw)
+    for name in ("two", "again"):
+        log = train_toy(tmp_path / name, seed=0, steps=4, workers=2, **kw)
+        assert log["config"]["workers"] == 2 and "student_ce" in log["history"][-1]
+    weights = {n: load_file(tmp_path / n / "ckpt" / "model.safetensors") for n in ("one", "two", "again")}
+    assert all(torch.equal(weights["two"][k], weights["again"][k]) for k in weights["two"])
+    start = build_model(ToyConfig(seed=0, **{k: v for k, v in kw.items() if k in ToyConfig.__dataclass_fields__}))[0]
+    initial = {"codi." + k: v for k, v in start.lm.state_dict().items()}  # the checkpoint's names
+    initial.update({"prj." + k: v for k, v in start.prj.state_dict().items()})
+
+    def dist(a: dict, b: dict) -> float:
+        return math.sqrt(sum(float((a[k].double() - b[k].double()).pow(2).sum()) for k in a if k in b))
+
+    moved = dist(weights["one"], initial)
+    assert moved > 0 and dist(weights["two"], weights["one"]) < 0.1 * moved
+    with pytest.raises(ValueError, match="batch_size 8 does not split evenly over 3 workers"):
+        train_toy(tmp_path / "three", seed=0, steps=1, workers=3, **kw)
+
+
 def test_baseline_has_no_latents(tmp_path) -> None:
     train_toy(tmp_path, seed=0, steps=1, evaluate=False, baseline=True, **TINY)
     assert json.loads((tmp_path / "codi.json").read_text())["num_latent"] == 0
@@ -164,7 +190,7 @@ def test_shipped_model_layout() -> None:
     assert cfg["num_latent"] == 6 and cfg["lora_r"] == 0 and cfg["base"] == "base"
     assert (SHIPPED / "ckpt" / "model.safetensors").stat().st_size <= 10_000_000
     base = json.loads((SHIPPED / "base" / "config.json").read_text())
-    assert base["model_type"] == "llama" and base["num_hidden_layers"] >= 6
+    assert base["model_type"] == "llama" and base["num_hidden_layers"] == 8
 
 
 def test_shipped_tokenizer_is_the_toy_bpe() -> None:
@@ -204,10 +230,10 @@ def test_demo_pairs_patching_flips_answers() -> None:
 
 
 # Measured on the first 60 held-out problems with the shipped model (see docs/toy-model.md):
-# 56/60 right, 2/60 with zero latents, 0/60 with another problem's latents (54/60 of those give
+# 60/60 right, 1/60 with zero latents, 0/60 with another problem's latents (55/60 of those give
 # the other problem's answer). The regression floors: accuracy >= 0.9, ablation drops >= 0.4.
-SHIPPED_ACCURACY = 56 / 60
-SHIPPED_ZERO_DROP = 54 / 60
-SHIPPED_OTHER_DROP = 56 / 60
-#: Best share of demo pairs flipped by the default sweep (resid, all positions): 23/24 at layer 5.
-SHIPPED_FLIPPED = 23 / 24
+SHIPPED_ACCURACY = 60 / 60
+SHIPPED_ZERO_DROP = 59 / 60
+SHIPPED_OTHER_DROP = 60 / 60
+#: Best share of demo pairs flipped by the default sweep (resid, all positions): 24/24 at layers 3-7.
+SHIPPED_FLIPPED = 24 / 24

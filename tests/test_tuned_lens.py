@@ -108,7 +108,7 @@ def test_training_beats_the_logit_lens_on_the_toy_model(toy):
     held, train = lens.meta["heldout_kl"], lens.meta["train_kl"]
     print(f"\nheld-out KL per layer (nats): logit {held['logit']}, tuned {held['tuned']}; train: {train['tuned']}")
     last = toy.n_layers - 1
-    for L in range(last):  # measured ratios tuned / logit: 0.72, 0.58, 0.59, 0.53, 0.32
+    for L in range(last):  # measured ratios tuned / logit: 0.30, 0.37, 0.53, 0.50, 0.43, 0.38, 0.21
         assert held["tuned"][L] < 0.8 * held["logit"][L]
         assert train["tuned"][L] < train["logit"][L]
     assert held["tuned"][last] == held["logit"][last] == 0.0  # the last layer is the model's own distribution
