@@ -45,6 +45,7 @@ TINY = dict(
     log_every=4,
     verbose=False,
     teacher_steps=0,
+    workers=1,  # one process (the default, 2, is tested on its own below)
 )
 
 
@@ -148,11 +149,12 @@ def test_two_workers_train_on_the_whole_batch_together(tmp_path) -> None:
     # close to one process training on the whole batch (only the per-half loss means differ).
     from safetensors.torch import load_file
 
-    kw = {**TINY, "teacher_steps": 1, "batch_size": 8, "evaluate": False}
-    train_toy(tmp_path / "one", seed=0, steps=4, **kw)
-    for name in ("two", "again"):
-        log = train_toy(tmp_path / name, seed=0, steps=4, workers=2, **kw)
-        assert log["config"]["workers"] == 2 and "student_ce" in log["history"][-1]
+    kw = {**TINY, "teacher_steps": 1, "batch_size": 8}
+    train_toy(tmp_path / "one", seed=0, steps=4, evaluate=False, **kw)
+    two = {**kw, "workers": 2}
+    log = train_toy(tmp_path / "two", seed=0, steps=4, evaluate=True, eval_n=4, **two)  # rank 0 evaluates last
+    assert log["config"]["workers"] == 2 and "student_ce" in log["history"][-1] and log["eval"]["n"] == 4
+    train_toy(tmp_path / "again", seed=0, steps=4, evaluate=False, **two)
     weights = {n: load_file(tmp_path / n / "ckpt" / "model.safetensors") for n in ("one", "two", "again")}
     assert all(torch.equal(weights["two"][k], weights["again"][k]) for k in weights["two"])
     start = build_model(ToyConfig(seed=0, **{k: v for k, v in kw.items() if k in ToyConfig.__dataclass_fields__}))[0]
@@ -165,7 +167,7 @@ def test_two_workers_train_on_the_whole_batch_together(tmp_path) -> None:
     moved = dist(weights["one"], initial)
     assert moved > 0 and dist(weights["two"], weights["one"]) < 0.1 * moved
     with pytest.raises(ValueError, match="batch_size 8 does not split evenly over 3 workers"):
-        train_toy(tmp_path / "three", seed=0, steps=1, workers=3, **kw)
+        train_toy(tmp_path / "three", seed=0, steps=1, evaluate=False, **{**kw, "workers": 3})
 
 
 def test_baseline_has_no_latents(tmp_path) -> None:

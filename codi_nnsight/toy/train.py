@@ -492,6 +492,9 @@ def _train_worker(
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=cfg.workers)
     try:
         _train(out_dir, cfg, evaluate, eval_n, log_every, verbose and rank == 0, rank=rank)
+        # Leave together: a worker that exits while rank 0 still saves and evaluates closes its
+        # gloo connections under rank 0's feet, which can abort rank 0 ("terminate called ...").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
