@@ -30,7 +30,7 @@ tokens per row:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,6 +135,20 @@ def add(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
     return {k: a.get(k, 0) + b.get(k, 0) for k in {*a, *b}}
 
 
+def sweep_plans(model: Any, pairs: Sequence[Any], cfg: Any, batch_size: int) -> Iterator[tuple[int, Any]]:
+    """(first pair index, `plan_batch` plan) of each batch `patch_sweep` runs for `cfg`.
+
+    As in the sweep, the batch that holds `full_patch_pair` carries the full-patch check.
+    """
+    from codi_nnsight.patching import plan_batch
+    from codi_nnsight.patching.trace import full_patch_pair
+
+    check = full_patch_pair(model, pairs)
+    for start in range(0, len(pairs), batch_size):
+        carried = check - start if check is not None and start <= check < start + batch_size else None
+        yield start, plan_batch(model, pairs[start : start + batch_size], cfg, full_patch=carried)
+
+
 def sweep_flops(
     model: Any,
     pairs: Sequence[Any],
@@ -145,22 +159,17 @@ def sweep_flops(
 ) -> dict[str, int]:
     """Useful FLOPs of `patch_sweep(model, pairs, layers=..., positions=...)` with its sanity check.
 
-    Counts the same forwards the sweep runs: one per batch (from `plan_batch`, so the rows,
-    shared prefixes and decode limits are the sweep's own), the batch holding the full-patch
-    check's pair with its extra prompt and row.
+    Counts the same forwards the sweep runs: one per batch (`sweep_plans`, so the rows, shared
+    prefixes and decode limits are the sweep's own), the batch holding the full-patch check's pair
+    with its extra prompt and row.
     """
-    from codi_nnsight.patching import SweepConfig, plan_batch
-    from codi_nnsight.patching.trace import full_patch_pair
+    from codi_nnsight.patching import SweepConfig
 
     dims = model_dims(model.codi)
-    K = model.num_latent
     cfg = SweepConfig(layers=list(layers), positions=positions, max_new_tokens=max_new_tokens)
-    check = full_patch_pair(model, pairs)
     total: dict[str, int] = {}
-    for start in range(0, len(pairs), batch_size):
-        carried = check - start if check is not None and start <= check < start + batch_size else None
-        plan = plan_batch(model, pairs[start : start + batch_size], cfg, full_patch=carried)
-        total = add(total, forward_flops(dims, plan.inputs, K, plan.decode_limit))
+    for _, plan in sweep_plans(model, pairs, cfg, batch_size):
+        total = add(total, forward_flops(dims, plan.inputs, model.num_latent, plan.decode_limit))
     return total
 
 

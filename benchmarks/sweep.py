@@ -42,13 +42,12 @@ import torch  # noqa: E402
 
 from codi_nnsight.data.synthetic import make_synthetic_pairs  # noqa: E402
 from codi_nnsight.model.wrapper import DTYPES  # noqa: E402
-from codi_nnsight.patching import SweepConfig, answer_tokens, plan_batch  # noqa: E402
+from codi_nnsight.patching import SweepConfig, answer_tokens  # noqa: E402
 from codi_nnsight.patching.sweep import patch_sweep, versions  # noqa: E402
-from codi_nnsight.patching.trace import full_patch_pair  # noqa: E402
 from codi_nnsight.testing.tiny import random_codi  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from flops import gemm_flops_per_s, model_dims, sweep_flops  # noqa: E402
+from flops import gemm_flops_per_s, model_dims, sweep_flops, sweep_plans  # noqa: E402
 
 
 def _metrics(logits: torch.Tensor, base: torch.Tensor, n_decodable: int) -> np.ndarray:
@@ -116,12 +115,8 @@ def raw(model: Any, pairs: list, layers: list[int], batch_size: int, max_new: in
     """
     codi = model.codi
     cfg = SweepConfig(layers=layers, max_new_tokens=max_new)
-    check = full_patch_pair(model, pairs)
     out = np.zeros((len(pairs), len(layers), 3))
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
-        carried = check - start if check is not None and start <= check < start + batch_size else None
-        plan = plan_batch(model, chunk, cfg, full_patch=carried)
+    for start, plan in sweep_plans(model, pairs, cfg, batch_size):
         handles = []
         for L in sorted({*layers, 0}):
             calls = {"n": 0}
@@ -146,8 +141,8 @@ def raw(model: Any, pairs: list, layers: list[int], batch_size: int, max_new: in
                 h.remove()
         logits = result["logits"]
         m = _metrics(logits, logits[torch.tensor(plan.baseline_of, device=logits.device)], codi.eot_id)
-        for i in range(len(chunk)):
-            out[start + i] = m[plan.variant_rows[i]]
+        for i, rows in enumerate(plan.variant_rows):
+            out[start + i] = m[rows]
     return out
 
 

@@ -673,9 +673,10 @@ def train_toy_cmd(out: str, force: bool, seed: int, baseline: bool, threads: int
 
     if Path(out).exists() and any(Path(out).iterdir()) and not force:
         raise UserError(f"{out}: folder is not empty; add --force to train into it")
-    workers = ToyConfig().workers if workers is None else workers
-    if ToyConfig().batch_size % workers:
-        raise UserError(f"--workers {workers}: the batch of {ToyConfig().batch_size} problems does not split evenly")
+    shipped = ToyConfig()
+    workers = shipped.workers if workers is None else workers
+    if shipped.batch_size % workers:
+        raise UserError(f"--workers {workers}: the batch of {shipped.batch_size} problems does not split evenly")
     prepare_output(out, force=True, folder=True)
     torch.set_num_threads(threads)
     log = train_toy(out, seed=seed, baseline=baseline, workers=workers)
