@@ -1,8 +1,15 @@
 """codi-nnsight: find where a continuous chain-of-thought (CODI) model reasons.
 
-    from codi_nnsight import load_model, load_pairs, patch_sweep
-    model = load_model()                       # the bundled toy CODI (or a codi.json / preset)
-    ds = patch_sweep(model, load_pairs("data/demo_pairs.json"))
+    import codi_nnsight as cn
+    model = cn.load_model()                    # the bundled toy CODI (or a codi.json / preset)
+    ds = cn.patch_sweep(model, cn.demo_pairs(), positions="each")
+    print(ds.codi.summary()); ds.codi.plot(); ds.codi.report("report")
+
+Every command has a Python twin here: `load_model`, `load_pairs` / `demo_pairs` (`--pairs`, the
+bundled demo pairs by default), `evaluate_pairs`, `patch_sweep` (`patch`), `ablate`
+(`patch --ablation`), `attribute`, `early_exit`, `logit_lens`, `attention_readout`, `probe`,
+`train_tuned_lens` / `load_tuned_lens`, `report`; `codi_nnsight.analysis` holds the statistics.
+Every Dataset gets the `codi` accessor (`summary`, `plot`, `report`) once the package is imported.
 
 Subpackages follow the data flow: `data` (pairs) → `model` (CODI under nnsight) → `patching`
 (sweeps) and `readouts` → the results Dataset → `analysis` (statistics, figures, report);
@@ -11,21 +18,70 @@ Subpackages follow the data flow: `data` (pairs) → `model` (CODI under nnsight
 
 from __future__ import annotations
 
-from ._lazy import lazy_getattr
+from types import ModuleType
+
+from ._lazy import after_import, lazy_dir, lazy_getattr
 
 __version__ = "0.1.0"
 
 # Names resolve on first use: `codi-nnsight --help` must not pay for importing torch and nnsight.
+# "module" exports the module's own name; "module:attr" another name for module.attr.
 _EXPORTS = {
     "UserError": "errors",
+    # the model
     "CODIModel": "model.wrapper",
     "load_model": "model.wrapper",
+    "CODIConfig": "model.config",
+    "PRESETS": "model.config",
+    # pairs
+    "Pair": "data.pairs",
     "PairSet": "data.pairs",
-    "load_pairs": "data.pairs",
+    "DEMO_PAIRS": "api",
+    "demo_pairs": "api",
+    "load_pairs": "api",
+    "make_toy_pairs": "data.synthetic",
+    "make_synthetic_pairs": "data.synthetic",
+    # evaluate
+    "evaluate_pairs": "model.inference",
+    "accuracy_summary": "model.inference",
+    "filter_pairs": "model.inference",
+    # patch, ablate, attribute, early-exit
     "patch_sweep": "patching.sweep",
+    "ablate": "api",
+    "attribute": "patching.attribution:attribution_patching",
+    "compare_with_exact": "patching.attribution",
+    "verify_top": "patching.attribution",
+    "early_exit": "patching.ablation",
+    # readouts
+    "logit_lens": "readouts.lens",
+    "attention_readout": "readouts.attention",
+    "top_question_tokens": "readouts.attention",
+    "gold_intermediates": "readouts.gold",
+    "probe": "readouts.probe",
+    "TunedLens": "readouts.tuned",
+    "train_tuned_lens": "readouts.tuned",
+    "save_tuned_lens": "readouts.tuned",
+    "load_tuned_lens": "readouts.tuned",
+    # results
+    "report": "api",
+    "analysis": ".",
+    # parts for writing your own traces (docs/tutorials/04_your_own_traces.ipynb)
+    "answer_tokens": "patching.plan",
+    "output_tensor": "patching.sites",
+    "decode": "model.inference",
 }
 
-__all__ = ["CODIModel", "PairSet", "UserError", "__version__", "load_model", "load_pairs", "patch_sweep"]
+__all__ = sorted([*_EXPORTS, "__version__"])
 
 
 __getattr__ = lazy_getattr(__name__, _EXPORTS)
+__dir__ = lazy_dir(globals(), _EXPORTS)
+
+
+def _register_accessor(_: ModuleType) -> None:
+    from . import accessor  # noqa: F401  # registering `ds.codi` is the import's effect
+
+
+# `ds.codi` on every Dataset, without importing xarray here (0.4 s): now if it is loaded, else
+# right after it is.
+after_import("xarray", _register_accessor)

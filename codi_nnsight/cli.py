@@ -15,16 +15,24 @@ from typing import Any
 
 import click
 
+from .cli_common import (
+    default_pairs,
+    force_option,
+    load_cli_model,
+    load_cli_pairs,
+    model_options,
+    pairs_option,
+    prepare_output,
+    remote_option,
+    remote_value,
+)
 from .errors import UserError
+
+__all__ = ["default_pairs", "main", "run"]  # default_pairs: re-exported for notebooks written against it
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 EXIT_SANITY = 3
-
-
-def default_pairs() -> Path:
-    """The demo pairs bundled with the package."""
-    return Path(__file__).parent / "assets" / "demo_pairs.json"
 
 
 class _Group(click.Group):
@@ -68,117 +76,16 @@ def main(debug: bool) -> None:
         warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
-def _model_options(f: Any) -> Any:
-    f = click.option("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available).")(f)
-    f = click.option(
-        "--dtype",
-        default=None,
-        type=click.Choice(["float32", "float64", "bfloat16", "float16"]),
-        help="Default float32 on CPU, bfloat16 on CUDA; float64 for exactness checks.",
-    )(f)
-    f = click.option(
-        "--model",
-        "model_spec",
-        default=None,
-        help="codi.json, a folder holding one, or a preset (default: the bundled toy model).",
-    )(f)
-    f = click.option(
-        "--question-normalization",
-        "normalization",
-        default="official",
-        show_default=True,
-        type=click.Choice(["official", "none"]),
-        help="official: question.strip().replace('  ', ' ') as the official CODI evaluation; none: as written.",
-    )(f)
-    return f
-
-
-def _load(
-    model_spec: str | None,
-    dtype: str | None,
-    device: str | None,
-    normalization: str = "official",
-    remote: str | None = None,
-) -> Any:
-    from .model.wrapper import load_model
-
-    # A real server holds the weights: read none here (`--remote local` runs here and needs them).
-    remote_only = _remote_value(remote) not in (False, "local")
-    return load_model(
-        model_spec, dtype=dtype, device=device, question_normalization=normalization, remote_only=remote_only
-    )
-
-
-def load_cli_pairs(pairs_path: str | None, limit: int | None = None) -> Any:
-    """`--pairs` (default: the bundled demo pairs), cut to `--limit`."""
-    from .data.pairs import load_pairs
-
-    return load_pairs(pairs_path or default_pairs()).limit(limit)
-
-
-def _pairs_option(f: Any) -> Any:
-    return click.option(
-        "--pairs",
-        "pairs_path",
-        type=click.Path(dir_okay=False),
-        default=None,
-        help="Pairs file (default: the bundled demo pairs).",
-    )(f)
-
-
-def _remote_option(f: Any) -> Any:
-    return click.option("--remote", default=None, help="local | ndif | URL of an NDIF host.")(f)
-
-
-def _force_option(f: Any) -> Any:
-    return click.option("--force", is_flag=True, help="Overwrite an existing output.")(f)
-
-
-def prepare_output(path: str, force: bool, folder: bool = False) -> Path:
-    """Check an output location before any work: refuse to overwrite without --force, create its folder.
-
-    Returns the path. A missing parent folder is created (every command does the same), and a
-    folder that cannot be written is reported now, not after minutes of work.
-    """
-    if not str(path).strip():
-        raise UserError("--out: empty path")
-    out = Path(path)
-    if out.exists() and not force:
-        kind = "folder" if out.is_dir() else "file"
-        raise UserError(f"{out}: {kind} exists; add --force to overwrite it")
-    if out.exists() and out.is_dir() != folder:
-        raise UserError(
-            f"{out}: exists and is {'a file' if folder else 'a folder'}, expected a {'folder' if folder else 'file'}"
-        )
-    parent = out if folder else out.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        probe = parent / f".codi-nnsight-write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"{parent}: cannot write there ({e.strerror or e})") from None
-    return out
-
-
-def _remote_value(remote: str | None) -> bool | str:
-    if remote is None:
-        return False
-    if remote == "ndif":
-        return True
-    return remote
-
-
 # ---------------------------------------------------------------------------------------------
 @main.command()
-@_model_options
-@_pairs_option
+@model_options
+@pairs_option
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N pairs.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write answers as JSON.")
-@_force_option
-@_remote_option
+@force_option
+@remote_option
 def evaluate(
     model_spec, dtype, device, normalization, pairs_path, limit, max_new_tokens, batch_size, out, force, remote
 ) -> None:
@@ -188,14 +95,14 @@ def evaluate(
     if out:
         prepare_output(out, force)
     pairs = load_cli_pairs(pairs_path, limit)
-    model = _load(model_spec, dtype, device, normalization, remote)
+    model = load_cli_model(model_spec, dtype, device, normalization, remote)
     answers = evaluate_pairs(
         model,
         pairs,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         progress=sys.stderr.isatty(),
-        remote=_remote_value(remote),
+        remote=remote_value(remote),
     )
     acc = accuracy_summary(answers)
     if out:
@@ -228,10 +135,10 @@ def _families() -> list[str]:
 
 
 @main.command()
-@_model_options
-@_pairs_option
+@model_options
+@pairs_option
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="Results netCDF file.")
-@_force_option
+@force_option
 @click.option("--layers", default=None, help="e.g. 0-3,7 (default: all).")
 @click.option(
     "--positions",
@@ -244,7 +151,8 @@ def _families() -> list[str]:
     "--component",
     default="resid",
     show_default=True,
-    help="resid, attn, mlp or latent; a comma list (resid,attn,mlp) adds a component dim.",
+    help="resid, attn, mlp, latent (the fed-back thought) or head (every head of --layers; on its own); "
+    "a comma list of the first four (resid,attn,mlp) adds a component dim.",
 )
 @click.option(
     "--mode",
@@ -252,7 +160,8 @@ def _families() -> list[str]:
     default="recurrent",
     show_default=True,
     help="recurrent: total effect through the latent loop; no-feedback: fed-back latents held at the "
-    "baseline's (effect through attention only; 'frozen' is its old name).",
+    "baseline's (effect through attention only; 'frozen' is its old name); feedback-only: only the patched "
+    "thought's fed-back embedding carries the patch (needs --positions each).",
 )
 @click.option("--direction", type=click.Choice(_patch_choices()["direction"]), default="denoise", show_default=True)
 @click.option(
@@ -268,7 +177,7 @@ def _families() -> list[str]:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue an interrupted run of the same configuration.")
 @click.option("--check", is_flag=True, help="Exit 3 if a sanity check fails (results are still written).")
-@_remote_option
+@remote_option
 @click.pass_context
 def patch(
     ctx,
@@ -313,7 +222,7 @@ def patch(
     mode = canonical_mode(mode)
     prepare_output(out, force)
     pairs = load_cli_pairs(pairs_path, limit)
-    model = _load(model_spec, dtype, device, normalization, remote)
+    model = load_cli_model(model_spec, dtype, device, normalization, remote)
     layer_list = parse_layers(layers, model.n_layers)
     ctx.meta["partial_store"] = f"{out}.partial" if len(comps) == 1 else f"{out}.<component>.nc.partial"
     ds = patch_sweep(
@@ -326,13 +235,14 @@ def patch(
         direction=direction,
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
-        remote=_remote_value(remote),
+        remote=remote_value(remote),
         out=out,
         resume=resume,
         progress=sys.stderr.isatty(),
         seed=seed,
         command=shlex.join(["codi-nnsight", *ctx.meta.get("argv", sys.argv[1:])]),
         ablation=ablation,
+        force=force,
     )
     click.echo(sweep_summary(ds, out))
     if check and not ds.attrs["sanity_passed"]:
@@ -341,23 +251,23 @@ def patch(
 
 
 @main.command("early-exit")
-@_model_options
-@_pairs_option
+@model_options
+@pairs_option
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="netCDF file.")
-@_force_option
+@force_option
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N pairs.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
-@_remote_option
+@remote_option
 def early_exit_cmd(model_spec, dtype, device, normalization, pairs_path, out, force, limit, batch_size, remote) -> None:
     """Answer after 0, 1, ..., K latent thoughts: accuracy and answer log-probability per thought count."""
     from .patching.ablation import early_exit
-    from .patching.store import _write_atomic_nc
+    from .run import write_results
 
     prepare_output(out, force)
     pairs = load_cli_pairs(pairs_path, limit)
-    model = _load(model_spec, dtype, device, normalization)
-    ds = early_exit(model, list(pairs), batch_size=batch_size, remote=_remote_value(remote))
-    _write_atomic_nc(ds, Path(out))
+    model = load_cli_model(model_spec, dtype, device, normalization, remote)
+    ds = early_exit(model, list(pairs), batch_size=batch_size, remote=remote_value(remote))
+    write_results(ds, out)
     acc = ds["correct"].mean(("pair", "variant")).values
     click.echo(
         f"wrote {out}: accuracy by number of thoughts "
@@ -366,10 +276,10 @@ def early_exit_cmd(model_spec, dtype, device, normalization, pairs_path, out, fo
 
 
 @main.command("attribute")
-@_model_options
-@_pairs_option
+@model_options
+@pairs_option
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="AtP netCDF file.")
-@_force_option
+@force_option
 @click.option("--layers", default=None, help="e.g. 0-3,7 (default: all).")
 @click.option(
     "--component",
@@ -395,7 +305,7 @@ def early_exit_cmd(model_spec, dtype, device, normalization, pairs_path, out, fo
     default=None,
     help="Also run the exact sweep on the N layers AtP ranks highest and print the agreement.",
 )
-@_remote_option
+@remote_option
 @click.pass_context
 def attribute(
     ctx,
@@ -421,14 +331,14 @@ def attribute(
 
     from .patching.attribution import attribution_patching, verify_top
     from .patching.config import parse_layers
-    from .patching.store import _write_atomic_nc
+    from .run import write_results
 
     comps = [c.strip() for c in component.split(",") if c.strip()]
     if verify_n is not None and len(comps) > 1:
         raise UserError("--verify checks one component at a time")
     out_path = prepare_output(out, force)
     pairs = load_cli_pairs(pairs_path, limit)
-    model = _load(model_spec, dtype, device, normalization, remote)
+    model = load_cli_model(model_spec, dtype, device, normalization, remote)
     ds = attribution_patching(
         model,
         pairs,
@@ -438,13 +348,13 @@ def attribute(
         direction=direction,
         batch_size=batch_size,
         command=shlex.join(["codi-nnsight", *ctx.meta.get("argv", sys.argv[1:])]),
-        remote=_remote_value(remote),
+        remote=remote_value(remote),
         method=method,
     )
-    _write_atomic_nc(ds, out_path)
+    write_results(ds, out_path)
     click.echo(f"wrote {out_path}: AtP of {ds.attrs['component']} for {ds.sizes['pair']} pairs")
     if verify_n is not None:
-        checked = verify_top(model, pairs, ds, verify_n, batch_size=batch_size, remote=_remote_value(remote))
+        checked = verify_top(model, pairs, ds, verify_n, batch_size=batch_size, remote=remote_value(remote))
         click.echo(f"exact sweep on layers {checked.layers}: {json.dumps(checked.comparison)}")
 
 
@@ -512,7 +422,7 @@ def pairs() -> None:
 
 @pairs.command("validate")
 @click.argument("file", type=click.Path(dir_okay=True))
-@_model_options
+@model_options
 def pairs_validate(file: str, model_spec, dtype, device, normalization) -> None:
     """Check a pairs file; with --model, token lengths and whether the model answers correctly."""
     from .data.pairs import pair_warnings, pairs_summary, validate_pairs
@@ -529,7 +439,7 @@ def pairs_validate(file: str, model_spec, dtype, device, normalization) -> None:
     if model_spec is not None:
         from .model.inference import check_pairs_with_model
 
-        model = _load(model_spec, dtype, device, normalization)
+        model = load_cli_model(model_spec, dtype, device, normalization)
         for line in check_pairs_with_model(model, pairset):
             click.echo(line)
 
@@ -557,7 +467,7 @@ def pairs_validate(file: str, model_spec, dtype, device, normalization) -> None:
     "wide = harder, more varied problems.",
 )
 @click.option("--out", type=click.Path(dir_okay=False), required=True)
-@_force_option
+@force_option
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--offsets", default="-1,1", show_default=True, help="Allowed changes to one number.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Stop after N pairs.")
@@ -596,9 +506,9 @@ def pairs_make(gsm8k_path, n_synthetic, kind, out, force, seed, offsets, limit) 
 
 @pairs.command("filter")
 @click.argument("file", type=click.Path(dir_okay=False))
-@_model_options
+@model_options
 @click.option("--out", type=click.Path(dir_okay=False), required=True)
-@_force_option
+@force_option
 @click.option(
     "--require-different/--allow-equal",
     default=True,
@@ -613,7 +523,7 @@ def pairs_filter(file, model_spec, dtype, device, normalization, out, force, req
 
     prepare_output(out, force)
     pairset = load_pairs(file)
-    model = _load(model_spec, dtype, device, normalization)
+    model = load_cli_model(model_spec, dtype, device, normalization)
     kept, dropped = filter_pairs(
         model, pairset, require_different=require_different, max_new_tokens=max_new_tokens, progress=sys.stderr.isatty()
     )
@@ -644,7 +554,7 @@ def make_tiny(out: str, family: str, n_layers: int, hidden: int, num_latent: int
 
 @main.command("train-toy")
 @click.option("--out", type=click.Path(file_okay=False), required=True)
-@_force_option
+@force_option
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
     "--baseline",

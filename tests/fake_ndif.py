@@ -20,6 +20,20 @@ What the server does after the POST is the test's choice (`behaviour`):
 With `deployed=` (model keys), a request for any other key is answered with the ERROR an NDIF
 server sends for a key it has not deployed (`undeployed_message`, by default ndif 0.1.2's).
 
+Like a real NDIF model actor (where it changes what a client sees):
+
+- the deployed model's parameters are frozen (`requires_grad_(False)`, as ndif's actor and
+  `scripts/ndif_cpu_actor.py` do after loading), so a request that needs gradients must make
+  its own leaves. A `model=` handed in by the test is shared with its local runs: it is frozen
+  only while a request executes, and its flags are put back after;
+- torch runs with one thread while a request executes (`threads`);
+- `checkpoint=` and `dtype=` deploy the server's own copy of a checkpoint in its own dtype
+  (e.g. `dtype="bfloat16"`, NDIF's default), loaded as a deployment loads it: the client's
+  model is not touched;
+- a request that raises is answered with ERROR whose description is the whole multi-line
+  Python traceback (`Traceback (most recent call last): ...`, ending in `Type: message`), as
+  NDIF sends `str()` of nnsight's wrapped exception.
+
 Every wait is bounded (`stop()` ends them; none lasts more than `max_wait` seconds), so a test
 whose client hangs still finishes once the server is stopped.
 """
@@ -39,6 +53,7 @@ import socket
 import struct
 import threading
 import time
+import traceback
 from typing import Any
 
 _GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -125,6 +140,21 @@ def run_like_ndif(model: Any, metadata: str, blob: bytes) -> bytes:
     return data
 
 
+def deploy(checkpoint: str, dtype: str = "float32", frozen: bool = True) -> Any:
+    """The server's own copy of a CODI checkpoint in `dtype` on the CPU, frozen as NDIF's actor freezes it."""
+    from codi_nnsight.model.wrapper import load_model
+
+    model = load_model(checkpoint, dtype=dtype, device="cpu")
+    if frozen:
+        model._module.requires_grad_(False)
+    return model
+
+
+def server_traceback(e: BaseException) -> str:
+    """What NDIF sends as an ERROR's description: the whole formatted traceback, not one line."""
+    return "".join(traceback.format_exception(type(e), e, e.__traceback__)).rstrip()
+
+
 class FakeNDIF:
     """The server; use as a context manager. `url` is `http://127.0.0.1:<port>`."""
 
@@ -138,9 +168,20 @@ class FakeNDIF:
         max_wait: float = 60.0,
         deployed: list[str] | None = None,
         undeployed_message: str = UNDEPLOYED_SELF_HOSTED,
+        checkpoint: str | None = None,
+        dtype: str = "float32",
+        frozen: bool = True,
+        threads: int = 1,
     ) -> None:
+        if checkpoint is not None:
+            if model is not None:
+                raise ValueError("give the server a model or a checkpoint to deploy, not both")
+            model = deploy(checkpoint, dtype, frozen=frozen)
         self.behaviour = behaviour
         self.model = model
+        self.frozen = frozen
+        self.threads = threads
+        self.run_lock = threading.Lock()  # one request executes at a time, as on a model actor
         self.deployed = None if deployed is None else set(deployed)
         self.undeployed_message = undeployed_message
         self.frames = list(frames or [])
@@ -188,6 +229,25 @@ class FakeNDIF:
         else:
             self.httpd.shutdown()
             self.httpd.server_close()
+
+    def execute(self, metadata: str, blob: bytes) -> bytes:
+        """Run one request as the model actor does: parameters frozen, torch on `threads` threads."""
+        import torch
+
+        with self.run_lock:
+            params = list(self.model._module.parameters())
+            flags = [p.requires_grad for p in params]
+            threads = torch.get_num_threads()
+            try:
+                if self.frozen:
+                    for p in params:
+                        p.requires_grad_(False)
+                torch.set_num_threads(self.threads)
+                return run_like_ndif(self.model, metadata, blob)
+            finally:
+                torch.set_num_threads(threads)
+                for p, flag in zip(params, flags):
+                    p.requires_grad_(flag)
 
     def _wait(self, seconds: float | None = None) -> None:
         self.stopping.wait(self.max_wait if seconds is None else seconds)
@@ -316,9 +376,9 @@ class FakeNDIF:
             return
         inbox.put(status_json("RUNNING", description="Your job has started running."))
         try:
-            data = run_like_ndif(self.model, metadata, blob)
-        except Exception as e:  # the job failed: ndif answers ERROR with the message
-            inbox.put(status_json("ERROR", description=f"{type(e).__name__}: {e}"))
+            data = self.execute(metadata, blob)
+        except Exception as e:  # the job failed: ndif answers ERROR with the whole traceback text
+            inbox.put(status_json("ERROR", description=server_traceback(e)))
             return
         if self.inline:
             inbox.put(completed_envelope(data))

@@ -84,9 +84,18 @@ def test_interrupted_api_sweep_resumes_to_the_same_file(setup, tmp_path, monkeyp
 def test_resume_refuses_a_different_configuration(setup, tmp_path, monkeypatch):
     _, model_json, pairs_file = setup
     model = load_model(model_json, dtype="float32")
-    monkeypatch.setattr(sweep_mod, "run_batch", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    real = sweep_mod.run_batch
+    calls = {"n": 0}
+
+    def interrupted_after_one_batch(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(sweep_mod, "run_batch", interrupted_after_one_batch)
     with pytest.raises(KeyboardInterrupt):
-        sweep_mod.patch_sweep(model, load_pairs(pairs_file), out=tmp_path / "r.nc", mode="recurrent")
+        sweep_mod.patch_sweep(model, load_pairs(pairs_file), out=tmp_path / "r.nc", mode="recurrent", batch_size=1)
     with pytest.raises(UserError) as e:
         sweep_mod.patch_sweep(model, load_pairs(pairs_file), out=tmp_path / "r.nc", mode="no-feedback", resume=True)
     assert (
@@ -358,7 +367,8 @@ def test_ctrl_c_ends_a_remote_wait_at_once_and_a_local_batch_at_its_end(
 
     _, model_json, pairs_file = setup
     model = load_model(model_json, dtype="float32")
-    monkeypatch.setattr(type(model), "provenance", lambda self, remote, identity=None: {})
+    real_provenance = type(model).provenance  # describe the local model: the target below is unreachable
+    monkeypatch.setattr(type(model), "provenance", lambda self, remote, identity=None: real_provenance(self, False))
     seen = {}
 
     def slow_batch(*args, **kwargs):  # Ctrl-C arrives during a 2 s batch: a remote wait, or a local trace

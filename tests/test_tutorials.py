@@ -1,4 +1,5 @@
-"""The tutorial notebooks in docs/tutorials: stored without outputs, their `codi_nnsight` names exist, and 1-4 run.
+"""The tutorial notebooks in docs/tutorials: stored without outputs, their `codi_nnsight` names exist and
+belong to the public API, and 1-4 run.
 
 Notebooks 1-4 are executed with nbclient on the bundled toy model (offline, about a minute or less
 each on 2 CPU cores) and must end with a figure. Notebook 5 needs the Hugging Face Hub: it is only
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
 import json
 import time
 from pathlib import Path
@@ -23,6 +25,8 @@ EXECUTED = [
     "04_your_own_traces.ipynb",
 ]
 NOT_EXECUTED = ["05_real_checkpoints.ipynb"]
+#: The modules a tutorial may use: the package's public API (a notebook never needs a deep import).
+PUBLIC_MODULES = {"codi_nnsight", "codi_nnsight.analysis"}
 #: Wall-clock budget of one notebook's cells (kernel start not included); each takes 10-60 s here.
 NOTEBOOK_TIMEOUT_S = 240
 
@@ -91,6 +95,23 @@ def test_notebook_is_stored_without_outputs_and_names_exist(name: str) -> None:
     assert names, f"{name}: uses no codi_nnsight name"
     missing = sorted(n for n in names if _resolve(n) is None)
     assert not missing, f"{name} uses codi_nnsight names that do not exist: {missing}"
+
+
+def _is_module(dotted: str) -> bool:
+    try:
+        return importlib.util.find_spec(dotted) is not None
+    except (ImportError, ValueError):  # a prefix is not a package (e.g. a function's attribute)
+        return False
+
+
+@pytest.mark.parametrize("name", EXECUTED + NOT_EXECUTED)
+def test_notebook_uses_only_the_public_api(name: str) -> None:
+    tree = ast.parse("\n\n".join(_python(s) for s in _code_cells(_notebook(name))), filename=name)
+    used = {
+        ".".join(n.split(".")[:i]) for n in _codi_names(tree) for i in range(2, len(n.split(".")) + 1)
+    }  # every dotted prefix: `analysis.readouts.x` uses the module `analysis.readouts`
+    deep = sorted(m for m in used if m not in PUBLIC_MODULES and _is_module(m))
+    assert not deep, f"{name} uses modules outside {sorted(PUBLIC_MODULES)}: {deep}"
 
 
 def test_every_tutorial_is_tested() -> None:

@@ -5,6 +5,15 @@ no model code is imported. Schema-1 files are read with their variables renamed 
 """
 
 from .io import SUPPORTED_SCHEMAS, ResultsError, load, upgrade, validate
+from .readouts import (
+    is_readout,
+    lens_top1_rates,
+    plot_attention_tokens,
+    plot_lens_ranks,
+    plot_probe,
+    readout_summary,
+    write_readout_report,
+)
 from .report import clear_report_files, format_layer_table, write_report
 from .stats import (
     NEGLIGIBLE,
@@ -39,5 +48,12 @@ __all__ = [
     "recovery_ratio",
     "upgrade",
     "validate",
+    "is_readout",
+    "lens_top1_rates",
+    "plot_attention_tokens",
+    "plot_lens_ranks",
+    "plot_probe",
+    "readout_summary",
+    "write_readout_report",
     "write_report",
 ]

@@ -2,37 +2,18 @@
 
 from __future__ import annotations
 
-import math
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from .answers import extract_answer_number, format_answer
 from .remote import remote_errors, trace_kwargs
 from .wrapper import CODIModel
 
-_NUMBER = re.compile(r"-?\d+\.?\d*")
-
-
-def extract_answer_number(text: str) -> float | None:
-    """The answer the way the official CODI code reads it: the last number, commas removed.
-
-    Returns None where the text holds no number (the official code uses `inf`).
-    """
-    found = _NUMBER.findall(text.replace(",", ""))
-    if not found:
-        return None
-    value = float(found[-1])
-    return value if math.isfinite(value) else None
-
-
-def format_answer(value: float) -> str:
-    """An answer as the model writes it: integers without a decimal point."""
-    if float(value).is_integer():
-        return str(int(value))
-    return repr(float(value))
+# The answer helpers live in `answers` (the wrapper needs them too); re-exported here, where they were.
+__all__ = ["accuracy_summary", "decode", "evaluate_pairs", "extract_answer_number", "format_answer", "generate"]
 
 
 def decode(model: CODIModel, ids: Iterable[int]) -> str:

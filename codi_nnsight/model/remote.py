@@ -53,6 +53,9 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 class RemoteUnavailable(UserError):
     """The remote host could not be reached, refused the key, failed the job, or sent an unsafe response."""
 
+    #: The server's whole traceback (scrubbed) when the job raised there; "" otherwise.
+    server_traceback: str = ""
+
 
 class UnsafeResponse(pickle.UnpicklingError):
     """A remote response asked to build something other than tensors and plain data."""
@@ -499,6 +502,17 @@ def _classify(remote: bool | str, e: Exception, timeout: float = DEFAULT_TIMEOUT
             f"remote {name}: model not deployed on this server (its model key must be deployed there first; "
             f"see docs/remote.md, 'Deploying a CODI model'); the server said: {text}"
         )
+    failed = server_exception(str(e))
+    if failed is not None:
+        # The job ran and raised on the server: its last line says what went wrong; the rest is for --debug.
+        full = scrub(str(e).strip(), remote)
+        log.debug("remote %s: the server's traceback:\n%s", name, full)
+        error = RemoteUnavailable(
+            f"remote {name}: request failed on the server ({scrub(failed, remote)}); "
+            "--debug shows the server's traceback"
+        )
+        error.server_traceback = full
+        return error
     status = getattr(e, "status_code", None) or getattr(getattr(e, "response", None), "status_code", None)
     lowered = text.lower()
     if (
@@ -525,6 +539,29 @@ def _classify(remote: bool | str, e: Exception, timeout: float = DEFAULT_TIMEOUT
     ):
         return RemoteUnavailable(f"remote {name}: host unreachable ({text})")
     return RemoteUnavailable(f"remote {name}: request failed ({type(e).__name__}: {text})")
+
+
+_TRACEBACK_HEAD = "Traceback (most recent call last):"
+
+
+def server_exception(text: str) -> str | None:
+    """The exception a server's traceback text ends in, as one line (`Type: message`); None if not a traceback.
+
+    NDIF answers a request that raised with the whole formatted traceback as the job's
+    description. Its frames are indented (`  File ...` and the source lines under them); the
+    exception is what follows the last frame, unindented, and its message may span lines (they
+    are joined with spaces). With chained exceptions the last one printed is the one raised.
+    """
+    lines = text.strip().splitlines()
+    if not lines or lines[0].strip() != _TRACEBACK_HEAD:
+        return None
+    heads = [i for i, line in enumerate(lines) if line.strip() == _TRACEBACK_HEAD]
+    frames = [i for i, line in enumerate(lines) if i > heads[-1] and line.startswith("  File ")]
+    start = (frames[-1] + 1) if frames else heads[-1] + 1
+    while start < len(lines) and lines[start][:1].isspace():  # the frame's source line and ^^^ markers
+        start += 1
+    tail = " ".join(line.strip() for line in lines[start:] if line.strip())
+    return tail or None
 
 
 # What NDIF answers for a model key it has not deployed (lower case; matched anywhere in the message).

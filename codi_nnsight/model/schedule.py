@@ -52,6 +52,40 @@ class CallSchedule:
         """Decoder call of the suffix (`[eot]` + answer prompt)."""
         return self.prefill_calls + self.num_latent
 
+    @property
+    def question_call(self) -> int:
+        """Decoder call that ends the question (its last position is `[bot]`; the last prefill call)."""
+        return self.prefill_calls - 1
+
+    @property
+    def readout_calls(self) -> range:
+        """The K + 2 decoder calls whose last position is a step: `[bot]`, each latent, the answer prompt."""
+        return range(self.question_call, self.suffix_call + 1)
+
+    def step_calls(self) -> list[tuple[int, str, int]]:
+        """`(decoder call, kind, index)` of every step, in order: ("question", 0), ("latent", k), ("suffix", 0).
+
+        The step iterator of the loop: code that reads or patches per step walks this (or the plain
+        dicts below, which travel into remote trace bodies as data) instead of doing call arithmetic.
+        """
+        return [
+            (self.question_call, "question", 0),
+            *((self.latent_call(k), "latent", k) for k in range(self.num_latent)),
+            (self.suffix_call, "suffix", 0),
+        ]
+
+    def latent_of_calls(self) -> dict[int, int]:
+        """`{decoder call: latent k}` for the latent calls (a plain dict: usable inside a remote trace)."""
+        return {call: k for call, kind, k in self.step_calls() if kind == "latent"}
+
+    def thought_fed_by(self) -> dict[int, int]:
+        """`{decoder call: j}`: the call's last state becomes thought j's input (via the feedback, e.g. `prj`).
+
+        The question's call feeds thought 0, latent k's call feeds thought k + 1; the last latent's
+        entry is K (no thought follows: the loop ends there). A plain dict, usable inside a trace.
+        """
+        return {call: (0 if kind == "question" else k + 1) for call, kind, k in self.step_calls() if kind != "suffix"}
+
     def _check(self, k: int) -> None:
         if not 0 <= k < self.num_latent:
             raise IndexError(f"latent step {k} out of range 0..{self.num_latent - 1}")

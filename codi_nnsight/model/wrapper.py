@@ -22,6 +22,7 @@ import torch
 from nnsight.modeling.mixins.remotable import Remotable
 
 from ..errors import UserError
+from .answers import format_answer
 from .checkpoint import build_codi
 from .config import CODIConfig, check_hub_access, resolve_model_spec
 from .families import Family
@@ -136,7 +137,9 @@ class CODIModel(Remotable):
         # which `provenance` compares with what the server runs.
         module.to(resolve_dtype(dtype, "cpu" if device is None else device))
         self.tokenizer = tok
-        self.checkpoint_sha256 = ""
+        # The file's hash names the weights the client means without loading them, so a server
+        # that runs other weights is refused (`provenance`); a hub checkpoint not cached is left unnamed.
+        self.checkpoint_sha256 = _local_file_sha256(cfg.checkpoint_path)
         return module
 
     def dispatch(self) -> None:
@@ -307,11 +310,15 @@ class CODIModel(Remotable):
                     )
                 )
                 sha_s = nnsight.save(str(getattr(codi, "checkpoint_sha256", "") or ""))
+                versions_s = nnsight.save(
+                    {"version_torch": str(torch.__version__), "version_nnsight": str(nnsight.__version__)}
+                )
             raw = {
                 "dtypes": dict(dtypes_s),
                 "devices": str(devices_s),
                 "fingerprint": [float(x) for x in torch.as_tensor(norms_s).tolist()],
                 "sha": str(sha_s),
+                "versions": {str(k): str(v) for k, v in dict(versions_s).items()},
             }
         dtypes = {str(k): int(v) for k, v in raw["dtypes"].items()}
         return {
@@ -323,6 +330,7 @@ class CODIModel(Remotable):
             "fingerprint_parameters": names,
             "weights_fingerprint": raw["fingerprint"],
             "checkpoint_sha256": raw["sha"],
+            "versions": raw.get("versions", {}),
         }
 
     def provenance(self, remote: bool | str, identity: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -359,6 +367,8 @@ class CODIModel(Remotable):
         if here:
             attrs.update(checkpoint_sha256=self.checkpoint_sha256, checkpoint_sha256_source="client")
             return attrs
+        # The libraries the server ran (`version_torch`, ...): the numbers are theirs, not the client's.
+        attrs.update({str(k): str(v) for k, v in (ident.get("versions") or {}).items()})
         from .remote import describe
 
         where = f"remote {describe(remote)}"
@@ -372,9 +382,10 @@ class CODIModel(Remotable):
             )
         server_sha = ident["checkpoint_sha256"]
         if server_sha and self.checkpoint_sha256 and server_sha != self.checkpoint_sha256:
+            mine_path = self.codi_config.checkpoint_path if self.codi_config else "this model"
             raise ServerModelMismatch(
-                f"{where}: the server loaded checkpoint sha256 {server_sha[:12]}..., this "
-                f"model {self.checkpoint_sha256[:12]}...; refusing to mix them"
+                f"{where}: the server runs checkpoint sha256 {server_sha[:12]}..., not {mine_path} "
+                f"(sha256 {self.checkpoint_sha256[:12]}...); refusing to attribute its numbers to this checkpoint"
             )
         if server_sha:
             attrs.update(checkpoint_sha256=server_sha, checkpoint_sha256_source="server")
@@ -437,8 +448,6 @@ class CODIModel(Remotable):
         something the question does not say; an answer the tokenizer cannot spell (`<unk>`) makes
         two different answers score identically, so logit and log-probability differences vanish.
         """
-        from .inference import format_answer  # inference imports this module
-
         tok = self.tokenizer
         special = set(getattr(tok, "all_special_ids", []) or [])
         unk = getattr(tok, "unk_token_id", None)
@@ -626,6 +635,15 @@ def load_model(
 
 #: Unit roundoff of each dtype: casting moves every element, and so an L1 norm, by at most this factor.
 _ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "bfloat16": 2.0**-8, "float16": 2.0**-11}
+
+
+def _local_file_sha256(location: str) -> str:
+    """sha256 of a checkpoint that is a local file ("" for a hub location or a missing file)."""
+    from .checkpoint import file_sha256
+
+    if location.startswith("hf://") or not Path(location).is_file():
+        return ""
+    return file_sha256(location)
 
 
 def _l1_norm(p: torch.Tensor) -> float:

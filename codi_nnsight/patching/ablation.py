@@ -24,6 +24,7 @@ from ..errors import UserError
 from ..model.inference import decode, extract_answer_number
 from ..model.remote import remote_errors, trace_kwargs
 from ..model.wrapper import CODIModel
+from ..run import Run
 from .config import SweepConfig
 from .plan import AblationValues, answer_tokens
 from .sites import output_tensor
@@ -68,6 +69,7 @@ def _reference_sums(
     model: CODIModel, cfg: SweepConfig, questions: list[str], remote: bool | str
 ) -> dict[tuple[Any, int], torch.Tensor]:
     sched = model.schedule()
+    latent_of = sched.latent_of_calls()  # the step iterator's {decoder call: latent k}
     K = model.num_latent
     reads_input = cfg.site.reads == "input"
     envoys = {L: cfg.site.envoy(model, L) for L in cfg.layers} if cfg.site.per_layer else {}
@@ -77,7 +79,7 @@ def _reference_sums(
             for call in tracer.iter[sched.latent_calls.start : sched.latent_calls.stop]:
                 for L, envoy in envoys.items():
                     h = envoy.input if reads_input else output_tensor(envoy.output)
-                    saved[(L, call - sched.prefill_calls)] = h[:, -1].to(torch.float64).sum(0).cpu().save()
+                    saved[(L, latent_of[call])] = h[:, -1].to(torch.float64).sum(0).cpu().save()
         else:
             latents = model.output["latents"].to(torch.float64).sum(0).cpu().save()
     if not envoys:
@@ -117,10 +119,16 @@ def early_exit(
     teacher-forced prompt), `correct`, and `logp_answer` (teacher-forced log-probability of the
     question's true answer) — the accuracy-versus-thoughts curve of the field's early-exit control.
     """
+    run = Run(model, remote)  # a refused target or a weightless local run: one line, before any work
     steps = list(range(model.num_latent + 1)) if steps is None else [int(k) for k in steps]
     bad = [k for k in steps if not 0 <= k <= model.num_latent]
     if bad:
         raise UserError(f"--steps: {bad[0]} out of range 0..{model.num_latent}")
+    if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or int(max_new_tokens) < 1):
+        raise UserError(f"max_new_tokens={max_new_tokens!r}: expected an int >= 1")
+    # Questions past the context would run on positions the model never saw: refuse before any work.
+    model.check_fits(list(pairs), extra=model.num_latent + 16 + (max_new_tokens or 32))
+    remote = run.remote
     items = [(i, v, getattr(p, v)) for i, p in enumerate(pairs) for v in ("clean", "corrupted")]
     shape = (len(pairs), 2, len(steps))
     out = {name: np.full(shape, np.nan) for name in ("answer", "correct", "logp_answer")}
@@ -155,6 +163,7 @@ def early_exit(
             "model_name": model.name,
             "num_latent": model.num_latent,
             "question_normalization": model.question_normalization,
+            **run.provenance(),  # computed_on, the server's dtype and weights, remote, versions
         }
     )
     return ds

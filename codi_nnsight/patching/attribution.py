@@ -60,14 +60,16 @@ localizing LLM behaviour to components"), restricted to the corrections that app
 
 Remote-capable: the request itself asks the forward to keep autograd (`keep_grad=True`, a forward
 argument, so a server's module does it too); the clean activations travel with the second request.
+The graph starts at the site activations themselves (each is made to require grad as it is read,
+`_leaf`), not at the parameters: an NDIF server freezes every parameter after loading, and a
+frozen model gives the same numbers (see tests/test_attribution_frozen.py for the ~1 ulp kernel
+difference of batches of several rows). The results record what computed them
+(`CODIModel.provenance`: `computed_on`, the server's dtype and checkpoint).
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
-import shlex
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -80,6 +82,7 @@ import xarray as xr
 from ..errors import UserError
 from ..model.remote import remote_errors, trace_kwargs
 from ..model.wrapper import CODIModel
+from ..run import Run, now, recorded_command
 from .plan import answer_tokens
 from .sites import SITES, head_dim, n_heads, output_tensor
 
@@ -152,10 +155,15 @@ def _read_sites(
     sched: Any,
     drop: int | None = None,
     calls_after: int = 0,
+    leaves: bool = False,
 ):
     """Every site's tensor at every latent position, in forward order: {component: [[(R, 1, w)] per k] per layer}.
 
     Runs inside a trace. Layer sites are read at latent decoder calls; `latent` is prj call k.
+
+    With `leaves` (the target run, under autograd), every site tensor is made to require grad
+    (`_leaf`), so the graph the gradients are taken on starts at the sites themselves and does
+    not depend on the parameters requiring grad (an NDIF server freezes them).
 
     With `drop = l` (GradDrop), block l's output y is replaced by y.detach() + (x − x.detach()) at
     every latent call and at the `calls_after` decoder calls after them (suffix, answer
@@ -168,24 +176,46 @@ def _read_sites(
     if "latent" in components:
         acts["latent"] = [[]]
     prj = model.prj
+    keep = _leaf if leaves else _same
     if "latent" in components:
-        acts["latent"][0].append(prj.output)  # prj call 0, before the first latent decoder call
+        acts["latent"][0].append(keep(prj.output))  # prj call 0, before the first latent decoder call
     if drop is not None:
-        _read_dropped(tracer, model, acts, layer_comps, layers, n_latent, sched, drop, calls_after)
+        _read_dropped(tracer, model, acts, layer_comps, layers, n_latent, sched, drop, calls_after, keep)
     elif layer_comps:
         envoys = {(c, L): SITES[c].envoy(model, L) for c in layer_comps for L in layers}
+        feeds = sched.thought_fed_by()  # the step iterator: decoder call -> the thought it becomes
         for call in tracer.iter[sched.latent_calls.start : sched.latent_calls.stop]:
             for li, L in enumerate(layers):
                 for c in layer_comps:
                     e = envoys[(c, L)]
-                    acts[c][li].append(e.input if SITES[c].reads == "input" else output_tensor(e.output))
-            k = call - sched.prefill_calls + 1
+                    acts[c][li].append(keep(e.input if SITES[c].reads == "input" else output_tensor(e.output)))
+            k = feeds[call]
             if "latent" in components and k < n_latent:
-                acts["latent"][0].append(prj.output)
+                acts["latent"][0].append(keep(prj.output))
     elif "latent" in components:
         for _k in tracer.iter[1:n_latent]:
-            acts["latent"][0].append(prj.output)
+            acts["latent"][0].append(keep(prj.output))
     return acts
+
+
+def _same(a: Any) -> Any:
+    """`a` itself (the source run reads activations without autograd)."""
+    return a
+
+
+def _leaf(a: Any) -> Any:
+    """`a`, set to require grad in place when nothing upstream of it does; runs in a trace, in the forward.
+
+    With frozen parameters (NDIF's model actor calls `requires_grad_(False)` after loading) no
+    activation is part of a graph, and `torch.autograd.grad` fails ("element 0 of tensors does not
+    require grad"). Marking the very tensor the forward goes on with makes it a leaf, and every
+    later computation, later sites and the metric included, is recorded from it. A tensor that
+    already requires grad is left alone. The gradient with respect to a tensor does not depend
+    on what is upstream of it, so the numbers are those of a model whose parameters require grad.
+    """
+    if not a.requires_grad:
+        a.requires_grad_(True)
+    return a
 
 
 def _read_dropped(
@@ -198,14 +228,19 @@ def _read_dropped(
     sched: Any,
     drop: int,
     calls_after: int,
+    keep: Any = _same,
 ) -> None:
-    """`_read_sites`' loop with block `drop` cut from the backward (fills `acts`; in a trace)."""
+    """`_read_sites`' loop with block `drop` cut from the backward (fills `acts`; in a trace).
+
+    `keep` is applied to every site tensor as it is read (`_leaf` in the target run).
+    """
     components = list(acts)
     prj = model.prj
     start, stop = sched.latent_calls.start, sched.latent_calls.stop
     visit = sorted(set(layers) | {drop} if layer_comps else {drop})
     blocks = {L: model.layers[L] for L in visit}
     envoys = {(c, L): SITES[c].envoy(model, L) for c in layer_comps for L in layers}
+    feeds = sched.thought_fed_by()  # the step iterator: decoder call -> the thought it becomes
     for call in tracer.iter[start : stop + calls_after]:
         latent = call < stop
         for L in visit:
@@ -215,19 +250,19 @@ def _read_dropped(
                 li = layers.index(L)
                 for c in layer_comps:
                     if SITES[c].reads == "input":
-                        acts[c][li].append(envoys[(c, L)].input)
+                        acts[c][li].append(keep(envoys[(c, L)].input))
                     elif c != "resid" or L != drop:
-                        acts[c][li].append(output_tensor(envoys[(c, L)].output))
+                        acts[c][li].append(keep(output_tensor(envoys[(c, L)].output)))
             if L == drop:
                 out = blocks[L].output
                 y = output_tensor(out)
                 cut = y.detach() + (x - x.detach())
                 blocks[L].output = (cut, *out[1:]) if isinstance(out, tuple) else cut
                 if latent and L in layers and "resid" in layer_comps:
-                    acts["resid"][layers.index(L)].append(cut)
-        k = call - sched.prefill_calls + 1
+                    acts["resid"][layers.index(L)].append(keep(cut))
+        k = feeds.get(call, n_latent)
         if latent and "latent" in components and k < n_latent:
-            acts["latent"][0].append(prj.output)
+            acts["latent"][0].append(keep(prj.output))
 
 
 def _metric_values(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -314,7 +349,7 @@ def _target_pass(
     values_of = _metric_values
     target_inputs = model.prepare(tgt_q, **extra, keep_grad=True)
     with remote_errors(remote), model.trace(**target_inputs, **trace_kwargs(remote)) as tracer:
-        acts = read(tracer, model, components, layers, K, sched, drop, calls_after)
+        acts = read(tracer, model, components, layers, K, sched, drop, calls_after, leaves=True)
         vals = values_of(model.output)
         names = list(acts)
         flat = [a for c in names for per_k in acts[c] for a in per_k]
@@ -398,7 +433,11 @@ def attribution_sweeps(
         raise UserError("no pairs to attribute")
     model.check_fits(pairs, extra=model.num_latent + 48)
     model.check_text(pairs)
-    start = _now()
+    # The run layer: what computes the numbers (one small request when remote; refuses a server
+    # with other weights), the recorded command (credentials scrubbed) and the start time.
+    run_ = Run(model, remote, command)
+    provenance = run_.provenance()
+    start, command, remote = run_.start_time, run_.command, run_.remote
     drops: list[int | None] = [None] + (list(range(model.n_layers)) if method == "atp*" else [])
     parts = [
         _run_pair_batch(model, chunk, components, layers, list(metrics), direction, remote, drops)
@@ -415,9 +454,9 @@ def attribution_sweeps(
                 atp[f"{STAR}{m}"][c] = np.sign(atp[m][c]) * gd
     base = {m: torch.cat([p["base"][m] for p in parts]).numpy() for m in ATP_METRICS}
     source = {m: torch.cat([p["source"][m] for p in parts]).numpy() for m in ATP_METRICS}
+    run = (start, command, method, provenance)
     return {
-        c: _dataset(model, pairs, c, layers, positions, direction, metrics, atp, base, source, start, command, method)
-        for c in components
+        c: _dataset(model, pairs, c, layers, positions, direction, metrics, atp, base, source, *run) for c in components
     }
 
 
@@ -511,11 +550,14 @@ def _dataset(
     source: dict[str, np.ndarray],
     start: str,
     command: str | None,
-    method: str = "atp",
+    method: str,
+    provenance: dict[str, Any],
 ) -> xr.Dataset:
-    """The labeled Dataset of one component (same dims and coordinates as the exact sweep's)."""
+    """The labeled Dataset of one component (same dims and coordinates as the exact sweep's).
+
+    `provenance`: `model.provenance(remote)` plus `remote`: what computed the numbers.
+    """
     from .dataset import with_pair_coordinates
-    from .sweep import versions
 
     site = SITES[component]
     layer_ids = layers if site.per_layer else [0]
@@ -581,23 +623,15 @@ def _dataset(
         "direction": direction,
         "metrics": ",".join(metrics),
         "layers": ",".join(map(str, layer_ids)),
-        "dtype": str(model.dtype).replace("torch.", ""),
-        "device": str(model.device),
-        "computed_on": "local",
-        "checkpoint_sha256": model.checkpoint_sha256 or "",
+        **provenance,
         "num_latent": K,
         "n_layers_model": model.n_layers,
         "head_dim": head_dim(model) if site.axis else 0,
-        "command": command if command is not None else shlex.join(sys.argv),
+        "command": command if command is not None else recorded_command(),
         "start_time": start,
-        "end_time": _now(),
-        **versions(),
+        "end_time": now(),
     }
     return ds
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 # ---------------------------------------------------------------------------------------------

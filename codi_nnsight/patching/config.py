@@ -9,12 +9,12 @@ disagree about what a run was.
 from __future__ import annotations
 
 import dataclasses
-import json
 import warnings
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import UserError
+from ..run.fingerprint import fingerprint_difference
 from .metrics import RECOVERY_MIN_DENOMINATOR
 from .options import ABLATIONS, DIRECTIONS, MODE_ALIASES, MODES, POSITIONS
 from .sites import COMPONENTS, SITES
@@ -62,6 +62,10 @@ class SweepConfig:
         self.layers = [int(L) for L in self.layers]
         if self.ablation is not None:
             self.direction = "noise"
+        # A site outside the blocks (the fed-back thought) has one "layer": normalised here, once,
+        # so that `validate` only checks and never changes what it checks.
+        if self.component in SITES and not SITES[self.component].per_layer:
+            self.layers = [0]
 
     @property
     def site(self) -> Any:
@@ -76,8 +80,6 @@ class SweepConfig:
                 raise UserError(f"--{name} {value!r}: expected one of {', '.join(allowed)}")
         if self.ablation is not None and self.ablation not in ABLATIONS:
             raise UserError(f"--ablation {self.ablation!r}: expected one of {', '.join(ABLATIONS)}")
-        if not self.site.per_layer:
-            self.layers = [0]
         if not self.layers:
             raise UserError("--layers: empty layer list")
         bad = [L for L in self.layers if not 0 <= L < model.n_layers]
@@ -118,14 +120,8 @@ class SweepConfig:
 
     @staticmethod
     def difference(stored: dict[str, Any], current: dict[str, Any]) -> str | None:
-        """None when two fingerprints agree, else a one-line description of the first difference."""
-        diff = [k for k in sorted(set(stored) | set(current)) if stored.get(k) != current.get(k)]
-        if not diff:
-            return None
-        k = diff[0]
-        return (
-            f"{', '.join(diff)} differ; e.g. {k}: stored {json.dumps(stored.get(k))}, now {json.dumps(current.get(k))}"
-        )
+        """None when two fingerprints agree, else a one-line description (`run.fingerprint_difference`)."""
+        return fingerprint_difference(stored, current)
 
 
 def parse_layers(text: str | None, n_layers: int) -> list[int]:

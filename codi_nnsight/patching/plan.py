@@ -251,7 +251,7 @@ def _add_full_patch(
     sched = plan.schedule
     # With a shared prefix (call 0) both questions already share those states, so patching from
     # the call that holds the rest of each question covers every token.
-    question_call = sched.prefill_calls - 1
+    question_call = sched.question_call
     plan.full_patch_plan[question_call] = (torch.tensor([p_copy]), torch.tensor([p_src]))
     for call in [*sched.latent_calls, sched.suffix_call]:
         plan.full_patch_plan[call] = (torch.tensor([row]), torch.tensor([plan.source_rows[i]]))

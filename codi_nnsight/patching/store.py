@@ -5,15 +5,20 @@ Layout while a sweep runs (`results.nc` being the requested output):
     results.nc.partial/
         config.json        what the sweep is (model, pairs hash, mode, ...): resume must match it
         lock               {"pid": ..., "host": ...} of the run using the folder (held with flock)
+        sha256.json        {batch file name: sha256 of its bytes}, recorded before the file is in place
         batch-000000.nc    one netCDF per finished batch, each written to a temp name then renamed
 
 At the end the batches are concatenated, the provenance attrs added, and the result written to
-`results.nc.tmp-<pid>` and renamed over `results.nc` — so the final file is complete or absent.
+a temporary file beside `results.nc` and moved into place only if `results.nc` is still absent
+(or `force`) — so the final file is complete or absent, and never replaces another run's.
 
 A results file holds exactly one run: every batch file carries the run's fingerprint (attr
 `run_fingerprint_sha256`, the sha256 of the canonical JSON of `config`), and a batch of another
-run, a folder whose `config.json` is missing or corrupt, or a pair id stored twice is refused by
-name. One run at a time uses a folder: `open` takes the lock, `finish` / `close` release it.
+run, a batch whose bytes differ from the recorded hash (edited), a folder whose `config.json` is
+missing or corrupt, a pair id stored twice or one not in the run's pairs is refused by name. One
+run at a time uses a folder and its final file: `open` takes the lock before it checks that the
+final file is absent, `finish` / `close` release it. A folder that a failed run began without
+finishing any batch is removed on `close`, so the next run does not demand `--resume`.
 """
 
 from __future__ import annotations
@@ -27,14 +32,14 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import xarray as xr
 
-from ..atomic import DiskError, write_atomic, write_text_atomic
+from ..atomic import DiskError, refuse_existing, write_json_atomic, write_netcdf_atomic, write_text_atomic
 from ..errors import UserError
 
 try:  # POSIX: the lock's liveness is the kernel's flock, which dies with its process
@@ -46,19 +51,23 @@ log = logging.getLogger(__name__)
 
 FINGERPRINT_ATTR = "run_fingerprint_sha256"
 LOCK_NAME = "lock"
+HASHES_NAME = "sha256.json"
 
 
-def _write_atomic_nc(ds: xr.Dataset, path: Path) -> None:
-    """Write a Dataset as netCDF4, complete or absent (python strings as variable-length str)."""
+def _write_atomic_nc(
+    ds: xr.Dataset, path: Path, replace: bool = True, after: Callable[[Path], None] | None = None
+) -> None:
+    """Write a Dataset as netCDF4, complete or absent (see `atomic.write_netcdf_atomic`)."""
+    write_netcdf_atomic(ds, path, replace=replace, after=after)
 
-    def write(tmp: Path) -> None:
-        encoded = ds.copy()
-        for name in list(encoded.variables):
-            if encoded[name].dtype == object:  # netCDF4 stores python strings as vlen str
-                encoded[name] = encoded[name].astype(str)
-        encoded.to_netcdf(tmp, engine="netcdf4")
 
-    write_atomic(path, write)
+def file_sha256(path: Path) -> str:
+    """sha256 (hex) of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def run_fingerprint(config: dict[str, Any]) -> str:
@@ -124,6 +133,12 @@ class _Lock:
                     fd = os.open(self.path, os.O_RDWR)
                 except FileNotFoundError:
                     continue  # released between our two opens
+            except FileNotFoundError:  # the folder's last user removed it (empty) just now: remake it
+                try:
+                    folder.mkdir(parents=True, exist_ok=True)
+                except OSError as e:
+                    raise DiskError(f"{folder}: cannot write ({e.strerror or e})") from None
+                continue
             except OSError as e:
                 raise DiskError(f"{self.path}: cannot create the lock ({e.strerror or e})") from None
             if not self._claim(fd, created, folder):
@@ -214,56 +229,87 @@ class PartialStore:
     Use it as a context manager (or call `close()`) so the folder's lock is released however the
     sweep ends; `finish()` releases it too. A store that is garbage-collected, or a process that
     exits, releases it as well, and a lock left by a killed process is taken over.
+
+    The lock covers the final file too: `open` checks that `out` does not exist only once it
+    holds the lock, and `finish` moves the result into place only if `out` is still absent —
+    unless `force` — so two runs on one output never replace each other's finished result.
     """
 
-    def __init__(self, out: str | Path, config: dict[str, Any]) -> None:
+    def __init__(self, out: str | Path, config: dict[str, Any], force: bool = False) -> None:
         self.out = Path(out)
         self.dir = self.out.with_name(self.out.name + ".partial")
         self.config = config
+        self.force = force
         self.fingerprint = run_fingerprint(config)
         self._lock = _Lock(self.dir / LOCK_NAME)
+        self._hashes: dict[str, str] = {}
+        # Whether this store began the folder (made it, or wrote its config): only then may
+        # `close` remove it when no batch was finished.
+        self._made_dir = False
+        self._fresh = False
         # Release at garbage collection / interpreter exit; refers to the lock only, not to self.
         self._finalizer = weakref.finalize(self, self._lock.release)
 
     def __enter__(self) -> PartialStore:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        self.close(failed=exc_type is not None)
 
-    def close(self) -> None:
-        """Release the folder's lock (idempotent); the finished batches stay for `--resume`."""
+    def close(self, failed: bool = False) -> None:
+        """Release the folder's lock (idempotent); the finished batches stay for `--resume`.
+
+        With `failed` (the run ended in an error; the context manager passes it), a folder this
+        store began that holds no finished batch is removed: there is nothing in it to resume,
+        and leaving it would make the next run demand `--resume`.
+        """
+        held = self.locked
+        if held and failed and (self._fresh or self._made_dir) and not self._batch_files():
+            for name in ("config.json", HASHES_NAME):  # only what the store writes; anything else stays
+                (self.dir / name).unlink(missing_ok=True)
         self._lock.release()
+        if held:
+            try:  # only if empty: a folder holding anything is kept
+                self.dir.rmdir()
+            except OSError:
+                pass
 
     @property
     def locked(self) -> bool:
         """Whether this store holds its folder's lock."""
         return self._lock.fd is not None
 
-    def open(self, resume: bool) -> set[int]:
+    def open(self, resume: bool, pair_ids: Iterable[int] | None = None) -> set[int]:
         """Lock the store, create or reopen it, and return the pair ids already finished.
 
         Without `resume` an existing store is an error (so work is never silently discarded);
         with it, the stored configuration must equal this one, key by key, and every batch file
-        must carry this run's fingerprint, with no pair id twice. On any error the lock is released.
+        must carry this run's fingerprint and recorded content hash, with no pair id twice and,
+        if `pair_ids` (the run's pairs) is given, none outside it. The final file must not exist
+        unless `force`. On any error the lock is released.
 
         Raises:
-            UserError: the folder is in use by another run, or it holds something that is not
-                exactly this run (each message names the file).
+            UserError: the final file exists, the folder is in use by another run, or it holds
+                something that is not exactly this run (each message names the file).
             DiskError: the folder, its lock or its config cannot be written.
         """
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            self.dir.mkdir(parents=True)
+            self._made_dir = True
+        except FileExistsError:
+            pass
         except OSError as e:
             raise DiskError(f"{self.dir}: cannot write ({e.strerror or e})") from None
         self._lock.acquire(self.dir)
         try:
-            return self._open_locked(resume)
+            return self._open_locked(resume, None if pair_ids is None else {int(p) for p in pair_ids})
         except BaseException:
-            self.close()
+            self.close(failed=True)
             raise
 
-    def _open_locked(self, resume: bool) -> set[int]:
+    def _open_locked(self, resume: bool, known: set[int] | None) -> set[int]:
+        # Under the lock: a run that finishes `out` meanwhile does so before we look.
+        refuse_existing(self.out, self.force)
         cfg_path = self.dir / "config.json"
         if cfg_path.exists():
             if not resume:
@@ -280,7 +326,8 @@ class PartialStore:
                     f"({', '.join(diff)} differ; e.g. {k}: stored {stored.get(k)!r}, "
                     f"now {self.config.get(k)!r}); refusing to mix results"
                 )
-            return {p for ds in self._load() for p in ds["pair"].values.astype(int).tolist()}
+            self._hashes = self._stored_hashes()
+            return {p for ds in self._load(known) for p in ds["pair"].values.astype(int).tolist()}
         orphans = self._batch_files()
         if orphans:
             raise UserError(
@@ -288,6 +335,8 @@ class PartialStore:
                 f"({orphans[0].name}, ...) of an unknown run; refusing to mix results — delete "
                 f"{self.dir} to start over"
             )
+        self._fresh = True
+        self._hashes = {}
         write_text_atomic(cfg_path, json.dumps(self.config, sort_keys=True, indent=1))
         return set()
 
@@ -312,26 +361,66 @@ class PartialStore:
             )
         return stored
 
+    def _stored_hashes(self) -> dict[str, str]:
+        """The recorded sha256 of each batch file ({} if none was recorded yet)."""
+        path = self.dir / HASHES_NAME
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        except (ValueError, UnicodeDecodeError) as e:
+            raise UserError(
+                f"{path}: corrupt ({e}); cannot check the batch files — delete {self.dir} to start over"
+            ) from None
+        except OSError as e:
+            raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
+        if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+            raise UserError(
+                f"{path}: corrupt (not an object of file names to sha256 strings); cannot check the "
+                f"batch files — delete {self.dir} to start over"
+            )
+        return data
+
     def _batch_files(self) -> list[Path]:
         return sorted(self.dir.glob("batch-*.nc"))
 
+    def _clear(self) -> None:
+        """Remove everything in the folder but the lock (which `release` removes)."""
+        for entry in self.dir.iterdir():
+            if entry.name == LOCK_NAME:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+
     def add(self, ds: xr.Dataset) -> None:
-        """Persist one finished batch, stamped with this run's fingerprint."""
+        """Persist one finished batch, stamped with this run's fingerprint, its hash recorded."""
         if not self.locked:
             raise RuntimeError(f"{self.dir}: PartialStore.add before open() (or after finish/close)")
         n = len(self._batch_files())
         while (self.dir / f"batch-{n:06d}.nc").exists():
             n += 1
+        name = f"batch-{n:06d}.nc"
         stamped = ds.copy(deep=False)
         stamped.attrs = {**ds.attrs, FINGERPRINT_ATTR: self.fingerprint}
-        _write_atomic_nc(stamped, self.dir / f"batch-{n:06d}.nc")
 
-    def _load(self) -> list[xr.Dataset]:
-        """Every finished batch of this run, checked: fingerprint, and no pair id twice."""
+        def record(tmp: Path) -> None:
+            # Recorded before the file is moved into place: a batch in place always has its hash
+            # (a crash in between leaves a hash of no file, which the next batch of that name replaces).
+            self._hashes[name] = file_sha256(tmp)
+            write_json_atomic(self.dir / HASHES_NAME, self._hashes)
+
+        _write_atomic_nc(stamped, self.dir / name, after=record)
+
+    def _load(self, known: set[int] | None = None) -> list[xr.Dataset]:
+        """Every finished batch of this run, checked: fingerprint, no pair id twice, content hash,
+        and (if `known` is given) no pair id outside it."""
         out = []
         owner: dict[int, str] = {}
         for path in self._batch_files():
             try:
+                digest = file_sha256(path)
                 with xr.open_dataset(path, engine="netcdf4") as f:
                     ds = f.load()
             except Exception as e:
@@ -350,16 +439,40 @@ class PartialStore:
                     f"{path}: batch file from a different run ({what}); refusing to mix results — "
                     f"delete it, or {self.dir} to start over"
                 )
-            for pid in ds["pair"].values.astype(int).tolist():
+            ids = ds["pair"].values.astype(int).tolist()
+            for pid in ids:
                 if pid in owner:
                     raise UserError(
                         f"{path}: pair_id {pid} is also in {owner[pid]} (a copied batch file?); "
                         "refusing to mix results — delete one of them"
                     )
                 owner[pid] = path.name
+            self._check_hash(path, digest)
+            unknown = [pid for pid in ids if known is not None and pid not in known]
+            if unknown:
+                raise UserError(
+                    f"{path}: pair_id {unknown[0]} is not in the pairs file; refusing to mix results — "
+                    f"delete it, or {self.dir} to start over"
+                )
             ds.attrs.pop(FINGERPRINT_ATTR, None)
             out.append(ds)
         return out
+
+    def _check_hash(self, path: Path, digest: str) -> None:
+        """Refuse a batch file whose bytes are not those the run wrote (edited, or put there by hand)."""
+        recorded = self._hashes.get(path.name)
+        if recorded is None:
+            raise UserError(
+                f"{path}: no content hash recorded for it in {HASHES_NAME} (not written by this run, "
+                f"or by an older version); refusing to use it — delete it to recompute its pairs, "
+                f"or {self.dir} to start over"
+            )
+        if recorded != digest:
+            raise UserError(
+                f"{path}: contents changed since the run wrote it (sha256 {digest[:12]}…, recorded "
+                f"{recorded[:12]}…); refusing to use an edited batch — delete it to recompute its "
+                f"pairs, or {self.dir} to start over"
+            )
 
     def batches(self) -> list[xr.Dataset]:
         """All finished batches (loaded into memory, files closed), checked to be this run's."""
@@ -371,12 +484,13 @@ class PartialStore:
         """Concatenate the batches in pair-file order, add attrs, write the final file atomically.
 
         `order` lists every pair of the run: a pair missing from the stored batches is an error
-        (the folder is kept, to rerun with --resume). `transform`, if given, maps the merged
-        Dataset (attrs set) to the one written. The folder is removed and the lock released;
-        the lock is released on failure too.
+        (the folder is kept, to rerun with --resume), and so is a stored pair outside it.
+        `transform`, if given, maps the merged Dataset (attrs set) to the one written. The final
+        file is moved into place only if it is still absent (or `force`). The folder is removed
+        and the lock released; the lock is released on failure too.
         """
         try:
-            parts = self._load()
+            parts = self._load(known={int(p) for p in order})
             if not parts:
                 raise UserError(f"{self.dir}: no finished pairs to write")
             ds = xr.concat(
@@ -398,15 +512,24 @@ class PartialStore:
                     "with --resume to compute them"
                 )
             rank = {pid: i for i, pid in enumerate(order)}
-            ds = ds.isel(pair=np.argsort([rank.get(p, len(rank)) for p in stored], kind="stable"))
+            ds = ds.isel(pair=np.argsort([rank[p] for p in stored], kind="stable"))
             ds.attrs.update(attrs)
             if transform is not None:
                 ds = transform(ds)
-            _write_atomic_nc(ds, self.out)
-            shutil.rmtree(self.dir, ignore_errors=True)
-            return ds
-        finally:
-            self.close()
+            try:
+                _write_atomic_nc(ds, self.out, replace=self.force)
+            except DiskError:
+                raise
+            except UserError as e:  # another run wrote `out` meanwhile: keep ours, say how to use it
+                raise UserError(
+                    f"{e}; this run's pairs are kept in {self.dir} — rerun with --resume --force to replace it"
+                ) from None
+            self._clear()
+        except BaseException:
+            self.close(failed=True)
+            raise
+        self.close()
+        return ds
 
 
 def clean_attrs(attrs: dict[str, Any]) -> dict[str, Any]:

@@ -4,47 +4,34 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime as _dt
-import importlib.metadata as _md
 import json
 import logging
-import shlex
 import signal
-import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import xarray as xr
 
 from ..errors import UserError
-from ..model.remote import check_remote_target, scrub
 from ..model.wrapper import DTYPES, CODIModel
+from ..run import Backend, Run, client_versions, now, write_results
 from .config import SweepConfig
 from .dataset import SCHEMA, batch_dataset, with_pair_coordinates
 from .plan import carries_full_patch, plan_batch
 from .sanity import measure, merge_sanity, sanity_attrs
-from .store import PartialStore, _write_atomic_nc, clean_attrs
+from .store import PartialStore, clean_attrs
 from .trace import full_patch_check, full_patch_pair, run_batch
 
 log = logging.getLogger(__name__)
 
 
-def _version(name: str) -> str:
-    try:
-        return _md.version(name)
-    except _md.PackageNotFoundError:
-        return "unknown"
-
-
 def versions() -> dict[str, str]:
-    """Versions that determine the numbers (stored in every results file)."""
-    return {
-        f"version_{n.replace('-', '_')}": _version(n)
-        for n in ("codi-nnsight", "nnsight", "torch", "transformers", "numpy", "xarray")
-    }
+    """Versions that determine the numbers, of this process (`run.client_versions`)."""
+    return client_versions()
 
 
 #: Rows per request when a remote server runs the sweep: its memory is not ours to measure, and
@@ -88,7 +75,7 @@ def patch_sweep(
     direction: str = "denoise",
     batch_size: int | str = "auto",
     max_new_tokens: int | None = None,
-    remote: bool | str = False,
+    remote: bool | str | Backend = False,
     out: str | Path | None = None,
     resume: bool = False,
     progress: bool = False,
@@ -96,6 +83,7 @@ def patch_sweep(
     command: str | None = None,
     ablation: str | None = None,
     reference: Sequence[str] | None = None,
+    force: bool = False,
 ) -> xr.Dataset:
     """Patch source activations into target runs at the latent positions, layer by layer.
 
@@ -123,13 +111,15 @@ def patch_sweep(
             `reference` questions, default the clean questions), `resample` (from the next pair's
             clean question) or `noise` (a random direction of the same norm). See `ablation`.
         reference: the mean ablation's reference questions.
+        force: replace an existing `out` (default: refuse, as the CLI does without `--force`).
 
     Returns:
         The results `xarray.Dataset` (docs/results-schema.md).
     """
-    components = [component] if isinstance(component, str) else list(component)
+    components = _components(component)
+    _check_scalars(seed=seed, max_new_tokens=max_new_tokens, batch_size=batch_size)
     cfg = SweepConfig(
-        layers=list(range(model.n_layers)) if layers is None else list(layers),
+        layers=list(range(model.n_layers)) if layers is None else check_layers(layers, model.n_layers),
         component=components[0],
         positions=positions,
         mode=mode,
@@ -137,88 +127,112 @@ def patch_sweep(
         max_new_tokens=max_new_tokens,
         ablation=ablation,
     )
+    # The run layer: refuses a forbidden target before any work and probes the server once.
+    run = Run(model, remote, command)
+    if out is not None:
+        _refuse_existing(out, force, components)
+    common = dict(batch_size=batch_size, progress=progress, seed=seed, reference=reference, resume=resume, force=force)
     if len(components) > 1:
         from .sites import SITES
 
-        axis = next((c for c in components if c in SITES and SITES[c].axis), None)
+        axis = next((c for c in components if SITES[c].axis), None)
         if axis is not None:
             raise UserError(f"--component {axis} adds a {SITES[axis].axis} dimension: sweep it on its own")
-        return _multi_component_sweep(
-            model,
-            pairs,
-            components,
-            cfg,
-            out=out,
-            resume=resume,
-            batch_size=batch_size,
-            remote=remote,
-            progress=progress,
-            seed=seed,
-            command=command,
-        )
-    return _single_sweep(
-        model,
-        pairs,
-        cfg,
-        batch_size=batch_size,
-        remote=remote,
-        out=out,
-        resume=resume,
-        progress=progress,
-        seed=seed,
-        command=command,
-        reference=reference,
-    )
+        return _multi_component_sweep(model, pairs, components, cfg, run, out=out, **common)
+    return _single_sweep(model, pairs, cfg, run, out=out, **common)
+
+
+def _components(component: str | Sequence[str]) -> list[str]:
+    """`component` as a checked list of site names (strictly typed: a notebook typo is one line)."""
+    from .sites import COMPONENTS
+
+    components = [component] if isinstance(component, str) else component
+    if not isinstance(components, (list, tuple)) or not components:
+        raise UserError(f"component={component!r}: expected one of {', '.join(COMPONENTS)} or a non-empty list of them")
+    for c in components:
+        if not isinstance(c, str) or c not in COMPONENTS:
+            raise UserError(f"--component {c!r}: expected one of {', '.join(COMPONENTS)}")
+    if len(set(components)) != len(components):
+        raise UserError(f"--component {','.join(components)}: a component is named twice")
+    return list(components)
+
+
+def check_layers(layers: Any, n_layers: int) -> list[int]:
+    """`layers` as a list of distinct ints in range; bools, floats and duplicates are refused, not coerced."""
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence):
+        raise UserError(f"layers={layers!r}: expected a list of layer indices")
+    for L in layers:
+        if isinstance(L, bool) or not isinstance(L, (int, np.integer)):
+            raise UserError(f"layers: {L!r} is not a layer index (expected ints 0-{n_layers - 1})")
+    out = [int(L) for L in layers]
+    if len(set(out)) != len(out):
+        raise UserError(f"layers: {out} names a layer twice")
+    return out
+
+
+def _check_scalars(seed: Any, max_new_tokens: Any, batch_size: Any) -> None:
+    """Refuse, in one line, scalar arguments a notebook call would otherwise coerce or crash on."""
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if not is_int(seed) or not 0 <= seed < 2**63:
+        raise UserError(f"seed={seed!r}: expected an int in 0 .. 2**63-1")
+    if max_new_tokens is not None and (not is_int(max_new_tokens) or max_new_tokens < 1):
+        raise UserError(f"max_new_tokens={max_new_tokens!r}: expected an int >= 1 (or None: the answer's length + 3)")
+    if batch_size != "auto" and (not is_int(batch_size) or batch_size < 1):
+        raise UserError(f"batch_size={batch_size!r}: expected an int >= 1 or 'auto'")
+
+
+def _refuse_existing(out: str | Path, force: bool, components: list[str]) -> None:
+    """Refuse to replace a finished results file unless `force` (checked before any work)."""
+    if not force and Path(out).exists():
+        raise UserError(f"{out}: file exists; add --force to overwrite it")
+    if len(components) > 1 and not Path(out).parent.exists():
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
 
 
 def _single_sweep(
     model: CODIModel,
     pairs: Any,
     cfg: SweepConfig,
+    run: Run,
     batch_size: int | str,
-    remote: bool | str,
     out: str | Path | None,
     resume: bool,
     progress: bool,
     seed: int,
-    command: str | None,
     reference: Sequence[str] | None = None,
+    force: bool = False,
 ) -> xr.Dataset:
     """One component: check everything, run the batches (streamed to the store), assemble the file."""
-    check_remote_target(remote)  # before any store exists: a refused target leaves nothing behind
     cfg.validate(model)
     source = getattr(pairs, "source", None)
-    pairs, fingerprint = _checked_pairs(model, pairs, cfg, seed, reference)
+    pairs, fingerprint = _checked_pairs(model, pairs, cfg, seed, reference, run)
     torch.manual_seed(seed)
-    bs = _batch_size(model, pairs, cfg, batch_size, remote)
-    ablate = _ablation_inputs(model, cfg, pairs, seed, reference, remote)
+    bs = _batch_size(model, pairs, cfg, batch_size, run.remote)
+    ablate = _ablation_inputs(model, cfg, pairs, seed, reference, run.remote)
     attrs = {
         "codi_nnsight_schema": SCHEMA,
         "model_name": model.name,
         **SweepConfig.attrs_of(fingerprint),
         "run_fingerprint": json.dumps(fingerprint, sort_keys=True),
-        "device": str(model.device),
-        "command": command if command is not None else shlex.join(sys.argv),
-        "start_time": _now(),
         "pairs_file": str(source or ""),
-        "remote": scrub(str(remote), remote),
         "num_latent": model.num_latent,
         "n_layers_model": model.n_layers,
-        **versions(),
+        **run.provenance(),  # computed_on, dtype, device, weights, versions, remote, command, start_time
     }
     order = [int(p.pair_id) for p in pairs]
-    store = PartialStore(out, fingerprint) if out is not None else None
+    store = PartialStore(out, fingerprint, force=force) if out is not None else None
     with store if store is not None else contextlib.nullcontext():  # the store's lock is released on every exit
-        done = store.open(resume) if store is not None else set()
-        # What computes the numbers: one small request when remote; refuses a server with other weights.
-        attrs.update(model.provenance(remote))
+        done = store.open(resume, pair_ids=order) if store is not None else set()
         check = full_patch_pair(model, pairs)
         batches, full = _run_batches(
             model,
             [p for p in pairs if int(p.pair_id) not in done],
             cfg,
             bs,
-            remote,
+            run.remote,
             store,
             progress,
             total=len(pairs),
@@ -226,12 +240,12 @@ def _single_sweep(
             full_patch_id=None if check is None else int(pairs[check].pair_id),
         )
         if full is None:  # not carried by a batch: a configuration that cannot, or a resumed run
-            full = full_patch_check(model, pairs, remote=remote)
+            full = full_patch_check(model, pairs, remote=run.remote)
 
         def finalize(ds: xr.Dataset) -> xr.Dataset:
             ds = with_pair_coordinates(ds, pairs)
             compute_dtype = DTYPES.get(attrs["dtype"], model.dtype)  # the server's, when remote
-            ds.attrs = clean_attrs({**attrs, **sanity_attrs(measure(ds, full), compute_dtype), "end_time": _now()})
+            ds.attrs = clean_attrs({**attrs, **sanity_attrs(measure(ds, full), compute_dtype), "end_time": now()})
             return ds
 
         if store is not None:
@@ -240,28 +254,40 @@ def _single_sweep(
 
 
 def _checked_pairs(
-    model: CODIModel, pairs: Any, cfg: SweepConfig, seed: int, reference: Sequence[str] | None
+    model: CODIModel, pairs: Any, cfg: SweepConfig, seed: int, reference: Sequence[str] | None, run: Run
 ) -> tuple[list[Any], dict[str, Any]]:
     """The pairs as a list, checked against the model, and the run's fingerprint."""
+    from ..data.pairs import PairSet
+
+    if isinstance(pairs, (str, Path)):
+        raise UserError(f"pairs={str(pairs)!r}: expected pairs, not a path; load them with codi_nnsight.load_pairs")
     pairs_sha = getattr(pairs, "sha256", None)
     pairs = list(pairs)
     if not pairs:
         raise UserError("no pairs to patch")
     check_context(model, pairs)
     if pairs_sha is None:
-        from ..data.pairs import PairSet
-
         pairs_sha = PairSet.from_pairs(pairs).sha256
+    return pairs, sweep_fingerprint(model, cfg, pairs_sha, seed, reference, run)
+
+
+def sweep_fingerprint(
+    model: CODIModel, cfg: SweepConfig, pairs_sha: str, seed: int, reference: Sequence[str] | None, run: Run
+) -> dict[str, Any]:
+    """Everything that determines a sweep's numbers, the weights and dtype being those that compute them.
+
+    On a server these are the server's (its checkpoint hash, else its weights fingerprint, and its
+    dtype), so resuming against a redeployed server with other weights is refused, never mixed.
+    """
+    import hashlib
+
     fingerprint = cfg.fingerprint(model, pairs_sha, seed)
+    if run.backend.is_server:
+        prov = run.provenance()
+        fingerprint.update(checkpoint_sha256=run.weights_identity(), dtype=prov["dtype"])
     if reference is not None:
-        import hashlib
-
         fingerprint["reference_sha256"] = hashlib.sha256("\n".join(reference).encode()).hexdigest()
-    return pairs, fingerprint
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return fingerprint
 
 
 def _batch_size(
@@ -394,15 +420,18 @@ def _multi_component_sweep(
     pairs: Any,
     components: list[str],
     cfg: SweepConfig,
+    run: Run,
     out: str | Path | None,
     resume: bool,
     **kw: Any,
 ) -> xr.Dataset:
     """One sweep per component, stacked along a `component` dim (each streams to its own file).
 
-    A finished `OUT.<component>.nc` is reused on `--resume` only when its recorded fingerprint is
-    this run's; the stacked file's layout never depends on its values: every metric and the
-    self-patch control get the `component` dim, the unpatched runs' per-pair values do not.
+    Every component runs with the same options, `reference` included (a mean ablation over several
+    components uses the given reference questions for each). A finished `OUT.<component>.nc` is
+    reused on `--resume` only when its recorded fingerprint is this run's; the stacked file's
+    layout never depends on its values: every metric and the self-patch control get the
+    `component` dim, the unpatched runs' per-pair values do not.
     """
     from .dataset import per_pair_names
     from .metrics import METRICS
@@ -410,11 +439,11 @@ def _multi_component_sweep(
     parts = []
     for c in components:
         sub = None if out is None else Path(f"{out}.{c}.nc")
-        sub_kw = {**dataclasses.asdict(cfg), "component": c, **kw}
+        sub_cfg = dataclasses.replace(cfg, component=c, layers=list(cfg.layers))
         if sub is not None and sub.exists():
-            parts.append(_reuse_component(model, pairs, sub, c, cfg, resume, kw.get("seed", 0)))
+            parts.append(_reuse_component(model, pairs, sub, sub_cfg, resume, run, kw["seed"], kw.get("reference")))
             continue
-        parts.append(patch_sweep(model, pairs, out=sub, resume=resume, **sub_kw))
+        parts.append(_single_sweep(model, pairs, sub_cfg, run, out=sub, resume=resume, **kw))
     stacked = [m.name for m in METRICS] + [n for n in per_pair_names() if n.startswith("self_patch")]
     ds = xr.concat(
         parts,
@@ -431,14 +460,21 @@ def _multi_component_sweep(
     fp = json.loads(ds.attrs["run_fingerprint"])
     ds.attrs["run_fingerprint"] = json.dumps({**fp, "component": components}, sort_keys=True)
     if out is not None:
-        _write_atomic_nc(ds, Path(out))
+        write_results(ds, Path(out), replace=kw.get("force", False))
         for c in components:
             Path(f"{out}.{c}.nc").unlink(missing_ok=True)
     return ds
 
 
 def _reuse_component(
-    model: CODIModel, pairs: Any, path: Path, component: str, cfg: SweepConfig, resume: bool, seed: int
+    model: CODIModel,
+    pairs: Any,
+    path: Path,
+    sub_cfg: SweepConfig,
+    resume: bool,
+    run: Run,
+    seed: int,
+    reference: Sequence[str] | None,
 ) -> xr.Dataset:
     """A component file finished before an interruption, if it belongs to this very run."""
     if not resume:
@@ -449,9 +485,8 @@ def _reuse_component(
     from ..data.pairs import PairSet
 
     sha = getattr(pairs, "sha256", None) or PairSet.from_pairs(list(pairs)).sha256
-    sub_cfg = dataclasses.replace(cfg, component=component, layers=list(cfg.layers))
     sub_cfg.validate(model)
-    expected = sub_cfg.fingerprint(model, sha, seed)
+    expected = sweep_fingerprint(model, sub_cfg, sha, seed, reference, run)
     with xr.open_dataset(path) as f:
         ds = f.load()
     stored = json.loads(ds.attrs.get("run_fingerprint", "{}"))

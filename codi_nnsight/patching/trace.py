@@ -85,6 +85,7 @@ def run_batch(model: CODIModel, plan: BatchPlan, cfg: SweepConfig, remote: bool 
     block0 = model.layers[0]
     reads_input = cfg.site.reads == "input"
     prj = model.prj
+    feeds = sched.thought_fed_by()  # decoder call -> the thought its last state becomes (the step iterator)
     columns_of = metric_table.trace_columns
     patch = apply_patches
     n_decodable = model.codi.eot_id
@@ -103,7 +104,7 @@ def run_batch(model: CODIModel, plan: BatchPlan, cfg: SweepConfig, remote: bool 
                         patch(h, layer_plan[(L, call)])
                     if L == 0 and call in full_plan:
                         patch(output_tensor(block0.output), full_plan[call])
-                k = call - sched.prefill_calls + 1
+                k = feeds.get(call, K)
                 if call in latent and k < K and k in prj_plan:
                     patch(prj.output, prj_plan[k])
         else:  # the latent site: only prj calls 1 .. K-1 (call 0 was handled above)
@@ -178,7 +179,7 @@ def full_patch_check(
     # With a shared prefix (call 0), both questions already share those positions' states, so
     # patching from the first call that differs — the rest of the question — covers every token.
     # Layer 0 is the strictest case: every later layer is recomputed from the patched state.
-    start = prefill_calls - (0 if skip_question else 1)
+    start = sched.question_call + (1 if skip_question else 0)
     block = model.layers[0]
     with remote_errors(remote), model.trace(**inputs, **trace_kwargs(remote)) as tracer:
         for _call in tracer.iter[start : sched.suffix_call + 1]:  # question, latents, suffix

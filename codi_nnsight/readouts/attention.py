@@ -25,6 +25,7 @@ import torch
 import xarray as xr
 
 from ..errors import UserError
+from ..run import Run
 from .common import (
     QuestionInfo,
     ReadoutBatch,
@@ -83,23 +84,25 @@ def _run_attention(
     model: Any, batch: ReadoutBatch, masks: torch.Tensor, qidx: torch.Tensor, qvalid: torch.Tensor, remote: bool | str
 ) -> list[np.ndarray]:
     """One trace: region masses, total mass and question-token weights of every step, layer and head."""
-    K, n_layers = model.num_latent, model.n_layers
+    n_layers = model.n_layers
     attn = [model.block_part(L, "attention") for L in range(n_layers)]
     width = batch.width
     if not remote and model.device is not None:
         masks, qidx, qvalid = masks.to(model.device), qidx.to(model.device), qvalid.to(model.device)
     from ..model.remote import remote_errors, trace_kwargs
 
+    calls = model.schedule().readout_calls  # the step iterator: [bot], each latent, the answer prompt
+    step_of = {call: i for i, call in enumerate(calls)}
     with remote_errors(remote), model.trace(**batch.inputs, **trace_kwargs(remote)) as tracer:
         mass, total, per_token = [], [], []
-        for call in tracer.iter[0 : K + 2]:
+        for call in tracer.iter[calls.start : calls.stop]:
             m_call, t_call, p_call = [], [], []
             for L in range(n_layers):
                 out = attn[L].output
                 w = out[1][:, :, -1, :].to(torch.float64)  # (B, heads, keys) of this call's last query
                 # Keys past the masks' end (a cache allocated ahead) are future positions: weight exactly 0.
                 n_keys = min(w.shape[-1], masks.shape[-1])
-                m_call.append(torch.einsum("bhk,brk->bhr", w[..., :n_keys], masks[:, call, :, :n_keys]))
+                m_call.append(torch.einsum("bhk,brk->bhr", w[..., :n_keys], masks[:, step_of[call], :, :n_keys]))
                 t_call.append(w.sum(-1))
                 idx = qidx[:, None, :].expand(-1, w.shape[1], -1)
                 tok = w[:, :, :width].gather(-1, idx)
@@ -120,6 +123,7 @@ def attention_readout(
     `codi_nnsight_schema = "codi-nnsight/attention/1"`; `top` question tokens per step (averaged
     over layers and heads) are stored as `top_token_*`.
     """
+    run = Run(model, remote)  # a refused target or a weightless local run: one line, before any work
     if model.codi.lm.config._attn_implementation != "codi_eager":
         raise UserError(
             f"attention readout needs the package's codi_eager attention; model {model.name} uses "
@@ -140,7 +144,7 @@ def attention_readout(
         pos = [[batch.width - len(i.ids) + p for p in i.text_positions] for i in members]
         qidx = torch.as_tensor(padded(pos, n_tok, fill=0, dtype=np.int64))
         qvalid = torch.as_tensor(padded([[1] * len(p) for p in pos], n_tok, fill=0, dtype=np.int64)) > 0
-        got = _run_attention(model, batch, masks, qidx, qvalid, remote)
+        got = _run_attention(model, batch, masks, qidx, qvalid, run.remote)
         mass[batch.index], total[batch.index], per_token[batch.index] = got
     n = len(pairs)
     mass, total, per_token = (to_pair_variant(a, infos, n) for a in (mass, total, per_token))
@@ -218,7 +222,7 @@ def attention_readout(
         model,
         pairs,
         SCHEMA,
-        remote=str(remote) if remote else "",
+        run=run,
         readout="attention weights of each step's query position, from the model's own eager "
         "attention (output[1] of the attention module)",
     )

@@ -10,32 +10,24 @@ from typing import Any
 
 import click
 
-#: Groups `register` was called with before the commands existed (cli.py imported from here first).
-_PENDING: list[click.Group] = []
+from ..cli_common import (
+    force_option,
+    load_cli_model,
+    load_cli_pairs,
+    model_options,
+    prepare_output,
+    remote_option,
+    remote_value,
+)
+from ..errors import UserError
+
+__all__ = ["READOUT_COMMANDS", "attention", "lens", "probe", "register", "tuned_lens"]
 
 
 def register(group: click.Group) -> None:
-    """Add the readout commands to `group` (safe in either import order of cli and this module)."""
-    commands = globals().get("READOUT_COMMANDS")
-    if commands is None:
-        _PENDING.append(group)
-        return
-    for command in commands:
+    """Add the readout commands to `group` (`codi_nnsight.cli` calls it on the main group)."""
+    for command in READOUT_COMMANDS:
         group.add_command(command)
-
-
-from ..cli import (  # noqa: E402
-    _force_option,
-    _load,
-    _model_options,
-    _remote_option,
-    _remote_value,
-    load_cli_pairs,
-    prepare_output,
-)
-from ..errors import UserError  # noqa: E402
-
-__all__ = ["READOUT_COMMANDS", "attention", "lens", "probe", "register", "tuned_lens"]
 
 
 def _pairs_options(f: Any) -> Any:
@@ -51,11 +43,11 @@ def _pairs_options(f: Any) -> Any:
 
 
 def _common(f: Any) -> Any:
-    f = _remote_option(f)
+    f = remote_option(f)
     f = click.option(
         "--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Questions per trace."
     )(f)
-    f = _force_option(f)
+    f = force_option(f)
     return f
 
 
@@ -75,7 +67,7 @@ def _pairs_or_synthetic(
 
 
 @click.command("lens")
-@_model_options
+@model_options
 @_pairs_options
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="Lens netCDF file.")
 @click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True, help="Top tokens kept per position.")
@@ -97,20 +89,20 @@ def lens(
 
     prepare_output(out, force)
     pairs = load_cli_pairs(pairs_path, limit)
-    model = _load(model_spec, dtype, device, normalization)
+    model = load_cli_model(model_spec, dtype, device, normalization, remote)
     tuned = None
     if tuned_path is not None:
         from .tuned import load_tuned_lens
 
         tuned = load_tuned_lens(tuned_path, model)
-    ds = logit_lens(model, pairs, top_k=top_k, batch_size=batch_size, remote=_remote_value(remote), tuned=tuned)
+    ds = logit_lens(model, pairs, top_k=top_k, batch_size=batch_size, remote=remote_value(remote), tuned=tuned)
     write_dataset(ds, out)
     kind = "tuned lens" if tuned is not None else "logit lens"
     click.echo(f"wrote {out}: {kind} of {2 * len(pairs)} questions\n{readout_summary(ds)}")
 
 
 @click.command("attention")
-@_model_options
+@model_options
 @_pairs_options
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="Attention netCDF file.")
 @click.option(
@@ -129,8 +121,8 @@ def attention(model_spec, dtype, device, normalization, pairs_path, limit, out, 
 
     prepare_output(out, force)
     pairs = load_cli_pairs(pairs_path, limit)
-    model = _load(model_spec, dtype, device, normalization)
-    ds = attention_readout(model, pairs, batch_size=batch_size, top=top, remote=_remote_value(remote))
+    model = load_cli_model(model_spec, dtype, device, normalization, remote)
+    ds = attention_readout(model, pairs, batch_size=batch_size, top=top, remote=remote_value(remote))
     write_dataset(ds, out)
     click.echo(f"wrote {out}: attention of {2 * len(pairs)} questions\n{readout_summary(ds)}")
 
@@ -146,7 +138,7 @@ def _int_list(text: str, what: str) -> list[int]:
 
 
 @click.command("probe")
-@_model_options
+@model_options
 @_pairs_options
 @click.option(
     "--synthetic",
@@ -197,7 +189,7 @@ def probe(
     seed_list = _int_list(seeds, "--seeds")
     prepare_output(out, force)
     pairs = _pairs_or_synthetic(pairs_path, n_synthetic, data_seed, limit)
-    model = _load(model_spec, dtype, device, normalization)
+    model = load_cli_model(model_spec, dtype, device, normalization, remote)
     layer_list = parse_layers(layers, model.n_layers)
     ds = run_probe(
         model,
@@ -207,7 +199,7 @@ def probe(
         test_fraction=test_fraction,
         l2=l2,
         batch_size=batch_size,
-        remote=_remote_value(remote),
+        remote=remote_value(remote),
     )
     write_dataset(ds, out)
     click.echo(f"wrote {out}: probes on {2 * len(pairs)} questions\n{readout_summary(ds)}")
@@ -219,7 +211,7 @@ def tuned_lens() -> None:
 
 
 @tuned_lens.command("train")
-@_model_options
+@model_options
 @_pairs_options
 @click.option(
     "--synthetic",
@@ -274,7 +266,14 @@ def tuned_lens_train(
         raise UserError("give --pairs FILE or --synthetic N, not both")
     prepare_output(out, force, folder=True)
     pairs = _pairs_or_synthetic(pairs_path, n_synthetic, data_seed, limit, default_n=500)
-    model = _load(model_spec, dtype, device, normalization)
+    if remote_value(remote) not in (False, "local"):
+        # The translators are fitted here against the final norm and LM head: those weights must be local.
+        click.echo(
+            "note: tuned-lens train fits on this machine and needs the model's weights here: "
+            "loading them (the states are still collected remotely)",
+            err=True,
+        )
+    model = load_cli_model(model_spec, dtype, device, normalization)
     got = train_tuned_lens(
         model,
         pairs,
@@ -283,7 +282,7 @@ def tuned_lens_train(
         lr=lr,
         held_out=held_out,
         batch_size=batch_size,
-        remote=_remote_value(remote),
+        remote=remote_value(remote),
         positions=positions,
     )
     save_tuned_lens(got, out)
@@ -296,5 +295,3 @@ def tuned_lens_train(
 
 #: Every readout command, for `main.add_command`.
 READOUT_COMMANDS = (lens, attention, probe, tuned_lens)
-for _group in _PENDING:
-    register(_group)

@@ -219,8 +219,12 @@ def gold_variables(infos: Sequence[QuestionInfo], n_pairs: int) -> dict[str, Any
     }
 
 
-def provenance(model: Any, pairs: Any, schema: str, **extra: Any) -> dict[str, Any]:
-    """Attrs every readout Dataset carries (netCDF-safe types only)."""
+def provenance(model: Any, pairs: Any, schema: str, run: Any = None, **extra: Any) -> dict[str, Any]:
+    """Attrs every readout Dataset carries (netCDF-safe types only).
+
+    With `run` (the command's `codi_nnsight.run.Run`), its provenance is added: what computed the
+    numbers (`computed_on`, the server's dtype and weights, `remote`, versions, command).
+    """
     import codi_nnsight
 
     attrs = {
@@ -235,19 +239,15 @@ def provenance(model: Any, pairs: Any, schema: str, **extra: Any) -> dict[str, A
         "pairs_source": str(getattr(pairs, "source", None) or ""),
         "pairs_sha256": str(getattr(pairs, "sha256", "") or ""),
     }
+    if run is not None:
+        attrs.update(run.provenance())
     for k, v in extra.items():
         attrs[k] = int(v) if isinstance(v, bool) else ("" if v is None else v)
     return attrs
 
 
 def write_dataset(ds: xr.Dataset, path: str | os.PathLike) -> Path:
-    """Write `ds` as netCDF atomically (temp file, then rename): complete or absent."""
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    try:
-        ds.to_netcdf(tmp, engine="netcdf4")
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"{path}: cannot write ({e.strerror or e})") from None
-    return path
+    """Write `ds` as netCDF atomically: the run layer's one writer (`codi_nnsight.run.write_results`)."""
+    from ..run import write_results
+
+    return write_results(ds, path)

@@ -29,6 +29,7 @@ import xarray as xr
 from ..errors import UserError
 from ..model.families import resolve
 from ..model.remote import remote_errors, trace_kwargs
+from ..run import Run
 from .common import (
     ReadoutBatch,
     base_coords,
@@ -78,11 +79,14 @@ def _run_lens(
         translators = (tuned.weight, tuned.bias)
     if not remote and model.device is not None:
         targets = targets.to(model.device)
+    # The step iterator: the readout's calls ([bot], each latent, the answer prompt) and, for each,
+    # the thought its last state becomes (K after the last latent: no thought follows).
+    calls = model.schedule().readout_calls
+    feeds = model.schedule().thought_fed_by()
     with remote_errors(remote), model.trace(**batch.inputs, **trace_kwargs(remote)) as tracer:
         block_parts: list[list[torch.Tensor]] = [[], [], [], []]
         prj_parts: list[list[torch.Tensor]] = [[], [], [], []]
-        # Decoder call c: 0 = the question (last position [bot]), 1..K = latent token c-1, K+1 = the suffix.
-        for call in tracer.iter[0 : K + 2]:
+        for call in tracer.iter[calls.start : calls.stop]:
             hs = []
             for L in range(n_layers):
                 h = blocks[L].output
@@ -96,14 +100,15 @@ def _run_lens(
                 x = (torch.einsum("blj,lij->bli", x.to(w.dtype), w) + b).to(x.dtype)
             for part, value in zip(block_parts, stats(head(norm(x)), targets, top_k)):
                 part.append(value)
-            if call < K:
-                # prj call `call` turns this position's final state into the next latent's input embedding.
+            j = feeds.get(call, K + 1)
+            if j < K:
+                # prj call j turns this position's final state into thought j's input embedding.
                 e = prj.output[:, -1, :]
-            elif call == K:
+            elif j == K:
                 # After the last latent the model runs no prj; apply it ad hoc (nnsight spends no occurrence),
                 # as the official loop does, to read the thought that would come next.
                 e = prj(norm(hs[-1][:, None, :]))[:, -1, :]
-            if call <= K:
+            if j <= K:
                 for part, value in zip(prj_parts, stats(head(norm(e[:, None, :])), targets, top_k)):
                     part.append(value)
         # One saved list: nnsight hands back saved *names*, so the results travel as one object.
@@ -129,6 +134,7 @@ def logit_lens(
     `tuned`: a `readouts.tuned.TunedLens` for this model (refused otherwise): block outputs are
     translated before decoding (attr `lens = "tuned"`; `"logit"` without).
     """
+    run = Run(model, remote)  # a refused target or a weightless local run: one line, before any work
     if tuned is not None:
         tuned.check_model(model)
     infos = question_infos(model, pairs)
@@ -160,7 +166,7 @@ def logit_lens(
                 dtype=np.int64,
             )
         )
-        got_block, got_prj = _run_lens(model, batch, targets, top_k, remote, tuned)
+        got_block, got_prj = _run_lens(model, batch, targets, top_k, run.remote, tuned)
         for store, got in zip(block, got_block):
             store[batch.index] = got
         for store, got in zip(proj, got_prj):
@@ -235,5 +241,5 @@ def logit_lens(
             "tuned_lens_source": str(tuned.meta.get("source") or ""),
             "tuned_lens_sha256": tuned.sha256,
         }
-    attrs = provenance(model, pairs, SCHEMA, top_k=top_k, remote=str(remote) if remote else "", **extra)
+    attrs = provenance(model, pairs, SCHEMA, run=run, top_k=top_k, **extra)
     return xr.Dataset(data, coords=coords, attrs=attrs)

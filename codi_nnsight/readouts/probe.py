@@ -27,6 +27,7 @@ import torch
 import xarray as xr
 
 from ..errors import UserError
+from ..run import Run
 from .common import ReadoutBatch, base_coords, batches, provenance, question_infos, step_labels
 
 SCHEMA = "codi-nnsight/probe/1"
@@ -38,12 +39,12 @@ def _run_states(model: Any, batch: ReadoutBatch, layers: list[int], remote: bool
     """One trace: (B, steps, layers, d) block outputs at the last position of every decoder call."""
     from ..model.remote import remote_errors, trace_kwargs
 
-    K = model.num_latent
     blocks = [model.layers[L] for L in layers]
     keep = torch.float64 if model.dtype == torch.float64 else torch.float32
+    calls = model.schedule().readout_calls  # the step iterator: [bot], each latent, the answer prompt
     with remote_errors(remote), model.trace(**batch.inputs, **trace_kwargs(remote)) as tracer:
         states = []
-        for _call in tracer.iter[0 : K + 2]:
+        for _call in tracer.iter[calls.start : calls.stop]:
             hs = []
             for block in blocks:
                 h = block.output
@@ -224,7 +225,14 @@ def probe(
         raise UserError(f"probing needs at least 2 pairs (a training and a test side); got {len(pairs)}")
     if not seeds:
         raise UserError("probing needs at least one seed")
-    states, infos = collect_states(model, pairs, layers, batch_size, remote)
+    run = Run(model, remote)  # a refused target or a weightless local run: one line, before any work
+    bad = [L for L in (layers or []) if isinstance(L, bool) or not isinstance(L, (int, np.integer))]
+    bad += [L for L in (layers or []) if L not in bad and not 0 <= int(L) < model.n_layers]
+    if bad:
+        raise UserError(
+            f"--layers: layer {bad[0]!r} out of range (model has {model.n_layers} layers, 0-{model.n_layers - 1})"
+        )
+    states, infos = collect_states(model, pairs, layers, batch_size, run.remote)
     names, labels = probe_targets(infos)
     groups = np.array([i.pair_index for i in infos])
     got = probe_states(states, labels, groups, seeds, test_fraction, l2)
@@ -325,7 +333,7 @@ def probe(
         model,
         pairs,
         SCHEMA,
-        remote=str(remote) if remote else "",
+        run=run,
         l2=float(l2),
         test_fraction=float(test_fraction),
         n_questions=len(infos),

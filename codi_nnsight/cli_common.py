@@ -1,0 +1,121 @@
+"""Options and helpers every `codi-nnsight` command shares (the main CLI and the readout commands).
+
+Its own module so that `cli` and `readouts.commands` both import it and neither imports the other.
+Imports of torch and the model happen inside the functions, so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .errors import UserError
+
+
+def default_pairs() -> Path:
+    """The demo pairs bundled with the package."""
+    return Path(__file__).parent / "assets" / "demo_pairs.json"
+
+
+def model_options(f: Any) -> Any:
+    f = click.option("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available).")(f)
+    f = click.option(
+        "--dtype",
+        default=None,
+        type=click.Choice(["float32", "float64", "bfloat16", "float16"]),
+        help="Default float32 on CPU, bfloat16 on CUDA; float64 for exactness checks.",
+    )(f)
+    f = click.option(
+        "--model",
+        "model_spec",
+        default=None,
+        help="codi.json, a folder holding one, or a preset (default: the bundled toy model).",
+    )(f)
+    f = click.option(
+        "--question-normalization",
+        "normalization",
+        default="official",
+        show_default=True,
+        type=click.Choice(["official", "none"]),
+        help="official: question.strip().replace('  ', ' ') as the official CODI evaluation; none: as written.",
+    )(f)
+    return f
+
+
+def load_cli_model(
+    model_spec: str | None,
+    dtype: str | None,
+    device: str | None,
+    normalization: str = "official",
+    remote: str | None = None,
+) -> Any:
+    from .model.wrapper import load_model
+
+    # A real server holds the weights: read none here (`--remote local` runs here and needs them).
+    remote_only = remote_value(remote) not in (False, "local")
+    return load_model(
+        model_spec, dtype=dtype, device=device, question_normalization=normalization, remote_only=remote_only
+    )
+
+
+def load_cli_pairs(pairs_path: str | None, limit: int | None = None) -> Any:
+    """`--pairs` (default: the bundled demo pairs), cut to `--limit`."""
+    from .data.pairs import load_pairs
+
+    return load_pairs(pairs_path or default_pairs()).limit(limit)
+
+
+def pairs_option(f: Any) -> Any:
+    return click.option(
+        "--pairs",
+        "pairs_path",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="Pairs file (default: the bundled demo pairs).",
+    )(f)
+
+
+def remote_option(f: Any) -> Any:
+    return click.option("--remote", default=None, help="local | ndif | URL of an NDIF host.")(f)
+
+
+def force_option(f: Any) -> Any:
+    return click.option("--force", is_flag=True, help="Overwrite an existing output.")(f)
+
+
+def prepare_output(path: str, force: bool, folder: bool = False) -> Path:
+    """Check an output location before any work: refuse to overwrite without --force, create its folder.
+
+    Returns the path. A missing parent folder is created (every command does the same), and a
+    folder that cannot be written is reported now, not after minutes of work.
+    """
+    if not str(path).strip():
+        raise UserError("--out: empty path")
+    out = Path(path)
+    if out.exists() and not force:
+        kind = "folder" if out.is_dir() else "file"
+        raise UserError(f"{out}: {kind} exists; add --force to overwrite it")
+    if out.exists() and out.is_dir() != folder:
+        raise UserError(
+            f"{out}: exists and is {'a file' if folder else 'a folder'}, expected a {'folder' if folder else 'file'}"
+        )
+    parent = out if folder else out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        probe = parent / f".codi-nnsight-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{parent}: cannot write there ({e.strerror or e})") from None
+    return out
+
+
+def remote_value(remote: str | None) -> bool | str:
+    if remote is None:
+        return False
+    if remote == "ndif":
+        return True
+    return remote
