@@ -391,11 +391,17 @@ class CODIModule(nn.Module):
         vocab_size: int,
         eos_token_id: int | None,
         remove_eos: bool = True,
+        method: Any = None,
     ) -> None:
         super().__init__()
         fuse_activations(lm)
+        from ..methods import CODI
+
+        #: The latent-reasoning method (`codi_nnsight.methods`): its tokens, prompt and feedback.
+        self.method = CODI if method is None else method
         self.lm = lm
-        self.prj = prj
+        # The feedback module under the method's own name (CODI: `prj`), so nnsight paths read as its papers do.
+        setattr(self, self.method.feedback, prj)
         #: Off (default): outside training `forward` runs under `torch.inference_mode` with the
         #: preallocated KV cache. On: `forward` runs with autograd enabled (and so the growing
         #: `DynamicCache`, see `new_cache`) even in eval mode, so a caller can take gradients of
@@ -404,9 +410,10 @@ class CODIModule(nn.Module):
         self.keep_grad = False
         self.num_latent = num_latent
         self.family = family_for(lm.config)
-        self.pad_id = vocab_size
-        self.bot_id = vocab_size + 1
-        self.eot_id = vocab_size + 2
+        self.vocab_size = vocab_size
+        self.pad_id = self.method.token_id("pad", vocab_size, eos_token_id)
+        self.bot_id = self.method.token_id("start", vocab_size)
+        self.eot_id = self.method.token_id("end", vocab_size)
         self.eos_token_id = eos_token_id
         self.remove_eos = remove_eos
         params = inspect.signature(self.base.forward).parameters
@@ -423,6 +430,11 @@ class CODIModule(nn.Module):
     def layers(self) -> nn.ModuleList:
         """The decoder blocks; layer L of a sweep is the output of `layers[L]`."""
         return self.family.blocks(self.lm)
+
+    @property
+    def feedback(self) -> nn.Module:
+        """The module that turns the last state into the next thought's input embedding (CODI: `prj`)."""
+        return getattr(self, self.method.feedback)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Input embeddings of token ids."""
@@ -623,7 +635,7 @@ class CODIModule(nn.Module):
         """The continuous thoughts: prj call k makes latent token k's input embedding."""
         latents = []
         for _k in range(num_latent):
-            emb = self.prj(state.last)
+            emb = self.feedback(state.last)
             latents.append(emb)
             state.last = self._step(state, inputs_embeds=emb)[:, -1:, :]
         return latents

@@ -185,6 +185,16 @@ class CODIModel(Remotable):
         return self._module
 
     @property
+    def method(self) -> Any:
+        """The latent-reasoning method's row (`codi_nnsight.methods.LatentMethod`)."""
+        return self._module.method
+
+    @property
+    def feedback(self) -> Any:
+        """Envoy of the module that makes each thought from the last state (CODI: `prj`)."""
+        return getattr(self, self._module.method.feedback)
+
+    @property
     def family(self) -> Family:
         """The model family's row of the family table (module paths, LoRA targets, ...)."""
         return self._module.family

@@ -175,7 +175,7 @@ def _read_sites(
     acts: dict[str, list[list[Any]]] = {c: [[] for _ in layers] for c in layer_comps}
     if "latent" in components:
         acts["latent"] = [[]]
-    prj = model.prj
+    prj = model.feedback  # the method's feedback module (CODI: prj)
     keep = _leaf if leaves else _same
     if "latent" in components:
         acts["latent"][0].append(keep(prj.output))  # prj call 0, before the first latent decoder call
@@ -235,7 +235,7 @@ def _read_dropped(
     `keep` is applied to every site tensor as it is read (`_leaf` in the target run).
     """
     components = list(acts)
-    prj = model.prj
+    prj = model.feedback  # the method's feedback module (CODI: prj)
     start, stop = sched.latent_calls.start, sched.latent_calls.stop
     visit = sorted(set(layers) | {drop} if layer_comps else {drop})
     blocks = {L: model.layers[L] for L in visit}

@@ -35,6 +35,7 @@ from ..model.schedule import CallSchedule
 from ..model.wrapper import CODIModel, left_pad
 from .config import SweepConfig
 
+#: CODI's answer prompt (each method's own is `model.method.answer_prompt`).
 ANSWER_PROMPT = "The answer is:"
 #: Greedy tokens decoded after the prompt, beyond the longer of a pair's two answers.
 DECODE_MARGIN = 3
@@ -50,22 +51,23 @@ class AnswerTokens:
 
 
 def answer_tokens(model: CODIModel, clean_answer: float, corrupted_answer: float) -> AnswerTokens:
-    """Split `The answer is: X` into the prompt (+ whitespace-only tokens) and X's tokens.
+    """Split `<answer prompt> X` (CODI: `The answer is: X`) into the prompt (+ whitespace-only tokens) and X's tokens.
 
     The answer position is the last suffix position: its next-token distribution predicts the
     first non-whitespace token of the answer ("-" for a negative number).
     """
     tok = model.tokenizer
-    prompt = list(tok(ANSWER_PROMPT, add_special_tokens=False).input_ids)
+    answer_prompt = model.method.answer_prompt  # the method's own ("The answer is:" for CODI)
+    prompt = list(tok(answer_prompt, add_special_tokens=False).input_ids)
     parts = []
     for value in (clean_answer, corrupted_answer):
-        full = list(tok(f"{ANSWER_PROMPT} {format_answer(value)}", add_special_tokens=False).input_ids)
+        full = list(tok(f"{answer_prompt} {format_answer(value)}", add_special_tokens=False).input_ids)
         n = 0
         while n < min(len(prompt), len(full)) and prompt[n] == full[n]:
             n += 1
         if n < len(prompt) - 1:
             raise UserError(
-                f"tokenizer merges the answer prompt {ANSWER_PROMPT!r} with the answer "
+                f"tokenizer merges the answer prompt {answer_prompt!r} with the answer "
                 f"{format_answer(value)!r}; cannot find the answer position"
             )
         head, rest = full[:n], full[n:]

@@ -37,7 +37,7 @@ class Site:
     def envoy(self, model: Any, layer: int) -> Any:
         """The nnsight envoy whose output (or input) is this site at `layer`."""
         if not self.per_layer:
-            return model.prj
+            return model.feedback  # the method's feedback module (CODI: prj)
         return model.block_part(layer, self.part)
 
     def units(self, model: Any) -> list[int]:
@@ -59,7 +59,11 @@ SITES: dict[str, Site] = {
         Site("resid", "the residual stream: a decoder block's output"),
         Site("attn", "the attention sub-layer's output (before it is added to the residual stream)", part="attention"),
         Site("mlp", "the MLP sub-layer's output (before it is added to the residual stream)", part="mlp"),
-        Site("latent", "the continuous thought fed back as the next input embedding (prj output)", per_layer=False),
+        Site(
+            "latent",
+            "the continuous thought fed back as the next input embedding (the method's feedback output: CODI's prj)",
+            per_layer=False,
+        ),
         Site(
             "head",
             "one attention head's output: its slice of the input to the attention output projection",

@@ -84,7 +84,7 @@ def run_batch(model: CODIModel, plan: BatchPlan, cfg: SweepConfig, remote: bool 
     order = sorted({*layers, 0}) if full_plan else layers
     block0 = model.layers[0]
     reads_input = cfg.site.reads == "input"
-    prj = model.prj
+    prj = model.feedback  # the method's feedback module (CODI: prj)
     feeds = sched.thought_fed_by()  # decoder call -> the thought its last state becomes (the step iterator)
     columns_of = metric_table.trace_columns
     patch = apply_patches

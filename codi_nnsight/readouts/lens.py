@@ -72,7 +72,7 @@ def _run_lens(
     blocks = [model.layers[L] for L in range(n_layers)]
     norm = resolve(model.family.decoder(model.lm), model.family.final_norm)
     head = model.lm.lm_head
-    prj = model.prj
+    prj = model.feedback  # the method's feedback module (CODI: prj)
     stats = lens_stats
     translators = None
     if tuned is not None:

@@ -125,6 +125,8 @@ class Run:
                 if key in attrs and attrs[key] != mine:
                     attrs[f"client_{key}"] = mine
                 attrs.setdefault(key, mine)
+            method = getattr(self.model, "method", None)
+            attrs["latent_method"] = getattr(method, "name", "codi")
             attrs.update(remote=self.backend.label, command=self.command, start_time=self.start_time)
             self._provenance = clean_attrs(attrs)
         return dict(self._provenance)
