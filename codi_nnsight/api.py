@@ -54,10 +54,6 @@ def ablate(model: CODIModel, pairs: Any, ablation: str = "zero", **kwargs: Any) 
     return patch_sweep(model, pairs, ablation=ablation, **kwargs)
 
 
-def _is_report_folder(out: Path) -> bool:
-    return (out / "report.md").exists() or (out / "readout.md").exists()
-
-
 def report(
     results: xr.Dataset | str | os.PathLike,
     out: str | os.PathLike,
@@ -73,16 +69,17 @@ def report(
     `analysis.write_report` (`formats`, `alpha`, `ci`, `n_resamples`, `seed`).
     """
     from .analysis.readouts import is_readout, write_readout_report
+    from .analysis.report import prepare_report_dir
 
     out = Path(out)
-    if _is_report_folder(out) and not force:
-        raise UserError(f"{out}: holds a report already; pass force=True to replace it")
+    # Refuses an earlier report and any other non-empty folder without force.
+    prepare_report_dir(out, force, flag="force=True")
     ds = _load(results) if isinstance(results, (str, os.PathLike)) else results
     if is_readout(ds):
         return write_readout_report(ds, out)
     from .analysis.report import write_report
 
-    return write_report(ds, out, metric=metric, k=k, **kwargs)
+    return write_report(ds, out, metric=metric, k=k, force=force, **kwargs)
 
 
 def _load(path: str | os.PathLike) -> xr.Dataset:

@@ -367,8 +367,7 @@ def analyze(results: str, metric: str) -> None:
     from . import analysis
 
     ds = analysis.load(results)
-    if metric not in ds:
-        raise UserError(f"{results}: no metric {metric!r} (have {', '.join(sorted(ds.data_vars))})")
+    analysis.io.check_metric(ds, metric, results)
     click.echo(analysis.format_layer_table(ds, metric))
 
 
@@ -381,10 +380,10 @@ def analyze(results: str, metric: str) -> None:
 def report(results: str, out: str, force: bool, metric: str, k: int) -> None:
     """Figures, CSV tables and report.md / report.html for a results file."""
     from . import analysis
+    from .analysis.report import prepare_report_dir
 
-    if (Path(out, "report.md").exists() or Path(out, "readout.md").exists()) and not force:
-        raise UserError(f"{out}: holds a report already; add --force to replace it")
-    prepare_output(out, force=True, folder=True)
+    # Refuses an earlier report and any other non-empty folder (the user's files) without --force.
+    prepare_report_dir(out, force)
     readout = _readout_dataset(results)
     if readout is not None:  # a lens / attention / probe file: its own figures
         from .analysis.readouts import write_readout_report
@@ -392,10 +391,9 @@ def report(results: str, out: str, force: bool, metric: str, k: int) -> None:
         click.echo(f"wrote {write_readout_report(readout, out)} (and figures) in {out}")
         return
     ds = analysis.load(results)
-    if metric not in ds:
-        raise UserError(f"{results}: no metric {metric!r} (have {', '.join(sorted(ds.data_vars))})")
+    analysis.io.check_metric(ds, metric, results)
     try:
-        path = analysis.write_report(ds, out, metric=metric, k=k)
+        path = analysis.write_report(ds, out, metric=metric, k=k, force=force)
     except OSError as e:
         raise UserError(f"{out}: cannot write report ({e.strerror or e})") from None
     click.echo(f"wrote {path} (and report.html, figures, tables) in {out}")
@@ -471,7 +469,13 @@ def pairs_validate(file: str, model_spec, dtype, device, normalization) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--offsets", default="-1,1", show_default=True, help="Allowed changes to one number.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Stop after N pairs.")
-def pairs_make(gsm8k_path, n_synthetic, kind, out, force, seed, offsets, limit) -> None:
+@click.option(
+    "--explain",
+    is_flag=True,
+    help="With --gsm8k: print each record's changes tried (and why each was refused) and each pair's "
+    "clean and corrupted chain, for audit.",
+)
+def pairs_make(gsm8k_path, n_synthetic, kind, out, force, seed, offsets, limit, explain) -> None:
     """Make pairs by changing one number and recomputing the answer."""
     try:
         offs = tuple(int(x) for x in offsets.split(","))
@@ -479,6 +483,8 @@ def pairs_make(gsm8k_path, n_synthetic, kind, out, force, seed, offsets, limit) 
         raise UserError(f"--offsets {offsets!r}: expected integers like -1,1") from None
     if (gsm8k_path is None) == (n_synthetic is None):
         raise UserError("give exactly one of --gsm8k FILE or --synthetic N")
+    if explain and gsm8k_path is None:
+        raise UserError("--explain audits pairs made from GSM8K: use it with --gsm8k FILE")
     prepare_output(out, force)
     if n_synthetic is not None:
         from .data.synthetic import make_synthetic_pairs
@@ -487,13 +493,16 @@ def pairs_make(gsm8k_path, n_synthetic, kind, out, force, seed, offsets, limit) 
         pairset.save(out)
         click.echo(f"wrote {out}: {len(pairset)} synthetic pairs ({kind})")
         return
-    from .data.gsm8k import load_gsm8k_hub, make_pairs, read_gsm8k
+    from .data.gsm8k import explain_pairs, load_gsm8k_hub, read_gsm8k
 
     try:
         records = load_gsm8k_hub() if gsm8k_path == "hub" else read_gsm8k(gsm8k_path)
     except (ValueError, RuntimeError) as e:
         raise UserError(str(e)) from None
-    pairset, reasons = make_pairs(records, seed=seed, offsets=offs, limit=limit)
+    pairset, reasons, audit = explain_pairs(records, seed=seed, offsets=offs, limit=limit)
+    if explain:
+        for line in audit:
+            click.echo(line)
     if not len(pairset):
         raise UserError(
             f"{gsm8k_path}: no consistent pair could be made "

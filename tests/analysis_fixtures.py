@@ -234,3 +234,20 @@ def to_schema1(ds: xr.Dataset) -> xr.Dataset:
     old.attrs["codi_nnsight_schema"] = SCHEMA_1
     old.attrs["mode"] = {"no-feedback": "frozen"}.get(ds.attrs["mode"], ds.attrs["mode"])
     return old
+
+
+#: Per-layer mean KL of the default run (toy model, 24 demo pairs, `codi-nnsight patch`): an onset
+#: between layers 1 and 2, then a slow, steady rise, with overlapping CIs at the top.
+TOY_PROFILE = (0.0097, 0.35, 3.34, 3.72, 4.07, 4.12, 4.28, 4.53)
+
+
+def make_rising_results(n_pairs: int = 24, seed: int = 0, profile: tuple[float, ...] = TOY_PROFILE) -> xr.Dataset:
+    """:func:`make_results` with ``kl`` shaped like the default run: each pair scales the shared
+    ``profile`` by its own factor (pairs differ a lot, so the CIs of neighbouring layers overlap),
+    plus a little noise (so every step up is consistent across pairs, as in the real run)."""
+    ds = make_results(n_pairs, len(profile), seed=seed).copy(deep=True)
+    rng = np.random.default_rng(seed + 1)
+    scale = rng.lognormal(0.0, 0.35, n_pairs)[:, None]
+    steps = np.diff(np.asarray(profile), prepend=0.0)[None, :] * rng.uniform(0.6, 1.4, (n_pairs, len(profile)))
+    ds["kl"].values[:] = scale * np.cumsum(steps, axis=1) + rng.gamma(2.0, 0.002, (n_pairs, len(profile)))
+    return ds

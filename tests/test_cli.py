@@ -127,20 +127,16 @@ def test_pairs_validate_with_model_reports_lengths_and_correctness(tmp_path):
 
 def test_pairs_validate_warns_about_pairs_that_cannot_flip(tmp_path):
     f = tmp_path / "p.json"
-    f.write_text(
-        json.dumps(
-            [
-                {
-                    "pair_id": 0,
-                    "clean": {"question": "What is 2+2?", "answer": 4},
-                    "corrupted": {"question": "What is 2+2?", "answer": 4},
-                }
-            ]
-        )
-    )
+    pair = {"pair_id": 0, "clean": {"question": "What is 2+2?", "answer": 4}}
+    f.write_text(json.dumps([{**pair, "corrupted": {"question": "What is 2 + 2?", "answer": 4}}]))
     r = CliRunner().invoke(main, ["pairs", "validate", str(f)])
     assert r.exit_code == 0
-    assert "warning:" in r.output and "questions are identical" in r.output and "answers are equal" in r.output
+    assert "warning:" in r.output and "answers are equal" in r.output
+    # Identical questions cannot differ in anything a patch could carry: refused, not warned about.
+    f.write_text(json.dumps([{**pair, "corrupted": {"question": "What is 2+2?", "answer": 5}}]))
+    r = CliRunner().invoke(main, ["pairs", "validate", str(f)])
+    assert r.exit_code == 2
+    assert "(pair_id 0), field 'corrupted.question': clean and corrupted questions are identical" in r.output
 
 
 def test_outputs_are_never_overwritten_without_force(tiny_dir, tmp_path):
@@ -289,7 +285,7 @@ def test_num_latent_beyond_the_context_is_refused_before_any_work(tiny_dir, tmp_
     huge = tmp_path / "huge"
     shutil.copytree(tiny_dir, huge)
     cfg = json.loads((huge / "codi.json").read_text())
-    (huge / "codi.json").write_text(json.dumps({**cfg, "num_latent": 10**12}))
+    (huge / "codi.json").write_text(json.dumps({**cfg, "num_latent": 1000}))  # under the config cap, past the context
     for cmd in (["evaluate", "--limit", "1"], ["pairs", "validate", str(default_pairs())]):
         args = cmd + ["--model", str(huge)]
         r = CliRunner().invoke(main, args)

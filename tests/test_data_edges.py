@@ -51,7 +51,7 @@ def test_pair_warnings_flat_file_names_both_records(tmp_path: Path) -> None:
         [
             rec(3, "clean", "Tom has 3 pens?", 3),
             rec(5, "clean", "Ann has 2 pens?", 2),
-            rec(5, "corrupted", "Ann has 2 pens?", 2),  # identical questions (and answers)
+            rec(5, "corrupted", "Ann has 5 pens?", 2),  # equal answers
             rec(9, "corrupted", "Sam has 6 pens?", 18),
             rec(3, "corrupted", "Tom has 4 pens?", 4),  # fine
             rec(9, "clean", "Sam has 9 pens?", 18),  # equal answers, corrupted record first
@@ -59,7 +59,6 @@ def test_pair_warnings_flat_file_names_both_records(tmp_path: Path) -> None:
     )
     equal = "clean and corrupted answers are equal"
     assert pair_warnings(load_pairs(path)) == [
-        f"{path}: records 1 and 2 (pair_id 5): clean and corrupted questions are identical, so patching does nothing",
         f"{path}: records 1 and 2 (pair_id 5): {equal} (2), so a flip cannot be measured",
         f"{path}: records 5 and 3 (pair_id 9): {equal} (18), so a flip cannot be measured",
     ]
@@ -85,18 +84,38 @@ def test_pair_warnings_in_memory_use_the_records_save_writes(tmp_path: Path) -> 
     ps = PairSet.from_pairs([Pair(7, q("a?", 1), q("b?", 2)), Pair(8, q("same?", 1), q("same?", 3))])
     expected_tail = "(pair_id 8): clean and corrupted questions are identical, so patching does nothing"
     assert pair_warnings(ps) == [f"<in memory>: records 2 and 3 {expected_tail}"]
+    # Written to a file, the pair is refused when read back, naming the same records.
     saved = ps.save(tmp_path / "s.json")
-    assert pair_warnings(load_pairs(saved)) == [f"{saved}: records 2 and 3 {expected_tail}"]
+    with pytest.raises(PairsError) as e:
+        load_pairs(saved)
+    assert str(e.value) == (
+        f"{saved}: record 3 (pair_id 8), field 'question': clean and corrupted questions are identical, so "
+        "patching does nothing (as record 2)"
+    )
 
 
 def test_pair_warnings_none_for_good_pairs() -> None:
     assert pair_warnings(synthetic.make_synthetic_pairs(20, seed=1)) == []
 
 
-def test_pair_warnings_do_not_make_a_file_invalid(tmp_path: Path) -> None:
-    path = write(tmp_path, [rec(0, "clean", "a?", 1), rec(0, "corrupted", "a?", 1)])
+def test_equal_answers_warn_but_identical_questions_make_a_file_invalid(tmp_path: Path) -> None:
+    path = write(tmp_path, [rec(0, "clean", "a?", 1), rec(0, "corrupted", "b?", 1)])
     pairset, problems = validate_pairs(path)
-    assert problems == [] and pairset is not None and len(pair_warnings(pairset)) == 2
+    assert problems == [] and pairset is not None and len(pair_warnings(pairset)) == 1
+    # Identical questions: every patch is a no-op and a sweep reported 100% "flipped" with KL 6e-14.
+    flat = write(tmp_path, [rec(0, "clean", "a?", 1), rec(0, "corrupted", "a?", 2)], "flat.json")
+    nested = write(
+        tmp_path,
+        [{"pair_id": 4, "clean": {"question": "a?", "answer": 1}, "corrupted": {"question": "a?", "answer": 2}}],
+        "nested.json",
+    )
+    same = "clean and corrupted questions are identical, so patching does nothing"
+    assert [str(p) for p in validate_pairs(flat)[1]] == [
+        f"{flat}: record 1 (pair_id 0), field 'question': {same} (as record 0)"
+    ]
+    assert [str(p) for p in validate_pairs(nested)[1]] == [
+        f"{nested}: record 0 (pair_id 4), field 'corrupted.question': {same} (as clean.question)"
+    ]
 
 
 # ------------------------------------------------------------------------------------------

@@ -298,3 +298,130 @@ def test_gsm8k_file_given_as_pairs_names_the_conversion(tmp_path: Path) -> None:
     # and that command's own code path turns it into a loadable pairs file
     pairs, _ = make_pairs(read_gsm8k(path), seed=0)
     assert load_pairs(pairs.save(tmp_path / "pairs.json")) == pairs
+
+
+# ------------------------------------------------------------------------------------------------
+# Real GSM8K records (test split, verbatim): a chain literal changes only where it can only come
+# from the changed number, never where a word ("twice", "half") or a unit also gives its value.
+# ------------------------------------------------------------------------------------------------
+
+JAMES = {
+    "question": "James writes a 3-page letter to 2 different friends twice a week.  How many pages does he "
+    "write a year?",
+    "answer": "He writes each friend\n3*2=<<3*2=6>>6 pages a week\nSo he writes\n6*2=<<6*2=12>>12 pages every "
+    "week\nThat means he writes\n12*52=<<12*52=624>>624 pages a year\n#### 624",
+}
+ROBE = {
+    "question": "A robe takes 2 bolts of blue fiber and half that much white fiber.  How many bolts in total "
+    "does it take?",
+    "answer": "It takes 2/2=<<2/2=1>>1 bolt of white fiber\nSo the total amount of fabric is 2+1=<<2+1=3>>3 "
+    "bolts of fabric\n#### 3",
+}
+JANET = {
+    "question": "Janet\u2019s ducks lay 16 eggs per day. She eats three for breakfast every morning and bakes "
+    "muffins for her friends every day with four. She sells the remainder at the farmers' market daily for "
+    "$2 per fresh duck egg. How much in dollars does she make every day at the farmers' market?",
+    "answer": "Janet sells 16 - 3 - 4 = <<16-3-4=9>>9 duck eggs a day.\nShe makes 9 * 2 = $<<9*2=18>>18 every "
+    "day at the farmer\u2019s market.\n#### 18",
+}
+SPRINTS = {
+    "question": "James decides to run 3 sprints 3 times a week.  He runs 60 meters each sprint.  How many "
+    "total meters does he run a week?",
+    "answer": "He sprints 3*3=<<3*3=9>>9 times\nSo he runs 9*60=<<9*60=540>>540 meters\n#### 540",
+}
+ELIZA = {
+    "question": "Eliza's rate per hour for the first 40 hours she works each week is $10. She also receives an "
+    "overtime pay of 1.2 times her regular hourly rate. If Eliza worked for 45 hours this week, how much are "
+    "her earnings for this week?",
+    "answer": "Eliza is entitled to 45 -40 = <<45-40=5>>5 hours overtime pay.\nHer hourly rate for the "
+    "overtime pay is $10 x 1.2 = $<<10*1.2=12>>12.\nSo, Eliza will receive $12 x 5 =$<<12*5=60>>60 for "
+    "overtime pay.\nHer regular weekly earning is $10 x 40 = $<<10*40=400>>400.\nThus, Eliza will receive a "
+    "total of $400 + $60 = $<<400+60=460>>460 for this week.\n#### 460",
+}
+# Written for the percentage rule: the 20% also reaches the chain as 0.8 (1 - 20/100).
+COAT = {
+    "question": "A coat costs $100 and is on sale at 20% off. A scarf costs 3 times the discount. How much do "
+    "the sale coat and the scarf cost together?",
+    "answer": "Discount: <<100*20/100=20>>20. Sale price: <<100*0.8=80>>80. Scarf: <<3*20=60>>60. Total: "
+    "<<80+60=140>>140\n#### 140",
+}
+
+
+def outcomes(record: dict, seeds: int = 30) -> set:
+    """Every result make_pair gives over `seeds` seeds: reasons, or (changed, answer, intermediates)."""
+    out = set()
+    for seed in range(seeds):
+        r = make_pair(record, random.Random(seed))
+        out.add(r if isinstance(r, str) else (r[1]["changed"], r[1]["answer"], tuple(r[1]["intermediates"])))
+    return out
+
+
+def test_a_literal_that_is_also_a_word_number_is_not_changed() -> None:
+    # Before: 2 -> 1 friend gave 156 with [3, 3, 156] (the "twice" 2 changed too); right: 312, [6, 6, 312].
+    assert outcomes(JAMES) == {gsm8k.REJECT_WORD_NUMBER, gsm8k.REJECT_UNIT}
+    _, _, lines = gsm8k.explain_pairs([JAMES], seed=2)
+    assert (
+        "  refused 2->1: value also from a word-number (chain literal 2 in step 1 may be the changed '2' or "
+        "'twice' (2))" in lines
+    )
+    # 3 -> 4 pages would be right (832), but step 2's 12 is also a year's 12 months: refused, not guessed.
+    assert (
+        "  refused 3->4: value also from a unit or constant (chain literal 12 in step 3 may be 'year' (12) or "
+        "step 2's result)" in lines
+    )
+    # "half" 2: before, 2 -> 1 bolt gave 2 (1/1 + 1) and 2 -> 3 gave 4; the truths 1.5 and 4.5 are no pairs.
+    assert outcomes(ROBE) == {gsm8k.REJECT_WORD_NUMBER}
+
+
+def test_real_records_that_are_provable_give_hand_computed_pairs() -> None:
+    assert outcomes(JANET) == {
+        ("16->15", 16, (8, 16)),
+        ("16->17", 20, (10, 20)),
+        ("2->1", 9, (9, 9)),
+        ("2->3", 27, (9, 27)),
+    }
+    assert outcomes(SPRINTS) == {("60->59", 531, (9, 531)), ("60->61", 549, (9, 549))}
+    # 45 -> 46 hours would be 472, but step 5's 60 is step 3's result and also an hour's minutes.
+    assert outcomes(ELIZA) == {gsm8k.REJECT_UNIT}
+
+
+def test_a_percentage_that_also_reaches_the_chain_as_a_fraction_is_not_changed() -> None:
+    # Before: 20% -> 21% gave 143 (0.8 kept); right: 79 + 63 = 142.
+    assert outcomes(COAT) == {("3->2", 120, (20, 80, 40, 120)), ("3->4", 160, (20, 80, 80, 160))}
+    lines = {line for seed in range(10) for line in gsm8k.explain_pairs([COAT], seed=seed)[2]}
+    assert (
+        "  refused 20->21: value also from a unit or constant (the changed 20% also reaches the chain as 0.8)" in lines
+    )
+    assert (
+        "  refused 100->101: value also from a unit or constant (chain literal 100 in step 1 may be the changed "
+        "'100' or '%' (100))" in lines
+    )
+
+
+def test_explain_pairs_audits_what_make_pairs_makes() -> None:
+    records = [JANET, JAMES, "not a record"]
+    pairs, rejected, lines = gsm8k.explain_pairs(records, seed=0)
+    assert (pairs, rejected) == make_pairs(records, seed=0)
+    changed = pairs[0].corrupted.meta["changed"]
+    assert lines[:4] == [
+        "record 0: pair 0",
+        f"  changed {changed} at character {JANET['question'].index(changed.split('->')[0] + ' ')}",
+        "    clean chain:     16 - 3 - 4 = 9; 9 * 2 = 18 -> 18",
+        "    corrupted chain: "
+        + {
+            "16->15": "15 - 3 - 4 = 8; 8 * 2 = 16 -> 16",
+            "16->17": "17 - 3 - 4 = 10; 10 * 2 = 20 -> 20",
+            "2->1": "16 - 3 - 4 = 9; 9 * 1 = 9 -> 9",
+            "2->3": "16 - 3 - 4 = 9; 9 * 3 = 27 -> 27",
+        }[changed],
+    ]
+    assert lines[4].startswith("record 1: no pair (value also from ")
+    assert lines[-1] == "record 2: no pair (bad record)"
+
+
+def test_implied_values() -> None:
+    v = gsm8k.implied_values("Twice a week, twenty-five kids eat half a dozen eggs.")
+    assert {Fraction(2), Fraction(7), Fraction(52), Fraction(25), Fraction(6), Fraction(12), Fraction(1, 2)} <= set(v)
+    assert ("word", "'twice' (2)") in v[Fraction(2)] and ("unit", "'week' (7)") in v[Fraction(7)]
+    assert v[Fraction(1)] == [("unit", "the constant 1")]
+    assert Fraction(3) not in gsm8k.implied_values("Tom has 5 pens.")

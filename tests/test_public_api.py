@@ -121,7 +121,7 @@ def test_report_writes_the_report_and_refuses_to_overwrite(sweep: xr.Dataset, tm
     assert md == tmp_path / "r" / "report.md"
     assert md.read_text().startswith("# codi-nnsight report: toy-codi — kl")
     assert (tmp_path / "r" / "report.html").is_file()
-    with pytest.raises(UserError, match=f"^{tmp_path / 'r'}: holds a report already; pass force=True to replace it$"):
+    with pytest.raises(UserError, match=f"^{tmp_path / 'r'}: holds a report already; add force=True to replace it$"):
         sweep.codi.report(tmp_path / "r")
     assert sweep.codi.report(tmp_path / "r", metric="logprob_diff", force=True, formats=("png",)) == md
     assert md.read_text().startswith("# codi-nnsight report: toy-codi — logprob_diff")

@@ -258,11 +258,18 @@ def test_finding_first_provenance_last(planted_report) -> None:
     _, _, md = planted_report
     blocks = md.split("\n\n")
     assert blocks[0].startswith("# codi-nnsight report")
-    assert blocks[1] == (
-        "**Finding:** Patching layer 3 has the largest effect (mean KL "
-        f"{fmt(xr.open_dataset(planted_report[0])['kl'].sel(layer=3).mean().item())} nats), and it clearly stands "
-        "out from the other layers."
+    kl = xr.open_dataset(planted_report[0])["kl"]
+    # the planted effect is at layer 3 only: the finding is its onset, its fall, and a real peak
+    assert blocks[1].startswith(
+        f"**Finding:** The effect appears between layers 2 and 3: mean KL goes from "
+        f"{fmt(kl.sel(layer=2).mean().item())} to {fmt(kl.sel(layer=3).mean().item())} nats (paired difference "
     )
+    assert (
+        f"and it is large only at layer 3: at layer 4 it falls back to {fmt(kl.sel(layer=4).mean().item())}"
+        in blocks[1]
+    )
+    assert "stands out from its neighbours: the CIs do not overlap" in blocks[1]
+    assert "clearly" not in md
     assert blocks[2] == "![Mean kl by layer with 95% bootstrap CI](figures/layer_means_kl.png)"
     headings = re.findall(r"^## (.+)$", md, flags=re.MULTILINE)
     assert headings[0] == "What the numbers say" and headings[-1] == "Provenance"

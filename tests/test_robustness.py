@@ -274,7 +274,7 @@ def _codi_json(setup, tmp_path, **changes) -> Path:
         ({"num_latents": 6}, "unknown key(s) 'num_latents'"),
         ({"lora_r": "4"}, "key 'lora_r' must be int, got \"4\""),
         ({"checkpoint": "/nonexistent/model.safetensors"}, "checkpoint /nonexistent/model.safetensors: no such file"),
-        ({"num_latent": -1}, "codi config: num_latent must be >= 0, got -1"),
+        ({"num_latent": -1}, "codi.json: num_latent must be >= 0, got -1"),
     ],
 )
 def test_bad_codi_json_via_cli(setup, tmp_path, changes, message):

@@ -239,3 +239,97 @@ SHIPPED_ZERO_DROP = 59 / 60
 SHIPPED_OTHER_DROP = 60 / 60
 #: Best share of demo pairs flipped by the default sweep (resid, all positions): 24/24 at layers 3-7.
 SHIPPED_FLIPPED = 24 / 24
+
+
+def _descendants(pid: int) -> set[int]:
+    """Process ids below `pid`, from /proc (Linux)."""
+    import os
+    from pathlib import Path
+
+    parent: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # the process ended meanwhile
+            continue
+        fields = text.rsplit(")", 1)[1].split()
+        parent[int(stat.parent.name)] = int(fields[1])
+    out: set[int] = set()
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        kids = {c for c, pp in parent.items() if pp == p}
+        out |= kids
+        todo += list(kids)
+    return out - {os.getpid()}
+
+
+def _alive(pid: int) -> bool:
+    from pathlib import Path
+
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_signal_to_the_main_process_alone_leaves_no_worker(tmp_path, sig) -> None:
+    # A job scheduler signals the main process only (`kill -INT PID`): before, it printed
+    # "interrupted" while it and both workers trained on for minutes.
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "codi_nnsight", "train-toy", "--out", str(tmp_path / "toy"), "--workers", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    everyone: set[int] = set()
+    try:
+        deadline = time.time() + 120
+        workers: set[int] = set()
+        while time.time() < deadline and proc.poll() is None:
+            workers = {p for p in _descendants(proc.pid) if "spawn_main" in _cmdline(p)}
+            if len(workers) >= 2:
+                break
+            time.sleep(0.2)
+        assert len(workers) == 2, proc.stderr.read() if proc.poll() is not None else "workers did not start"
+        time.sleep(3)  # into their imports / training
+        everyone |= _descendants(proc.pid)
+        t0 = time.time()
+        os.kill(proc.pid, getattr(signal, sig))
+        rc = proc.wait(timeout=30)
+        if sig == "SIGINT":
+            assert rc == 130 and proc.stderr.read().strip().splitlines()[-1] == "interrupted"
+        left = set(everyone)
+        while left and time.time() - t0 < 20:
+            left = {p for p in left if _alive(p)}
+            time.sleep(0.2)
+        assert not left, f"still running after {time.time() - t0:.0f} s: {sorted(left)}"
+        assert time.time() - t0 < 20
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for p in everyone | _descendants(proc.pid):  # after the main process died they are not its children
+            if "multiprocessing" not in _cmdline(p):  # ended meanwhile: the id may be someone else's now
+                continue
+            try:
+                os.kill(p, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def _cmdline(pid: int) -> str:
+    from pathlib import Path
+
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""

@@ -32,6 +32,13 @@ RENAMED_V1 = {
 MODES_V1 = {"frozen": "no-feedback"}
 
 
+#: Variables over (pair, layer) that cannot be summarised over pairs, and why.
+NOT_SUMMARIZABLE = {
+    "answer": "it is the decoded answer (a number per pair), not an effect size; its mean over pairs "
+    "means nothing — use flipped",
+}
+
+
 class ResultsError(UserError):
     """A results file is missing, unreadable, or not in the codi-nnsight results schema."""
 
@@ -65,9 +72,59 @@ def validate(ds: xr.Dataset, name: str = "dataset", required: tuple[str, ...] = 
         if var not in ds.data_vars:
             raise ResultsError(f"{name}: malformed results file (variable {var!r} missing)")
         values = np.asarray(ds[var].values)
+        if values.dtype.kind not in NUMERIC_KINDS:
+            # text that looks like numbers would otherwise be converted silently and summarised
+            raise ResultsError(
+                f"{name}: malformed results file (variable {var!r} is stored as {_kind_words(values)}, not numbers)"
+            )
         if values.dtype.kind in "fc" and not np.isfinite(values).any():
             raise ResultsError(f"{name}: metric {var!r} is NaN for every pair and layer ({nan_reason(var)})")
     return ds
+
+
+#: numpy dtype kinds a metric may have: bool, signed/unsigned integer, float
+NUMERIC_KINDS = "biuf"
+
+
+def _kind_words(values: np.ndarray) -> str:
+    kind = values.dtype.kind
+    if kind in "USO":
+        return "text"
+    return {"c": "complex numbers", "M": "dates", "m": "time spans"}.get(kind, f"{values.dtype} values")
+
+
+def numeric_metrics(ds: xr.Dataset) -> list[str]:
+    """The variables of ``ds`` that can be summarised per layer: numeric, over ``pair`` and ``layer``,
+    and not the decoded ``answer`` (a number per pair, not an effect size)."""
+    return [
+        str(v)
+        for v, da in ds.data_vars.items()
+        if {"pair", "layer"} <= set(da.dims) and da.dtype.kind in NUMERIC_KINDS and v not in NOT_SUMMARIZABLE
+    ]
+
+
+def check_metric(ds: xr.Dataset, metric: str, name: str = "dataset") -> None:
+    """Refuse (one-line :class:`ResultsError` naming ``name``) a ``metric`` that is not a numeric
+    per-pair, per-layer variable of ``ds``, listing the ones that are.
+
+    The decoded ``answer`` passes here: :func:`stats.metric_array` says why it cannot be summarised.
+    """
+    if metric in NOT_SUMMARIZABLE and metric in ds.data_vars:
+        return
+    have = numeric_metrics(ds)
+    if metric in have:
+        return
+    listing = f"numeric metrics: {', '.join(have)}" if have else "it has no numeric metric"
+    if metric not in ds.variables:
+        raise ResultsError(f"{name}: no metric {metric!r} ({listing})")
+    var = ds[metric]
+    if var.dtype.kind not in NUMERIC_KINDS:
+        what = f"it holds {_kind_words(np.asarray(var.values))}"
+    elif metric in ds.coords:
+        what = f"it is a coordinate over ({', '.join(map(str, var.dims))})"
+    else:
+        what = f"it is over ({', '.join(map(str, var.dims))}), not (pair, layer)"
+    raise ResultsError(f"{name}: {metric!r} is not a numeric metric of this file ({what}; {listing})")
 
 
 def nan_reason(metric: str) -> str:
@@ -177,4 +234,7 @@ def load(path: str | Path) -> xr.Dataset:
             ds = handle.load()
     except Exception as exc:  # netCDF4 raises OSError/RuntimeError/ValueError variously
         raise ResultsError(f"{name}: not a readable netCDF file (truncated or corrupt?)") from exc
-    return validate(ds, name)
+    ds = validate(ds, name)
+    # later errors (a metric the file lacks) name the file as the user gave it
+    ds.encoding["codi_nnsight_name"] = name
+    return ds

@@ -196,8 +196,9 @@ def plot_layer_means(
         if hue:
             ax.legend(title=hue, fontsize="small")
     n = int(summ["n"].max())
+    how = "exact binomial" if str(summ.attrs.get("ci_method", "")).startswith("exact binomial") else "bootstrap"
     fig.suptitle(
-        figure_title(ds.attrs, metric, f"Mean {metric} by layer, {ci:.0%} bootstrap CI, n≤{n} pairs{note}"),
+        figure_title(ds.attrs, metric, f"Mean {metric} by layer, {ci:.0%} {how} CI, n≤{n} pairs{note}"),
         fontsize=10,
     )
     return fig
@@ -257,8 +258,9 @@ def plot_recovery_ratio(
         ax.legend(fontsize="small")
     var = rec.attrs.get("metric", kind)
     n = int(rec["n"].max()) if rec["n"].size else 0
+    # two lines: on one, the formula and the CI do not fit the figure's width and get clipped
     what = (
-        f"Recovery of {var}: mean(patched − baseline) / mean(source − baseline), "
+        f"Recovery of {var} = mean(patched − baseline) / mean(source − baseline)\n"
         f"{ci:.0%} paired bootstrap CI, n≤{n} pairs"
     )
     fig.suptitle(figure_title(ds.attrs, var, what), fontsize=10)
@@ -382,7 +384,7 @@ def plot_critical_layers(
     from matplotlib.patches import Patch
 
     handles = [
-        Patch(color=OKABE_ITO[0], label=f"BH p < {alpha} and not negligible (*)"),
+        Patch(color=OKABE_ITO[0], label=f"above the other layers' mean: BH p < {alpha}, not negligible (*)"),
         Patch(color=NONSIG_COLOR, label="not significant or negligible"),
     ]
     if threshold > 0:
@@ -398,7 +400,8 @@ def plot_critical_layers(
                 label=f"negligible below {threshold:g} {stats.unit_words(ds, metric)}",
             )
         )
-    axes[0].legend(handles=handles, fontsize="small", loc="upper right")
+    # outside the axes, below them: inside, it covered the stars and CI bars of the tallest bars
+    fig.legend(handles=handles, fontsize="small", loc="outside lower center", ncols=1)
     fig.suptitle(
         figure_title(
             ds.attrs,

@@ -244,9 +244,14 @@ def readout_summary(ds: xr.Dataset) -> str:
 
 
 def write_readout_report(ds: xr.Dataset, out: str | Path, pair: int | None = None) -> Path:
-    """Figures (PNG) and `readout.md` for a readout Dataset in folder `out`; returns the markdown path."""
+    """Figures (PNG) and `readout.md` for a readout Dataset in folder `out`; returns the markdown path.
+
+    Like :func:`report.write_report`, the files written are listed in the folder's manifest, and
+    only the files an earlier report's manifest lists are deleted first.
+    """
+    from .report import ReportFiles, clear_report_files
+
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     schema = _schema(ds)
     figures: list[tuple[str, Figure]] = []
     if schema.startswith("codi-nnsight/lens/"):
@@ -259,10 +264,18 @@ def write_readout_report(ds: xr.Dataset, out: str | Path, pair: int | None = Non
         figures.append(("probe.png", plot_probe(ds)))
     else:
         raise ValueError(f"not a readout Dataset (schema {schema!r})")
-    for name, fig in figures:
-        fig.savefig(out / name, dpi=120)
-    md = out / "readout.md"
-    body = [f"# {schema} — {ds.attrs.get('model', '')}", "", "```", readout_summary(ds), "```", ""]
-    body += [f"![{name}]({name})" for name, _ in figures]
-    md.write_text("\n".join(body) + "\n", encoding="utf-8")
+    out.mkdir(parents=True, exist_ok=True)
+    clear_report_files(out)
+    written = ReportFiles(out)
+    try:
+        for name, fig in figures:
+            fig.savefig(out / name, dpi=120)
+            written.add(out / name)
+        md = out / "readout.md"
+        body = [f"# {schema} — {ds.attrs.get('model', '')}", "", "```", readout_summary(ds), "```", ""]
+        body += [f"![{name}]({name})" for name, _ in figures]
+        md.write_text("\n".join(body) + "\n", encoding="utf-8")
+        written.add(md)
+    finally:
+        written.save()
     return md

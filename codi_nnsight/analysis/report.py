@@ -8,9 +8,12 @@ All numbers are printed with :func:`fmt` (4 significant digits) so tests can rec
 from __future__ import annotations
 
 import base64
+import contextlib
+import hashlib
 import html
 import json
 import math
+import os
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +22,9 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from ..errors import UserError
 from . import plots, stats
-from .io import validate
+from .io import check_metric, validate
 
 SUMMARY_METRICS = ("kl", "logit_diff", "recovery", "flipped")
 PROVENANCE_KEYS = (
@@ -81,27 +85,12 @@ POSITION_TEXT = (
     "`attn` and `mlp` it is that sub-layer's output at latent token k; for `latent` it is the input embedding "
     "of latent token k."
 )
-#: Files a report writes (and so may delete when it is rewritten): top-level globs, and the figure
-#: stems under figures/. Anything else in the folder belongs to the user and is left alone.
-OWNED_FILES = (
-    "report.md",
-    "report.html",
-    "layer_summary_*.csv",
-    "critical_layers.csv",
-    "layer_tests_*.csv",
-    "by_reasoning_steps.csv",
-    "recovery_*.csv",
-)
-OWNED_FIGURES = (
-    "layer_means_",
-    "components_",
-    "pair_heatmap_",
-    "critical_layers_",
-    "layer_similarity_",
-    "position_heatmap_",
-    "head_heatmap_",
-)
-FIGURE_SUFFIXES = (".png", ".svg", ".pdf", ".jpg", ".jpeg", ".eps")
+#: The file in a report folder that lists every file the report wrote, with its SHA-256. A rewrite
+#: deletes only those files (and only while unchanged); anything else in the folder is the user's.
+MANIFEST_NAME = ".codi-report-manifest.json"
+MANIFEST_SCHEMA = "codi-nnsight/report-manifest/1"
+#: Files that mark a folder as a report of an older codi-nnsight (written before the manifest).
+REPORT_MARKERS = ("report.md", "readout.md")
 
 
 def plural(n: int, word: str, many: str | None = None) -> str:
@@ -296,6 +285,29 @@ def _critical_table(crit: xr.Dataset, ci: float, latent_only: bool = False) -> t
     return header, rows
 
 
+def _adjacent_table(adj: xr.Dataset, ci: float) -> tuple[list[str], list[list[str]]]:
+    """Rows of :func:`stats.adjacent_layers` for one cell."""
+    header = ["layers", "mean before", "mean after", "difference", f"{ci:.0%} CI", "d_z", "pairs higher", "p", "p (BH)"]
+    rows = []
+    for j in range(adj.sizes["layer"]):
+        a = adj.isel(layer=j)
+        n = int(a["n"].item())
+        rows.append(
+            [
+                f"{int(a['layer_before'].item())} → {int(a['layer'].item())}",
+                fmt(a["mean_before"].item()),
+                fmt(a["mean_after"].item()),
+                fmt(a["diff"].item()),
+                fmt_ci(a["ci_low"].item(), a["ci_high"].item()),
+                fmt(a["effect_size"].item()),
+                f"{int(round(a['share_up'].item() * n)) if n else 0} of {n}",
+                fmt(a["p_value"].item()),
+                fmt(a["p_adj"].item()),
+            ]
+        )
+    return header, rows
+
+
 def _recovery_table(rec: xr.Dataset, ci: float, latent_only: bool = False) -> tuple[list[str], list[list[str]]]:
     extras = [d for d in rec.dims if d != "layer"]
     header = [
@@ -330,7 +342,9 @@ def format_layer_table(
     ds: xr.Dataset, metric: str = "kl", ci: float = 0.95, n_resamples: int = 2000, seed: int = 0
 ) -> str:
     """Plain-text per-layer table (mean, CI, median, n, BH-adjusted p) for a terminal."""
-    ds = validate(ds, "dataset", required=(metric,))
+    name = _source_name(ds)
+    check_metric(ds, metric, name)
+    ds = validate(ds, name, required=(metric,))
     stats.metric_array(ds, metric)  # refuses metrics that cannot be summarised (e.g. answer)
     summ = stats.layer_summary(ds, metric, ci=ci, n_resamples=n_resamples, seed=seed)
     tests = stats.layer_tests(ds, metric)
@@ -359,9 +373,9 @@ def format_layer_table(
     return "\n".join(lines)
 
 
-def _to_csv(obj: xr.Dataset, path: Path) -> Path:
+def _to_csv(obj: xr.Dataset, path: Path, written: ReportFiles | None = None) -> Path:
     obj.to_dataframe().to_csv(path)
-    return path
+    return written.add(path) if written is not None else path
 
 
 # --------------------------------------------------------------------------------------------
@@ -370,6 +384,29 @@ def _to_csv(obj: xr.Dataset, path: Path) -> Path:
 def _sel_text(sel: dict[Hashable, Any]) -> str:
     """`` (thought 0, resid)`` for a position/component cell; "" for none."""
     return f" ({', '.join(plots.cell_label(k, v) for k, v in sel.items())})" if sel else ""
+
+
+def _label_text(sel: dict[Hashable, Any]) -> str:
+    """``thought 4, resid`` for a position/component cell."""
+    return ", ".join(plots.cell_label(k, v) for k, v in sel.items())
+
+
+def _other_thoughts(ds: xr.Dataset, metric: str, summ: xr.Dataset, cell: dict[Hashable, Any]) -> str:
+    """One sentence on the thoughts other than the headline's: their largest mean, so a reader
+    knows the lead figure shows the one thought that moves."""
+    if "position" not in cell or summ.sizes.get("position", 1) < 2:
+        return ""
+    rest = {k: v for k, v in cell.items() if k != "position"}
+    other = (summ.sel(rest) if rest else summ).drop_sel(position=cell["position"])["mean"]
+    if not np.isfinite(other.values).any():
+        return ""
+    top = other.where(other == other.max(), drop=True)
+    pos, layer = int(top["position"].values[0]), int(top["layer"].values[0])
+    n = other.sizes["position"]
+    return (
+        f"At the other {plural(n, 'thought')} the largest mean {METRIC_NAMES.get(metric, metric)} is "
+        f"{fmt(other.max().item())}{_units(ds, metric)} (thought {pos}, layer {layer})."
+    )
 
 
 def _site(cell: dict[Hashable, Any], layer: int, latent_only: bool) -> str:
@@ -401,8 +438,173 @@ def _threshold_text(ds: xr.Dataset, metric: str) -> str:
     return f"{fmt(thr)}{_units(ds, metric)} ({why})" if thr > 0 else ""
 
 
-def _headline(ds: xr.Dataset, metric: str, crit: xr.Dataset, cell: dict[Hashable, Any]) -> str:
-    """One plain sentence: where the effect is and whether it matters."""
+@dataclass
+class _Profile:
+    """The shape of the per-layer means in one cell, for the headline: where the effect rises
+    (onset), the run of layers where it stays high, and whether the largest mean is a real peak."""
+
+    layers: np.ndarray
+    mean: np.ndarray
+    ci_low: np.ndarray
+    ci_high: np.ndarray
+    adj: xr.Dataset  # stats.adjacent_layers of the cell, dim layer = the later layer of each step
+    high: np.ndarray  # per layer: at or above half the range of the means
+    high_first: int  # index of the first such layer
+    high_last: int
+    peak: int  # index of the largest mean
+
+
+def _profile(summ: xr.Dataset, adj: xr.Dataset) -> _Profile | None:
+    """The :class:`_Profile` of one cell, or None with fewer than 3 layers or a flat curve."""
+    mean = summ["mean"].values.astype(float)
+    ok = np.isfinite(mean)
+    if ok.sum() < 3:
+        return None
+    top, bottom = np.nanmax(mean), np.nanmin(mean)
+    if not top > bottom:
+        return None
+    high = ok & (mean >= bottom + (top - bottom) / 2)  # half of the range, the usual "onset" cut
+    where = np.flatnonzero(high)
+    return _Profile(
+        layers=summ["layer"].values,
+        mean=mean,
+        ci_low=summ["ci_low"].values.astype(float),
+        ci_high=summ["ci_high"].values.astype(float),
+        adj=adj,
+        high=high,
+        high_first=int(where[0]),
+        high_last=int(where[-1]),
+        peak=int(np.nanargmax(mean)),
+    )
+
+
+def _step_text(pr: _Profile, j: int, units: str, ci: float) -> str:
+    """The paired comparison of layer index ``j`` with the layer before it, effect size first."""
+    s = pr.adj.sel(layer=pr.layers[j])
+    d_z = s["effect_size"].item()
+    size = f", d_z = {fmt(d_z)}" if np.isfinite(d_z) else ""
+    n = int(s["n"].item())
+    up = int(round(s["share_up"].item() * n))
+    return (
+        f"paired difference {s['diff'].item():+.4g}{units}, "
+        f"{ci:.0%} CI {fmt_ci(s['ci_low'].item(), s['ci_high'].item())}"
+        f"{size}, higher in {up} of {plural(n, 'pair')}, Wilcoxon p = {fmt(s['p_value'].item())}"
+    )
+
+
+def _overlaps(pr: _Profile, i: int, j: int) -> bool:
+    return bool(pr.ci_low[i] <= pr.ci_high[j] and pr.ci_low[j] <= pr.ci_high[i])
+
+
+def _profile_sentences(
+    ds: xr.Dataset, metric: str, pr: _Profile, alpha: float, ci: float, cell: dict[Hashable, Any]
+) -> list[str]:
+    """The finding as a profile over depth: onset, plateau (or fall), and whether the largest mean
+    stands out from its neighbours by non-overlapping CIs."""
+    name = METRIC_NAMES.get(metric, metric)
+    units = _units(ds, metric)
+    L, m = pr.layers, pr.mean
+    a, b, last = pr.high_first, pr.high_last, int(np.flatnonzero(np.isfinite(m))[-1])
+    first = int(np.flatnonzero(np.isfinite(m))[0])
+    where = _sel_text(cell)
+    subject = f"At {_label_text(cell)}, the effect" if cell else "The effect"
+    p_adj = pr.adj["p_adj"].values
+    thr = stats.negligible_threshold(metric)
+    real = np.isfinite(p_adj) & (p_adj < alpha) & (np.abs(pr.adj["diff"].values) >= thr)
+    if not real.any():
+        n = int(pr.adj["n"].max().item()) if pr.adj.sizes["layer"] else 0
+        if stats.min_p_value(n) >= alpha:
+            why = f"with {plural(n, 'pair')} no difference between layers can reach p < {alpha}"
+        else:
+            why = f"no difference between adjacent layers is significant (BH-adjusted α = {alpha})"
+        return [
+            f"Mean {name}{where} ranges from {fmt(np.nanmin(m))} to {fmt(np.nanmax(m))}{units} across layers, "
+            f"but {why}, so this run does not locate the effect along depth."
+        ]
+    pct = bool(np.nanmin(m) >= 0)
+
+    def share(x: float) -> str:
+        return f"{100 * x / m[pr.peak]:.0f}%" if pct and m[pr.peak] > 0 else ""
+
+    sents = []
+    if a > first:
+        onset = (
+            f"{subject} appears between layers {L[a - 1]} and {L[a]}: mean {name} goes from "
+            f"{fmt(m[a - 1])} to {fmt(m[a])}{units} ({_step_text(pr, a, units, ci)})"
+        )
+    else:
+        onset = f"{subject} is already {fmt(m[a])}{units} (mean {name}) at layer {L[a]}, the first layer swept"
+    jump = abs(m[a] - m[a - 1]) if a > first else np.inf
+    if not pr.high[a : b + 1].all():
+        runs = ", ".join(str(v) for v in L[pr.high])
+        after = f"; it is at least half of its range at layers {runs}, not in one run of layers"
+    elif a == b:
+        after = f", and it is large only at layer {L[a]}"
+        if b < last:
+            after += (
+                f": at layer {L[b + 1]} it falls back to {fmt(m[b + 1])}{units} ({_step_text(pr, b + 1, units, ci)})"
+            )
+    else:
+        span = m[a : b + 1]
+        lo, hi = np.nanmin(span), np.nanmax(span)
+        rng = f"between {fmt(lo)} and {fmt(hi)}{units}" + (
+            f" ({share(lo)}–{share(hi)} of its largest mean)" if pct else ""
+        )
+        diffs = np.diff(span)
+        step_p = p_adj[a:b]  # the steps a→a+1 … b−1→b (adj layer index j is the step into layer j+1)
+        steady = bool(np.isfinite(step_p).all() and (step_p < alpha).all())
+        biggest = f"by at most {fmt(np.nanmax(np.abs(diffs)))}{units} per layer"
+        if hi - lo >= jump:
+            after = f"; from layer {L[a]} to layer {L[b]} it keeps changing, {rng}"
+        elif steady and (diffs > 0).all():
+            after = (
+                f", and then rises only slowly, a near-plateau: from layer {L[a]} to layer {L[b]} it goes from "
+                f"{fmt(m[a])} to {fmt(m[b])}{units}"
+                + (f" ({share(m[a])}–{share(m[b])} of its largest mean)" if pct else "")
+                + f", {biggest}, each step small but consistent across pairs (BH-adjusted p ≤ "
+                f"{fmt(np.nanmax(step_p))})"
+            )
+        elif steady and (diffs < 0).all():
+            after = (
+                f", and then declines slowly: from layer {L[a]} to layer {L[b]} it goes from {fmt(m[a])} to "
+                f"{fmt(m[b])}{units}, {biggest}, each step consistent across pairs"
+            )
+        else:
+            after = f", and then levels off: from layer {L[a]} to layer {L[b]} it stays {rng}, changing {biggest}"
+        if b < last:
+            after += f", and at layer {L[b + 1]} it falls back to {fmt(m[b + 1])}{units}"
+    sents.append(onset + after + ".")
+    # the largest mean: a peak only when its CI clears both neighbours'
+    P = pr.peak
+    nbrs = [j for j in (P - 1, P + 1) if 0 <= j < m.size and np.isfinite(m[j])]
+    touching = [j for j in nbrs if _overlaps(pr, P, j)]
+    est = f"{fmt(m[P])}{units}, {ci:.0%} CI {fmt_ci(pr.ci_low[P], pr.ci_high[P])}"
+    if touching:
+        j = touching[0]
+        sents.append(
+            f"The largest mean is at layer {L[P]} ({est}), but its CI overlaps that of layer {L[j]} "
+            f"({fmt(m[j])}{units}, {fmt_ci(pr.ci_low[j], pr.ci_high[j])}), so no single layer stands out as a peak."
+        )
+    elif nbrs:
+        others = "; ".join(f"layer {L[j]}: {fmt(m[j])}{units}, {fmt_ci(pr.ci_low[j], pr.ci_high[j])}" for j in nbrs)
+        sents.append(
+            f"The largest mean, at layer {L[P]} ({est}), stands out from its "
+            f"neighbour{'s' if len(nbrs) > 1 else ''}: the CIs do not overlap ({others})."
+        )
+    return sents
+
+
+def _headline(
+    ds: xr.Dataset,
+    metric: str,
+    crit: xr.Dataset,
+    cell: dict[Hashable, Any],
+    profile: _Profile | None = None,
+    alpha: float = 0.05,
+    ci: float = 0.95,
+) -> str:
+    """The finding: the profile over depth (onset, plateau, peak) when there are 3 or more layers
+    and the effect is not negligible; otherwise the largest mean and what can be said of it."""
     name = METRIC_NAMES.get(metric, metric)
     c = crit.sel(cell).sel(rank=1)
     site = _site(cell, int(c["layer"].item()), plots.latent_only(ds))
@@ -414,20 +616,29 @@ def _headline(ds: xr.Dataset, metric: str, crit: xr.Dataset, cell: dict[Hashable
             f"No patched site has a meaningful effect: the largest {value}, at {site}, is below the "
             f"negligible threshold of {fmt(thr)}{_units(ds, metric)}."
         )
-    if bool(c["significant"].item()) and not bool(c["negligible"].item()):
-        return f"Patching {site} has the largest effect ({value}), and it clearly stands out from the other layers."
-    if bool(c["significant"].item()):
-        return (
-            f"The largest {value} is at {site}; it is statistically above the other layers, but by a "
-            f"negligible amount ({fmt(c['effect'].item())}{_units(ds, metric)})."
-        )
+    if profile is not None:
+        return " ".join(_profile_sentences(ds, metric, profile, alpha, ci, cell))
     if not bool(c["testable"].item()):
         return f"The largest {value} is at {site}; this run cannot show whether it stands out from the other layers."
     return f"The largest {value} is at {site}, but it does not stand out reliably from the other layers."
 
 
+def _is_peak(pr: _Profile) -> bool:
+    """Whether the largest mean's CI clears the CIs of both its neighbours."""
+    m = pr.mean
+    nbrs = [j for j in (pr.peak - 1, pr.peak + 1) if 0 <= j < m.size and np.isfinite(m[j])]
+    return bool(nbrs) and not any(_overlaps(pr, pr.peak, j) for j in nbrs)
+
+
 def _significance(
-    ds: xr.Dataset, metric: str, crit: xr.Dataset, tests: xr.Dataset, cell: dict[Hashable, Any], alpha: float, ci: float
+    ds: xr.Dataset,
+    metric: str,
+    crit: xr.Dataset,
+    tests: xr.Dataset,
+    cell: dict[Hashable, Any],
+    alpha: float,
+    ci: float,
+    profile: _Profile | None = None,
 ) -> list[str]:
     name = METRIC_NAMES.get(metric, metric)
     units = _units(ds, metric)
@@ -451,11 +662,19 @@ def _significance(
             if bool(c["negligible"].item())
             else (f"above the negligible threshold of {thr_text}" if thr_text else "its effect size")
         )
-        sents.append(
-            f"The effect peaks at {site} ({est}), significantly above the other layers (one-sided "
-            f"Wilcoxon signed-rank test against the mean of the other layers, BH-adjusted p = {fmt(p_adj)}, "
-            f"n = {plural(n, 'pair')}); {size}."
+        test = (
+            f"(excess over the mean of the other layers {fmt(effect)}{units}; one-sided Wilcoxon signed-rank "
+            f"test, BH-adjusted p = {fmt(p_adj)}, n = {plural(n, 'pair')})"
         )
+        if profile is not None and _is_peak(profile):
+            sents.append(f"The effect peaks at {site} ({est}), significantly above the other layers {test}; {size}.")
+        else:
+            sents.append(
+                f"The largest mean {name} is at {site} ({est}). It is significantly above the mean of the other "
+                f"layers {test}, but every layer of a curve that rises and stays up passes that test, so it does "
+                f"not make {site} a peak; the comparisons of adjacent layers (above, and under “Adjacent "
+                "layers”) locate the effect."
+            )
         thr = stats.negligible_threshold(metric)
         others = [
             (int(v), e)
@@ -466,9 +685,9 @@ def _significance(
         small = [v for v, e in others if abs(e) < thr]
         if big:
             sents.append(
-                f"{'Layers' if len(big) > 1 else 'Layer'} {', '.join(map(str, big))} also "
-                f"stand{'' if len(big) > 1 else 's'} out at BH-adjusted α = {alpha} by a "
-                f"non-negligible amount."
+                f"{'Layers' if len(big) > 1 else 'Layer'} {', '.join(map(str, big))} "
+                f"{'are' if len(big) > 1 else 'is'} also above the mean of the other layers at BH-adjusted "
+                f"α = {alpha} by a non-negligible amount."
             )
         if small:
             sents.append(
@@ -511,7 +730,7 @@ def _significance(
         c2 = crit.sel(cell).sel(rank=2)
         if c2["ci_high"].item() >= c["ci_low"].item():
             sents.append(
-                f"Its CI overlaps that of the runner-up, layer {int(c2['layer'].item())} "
+                f"The CI of layer {layer} overlaps that of the runner-up, layer {int(c2['layer'].item())} "
                 f"(mean {fmt(c2['mean'].item())}{units}), so their order is uncertain."
             )
     if n_layers > 1:
@@ -524,6 +743,24 @@ def _significance(
                 f"({_pct(hist / n_valid)})."
             )
     return sents
+
+
+def _adjacent_sentence(ds: xr.Dataset, metric: str, pr: _Profile, alpha: float) -> str:
+    """One paragraph: the change between every two adjacent layers, and how many are significant."""
+    units = _units(ds, metric)
+    adj = pr.adj
+    steps = ", ".join(
+        f"{int(b)}→{int(a)} {d:+.4g}"
+        for b, a, d in zip(adj["layer_before"].values, adj["layer"].values, adj["diff"].values, strict=True)
+    )
+    p_adj = adj["p_adj"].values
+    k = int((np.isfinite(p_adj) & (p_adj < alpha)).sum())
+    return (
+        f"Between adjacent layers the mean changes by {steps}{units} (mean over pairs of the paired difference); "
+        f"{k} of {plural(adj.sizes['layer'], 'step')} {'is' if k == 1 else 'are'} significant (two-sided Wilcoxon "
+        f"signed-rank, BH-adjusted α = {alpha}). CIs, effect sizes (d_z) and p-values are in the table under "
+        f"“Adjacent layers”."
+    )
 
 
 def _recovery_sentences(ds: xr.Dataset, rec: xr.Dataset, sel: dict[Hashable, Any], site: str, ci: float) -> list[str]:
@@ -589,23 +826,27 @@ def _narrative(
     ci: float,
     n_resamples: int,
     seed: int,
+    profile: _Profile | None = None,
 ) -> list[str]:
     cell = _best_cell(crit)
     c = crit.sel(cell).sel(rank=1)
     layer = int(c["layer"].item())
     n = int(c["n"].item())
     site = _site(cell, layer, plots.latent_only(ds))
-    paras = [" ".join(_significance(ds, metric, crit, tests, cell, alpha, ci))]
+    paras = []
+    if profile is not None:
+        paras.append(_adjacent_sentence(ds, metric, profile, alpha))
+    paras.append(" ".join(_significance(ds, metric, crit, tests, cell, alpha, ci, profile)))
 
     sents = []
     sub = ds.sel(cell) if cell else ds
     direction = str(ds.attrs.get("direction", ""))
     if "flipped" in ds.data_vars:
         flips = stats.metric_array(sub, "flipped").sel(layer=layer).values  # equal-answer pairs are NaN
-        f = stats.summarize_1d(flips, ci, n_resamples, seed)
+        f = stats.summarize_proportion(flips, ci)
         n_flip = int(np.nansum(flips))
         counted = (
-            f"{_pct(f['mean'])} of comparable pairs ({n_flip} of {int(f['n'])}; {ci:.0%} CI "
+            f"{_pct(f['mean'])} of comparable pairs ({n_flip} of {int(f['n'])}; {ci:.0%} exact binomial CI "
             f"{_pct(f['ci_low'])}–{_pct(f['ci_high'])})"
         )
         if direction == "denoise":
@@ -710,29 +951,135 @@ def _sanity(doc: _Doc, ds: xr.Dataset) -> None:
         doc.table(["check", "value", "threshold", "status"], rows)
 
 
-def clear_report_files(out: Path) -> list[Path]:
-    """Delete the files an earlier report wrote in ``out`` (see :data:`OWNED_FILES` and
-    :data:`OWNED_FIGURES`), so a rewrite leaves no stale figure or table; return them.
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
-    Any other file, in ``out`` or in ``out/figures``, is left alone.
+
+def _safe_relative(rel: str) -> bool:
+    """A manifest entry that stays inside the report folder (a hand-edited manifest must not
+    make a rewrite delete files elsewhere)."""
+    parts = Path(rel).parts
+    return bool(parts) and not Path(rel).is_absolute() and ".." not in parts and rel != MANIFEST_NAME
+
+
+def read_manifest(out: str | Path) -> dict[str, str] | None:
+    """The files an earlier report wrote in ``out`` (relative POSIX path -> SHA-256), from its
+    manifest (:data:`MANIFEST_NAME`); ``None`` when there is no readable manifest."""
+    path = Path(out) / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(doc, dict) or doc.get("schema") != MANIFEST_SCHEMA or not isinstance(doc.get("files"), dict):
+        return None
+    return {str(k): str(v) for k, v in doc["files"].items() if _safe_relative(str(k))}
+
+
+class ReportFiles:
+    """Records every file a report writes and saves the manifest (:data:`MANIFEST_NAME`).
+
+    Use :meth:`add` right after writing each file; :meth:`save` writes the manifest atomically.
     """
+
+    def __init__(self, out: str | Path) -> None:
+        self.out = Path(out)
+        self.files: dict[str, str] = {}
+
+    def add(self, path: str | Path) -> Path:
+        """Record ``path`` (inside the report folder) as written by the report; returns it."""
+        path = Path(path)
+        self.files[path.relative_to(self.out).as_posix()] = _sha256(path)
+        return path
+
+    def save(self) -> Path:
+        """Write the manifest (via a temporary file and a rename, so it is never half written)."""
+        path = self.out / MANIFEST_NAME
+        tmp = self.out / f"{MANIFEST_NAME}.{os.getpid()}.tmp"
+        doc = {"schema": MANIFEST_SCHEMA, "files": dict(sorted(self.files.items()))}
+        tmp.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+        return path
+
+
+def clear_report_files(out: str | Path) -> list[Path]:
+    """Delete the files an earlier report wrote in ``out``, as listed in its manifest
+    (:data:`MANIFEST_NAME`), so a rewrite leaves no stale figure or table; return them.
+
+    Only files listed there are deleted, and only while their content is what the report wrote
+    (a listed file the user has since edited is theirs now and is kept). Every other file, in
+    ``out`` or below it, is left alone; a folder without a manifest loses nothing.
+    """
+    out = Path(out)
+    files = read_manifest(out)
+    if files is None:
+        return []
     removed = []
-    if out.is_dir():
-        for pattern in OWNED_FILES:
-            removed += [p for p in out.glob(pattern) if p.is_file()]
-    fig_dir = out / "figures"
-    if fig_dir.is_dir():
-        removed += [
-            p
-            for p in fig_dir.iterdir()
-            if p.is_file() and p.suffix.lower() in FIGURE_SUFFIXES and p.name.startswith(OWNED_FIGURES)
-        ]
-    for p in removed:
+    for rel, digest in files.items():
+        p = out / rel
+        if p.is_symlink() or not p.is_file() or _sha256(p) != digest:
+            continue
         p.unlink()
+        removed.append(p)
+    (out / MANIFEST_NAME).unlink(missing_ok=True)
     return removed
 
 
-def write_report(  # noqa: C901 — a linear sequence of optional report sections, each a short branch
+def _is_report_dir(out: Path) -> bool:
+    """Whether ``out`` holds a report: its manifest, or the markdown of an older version's report."""
+    return out.is_dir() and (read_manifest(out) is not None or any((out / m).is_file() for m in REPORT_MARKERS))
+
+
+def _not_a_report_message(out: Path, flag: str = "--force") -> str | None:
+    """Why ``out`` may not be written into without force (``flag`` names the option), or None."""
+    if not out.is_dir():
+        return None
+    if _is_report_dir(out):
+        return f"{out}: holds a report already; add {flag} to replace it"
+    names = sorted(p.name for p in out.iterdir())
+    if not names:
+        return None
+    shown = ", ".join(names[:3]) + (", …" if len(names) > 3 else "")
+    return (
+        f"{out}: folder is not empty ({shown}) and holds no codi-nnsight report; choose a new or empty folder, "
+        f"or add {flag} to write the report into it (its other files are kept)"
+    )
+
+
+def prepare_report_dir(path: str | Path, force: bool, flag: str = "--force") -> Path:
+    """Check a report folder before any work and create it; returns its path.
+
+    Refuses (one-line :class:`UserError`) a path that is a file, a folder that holds a report
+    already (its manifest, or ``report.md`` / ``readout.md`` of an older version) unless ``force``,
+    and any other non-empty folder unless ``force``: the folder may hold the user's own files.
+    With ``force`` the report writer still deletes only files listed in an earlier report's
+    manifest (:func:`clear_report_files`); files of the same names as the report's are replaced.
+    A folder that cannot be written is reported now, not after the statistics.
+    """
+    if not str(path).strip():
+        raise UserError("--out: empty path")
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is a file, expected a folder")
+    why = _not_a_report_message(out, flag)
+    if why is not None and not force:
+        raise UserError(why)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".codi-nnsight-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{out}: cannot write there ({e.strerror or e})") from None
+    return out
+
+
+def write_report(
     ds: xr.Dataset,
     out_dir: str | Path,
     metric: str = "kl",
@@ -742,17 +1089,58 @@ def write_report(  # noqa: C901 — a linear sequence of optional report section
     ci: float = 0.95,
     n_resamples: int = 2000,
     seed: int = 0,
+    force: bool = False,
 ) -> Path:
     """Write figures (``figures/``), CSV tables, ``report.md`` and ``report.html`` to ``out_dir``.
 
     Returns the path of ``report.md``. ``report.html`` embeds the PNG figures (or SVG when PNG is
-    not among ``formats``) as data URIs and has no external assets. Files an earlier report wrote
-    there are removed first (:func:`clear_report_files`); other files are left alone. Raises
-    :class:`ResultsError` for a metric that is missing, all-NaN or cannot be summarised (``answer``).
+    not among ``formats``) as data URIs and has no external assets. Every file written is listed
+    in the folder's manifest (:data:`MANIFEST_NAME`). An earlier report there is replaced: the
+    files its manifest lists are removed first (:func:`clear_report_files`); other files are left
+    alone. A non-empty folder that holds no report is refused unless ``force`` (then files of the
+    report's names are replaced, and nothing else is touched). The CLI is stricter: it refuses
+    an earlier report too without ``--force`` (:func:`prepare_report_dir`). Raises :class:`ResultsError` for a
+    metric that is missing, not numeric, all-NaN or cannot be summarised (``answer``).
     """
-    ds = validate(ds, "dataset", required=(metric,))
+    name = _source_name(ds)
+    check_metric(ds, metric, name)
+    ds = validate(ds, name, required=(metric,))
     stats.metric_array(ds, metric)  # refuses metrics that cannot be summarised, before touching files
     out = Path(out_dir)
+    # an earlier report is replaced without force: only the files its manifest lists are deleted
+    if not force and not _is_report_dir(out):
+        why = _not_a_report_message(out, flag="--force (force=True in Python)")
+        if why is not None:
+            raise UserError(why)
+    written = ReportFiles(out)
+    try:
+        md_path = _write_report(ds, out, written, metric, k, formats, alpha, ci, n_resamples, seed)
+    except BaseException:
+        with contextlib.suppress(OSError):  # record what was written, so a rerun can clear it
+            if out.is_dir():
+                written.save()
+        raise
+    written.save()
+    return md_path
+
+
+def _source_name(ds: xr.Dataset) -> str:
+    """The file a Dataset was loaded from, for error messages ("dataset" when built in memory)."""
+    return str(ds.encoding.get("codi_nnsight_name") or ds.encoding.get("source") or "dataset")
+
+
+def _write_report(  # noqa: C901 — a linear sequence of optional report sections, each a short branch
+    ds: xr.Dataset,
+    out: Path,
+    written: ReportFiles,
+    metric: str,
+    k: int,
+    formats: Sequence[str],
+    alpha: float,
+    ci: float,
+    n_resamples: int,
+    seed: int,
+) -> Path:
     clear_report_files(out)
     fig_dir = out / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
@@ -766,37 +1154,49 @@ def write_report(  # noqa: C901 — a linear sequence of optional report section
     metrics = [metric] + [m for m in SUMMARY_METRICS if m != metric and m in ds.data_vars]
     summaries = {m: stats.layer_summary(ds, m, ci=ci, **kw) for m in metrics}
     for m, summ in summaries.items():
-        tables.append(_to_csv(summ, out / f"layer_summary_{m}.csv"))
+        tables.append(_to_csv(summ, out / f"layer_summary_{m}.csv", written))
     crit = stats.critical_layers(ds, metric, k=k, alpha=alpha, ci=ci, **kw)
     tests = stats.layer_tests(ds, metric)
-    tables.append(_to_csv(crit, out / "critical_layers.csv"))
-    tables.append(_to_csv(tests, out / f"layer_tests_{metric}.csv"))
+    tables.append(_to_csv(crit, out / "critical_layers.csv", written))
+    tables.append(_to_csv(tests, out / f"layer_tests_{metric}.csv", written))
     recs: dict[str, xr.Dataset] = {}
     for kind, var in (("logit", "logit_diff"), ("logprob", "logprob_diff")):
         if {var, f"baseline_{var}", f"source_{var}"} <= set(ds.data_vars):
             rec = stats.recovery_ratio(ds, kind, ci=ci, n_boot=n_resamples, seed=seed)
             if np.isfinite(rec["ratio"].values).any():
                 recs[kind] = rec
-                tables.append(_to_csv(rec, out / f"recovery_{kind}.csv"))
+                tables.append(_to_csv(rec, out / f"recovery_{kind}.csv", written))
     cell = _best_cell(crit)
+    adjacent = stats.adjacent_layers(ds, metric, ci=ci, **kw)
+    tables.append(_to_csv(adjacent, out / f"adjacent_layers_{metric}.csv", written))
+    profile = None if latent else _profile(summaries[metric].sel(cell), adjacent.sel(cell))
     by_steps = None
     if "reasoning_steps" in ds.coords:
         by_steps = stats.by(ds, "reasoning_steps", metric, ci=ci, **kw)
-        tables.append(_to_csv(by_steps, out / "by_reasoning_steps.csv"))
+        tables.append(_to_csv(by_steps, out / "by_reasoning_steps.csv", written))
 
     # ---- figures
     figures: list[tuple[str, str]] = []
 
     def add(fig: Any, stem: str, caption: str) -> None:
-        paths = plots.save_figure(fig, fig_dir / stem, formats)
+        paths = [written.add(p) for p in plots.save_figure(fig, fig_dir / stem, formats)]
         pick = next((p for p in paths if p.suffix == ".png"), paths[0] if paths else None)
         if pick is not None:
             figures.append((caption, str(pick.relative_to(out).as_posix())))
 
+    if "position" in cell and ds.sizes["position"] > 1:
+        # lead with the thought that moves; the panels of every thought come later
+        add(
+            plots.plot_layer_means(ds.sel(position=[cell["position"]]), metric, ci=ci, **kw),
+            f"layer_means_{metric}_thought_{cell['position']}",
+            f"Mean {metric} by layer at thought {cell['position']}, the thought with the largest effect, "
+            f"with {ci:.0%} bootstrap CI (every thought: the next figure)",
+        )
     add(
         plots.plot_layer_means(ds, metric, ci=ci, **kw),
         f"layer_means_{metric}",
-        f"Mean {metric} by layer with {ci:.0%} bootstrap CI",
+        f"Mean {metric} by layer with {ci:.0%} bootstrap CI"
+        + (", one panel per continuous thought" if "position" in extras else ""),
     )
     for kind, rec in recs.items():
         add(
@@ -809,7 +1209,7 @@ def write_report(  # noqa: C901 — a linear sequence of optional report section
             add(
                 plots.plot_layer_means(ds, m, ci=ci, **kw),
                 f"layer_means_{m}",
-                f"Mean {m} by layer with {ci:.0%} bootstrap CI (comparable pairs only)",
+                f"Share of comparable pairs flipped, by layer, with {ci:.0%} exact binomial (Clopper–Pearson) CI",
             )
     if "component" in extras:
         add(plots.plot_components(ds, metric, ci=ci, **kw), f"components_{metric}", f"Components compared ({metric})")
@@ -846,8 +1246,10 @@ def write_report(  # noqa: C901 — a linear sequence of optional report section
     title = f"codi-nnsight report: {ds.attrs.get('model_name', '?')} — {metric}"
     doc = _Doc()
     doc.h(1, title)
-    doc.p(f"**Finding:** {_headline(ds, metric, crit, cell)}")
+    others = _other_thoughts(ds, metric, summaries[metric], cell)
+    doc.p(f"**Finding:** {_headline(ds, metric, crit, cell, profile, alpha, ci)}" + (f" {others}" if others else ""))
     doc.img(figures[0][0], figures[0][1])
+    lead = 2 if figures[0][1].startswith(f"figures/layer_means_{metric}_thought_") else 1
     n_pairs = ds.sizes["pair"]
     n_comparable = n_pairs - stats.excluded_pairs(ds)["count"]
     layers_txt = "the latent input embedding (no layer)" if latent else plural(ds.sizes["layer"], "layer")
@@ -856,7 +1258,7 @@ def write_report(  # noqa: C901 — a linear sequence of optional report section
         f"{layers_txt}, mode = {ds.attrs.get('mode', '?')}, direction = {ds.attrs.get('direction', '?')}."
     )
     doc.h(2, "What the numbers say")
-    for para in _narrative(ds, metric, crit, tests, recs, alpha, ci, n_resamples, seed):
+    for para in _narrative(ds, metric, crit, tests, recs, alpha, ci, n_resamples, seed, profile):
         doc.p(para)
     doc.h(2, "What was patched and measured")
     mode, direction = str(ds.attrs.get("mode", "")), str(ds.attrs.get("direction", ""))
@@ -903,7 +1305,25 @@ def write_report(  # noqa: C901 — a linear sequence of optional report section
             doc.table(*_recovery_table(rec, ci, latent))
     else:
         doc.p("No recovery could be computed from this file.")
+    doc.h(2, "Adjacent layers")
+    if adjacent.sizes["layer"] == 0:
+        doc.p("Only one layer was swept: there are no adjacent layers to compare.")
+    else:
+        doc.p(
+            "Each layer against the layer before it, paired over pairs"
+            + _sel_text(cell)
+            + f": difference = mean over pairs of (this layer − previous layer), with its {ci:.0%} bootstrap CI; "
+            "d_z = that mean / the standard deviation of the paired differences (an effect size: 0.2 small, "
+            "0.5 medium, 0.8 large); p: two-sided Wilcoxon signed-rank test; p (BH): Benjamini–Hochberg adjusted "
+            f"over the steps. Every cell is in `adjacent_layers_{metric}.csv`."
+        )
+        doc.table(*_adjacent_table(adjacent.sel(cell), ci))
     doc.h(2, "Critical layers")
+    doc.p(
+        "Each layer is tested against the mean of all other layers. On a curve that rises and stays up every "
+        "layer after the rise passes this test, so a significant layer here is not a peak; the adjacent-layer "
+        "comparisons above say where the effect changes."
+    )
     doc.p(
         f"Top {crit.sizes['rank']} layers by mean {metric}. Excess: mean over pairs of (layer value − mean of the "
         f"other layers). p: one-sided Wilcoxon signed-rank test, across pairs, of that excess > 0; p (BH): "
@@ -919,7 +1339,9 @@ def write_report(  # noqa: C901 — a linear sequence of optional report section
     else:
         _steps_section(doc, by_steps, cell, ci)
     doc.h(2, "Figures")
-    for caption, rel in figures[1:]:
+    if lead == 2:
+        doc.img(figures[1][0], figures[1][1])
+    for caption, rel in figures[lead:]:
         doc.img(caption, rel)
     doc.p("CSV tables: " + ", ".join(f"`{p.name}`" for p in tables) + ".")
     doc.h(2, "Provenance")
@@ -927,7 +1349,9 @@ def write_report(  # noqa: C901 — a linear sequence of optional report section
 
     md_path = out / "report.md"
     md_path.write_text(doc.markdown(), encoding="utf-8")
+    written.add(md_path)
     (out / "report.html").write_text(doc.html(out, title), encoding="utf-8")
+    written.add(out / "report.html")
     return md_path
 
 

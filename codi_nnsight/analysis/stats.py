@@ -16,7 +16,7 @@ import numpy as np
 import xarray as xr
 from scipy import stats as sps
 
-from .io import ResultsError
+from .io import NOT_SUMMARIZABLE, ResultsError
 
 SUMMARY_VARS = ("mean", "std", "sem", "median", "ci_low", "ci_high", "n")
 
@@ -62,11 +62,10 @@ UNIT_WORDS = {
 #: equal answers (``comparable`` == 0) are counted out of their summaries.
 COMPARISON_METRICS = ("flipped", "recovery", "logprob_recovery", "logit_diff", "logprob_diff")
 
-#: Variables over (pair, layer) that cannot be summarised over pairs, and why.
-NOT_SUMMARIZABLE = {
-    "answer": "it is the decoded answer (a number per pair), not an effect size; its mean over pairs "
-    "means nothing — use flipped",
-}
+#: Metrics that are a 0/1 outcome per pair: their mean is a proportion, so its CI is an exact
+#: (Clopper–Pearson) binomial interval, not a bootstrap one (a bootstrap of 24 successes out of
+#: 24 gives the useless interval 100%–100%; the exact interval is 85.8%–100%).
+PROPORTION_METRICS = ("flipped", "top1_changed")
 
 
 # --------------------------------------------------------------------------------------------
@@ -225,6 +224,34 @@ def _bootstrap_ci(x: np.ndarray, ci: float, n_resamples: int, seed: int, method:
     return lo, hi
 
 
+def is_binary(x: np.ndarray) -> bool:
+    """True when every finite value of ``x`` is 0 or 1 (and there is at least one)."""
+    x = np.asarray(x, dtype=float)
+    x = x[np.isfinite(x)]
+    return bool(x.size) and bool(np.isin(x, (0.0, 1.0)).all())
+
+
+def binomial_ci(successes: int, n: int, ci: float = 0.95) -> tuple[float, float]:
+    """Exact (Clopper–Pearson) interval of a proportion ``successes / n`` at level ``ci``.
+
+    Exact rather than Wilson so the interval never undercovers; with n = 0 it is (NaN, NaN).
+    """
+    if n <= 0:
+        return np.nan, np.nan
+    res = sps.binomtest(int(successes), int(n)).proportion_ci(confidence_level=ci, method="exact")
+    return float(res.low), float(res.high)
+
+
+def summarize_proportion(x: np.ndarray, ci: float = 0.95) -> dict[str, float]:
+    """:func:`summarize_1d` for a 0/1 sample: the same statistics, with the exact binomial CI
+    (:func:`binomial_ci`) in place of the bootstrap one."""
+    x = np.asarray(x, dtype=float)
+    x = x[np.isfinite(x)]
+    out = summarize_1d(x, ci, n_resamples=0)
+    out["ci_low"], out["ci_high"] = binomial_ci(int(x.sum()), x.size, ci)
+    return out
+
+
 def wilcoxon_p(d: np.ndarray, alternative: str = "two-sided") -> float:
     """Wilcoxon signed-rank p-value of ``d`` (NaNs dropped); 1.0 when all differences are 0."""
     d = np.asarray(d, dtype=float)
@@ -279,14 +306,20 @@ def layer_summary(
     Variables: ``mean``, ``std`` (ddof=1), ``sem``, ``median``, ``ci_low``/``ci_high`` (bootstrap
     CI of the mean at level ``ci``, ``method`` "BCa" falling back to "percentile", seeded with
     ``np.random.default_rng(seed)`` per cell) and ``n`` (number of non-NaN pairs). NaNs are
-    skipped per cell; with n < 2 or constant data the CI equals the mean.
+    skipped per cell; with n < 2 or constant data the CI equals the mean. For the 0/1 metrics in
+    :data:`PROPORTION_METRICS` the CI is the exact binomial interval (:func:`binomial_ci`)
+    instead; attr ``ci_method`` says which.
     """
     da = metric_array(ds, metric)
     arr, extras = _cells(da, ["pair"])  # pair last, other dims keep their order
     shape = arr.shape[:-1]
     out = {k: np.full(shape, np.nan) for k in SUMMARY_VARS}
+    proportion = metric in PROPORTION_METRICS and is_binary(arr)
     for idx in np.ndindex(shape):
-        res = summarize_1d(arr[idx], ci, n_resamples, seed, method)
+        if proportion:
+            res = summarize_proportion(arr[idx], ci)
+        else:
+            res = summarize_1d(arr[idx], ci, n_resamples, seed, method)
         for k, v in res.items():
             out[k][idx] = v
     units = da.attrs.get("units", "")
@@ -298,6 +331,7 @@ def layer_summary(
             data_vars[k] = (extras, v, {"units": units, "long_name": f"{k} of {metric}"})
     attrs = _base_attrs(ds, metric, da)
     attrs.update(ci=ci, n_resamples=n_resamples, bootstrap_method=method, bootstrap_seed=seed)
+    attrs["ci_method"] = "exact binomial (Clopper-Pearson)" if proportion else f"bootstrap ({method})"
     return xr.Dataset(data_vars, coords=_kept_coords(da, extras), attrs=attrs)
 
 
@@ -347,6 +381,83 @@ def layer_tests(ds: xr.Dataset, metric: str = "kl") -> xr.Dataset:
     return xr.Dataset(data_vars, coords=_kept_coords(da, dims), attrs=_base_attrs(ds, metric, da)).transpose(
         "layer", *extras
     )
+
+
+def adjacent_layers(
+    ds: xr.Dataset, metric: str = "kl", ci: float = 0.95, n_resamples: int = 2000, seed: int = 0
+) -> xr.Dataset:
+    """Paired comparison of every swept layer with the one before it, per position/component.
+
+    This is what locates an effect along depth: a test of one layer against the mean of all the
+    others (:func:`layer_tests`) is passed by every layer of a curve that rises and stays up, so it
+    cannot tell a peak from a plateau. For each step, per pair, ``d = value(layer) − value(previous
+    layer)``. Dim ``layer`` holds the later layer of each step (all swept layers but the first), plus
+    extras. Variables: ``layer_before`` (the previous swept layer), ``mean_before``, ``mean_after``
+    (means over the pairs with both values), ``diff`` (mean of d), ``ci_low``/``ci_high``
+    (bootstrap CI of that mean, as :func:`summarize_1d`), ``effect_size`` (d_z = mean(d) / sd(d);
+    NaN when d is constant), ``share_up`` (share of pairs with d > 0), ``p_value`` (two-sided
+    Wilcoxon signed-rank of d), ``p_adj`` (Benjamini–Hochberg over the steps of the cell) and ``n``.
+    With a single layer the result has no steps (``layer`` of size 0).
+    """
+    da = metric_array(ds, metric)
+    arr, extras = _cells(da, ["pair", "layer"])  # (..., pair, layer)
+    layers = da["layer"].values
+    n_steps = max(layers.size - 1, 0)
+    shape = arr.shape[:-2] + (n_steps,)
+    names = ("mean_before", "mean_after", "diff", "ci_low", "ci_high", "effect_size", "share_up", "p_value", "p_adj")
+    out = {k: np.full(shape, np.nan) for k in names}
+    n = np.zeros(shape, dtype=np.int64)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for idx in np.ndindex(arr.shape[:-2]):
+            x = arr[idx]
+            for j in range(n_steps):
+                both = np.isfinite(x[:, j]) & np.isfinite(x[:, j + 1])
+                d = x[both, j + 1] - x[both, j]
+                n[idx + (j,)] = d.size
+                if d.size == 0:
+                    continue
+                res = summarize_1d(d, ci, n_resamples, seed)
+                sd = res["std"]
+                cell = idx + (j,)
+                out["mean_before"][cell] = x[both, j].mean()
+                out["mean_after"][cell] = x[both, j + 1].mean()
+                out["diff"][cell] = res["mean"]
+                out["ci_low"][cell], out["ci_high"][cell] = res["ci_low"], res["ci_high"]
+                out["effect_size"][cell] = res["mean"] / sd if np.isfinite(sd) and sd > 0 else np.nan
+                out["share_up"][cell] = float((d > 0).mean())
+                out["p_value"][cell] = wilcoxon_p(d, "two-sided")
+            if n_steps:
+                out["p_adj"][idx] = bh_adjust(out["p_value"][idx])
+    dims = [*extras, "layer"]
+    units = da.attrs.get("units", "")
+    long = {
+        "mean_before": "mean at the previous layer",
+        "mean_after": "mean at this layer",
+        "diff": "mean of (this layer − previous layer) over pairs",
+        "effect_size": "d_z: mean / standard deviation of the paired difference",
+        "share_up": "share of pairs where this layer is higher",
+        "p_value": "two-sided Wilcoxon signed-rank p",
+        "p_adj": "Benjamini–Hochberg adjusted p over the steps",
+    }
+    data_vars: dict[str, Any] = {
+        k: (
+            dims,
+            v,
+            {
+                "long_name": long.get(k, k),
+                **({"units": units} if k in ("mean_before", "mean_after", "diff", "ci_low", "ci_high") else {}),
+            },
+        )
+        for k, v in out.items()
+    }
+    data_vars["n"] = (dims, n, {"long_name": "pairs with both values"})
+    data_vars["layer_before"] = ("layer", layers[:-1] if n_steps else layers[:0])
+    coords: dict[Hashable, Any] = {d: c for d, c in _kept_coords(da, extras).items()}
+    coords["layer"] = layers[1:]
+    attrs = _base_attrs(ds, metric, da)
+    attrs.update(ci=ci, n_resamples=n_resamples, bootstrap_seed=seed, test="two-sided Wilcoxon signed-rank, paired")
+    return xr.Dataset(data_vars, coords=coords, attrs=attrs).transpose("layer", *extras)
 
 
 def min_p_value(n: int) -> float:

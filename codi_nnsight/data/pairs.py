@@ -27,6 +27,7 @@ answers); :func:`pair_coordinates` is the single pair -> ``pair``-coordinates bu
 
 from __future__ import annotations
 
+import decimal
 import hashlib
 import json
 import math
@@ -461,7 +462,8 @@ def pair_warnings(pairset: PairSet) -> list[str]:
     """One line per pair that is valid but cannot measure a flip.
 
     Two kinds: clean and corrupted questions that are identical (patching one into the other
-    changes nothing), and clean and corrupted answers that are equal (a flip to the clean answer
+    changes nothing; only pairs built in code, since a file holding one is refused), and clean
+    and corrupted answers that are equal (a flip to the clean answer
     is indistinguishable from no effect; logit-difference metrics are undefined).  Each line
     names the file, the record index(es) and the pair_id; pairs in file order, identical
     questions before equal answers for the same pair.
@@ -556,8 +558,27 @@ def _object_pairs(items: list[tuple[str, Any]]) -> dict:
     return marked
 
 
+class _InexactFloat(float):
+    """A JSON number that float64 cannot hold as written (``12345678901234567891.0``); keeps the text."""
+
+    text: str
+
+
+def _parse_float(text: str) -> float:
+    x = float(text)
+    if math.isfinite(x) and _exact_decimal(text) != _exact_decimal(repr(x)):
+        marked = _InexactFloat(x)
+        marked.text = text
+        return marked
+    return x
+
+
+def _exact_decimal(text: str) -> decimal.Decimal:
+    return decimal.Decimal(text.replace(",", ""))
+
+
 def _loads(text: str) -> Any:
-    return json.loads(text, object_pairs_hook=_object_pairs)
+    return json.loads(text, object_pairs_hook=_object_pairs, parse_float=_parse_float)
 
 
 def _check_duplicate_keys(obj: dict, col: _Collector, index: int, pair_id: int | None, prefix: str) -> bool:
@@ -641,6 +662,16 @@ def _parse_answer(v: Any) -> tuple[float | None, str | None]:
         shown = repr(v) if isinstance(v, float) else _show(v)
     if not math.isfinite(x):
         return None, f"not a finite number: {shown}"
+    written = v.text if isinstance(v, _InexactFloat) else shown if isinstance(v, str) else None
+    inexact = (
+        isinstance(v, _InexactFloat)
+        or (isinstance(v, int) and int(x) != v)
+        or (isinstance(v, str) and _exact_decimal(s) != _exact_decimal(repr(x)))
+    )
+    if inexact:
+        # Scores compare answers as float64: a rounded answer would be scored against another number.
+        stored = int(x) if x.is_integer() else x
+        return None, f"{written or _show(v)} is not exact in float64 (it would be stored as {stored!r})"
     return x, None
 
 
@@ -803,6 +834,11 @@ def _record_pair_id(rec: dict, i: int, col: _Collector) -> int | None:
     return pid
 
 
+#: A pair whose questions are identical measures nothing: every patch is a no-op, so a sweep
+#: would report every pair "flipped" with KL ~1e-14. Files are refused; in-memory pairs warn.
+_SAME_QUESTIONS = "clean and corrupted questions are identical, so patching does nothing"
+
+
 def _build_flat(records: list[Any], col: _Collector) -> tuple[list[Pair], dict[int, tuple[int, ...]]]:
     # pair_id -> {variant: record index}; tracks presence even for records with bad content,
     # so one bad answer does not also produce a spurious "no partner" problem.
@@ -853,6 +889,9 @@ def _build_flat(records: list[Any], col: _Collector) -> tuple[list[Pair], dict[i
                 col.add(f'no "{other}" record for this pair', slots[variant], pid)
         c, k = questions.get((pid, "clean")), questions.get((pid, "corrupted"))
         if c is not None and k is not None:
+            if c.question == k.question:
+                col.add(_SAME_QUESTIONS + f" (as record {slots['clean']})", slots["corrupted"], pid, "question")
+                continue
             pairs.append(Pair(pid, c, k))
             where[pid] = (slots["clean"], slots["corrupted"])
     return pairs, where
@@ -894,6 +933,9 @@ def _build_nested(records: list[Any], col: _Collector) -> tuple[list[Pair], dict
             else:
                 qs[variant] = _nested_question(sub, variant, col, i, pid, shared)
         c, k = qs["clean"], qs["corrupted"]
+        if c is not None and k is not None and c.question == k.question:
+            col.add(_SAME_QUESTIONS + " (as clean.question)", i, pid, "corrupted.question")
+            continue
         if pid is not None and not duplicate and shared_ok and c is not None and k is not None:
             pairs.append(Pair(pid, c, k))
             where[pid] = (i,)
@@ -950,8 +992,10 @@ def _validate(path: str | os.PathLike) -> tuple[PairSet | None, list[PairsFilePr
 def validate_pairs(path: str | os.PathLike) -> tuple[PairSet | None, list[PairsFileProblem]]:
     """Check a pairs file and collect *all* problems; never raises.
 
-    Returns ``(pairset, [])`` when the file is valid, else ``(None, problems)``.  Pairs that are
-    valid but cannot measure a flip are not problems: see :func:`pair_warnings`.
+    Returns ``(pairset, [])`` when the file is valid, else ``(None, problems)``.  A pair whose
+    clean and corrupted questions are identical is a problem (it measures nothing); one whose
+    answers are equal is valid but cannot measure a flip: see :func:`pair_warnings`.  Answers
+    must be exact in float64 (``12345678901234567891`` would be scored as ...168).
     """
     try:
         return _validate(path)

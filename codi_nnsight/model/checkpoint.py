@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import UserError
 from .config import CODIConfig
-from .families import Family, family_for
+from .families import Family, check_shape, family_for
 from .module import CODIModule, make_prj, register_attention
 
 CKPT_PREFIXES = ("codi.base_model.model.", "codi.")
@@ -226,6 +226,30 @@ def check_weight_values(sd: dict[str, torch.Tensor], source: str) -> None:
             raise UserError(f"{source}: {key} holds {bad} non-finite value(s) (NaN or inf)")
 
 
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line: transformers often puts the reason on a later line."""
+    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+#: Text any real tokenizer encodes into several tokens.
+_TOKENIZER_PROBE = "The answer is: 18"
+
+
+def check_tokenizer(tokenizer: Any, base: str) -> None:
+    """Refuse a tokenizer that cannot encode text, e.g. the empty one transformers builds for a base
+    folder without tokenizer files (every question would become nothing and every answer wrong)."""
+    try:
+        ids = tokenizer(_TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]
+    except Exception as e:  # a broken tokenizer file
+        raise UserError(f"base {base!r}: the tokenizer cannot encode text ({_one_line(e)})") from None
+    if len(tokenizer) < 2 or not ids:
+        raise UserError(
+            f"base {base!r}: no usable tokenizer ({len(tokenizer)} token(s), encodes {_TOKENIZER_PROBE!r} as "
+            f"{len(ids)} tokens); the folder needs its tokenizer files (tokenizer.json, or vocab.json and merges.txt)"
+        )
+
+
 def build_codi(
     cfg: CODIConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", meta: bool = False
 ) -> tuple[CODIModule, Any, dict[str, str]]:
@@ -241,8 +265,10 @@ def build_codi(
         hf_config = AutoConfig.from_pretrained(base, revision=None)
         tokenizer = AutoTokenizer.from_pretrained(base)
     except Exception as e:
-        raise UserError(f"base {base!r}: cannot load config/tokenizer ({str(e).splitlines()[0]})") from None
+        raise UserError(f"base {base!r}: cannot load config/tokenizer ({_one_line(e)})") from None
+    check_tokenizer(tokenizer, base)
     family = family_for(hf_config)  # an unsupported architecture is refused before any weight is built
+    check_shape(hf_config, f"base {base!r}")
     vocab = hf_config.vocab_size
     hf_config.vocab_size = vocab + 3  # pad, bot, eot
     # Our eager attention: exact in float64 (see codi_attention).

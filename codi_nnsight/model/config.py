@@ -15,6 +15,61 @@ from typing import Any
 
 from ..errors import UserError
 
+#: Most continuous thoughts a config may ask for. Each thought is one position of the model's
+#: context; no supported model is run with thousands of them, and an absurd count (10**6) would
+#: otherwise allocate and loop for minutes before failing.
+MAX_NUM_LATENT = 4096
+#: Largest LoRA rank and projection width accepted: far above any real checkpoint, low enough that
+#: a typo is refused instead of allocating gigabytes.
+MAX_LORA_R = 65536
+MAX_PRJ_DIM = 65536
+#: Fields whose values (not only types) are checked.
+_CHECKED = ("num_latent", "lora_r", "lora_alpha", "prj_dim")
+
+
+def _is_int(value: Any) -> bool:
+    # bool is an int subclass: a `true` where a number belongs is a typo, not a 1.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _shown(value: Any) -> str:
+    """``value`` for a message; a huge integer by its size, not thousands of digits."""
+    if _is_int(value) and abs(value) >= 10**20:
+        return f"an integer of {len(str(abs(value)))} digits"
+    return repr(value)
+
+
+#: Integer fields: (smallest, largest, what the smallest means when it is a boundary to explain).
+_INT_BOUNDS: dict[str, tuple[int, int, str]] = {
+    "num_latent": (0, MAX_NUM_LATENT, ""),
+    "lora_r": (0, MAX_LORA_R, ""),
+    # 0 used to mean "the hidden size" silently; null says that explicitly.
+    "prj_dim": (1, MAX_PRJ_DIM, " (or null for the hidden size)"),
+}
+
+
+def _value_error(key: str, value: Any) -> str | None:
+    """Why ``value`` is unusable for the numeric field ``key`` (completes "num_latent ..."), or None."""
+    if key == "lora_alpha":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"must be a number, got {_shown(value)}"
+        try:
+            finite = math.isfinite(float(value))
+        except OverflowError:  # an integer beyond float
+            finite = False
+        return None if finite else f"must be a finite number, got {_shown(value)}"
+    if key == "prj_dim" and value is None:
+        return None
+    low, high, note = _INT_BOUNDS[key]
+    if not _is_int(value):
+        return f"must be an integer{' or null' if key == 'prj_dim' else ''}, got {_shown(value)}"
+    if value < low:
+        return f"must be {'>= 0' if low == 0 else '> 0'}{note}, got {_shown(value)}"
+    if value > high:
+        why = " (each thought takes a context position)" if key == "num_latent" else ""
+        return f"must be <= {high}{why}, got {_shown(value)}"
+    return None
+
 
 @dataclass
 class CODIConfig:
@@ -41,15 +96,10 @@ class CODIConfig:
     root: str | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.num_latent < 0:
-            raise UserError(f"codi config: num_latent must be >= 0, got {self.num_latent}")
-        if self.lora_r < 0:
-            raise UserError(f"codi config: lora_r must be >= 0, got {self.lora_r}")
-        if not math.isfinite(float(self.lora_alpha)):
-            raise UserError(f"codi config: lora_alpha must be a finite number, got {self.lora_alpha}")
-        if self.prj_dim is not None and self.prj_dim <= 0:
-            # 0 used to mean "the hidden size" silently; null says that explicitly.
-            raise UserError(f"codi config: prj_dim must be > 0 (or null for the hidden size), got {self.prj_dim}")
+        for key in _CHECKED:
+            err = _value_error(key, getattr(self, key))
+            if err is not None:
+                raise UserError(f"codi config: {key} {err}")
 
     # -- paths -------------------------------------------------------------------------------
     def _resolve(self, value: str) -> str:
@@ -133,11 +183,15 @@ class CODIConfig:
             if not ok:
                 want = " or ".join("null" if t is type(None) else t.__name__ for t in types[key])
                 raise UserError(f"{source}: key {key!r} must be {want}, got {json.dumps(value)}")
+            err = _value_error(key, value) if key in _CHECKED else None
+            if err is not None:  # named by file and key, before any model is built
+                raise UserError(f"{source}: {key} {err}")
         return cls(**data, root=root)
 
     @classmethod
     def from_json(cls, path: str | Path) -> CODIConfig:
-        """Read a `codi.json` file (relative paths resolve against its folder)."""
+        """Read a `codi.json` file (relative paths resolve against its folder; for a symlink, the folder
+        of the file it points to)."""
         path = Path(path)
         try:
             text = path.read_text(encoding="utf-8")
@@ -149,7 +203,8 @@ class CODIConfig:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise UserError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
-        return cls.from_dict(data, source=str(path), root=str(path.parent.resolve()))
+        # Relative paths belong to the real file: a codi.json symlinked elsewhere keeps its model.
+        return cls.from_dict(data, source=str(path), root=str(path.resolve().parent))
 
     def save(self, path: str | Path) -> None:
         """Write this config as a `codi.json` (paths as given, not resolved)."""

@@ -156,3 +156,23 @@ def family_for(hf_config: Any) -> Family:
             return family
     known = ", ".join(t for f in FAMILIES.values() for t in f.model_types)
     raise UserError(f"unsupported model_type {model_type!r}: CODI models are supported for {known}")
+
+
+def check_shape(hf_config: Any, source: str) -> None:
+    """Refuse attention shapes the model cannot be built with, in one line naming ``source``.
+
+    The width must split evenly over the heads (unless the config gives an explicit ``head_dim``),
+    and the heads over the key/value heads; transformers would fail deep in the build, or (Qwen2)
+    build a model whose heads silently drop part of the width.
+    """
+    hidden = getattr(hf_config, "hidden_size", None) or getattr(hf_config, "n_embd", None)
+    heads = getattr(hf_config, "num_attention_heads", None) or getattr(hf_config, "n_head", None)
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+    if not isinstance(hidden, int) or not isinstance(heads, int) or hidden <= 0 or heads <= 0:
+        raise UserError(f"{source}: hidden size {hidden!r} and attention heads {heads!r} must be positive integers")
+    head_dim = getattr(hf_config, "head_dim", None)
+    explicit = isinstance(head_dim, int) and head_dim > 0 and head_dim != hidden // heads
+    if hidden % heads and not explicit:
+        raise UserError(f"{source}: hidden size {hidden} does not split evenly over {heads} attention heads")
+    if not isinstance(kv_heads, int) or kv_heads <= 0 or heads % kv_heads:
+        raise UserError(f"{source}: {heads} attention heads do not split evenly over {kv_heads} key/value heads")

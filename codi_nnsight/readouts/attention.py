@@ -203,7 +203,7 @@ def attention_readout(
         ),
         "top_token_text": (("pair", "variant", "step", "rank"), top_text, {"long_name": "their text"}),
     }
-    coords = base_coords(model, pairs, infos)
+    coords = base_coords(model, pairs, infos, taken=set(data) | {"head", "region", "token", "token_text", "rank"})
     del coords["intermediate"]
     coords.update(
         {

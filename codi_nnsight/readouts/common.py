@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -163,8 +163,15 @@ def to_pair_variant(flat: np.ndarray, infos: Sequence[QuestionInfo], n_pairs: in
     return out
 
 
-def base_coords(model: Any, pairs: Sequence[Any], infos: Sequence[QuestionInfo]) -> dict[str, Any]:
-    """Coordinates every readout Dataset has: pair (+ pair metadata), variant, step, layer."""
+def base_coords(
+    model: Any, pairs: Sequence[Any], infos: Sequence[QuestionInfo], taken: Collection[str] = ()
+) -> dict[str, Any]:
+    """Coordinates every readout Dataset has: pair (+ pair metadata), variant, step, layer.
+
+    ``taken``: the Dataset's variable names and any coordinate added later; a pair metadata field
+    of such a name (a pairs file with a numeric ``top_ids``) gets a ``meta_`` prefix instead of
+    clashing with it.
+    """
     from ..data.pairs import pair_coordinates
 
     K = model.num_latent
@@ -187,7 +194,8 @@ def base_coords(model: Any, pairs: Sequence[Any], infos: Sequence[QuestionInfo])
             {"long_name": "reasoning step whose result is the gold intermediate value"},
         ),
     }
-    coords.update(pair_coordinates(pairs, reserved=set(coords) | {"gold_value", "gold_token", "answer_token"}))
+    reserved = set(coords) | {"gold_value", "gold_token", "answer_token"} | set(taken)
+    coords.update(pair_coordinates(pairs, reserved=reserved))
     return coords
 
 

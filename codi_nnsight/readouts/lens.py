@@ -227,7 +227,7 @@ def logit_lens(
         ),
         **gold_variables(infos, n),
     }
-    coords = base_coords(model, pairs, infos)
+    coords = base_coords(model, pairs, infos, taken=set(data) | {"k"})
     coords["k"] = ("k", np.arange(top_k, dtype=np.int64), {"long_name": "0 = most likely"})
     if tuned is None:
         extra = {

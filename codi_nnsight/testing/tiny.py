@@ -103,8 +103,19 @@ def tiny_hf_config(
     vocab: int = BYTE_VOCAB + 2,
     max_positions: int = 512,
 ) -> Any:
-    """A small transformers config of the given family (vocab before CODI's +3)."""
+    """A small transformers config of the given family (vocab before CODI's +3).
+
+    Raises :class:`UserError` (one line) for heads that do not divide the width, or key/value
+    heads that do not divide the heads: transformers would fail deep inside, or build a model
+    whose heads silently drop part of the width.
+    """
     fam = family_named(family)
+    if heads < 1 or hidden % heads:
+        raise UserError(
+            f"hidden size {hidden} does not split evenly over {heads} attention heads (use a multiple of {heads})"
+        )
+    if kv_heads is not None and (kv_heads < 1 or heads % kv_heads):
+        raise UserError(f"{heads} attention heads do not split evenly over {kv_heads} key/value heads")
     eos = BYTE_VOCAB if fam.tokenizer_style == "gpt2" else BYTE_VOCAB + 1
     return fam.tiny_config(
         vocab=vocab,
@@ -194,10 +205,24 @@ def write_tiny_codi(
     from ..model.module import make_prj
 
     out = Path(out_dir)
+    # The configs first: a bad shape or value is refused before any folder is made.
+    hf_config = tiny_hf_config(family, n_layers=n_layers, hidden=hidden, heads=heads, kv_heads=kv_heads)
+    targets = list(family_named(family).lora_targets)
+    ckpt = Path("ckpt/model.safetensors" if checkpoint_format == "safetensors" else "ckpt/pytorch_model.bin")
+    cfg = CODIConfig(
+        base="base",
+        checkpoint=str(ckpt),
+        num_latent=num_latent,
+        lora_r=lora_r,
+        lora_alpha=lora_alpha,
+        lora_target_modules=targets,
+        prj_dim=prj_dim or hidden,
+        remove_eos=remove_eos,
+        name=f"tiny-{family}",
+    )
     (out / "base").mkdir(parents=True, exist_ok=True)
     (out / "ckpt").mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    hf_config = tiny_hf_config(family, n_layers=n_layers, hidden=hidden, heads=heads, kv_heads=kv_heads)
     hf_config.save_pretrained(out / "base")
     byte_tokenizer(family).save_pretrained(out / "base")
     vocab = hf_config.vocab_size
@@ -210,27 +235,13 @@ def write_tiny_codi(
             if p.dim() >= 2 or name.endswith(".bias"):  # biases too: Qwen2's q/k/v biases must matter
                 p.copy_(torch.randn(p.shape, generator=g) * init_std)
     prj = make_prj(hidden, prj_dim or hidden, True, False)
-    targets = list(family_named(family).lora_targets)
     sd = official_state_dict(lm, prj, family, lora_r, lora_alpha, targets, seed=seed, tied_key=tied_key)
     if checkpoint_format == "safetensors":
         from safetensors.torch import save_file
 
-        ckpt = Path("ckpt/model.safetensors")
         save_file(sd, str(out / ckpt))
     else:
-        ckpt = Path("ckpt/pytorch_model.bin")
         torch.save(sd, out / ckpt)
-    cfg = CODIConfig(
-        base="base",
-        checkpoint=str(ckpt),
-        num_latent=num_latent,
-        lora_r=lora_r,
-        lora_alpha=lora_alpha,
-        lora_target_modules=targets,
-        prj_dim=prj_dim or hidden,
-        remove_eos=remove_eos,
-        name=f"tiny-{family}",
-    )
     cfg.save(out / "codi.json")
     return out / "codi.json"
 

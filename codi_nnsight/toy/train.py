@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import sys
 import time
 import zlib
 from dataclasses import asdict, dataclass
@@ -466,13 +468,59 @@ def train_toy(
 
     # Each worker is a fresh process (spawn), one torch thread each; they meet through a file.
     with tempfile.TemporaryDirectory() as rendezvous:
-        mp.spawn(
+        context = mp.start_processes(
             _train_worker,
             args=(cfg, str(out_dir), evaluate, eval_n, log_every, verbose, str(Path(rendezvous, "init"))),
             nprocs=cfg.workers,
-            join=True,
+            join=False,
+            start_method="spawn",
         )
+        try:
+            while not context.join():
+                pass
+        except BaseException:
+            # A signal to this process alone (a scheduler's SIGINT) must not leave the workers
+            # training on: multiprocessing would then wait for them at exit.
+            _stop_workers(context.processes)
+            raise
     return json.loads(Path(out_dir, "train_log.json").read_text(encoding="utf-8"))
+
+
+#: Seconds a worker gets to end after SIGTERM before it is killed.
+_WORKER_STOP_GRACE_S = 5.0
+
+
+def _stop_workers(processes: list[Any]) -> None:
+    """Terminate the still-running worker processes, then kill those that ignore it."""
+    for proc in processes:
+        if proc.is_alive():
+            proc.terminate()
+    deadline = time.time() + _WORKER_STOP_GRACE_S
+    for proc in processes:
+        proc.join(max(0.0, deadline - time.time()))
+        if proc.is_alive():
+            proc.kill()
+            proc.join(1.0)
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGTERM this worker when the main process dies (even by SIGKILL); elsewhere a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # no prctl: the main process still stops its workers itself
+        return
+    import multiprocessing
+
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:
+        # The main process died while this worker was still importing, before the request above.
+        raise SystemExit(1)
 
 
 def _train_worker(
@@ -488,6 +536,7 @@ def _train_worker(
     """One data-parallel training process (`torch.multiprocessing.spawn` target)."""
     import torch.distributed as dist
 
+    _die_with_parent()
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=cfg.workers)
     try:
