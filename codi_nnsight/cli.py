@@ -334,6 +334,8 @@ def attribute(
     from .run import write_results
 
     comps = [c.strip() for c in component.split(",") if c.strip()]
+    if not comps:
+        raise UserError(f"--component {component!r}: expected resid, attn, mlp, latent or head (or a comma list)")
     if verify_n is not None and len(comps) > 1:
         raise UserError("--verify checks one component at a time")
     out_path = prepare_output(out, force)
@@ -553,10 +555,15 @@ def pairs_filter(file, model_spec, dtype, device, normalization, out, force, req
 @click.option("--hidden", type=click.IntRange(min=8), default=32, show_default=True)
 @click.option("--num-latent", type=click.IntRange(min=1), default=6, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-def make_tiny(out: str, family: str, n_layers: int, hidden: int, num_latent: int, seed: int) -> None:
+@force_option
+def make_tiny(out: str, family: str, n_layers: int, hidden: int, num_latent: int, seed: int, force: bool) -> None:
     """Write a tiny random CODI model in the official layout (a dry run without downloads)."""
     from .testing.tiny import write_tiny_codi
 
+    # A folder that already holds anything (another model, say) is replaced only with --force.
+    if Path(out).is_dir() and any(Path(out).iterdir()) and not force:
+        raise UserError(f"{out}: folder exists and is not empty; add --force to overwrite it")
+    prepare_output(out, force=True, folder=True)
     path = write_tiny_codi(out, family=family, n_layers=n_layers, hidden=hidden, num_latent=num_latent, seed=seed)
     click.echo(f"wrote {path}")
 

@@ -63,8 +63,10 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
-    except RuntimeError:
+    except (RuntimeError, TypeError):
         raise UserError(f"--device {device!r}: not a torch device") from None
+    if dev.type == "meta":
+        raise UserError("--device meta: holds no data, so nothing can be computed there (use cpu or cuda)")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {device}: CUDA is not available on this machine")
     return dev
@@ -464,6 +466,11 @@ class CODIModel(Remotable):
         for p in pairs:
             for variant in ("clean", "corrupted"):
                 q = getattr(p, variant)
+                if "\x00" in q.question:  # netCDF strings end at NUL: the stored question would be cut there
+                    raise UserError(
+                        f"pair_id {p.pair_id}, {variant} question: contains a NUL character at character "
+                        f"{q.question.index(chr(0))}"
+                    )
                 ids = tok(self.normalize_question(q.question), add_special_tokens=False).input_ids
                 bad = sorted({tok.convert_ids_to_tokens(i) for i in ids if i in special})
                 if bad:
@@ -479,10 +486,27 @@ class CODIModel(Remotable):
                     )
 
     def prepare(self, questions: list[str] | str, **extra: Any) -> dict[str, Any]:
-        """Left-padded `input_ids` / `attention_mask` for `questions`, plus `extra` forward kwargs."""
+        """Left-padded `input_ids` / `attention_mask` for `questions`, plus `extra` forward kwargs.
+
+        Raises:
+            UserError: an empty question, or one that with the latents does not fit the context.
+        """
         if isinstance(questions, str):
             questions = [questions]
-        return {**left_pad([self.encode_question(q) for q in questions], self._module.pad_id), **extra}
+        seqs = []
+        limit = self.context_length
+        for i, q in enumerate(questions):
+            if not isinstance(q, str):
+                raise TypeError(f"question {i}: expected text, got {type(q).__name__}")
+            if not q.strip():
+                raise UserError(f"question {i} is empty: the model needs a question to think about")
+            ids = self.encode_question(q)
+            if limit and len(ids) + self.num_latent >= limit:
+                raise UserError(
+                    f"question {i}: {len(ids)} tokens + {self.num_latent} latents exceed the model's context of {limit}"
+                )
+            seqs.append(ids)
+        return {**left_pad(seqs, self._module.pad_id), **extra}
 
     def _invoke_inputs(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
         """One invoke's forward arguments as keywords; question text is encoded like `prepare`.
@@ -498,6 +522,11 @@ class CODIModel(Remotable):
         ):
             kw = {**self.prepare(args[0]), **kw}
             args = args[1:]
+        elif args and not isinstance(args[0], torch.Tensor):
+            raise TypeError(
+                "CODIModel.trace: expected question text, a list of questions or input_ids, "
+                f"got {type(args[0]).__name__}"
+            )
         for name, value in zip(("input_ids", "attention_mask"), args):
             kw[name] = value
         if len(args) > 2:

@@ -84,6 +84,10 @@ def question_infos(model: Any, pairs: Sequence[Any]) -> list[QuestionInfo]:
     """Clean then corrupted question of every pair, in pair order, with their token layout."""
     from ..patching.plan import answer_tokens
 
+    # Questions past the context would run on positions the model never saw; text the tokenizer
+    # would change is refused too (as `patch` and `evaluate` do), before any trace.
+    model.check_fits(pairs, extra=model.num_latent + 16)
+    model.check_text(pairs)
     tok = model.tokenizer
     out = []
     for i, pair in enumerate(pairs):
