@@ -50,13 +50,15 @@ class CodiAccessor:
 
     def summary(self, metric: str = "kl") -> str:
         """The text `codi-nnsight analyze` prints: the per-layer table of `metric` (a readout's headline numbers)."""
-        if self._readout():
-            from .analysis.readouts import readout_summary
+        from .analysis import kinds
 
-            return readout_summary(self._ds)
-        from .analysis.report import format_layer_table
+        kind = kinds.result_kind(self._ds, self._name())
+        if kind == "sweep":
+            from .analysis.report import format_layer_table
 
-        return format_layer_table(self._results(metric), metric)
+            return format_layer_table(self._results(metric), metric)
+        # every other kind says in its attrs what it holds (the output contract)
+        return kinds.summary(self._ds, None if metric == "kl" else metric)
 
     def plot(self, metric: str = "kl", **kwargs: Any) -> Figure:
         """The kind's main figure (the first of its report) as a matplotlib `Figure`.

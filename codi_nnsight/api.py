@@ -77,6 +77,10 @@ def report(
     ds = _load(results) if isinstance(results, (str, os.PathLike)) else results
     if is_readout(ds):
         return write_readout_report(ds, out)
+    from .analysis import kinds
+
+    if kinds.result_kind(ds) in ("attribution", "early-exit"):
+        return kinds.write_kind_report(ds, out, None if metric == "kl" else metric)
     from .analysis.report import write_report
 
     return write_report(ds, out, metric=metric, k=k, force=force, **kwargs)

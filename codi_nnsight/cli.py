@@ -367,10 +367,14 @@ def attribute(
 def analyze(results: str, metric: str) -> None:
     """Print the per-layer table of a results file."""
     from . import analysis
+    from .analysis import kinds
 
-    ds = analysis.load(results)
-    analysis.io.check_metric(ds, metric, results)
-    click.echo(analysis.format_layer_table(ds, metric))
+    ds = analysis.load(results)  # every kind of results file (the output contract says which)
+    kind = kinds.result_kind(ds, results)
+    if kind in ("sweep", "attribution"):
+        metric = metric if kind == "sweep" or metric != "kl" else ds.attrs.get("default_metric", "atp_logprob_diff")
+        analysis.io.check_metric(ds, metric, results)
+    click.echo(kinds.summary(ds, metric))
 
 
 @main.command()
@@ -393,6 +397,12 @@ def report(results: str, out: str, force: bool, metric: str, k: int) -> None:
         click.echo(f"wrote {write_readout_report(readout, out)} (and figures) in {out}")
         return
     ds = analysis.load(results)
+    from .analysis import kinds
+
+    if kinds.result_kind(ds, results) in ("attribution", "early-exit"):
+        kind_metric = None if metric == "kl" else metric
+        click.echo(f"wrote {kinds.write_kind_report(ds, out, kind_metric)} (and report.html, a figure) in {out}")
+        return
     analysis.io.check_metric(ds, metric, results)
     try:
         path = analysis.write_report(ds, out, metric=metric, k=k, force=force)

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
+from ..contract import METRICS as CONTRACT_METRICS
+from ..contract import kind_of_schema
 from ..errors import UserError
 
 SCHEMA_PREFIX = "codi-nnsight/results/"
@@ -32,15 +34,20 @@ RENAMED_V1 = {
 MODES_V1 = {"frozen": "no-feedback"}
 
 
-#: Variables over (pair, layer) that cannot be summarised over pairs, and why.
-NOT_SUMMARIZABLE = {
-    "answer": "it is the decoded answer (a number per pair), not an effect size; its mean over pairs "
-    "means nothing — use flipped",
-}
+#: Variables over (pair, layer) that cannot be summarised over pairs, and why (from the output contract).
+NOT_SUMMARIZABLE = {m: i.not_summarizable for m, i in CONTRACT_METRICS.items() if i.not_summarizable}
 
 
 class ResultsError(UserError):
     """A results file is missing, unreadable, or not in the codi-nnsight results schema."""
+
+
+def _required_of(ds: xr.Dataset) -> dict[str, tuple[str, ...]]:
+    """The metric a file of its kind must hold (the contract's default metric; `kl` for a sweep)."""
+    kind = kind_of_schema(ds.attrs.get("codi_nnsight_schema", ""))
+    if kind is None or kind.name == "sweep":
+        return {}
+    return {"required": (kind.default_metric,) if kind.default_metric else ()}
 
 
 def validate(ds: xr.Dataset, name: str = "dataset", required: tuple[str, ...] = ("kl",)) -> xr.Dataset:
@@ -53,8 +60,15 @@ def validate(ds: xr.Dataset, name: str = "dataset", required: tuple[str, ...] = 
     schema = ds.attrs.get("codi_nnsight_schema")
     if schema is None:
         raise ResultsError(f"{name}: not a codi-nnsight results file (attr codi_nnsight_schema missing)")
-    if not str(schema).startswith(SCHEMA_PREFIX):
+    kind = kind_of_schema(schema)
+    if kind is None:
         raise ResultsError(f"{name}: not a codi-nnsight results file (codi_nnsight_schema = {schema!r})")
+    if kind.name != "sweep":  # the other kinds declare their dims and metrics (the output contract)
+        for dim in kind.dims:
+            if dim not in ds.dims:
+                raise ResultsError(f"{name}: malformed {kind.name} file (dimension {dim!r} missing)")
+        _check_required(ds, name, required)
+        return ds
     if schema not in SUPPORTED_SCHEMAS:
         raise ResultsError(
             f"{name}: unsupported results schema {schema!r} (this codi-nnsight reads "
@@ -68,6 +82,16 @@ def validate(ds: xr.Dataset, name: str = "dataset", required: tuple[str, ...] = 
         shown = ", ".join(map(str, dup[:5])) + (", …" if len(dup) > 5 else "")
         raise ResultsError(f"{name}: malformed results file (duplicate pair ids: {shown})")
     ds = upgrade(ds)
+    _check_required(ds, name, required)
+    return ds
+
+
+#: numpy dtype kinds a metric may have: bool, signed/unsigned integer, float
+NUMERIC_KINDS = "biuf"
+
+
+def _check_required(ds: xr.Dataset, name: str, required: tuple[str, ...]) -> None:
+    """Every variable in `required` exists, holds numbers, and has at least one finite value."""
     for var in required:
         if var not in ds.data_vars:
             raise ResultsError(f"{name}: malformed results file (variable {var!r} missing)")
@@ -79,11 +103,6 @@ def validate(ds: xr.Dataset, name: str = "dataset", required: tuple[str, ...] = 
             )
         if values.dtype.kind in "fc" and not np.isfinite(values).any():
             raise ResultsError(f"{name}: metric {var!r} is NaN for every pair and layer ({nan_reason(var)})")
-    return ds
-
-
-#: numpy dtype kinds a metric may have: bool, signed/unsigned integer, float
-NUMERIC_KINDS = "biuf"
 
 
 def _kind_words(values: np.ndarray) -> str:
@@ -129,16 +148,7 @@ def check_metric(ds: xr.Dataset, metric: str, name: str = "dataset") -> None:
 
 def nan_reason(metric: str) -> str:
     """Why a metric can be NaN, in words (for error messages and the report)."""
-    reasons = {
-        "logit_diff": "undefined when the clean and corrupted answers start with the same token, e.g. "
-        "-5 and -7, or are equal; try --metric logprob_diff",
-        "recovery": "undefined when the answers start with the same token or are equal, or when the "
-        "source and baseline logit differences are too close; try --metric logprob_recovery",
-        "logprob_diff": "undefined when the clean and corrupted answers are equal",
-        "logprob_recovery": "undefined when the answers are equal or the source and baseline differ too little",
-        "flipped": "undefined when the clean and corrupted answers are equal: no flip to measure",
-    }
-    return reasons.get(metric, "no pair produced a value")
+    return CONTRACT_METRICS[metric].nan_rule if metric in CONTRACT_METRICS else "no pair produced a value"
 
 
 def upgrade(ds: xr.Dataset) -> xr.Dataset:
@@ -234,7 +244,7 @@ def load(path: str | Path) -> xr.Dataset:
             ds = handle.load()
     except Exception as exc:  # netCDF4 raises OSError/RuntimeError/ValueError variously
         raise ResultsError(f"{name}: not a readable netCDF file (truncated or corrupt?)") from exc
-    ds = validate(ds, name)
+    ds = validate(ds, name, **_required_of(ds))
     # later errors (a metric the file lacks) name the file as the user gave it
     ds.encoding["codi_nnsight_name"] = name
     return ds

@@ -16,56 +16,30 @@ import numpy as np
 import xarray as xr
 from scipy import stats as sps
 
+from ..contract import METRICS as CONTRACT_METRICS
 from .io import NOT_SUMMARIZABLE, ResultsError
 
 SUMMARY_VARS = ("mean", "std", "sem", "median", "ci_low", "ci_high", "n")
 
-#: Per metric: the size below which an effect is called negligible, and why. "Significant" in the
-#: report is always paired with this judgement: with many pairs a test can detect a difference
-#: far too small to matter. Applies to the mean effect (value minus mean of the other layers) and
-#: to the mean itself for effect metrics (kl, l2, top1_changed, flipped, recovery).
+#: Per metric: the size below which an effect is called negligible, and why — from the output contract
+#: (`codi_nnsight.contract`), which every results file also carries in its `metric_info` attr.
+#: "Significant" in the report is always paired with this judgement: with many pairs a test can
+#: detect a difference far too small to matter.
 NEGLIGIBLE: dict[str, tuple[float, str]] = {
-    "kl": (
-        1e-3,
-        "by Pinsker's inequality, KL below 0.001 nats moves no probability by more than about 2.2 percentage points",
-    ),
-    "l2": (1e-2, "an RMS logit change below 0.01 is below bfloat16 rounding of typical logits"),
-    "top1_changed": (0.01, "fewer than 1 in 100 pairs change their top token"),
-    "logit_diff": (0.1, "0.1 logits changes the odds between the two answers' first tokens by about 10%"),
-    "logprob_diff": (0.1, "0.1 nats changes the odds between the two full answers by about 10%"),
-    "recovery": (0.05, "less than 5% of the gap between baseline and source"),
-    "logprob_recovery": (0.05, "less than 5% of the gap between baseline and source"),
-    "flipped": (0.05, "fewer than 1 in 20 pairs flip"),
-    "p_clean": (0.01, "a probability change below 1 percentage point"),
-    "p_corrupted": (0.01, "a probability change below 1 percentage point"),
-    "logp_clean_answer": (0.1, "0.1 nats is about a 10% change in the answer's probability"),
-    "logp_corrupted_answer": (0.1, "0.1 nats is about a 10% change in the answer's probability"),
+    m: (i.negligible, i.negligible_why) for m, i in CONTRACT_METRICS.items() if i.negligible
 }
 
 #: Units in words for axis labels and the report (the file's ``units`` attr says "1" for several).
-UNIT_WORDS = {
-    "kl": "nats",
-    "l2": "logits",
-    "top1_changed": "share of pairs",
-    "logit_diff": "logits",
-    "recovery": "share of the gap",
-    "logprob_recovery": "share of the gap",
-    "logprob_diff": "nats",
-    "p_clean": "probability",
-    "p_corrupted": "probability",
-    "logp_clean_answer": "nats",
-    "logp_corrupted_answer": "nats",
-    "flipped": "share of pairs",
-}
+UNIT_WORDS = {m: i.units for m, i in CONTRACT_METRICS.items() if i.units and i.direction != "value"}
 
 #: Metrics that only mean something when the clean and corrupted answers differ: pairs with
 #: equal answers (``comparable`` == 0) are counted out of their summaries.
-COMPARISON_METRICS = ("flipped", "recovery", "logprob_recovery", "logit_diff", "logprob_diff")
+COMPARISON_METRICS = tuple(m for m, i in CONTRACT_METRICS.items() if i.needs_distinct_answers)
 
 #: Metrics that are a 0/1 outcome per pair: their mean is a proportion, so its CI is an exact
 #: (Clopper–Pearson) binomial interval, not a bootstrap one (a bootstrap of 24 successes out of
 #: 24 gives the useless interval 100%–100%; the exact interval is 85.8%–100%).
-PROPORTION_METRICS = ("flipped", "top1_changed")
+PROPORTION_METRICS = tuple(m for m, i in CONTRACT_METRICS.items() if i.proportion)
 
 
 # --------------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ import xarray as xr
 
 from ..atomic import DiskError, refuse_existing, write_json_atomic, write_netcdf_atomic, write_text_atomic
 from ..errors import UserError
+from ..run.writer import write_results
 
 try:  # POSIX: the lock's liveness is the kernel's flock, which dies with its process
     import fcntl
@@ -517,7 +518,7 @@ class PartialStore:
             if transform is not None:
                 ds = transform(ds)
             try:
-                _write_atomic_nc(ds, self.out, replace=self.force)
+                write_results(ds, self.out, replace=self.force)  # the one writer of results files
             except DiskError:
                 raise
             except UserError as e:  # another run wrote `out` meanwhile: keep ours, say how to use it

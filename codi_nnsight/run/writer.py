@@ -14,7 +14,8 @@ from typing import Any
 
 import xarray as xr
 
-from ..atomic import write_atomic
+from ..atomic import write_netcdf_atomic
+from ..contract import declare
 from ..model.remote import scrub
 
 
@@ -40,7 +41,8 @@ def encode_for_netcdf(ds: xr.Dataset) -> xr.Dataset:
     for name in list(encoded.variables):
         if encoded[name].dtype == object:
             encoded[name] = encoded[name].astype(str)
-    encoded.attrs = clean_attrs(dict(encoded.attrs))
+    # The output contract: the file says what kind it is and what each of its metrics means.
+    encoded.attrs = clean_attrs(declare(dict(encoded.attrs), encoded.data_vars))
     return encoded
 
 
@@ -53,6 +55,4 @@ def write_results(ds: xr.Dataset, path: str | os.PathLike, replace: bool = True)
     Raises:
         DiskError: the file could not be written (one line naming it; no temporary file left).
     """
-    path = Path(path)
-    encoded = encode_for_netcdf(ds)
-    return write_atomic(path, lambda tmp: encoded.to_netcdf(tmp, engine="netcdf4"), replace=replace)
+    return write_netcdf_atomic(encode_for_netcdf(ds), Path(path), replace=replace)
