@@ -63,12 +63,13 @@ def layer_profile(model: Any, pairs: Any) -> dict[str, Any]:
 
 
 def routes(model: Any, pairs: Any) -> dict[str, Any]:
-    """Logprob recovery per (layer, thought) for the total, feedback and attention routes."""
+    """Logprob recovery per (layer, thought) for the total, the feedback and attention routes and the
+    whole-loop attention effect (every feedback blocked)."""
     from codi_nnsight.analysis import recovery_ratio
     from codi_nnsight.patching.sweep import patch_sweep
 
     out: dict[str, Any] = {}
-    for mode in ("recurrent", "feedback-only", "no-feedback"):
+    for mode in ("recurrent", "block-thought-attention", "block-thought-feedback", "block-all-feedback"):
         ds = patch_sweep(model, pairs, positions="each", mode=mode)
         rec = recovery_ratio(ds, "logprob")["ratio"].transpose("layer", "position")
         out[mode] = {"positions": [str(p) for p in rec["position"].values], "ratio": _r(rec.values.tolist(), 3)}

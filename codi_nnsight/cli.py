@@ -118,11 +118,11 @@ def evaluate(
 # ---------------------------------------------------------------------------------------------
 def _patch_choices() -> dict[str, list[str]]:
     # The sweep's own tables (light modules: `--help` imports no torch).
-    from .patching.options import ABLATIONS, DIRECTIONS, MODE_ALIASES, MODES, POSITIONS
+    from .patching.options import ABLATIONS, DIRECTIONS, MODE_CHOICES, POSITIONS
 
     return {
         "positions": list(POSITIONS),
-        "mode": [*MODES, *MODE_ALIASES],
+        "mode": list(MODE_CHOICES),
         "direction": list(DIRECTIONS),
         "ablation": list(ABLATIONS),
     }
@@ -159,9 +159,11 @@ def _families() -> list[str]:
     type=click.Choice(_patch_choices()["mode"]),
     default="recurrent",
     show_default=True,
-    help="recurrent: total effect through the latent loop; no-feedback: fed-back latents held at the "
-    "baseline's (effect through attention only; 'frozen' is its old name); feedback-only: only the patched "
-    "thought's fed-back embedding carries the patch (needs --positions each).",
+    help="What is blocked between the patched thought and the answer. recurrent: nothing (the total "
+    "effect through the latent loop); block-all-feedback: every fed-back latent embedding (was no-feedback, "
+    "frozen); block-thought-feedback: the patched thought's own fed-back embedding (the attention route); "
+    "block-thought-attention: the patched thought's keys and values (the feedback route; was feedback-only); "
+    "routes: total = feedback + attention + interaction on a route dim. The last three need --positions each.",
 )
 @click.option("--direction", type=click.Choice(_patch_choices()["direction"]), default="denoise", show_default=True)
 @click.option(
@@ -217,14 +219,22 @@ def patch(
     bad = [c for c in comps if c not in COMPONENTS] or ([] if comps else [component])
     if bad:
         raise UserError(f"--component {bad[0]!r}: expected one of {', '.join(COMPONENTS)} (or a comma list)")
-    if mode == "frozen":
-        click.echo("note: --mode frozen is now called no-feedback (it is not a direct effect)", err=True)
+    from .patching.options import MODE_ALIASES, ROUTES
+
+    if mode in MODE_ALIASES:
+        click.echo(f"note: --mode {mode} is now called {MODE_ALIASES[mode]} (mode names say what they block)", err=True)
     mode = canonical_mode(mode)
     prepare_output(out, force)
     pairs = load_cli_pairs(pairs_path, limit)
     model = load_cli_model(model_spec, dtype, device, normalization, remote)
     layer_list = parse_layers(layers, model.n_layers)
-    ctx.meta["partial_store"] = f"{out}.partial" if len(comps) == 1 else f"{out}.<component>.nc.partial"
+    ctx.meta["partial_store"] = (
+        f"{out}.<route>.nc.partial"
+        if mode == ROUTES
+        else f"{out}.partial"
+        if len(comps) == 1
+        else f"{out}.<component>.nc.partial"
+    )
     ds = patch_sweep(
         model,
         pairs,

@@ -1,20 +1,31 @@
 #!/usr/bin/env bash
 # Self-hosted NDIF server (PyPI `ndif` 0.1.2) on loopback, CPU only, for codi_nnsight's opt-in
-# integration test (tests/test_ndif.py) and for trying `--remote http://127.0.0.1:PORT` by hand.
+# integration tests (tests/test_ndif.py, run by .ci/run) and for `--remote http://127.0.0.1:PORT` by hand.
 #
-#   scripts/ndif_local.sh install          make the server's venv (Python >= 3.12; ~2 min, ~6.5 GB)
-#   scripts/ndif_local.sh start            start Redis, S3 (moto), Ray + NDIF controller, NDIF API,
-#                                          and deploy the tiny CODI model; prints the URL
-#   scripts/ndif_local.sh deploy CODI_JSON...   deploy more CODI models (same machine, same paths)
-#   scripts/ndif_local.sh status | url | check | stop
+#   scripts/ndif_local.sh install     make the server's venv: newest Python 3.12/3.13 here, ~5.8 GB;
+#                                     measured 4.4 min from nothing, 6 s when it is already built
+#   scripts/ndif_local.sh start [CODI_JSON...]
+#                                     start Redis, S3 (moto), Ray + NDIF controller, NDIF API; deploy
+#                                     the tiny CODI model and any CODI_JSON given (float32); prints
+#                                     the URL (measured 82-129 s on a 2-core machine)
+#   scripts/ndif_local.sh deploy [--dtype DTYPE] CODI_JSON...
+#                                     deploy more CODI models (same machine, same paths; float32
+#                                     unless --dtype float64|bfloat16|float16; ~10-20 s each)
+#   scripts/ndif_local.sh restart CODI_JSON...
+#                                     reload deployed models from disk (after their files changed)
+#   scripts/ndif_local.sh status | url | check | stop | python (the interpreter `install` would use)
 #
-# Every command is idempotent: `start` skips what is already running, `deploy` skips models
-# already deployed, `stop` stops only the processes this script started (by the process groups
-# it recorded) and is a no-op when nothing runs.
+# Every command is idempotent: `install` rebuilds only a venv that is missing, half-built or built
+# for other pins, `start` skips what is already running, `deploy` skips models already deployed,
+# `stop` stops only the processes this script started (by the process groups it recorded) and is a
+# no-op when nothing runs.
 #
 # Environment (defaults in brackets):
-#   NDIF_LOCAL_VENV    the server's venv [/tmp/ndif-venv]
-#   NDIF_LOCAL_PYTHON  interpreter for `install` [newest /root/.pyenv/versions/3.1[23].*/bin/python]
+#   NDIF_LOCAL_VENV    the server's venv, outside any checkout so clones share it
+#                      [${XDG_CACHE_HOME:-$HOME/.cache}/codi-nnsight/ndif-venv]
+#   NDIF_LOCAL_PYTHON  interpreter for `install` [the newest Python >= 3.12, < 3.14 found under
+#                      /root/.pyenv/versions or on PATH: ndif 0.1.2 requires >=3.12,<3.14]
+#   NDIF_LOCAL_PYTHON_CANDIDATES  the interpreters that choice looks at (space-separated)
 #   NDIF_LOCAL_HOME    state: pid files, logs, Ray temp dir, the tiny model [/tmp/codi-ndif]
 #   NDIF_LOCAL_API_PORT [28001]  NDIF_LOCAL_REDIS_PORT [26379]  NDIF_LOCAL_S3_PORT [29000]
 #   NDIF_LOCAL_RAY_PORT [26385]  NDIF_LOCAL_RAY_CLIENT_PORT [20011]
@@ -24,17 +35,20 @@
 # Notes
 # - ndif's stock model actor loads onto CUDA only; this stack names scripts/ndif_cpu_actor.py's
 #   CPUModelActor instead, and tells Ray the node has one (pretend) GPU so ndif's controller,
-#   which manages GPU nodes only, will place models on it. Weights stay on the CPU.
+#   which manages GPU nodes only, will place models on it. Weights stay on the CPU; the actor
+#   computes on one thread, like a local run with torch.set_num_threads(1).
 # - No API keys: ndif checks keys only when NDIF_POSTGRES_URL is set; here it is not, so every
 #   request is accepted (and runs "trusted", i.e. without ndif's sandbox).
-# - The server imports codi_nnsight from the venv (an editable install of this checkout). After
-#   changing codi_nnsight, `stop` and `start` again: a running model actor keeps the old code.
-# - Redis, moto, the NDIF API and the Ray dashboard bind 127.0.0.1; Ray's GCS and raylet also
-#   listen on the machine's other addresses (Ray has no switch for that), as does nothing else.
+# - The server imports codi_nnsight from the checkout that runs this script (PYTHONPATH); the venv
+#   holds its dependencies. After changing codi_nnsight, `stop` and `start` again (or `restart`
+#   the models): a running model actor keeps the code it imported.
+# - Every listening socket of the stack is on 127.0.0.1 (checked with `ss -ltnp`): Redis, moto,
+#   the API and Ray's dashboard by their flags; Ray's GCS, raylet, workers and agents because Ray
+#   runs with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (see server_env).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="${NDIF_LOCAL_VENV:-/tmp/ndif-venv}"
+VENV="${NDIF_LOCAL_VENV:-${XDG_CACHE_HOME:-${HOME:-/root}/.cache}/codi-nnsight/ndif-venv}"
 HOME_DIR="${NDIF_LOCAL_HOME:-/tmp/codi-ndif}"
 API_PORT="${NDIF_LOCAL_API_PORT:-28001}"
 REDIS_PORT="${NDIF_LOCAL_REDIS_PORT:-26379}"
@@ -44,6 +58,8 @@ RAY_CLIENT_PORT="${NDIF_LOCAL_RAY_CLIENT_PORT:-20011}"
 DASHBOARD_PORT="${NDIF_LOCAL_DASHBOARD_PORT:-28265}"
 AGENT_PORT="${NDIF_LOCAL_AGENT_PORT:-28266}"
 NDIF_VERSION="0.1.2"
+RAY_VERSION="2.60.0"
+TORCH_VERSION="2.13.0"
 
 RUN="$HOME_DIR/run"
 LOGS="$HOME_DIR/logs"
@@ -55,6 +71,10 @@ server_env() {
     export PATH="$VENV/bin:$PATH"
     export OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
     export GRPC_ENABLE_FORK_SUPPORT=0 RAY_USAGE_STATS_ENABLED=0 HF_HUB_OFFLINE=1
+    # Ray replaces a node IP of 127.0.0.1 with the machine's outward address unless multi-node
+    # clustering is off (its switch for Windows/macOS, honoured on Linux too); with it off the node
+    # IP stays 127.0.0.1, so Ray's processes advertise and connect to loopback only.
+    export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
     export NDIF_REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
     export NDIF_OBJECT_STORE_URL="http://127.0.0.1:$S3_PORT"
     export NDIF_OBJECT_STORE_ACCESS_KEY=codi-ndif NDIF_OBJECT_STORE_SECRET_KEY=codi-ndif
@@ -62,40 +82,71 @@ server_env() {
     export NDIF_API_PORT="$API_PORT" NDIF_API_URL="$URL"
     export NDIF_MODEL_IMPORT_PATH=ndif_cpu_actor.CPUModelActor
     export NDIF_DEFAULT_DTYPE=float32
-    export PYTHONPATH="$REPO/scripts${PYTHONPATH:+:$PYTHONPATH}"
+    export PYTHONPATH="$REPO/scripts:$REPO${PYTHONPATH:+:$PYTHONPATH}"
     unset RAY_ADDRESS NDIF_POSTGRES_URL NDIF_LOKI_URL NDIF_INFLUX_URL || true
 }
 
 log() { echo "ndif_local: $*" >&2; }
 die() { log "$*"; exit 1; }
 
-find_python() {
+find_python() {  # the newest Python ndif 0.1.2 accepts (>=3.12,<3.14) found here
     if [ -n "${NDIF_LOCAL_PYTHON:-}" ]; then echo "$NDIF_LOCAL_PYTHON"; return; fi
-    local p
-    for p in $(ls -d /root/.pyenv/versions/3.13.*/bin/python /root/.pyenv/versions/3.12.*/bin/python 2>/dev/null) \
-             "$(command -v python3.13 || true)" "$(command -v python3.12 || true)"; do
-        [ -n "$p" ] && [ -x "$p" ] && { echo "$p"; return; }
+    local p v best="" best_v=""
+    local candidates="${NDIF_LOCAL_PYTHON_CANDIDATES:-$(echo /root/.pyenv/versions/3.*/bin/python) \
+$(command -v python3.13 || true) $(command -v python3.12 || true) $(command -v python3 || true)}"
+    for p in $candidates; do
+        [ -n "$p" ] && [ -x "$p" ] || continue
+        v="$("$p" -c 'import sys; print("%d.%d.%d" % sys.version_info[:3] if (3, 12) <= sys.version_info < (3, 14) else "")' 2>/dev/null)" || continue
+        [ -n "$v" ] || continue
+        # sort -V: 3.12.10 is newer than 3.12.9 (a plain sort, as `ls` gives, says otherwise).
+        if [ -z "$best" ] || [ "$(printf '%s\n%s\n' "$best_v" "$v" | sort -V | tail -n1)" != "$best_v" ]; then
+            best="$p"; best_v="$v"
+        fi
     done
-    die "no Python >= 3.12 found (ndif needs it): set NDIF_LOCAL_PYTHON"
+    [ -n "$best" ] || die "no Python >=3.12,<3.14 found (ndif 0.1.2 needs it): set NDIF_LOCAL_PYTHON"
+    echo "$best"
+}
+
+# What `install` puts in the venv. torch is pinned to the client's version in .ci/run, so local and
+# remote runs use the same kernels (the bit-identity checks of tests/test_ndif*.py rely on it); Ray is
+# pinned because the loopback binding below depends on its flags and environment variables.
+REQUIREMENTS=("ndif[api,ray]==$NDIF_VERSION" "ray==$RAY_VERSION" "torch==$TORCH_VERSION" "moto[server]")
+STAMP="$VENV/.codi-ndif-install"
+
+stamp_text() { printf '%s\n' "$("$1" -c 'import sys; print(sys.version.split()[0])')" "${REQUIREMENTS[@]}"; }
+
+venv_ready() {  # the venv is complete (its stamp is written last) and was built for today's pins
+    [ -x "$VENV/bin/python" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$(stamp_text "$VENV/bin/python")" ] \
+        && "$VENV/bin/python" -c "import ndif, ray, moto" 2>/dev/null
 }
 
 cmd_install() {
-    if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import ndif, ray, moto, codi_nnsight" 2>/dev/null; then
-        log "venv $VENV is ready"; return
+    if venv_ready; then
+        log "venv $VENV is ready ($(head -n1 "$STAMP"))"
+    else
+        local py; py="$(find_python)"
+        # No stamp: a missing venv, one an interrupted install left half-built, or other pins. Start over.
+        [ -e "$VENV" ] && { log "rebuilding $VENV (incomplete or built for other versions)"; rm -rf "$VENV"; }
+        log "creating $VENV with $py ($("$py" -c 'import sys; print(sys.version.split()[0])'))"
+        mkdir -p "$(dirname "$VENV")"
+        "$py" -m venv "$VENV"
+        "$VENV/bin/python" -m pip install --quiet --upgrade pip
+        # torch from PyPI is the CUDA build (its nvidia-* wheels come along); it runs on a CPU-only box.
+        "$VENV/bin/python" -m pip install --quiet "${REQUIREMENTS[@]}" -e "$REPO"
+        stamp_text "$VENV/bin/python" > "$STAMP"
     fi
-    local py; py="$(find_python)"
-    log "creating $VENV with $py"
-    "$py" -m venv "$VENV"
-    "$VENV/bin/python" -m pip install --quiet --upgrade pip
-    # torch from PyPI is the CUDA build (its nvidia-* wheels come along); it runs on a CPU-only box.
-    "$VENV/bin/python" -m pip install --quiet "ndif[api,ray]==$NDIF_VERSION" "moto[server]" -e "$REPO"
+    # codi_nnsight's own dependencies, for this checkout (they may change between commits; quick when
+    # satisfied). The server imports codi_nnsight from $REPO itself (PYTHONPATH, see server_env), so a
+    # venv shared by several clones runs whichever checkout started it.
+    "$VENV/bin/python" -m pip install --quiet -e "$REPO"
     command -v redis-server >/dev/null || log "also needed: redis-server (apt-get install redis-server)"
 }
 
 cmd_check() {
     [ -x "$VENV/bin/python" ] || die "no venv at $VENV (run: $0 install)"
-    "$VENV/bin/python" -c "import ndif, ray, moto, codi_nnsight" 2>/dev/null \
-        || die "$VENV lacks ndif/ray/moto/codi_nnsight (run: $0 install)"
+    venv_ready || die "$VENV is incomplete or built for other versions (run: $0 install)"
+    PYTHONPATH="$REPO" "$VENV/bin/python" -c "import codi_nnsight" 2>/dev/null \
+        || die "$VENV cannot import this checkout's codi_nnsight (run: $0 install)"
     command -v redis-server >/dev/null || die "redis-server not found (apt-get install redis-server)"
 }
 
@@ -174,27 +225,56 @@ from codi_nnsight.model.config import resolve_model_spec
 print('codi_nnsight.model.CODIModel:' + resolve_model_spec(sys.argv[1]).to_json(resolved=True))" "$1" 2>/dev/null
 }
 
-cmd_deploy() {
-    [ $# -gt 0 ] || die "usage: $0 deploy CODI_JSON..."
+cmd_deploy() {  # deploy [--dtype DTYPE] CODI_JSON...
+    local dtype=float32
+    if [ "${1:-}" = --dtype ]; then
+        [ $# -ge 2 ] || die "usage: $0 deploy [--dtype float32|float64|bfloat16|float16] CODI_JSON..."
+        dtype="$2"; shift 2
+    fi
+    case "$dtype" in float32 | float64 | bfloat16 | float16) ;; *) die "deploy: unknown dtype $dtype" ;; esac
+    [ $# -gt 0 ] || die "usage: $0 deploy [--dtype float32|float64|bfloat16|float16] CODI_JSON..."
     server_env
     mkdir -p "$RUN/deployed"
     local spec key mark yaml
     for spec in "$@"; do
         key="$(model_key "$spec")" || die "cannot read CODI model $spec"
         mark="$RUN/deployed/$(printf '%s' "$key" | sha256sum | cut -c1-16)"
-        if [ -f "$mark" ]; then log "deploy: $spec already deployed"; continue; fi
+        if [ -f "$mark" ]; then
+            # One deployment per key: ndif addresses a model by its key alone, not by key and dtype.
+            [ "$(sed -n 2p "$mark")" = "$dtype" ] || die "deploy: $spec is deployed in $(sed -n 2p "$mark"), not $dtype (stop and start again to change it)"
+            log "deploy: $spec already deployed ($dtype)"; continue
+        fi
         yaml="$RUN/deploy-$$.yaml"
-        "$VENV/bin/python" - "$key" > "$yaml" <<'EOF'
+        "$VENV/bin/python" - "$key" "$dtype" > "$yaml" <<'PY'
 import sys, yaml
 # size_bytes: place without asking the Hub for a size (a CODI key is no Hub checkpoint).
-print(yaml.safe_dump({"models": [{"checkpoint": "codi", "model_key": sys.argv[1], "dtype": "float32",
+print(yaml.safe_dump({"models": [{"checkpoint": "codi", "model_key": sys.argv[1], "dtype": sys.argv[2],
                                   "size_bytes": 100_000_000, "padding_bias": 0, "pinned": True}]}))
-EOF
+PY
         (cd "$RUN" && "$VENV/bin/ndif" deploy -f "$yaml") >>"$LOGS/deploy.log" 2>&1 \
             || { rm -f "$yaml"; die "deploy of $spec failed (see $LOGS/deploy.log)"; }
         rm -f "$yaml"
-        printf '%s\n' "$key" > "$mark"
-        log "deploy: $spec ready"
+        printf '%s\n%s\n' "$key" "$dtype" > "$mark"
+        log "deploy: $spec ready ($dtype)"
+    done
+}
+
+cmd_restart() {  # restart CODI_JSON...: reload deployed models from disk (e.g. after their weights changed)
+    [ $# -gt 0 ] || die "usage: $0 restart CODI_JSON..."
+    server_env
+    local spec key
+    for spec in "$@"; do
+        key="$(model_key "$spec")" || die "cannot read CODI model $spec"
+        [ -f "$RUN/deployed/$(printf '%s' "$key" | sha256sum | cut -c1-16)" ] || die "restart: $spec is not deployed"
+        # ndif's own restart (kill the replica, wait for its respawn), given the key: its CLI takes
+        # only Hub checkpoint names.
+        "$VENV/bin/python" - "$key" >>"$LOGS/deploy.log" 2>&1 <<'PY' || die "restart of $spec failed (see $LOGS/deploy.log)"
+import sys
+from ndif.cli.lib.restart import restart
+out = restart(model_key=sys.argv[1], on_message=print)
+sys.exit(0 if out["replicas"] and all(r.get("status") == "restarted" for r in out["replicas"]) else 1)
+PY
+        log "restart: $spec reloaded"
     done
 }
 
@@ -253,7 +333,8 @@ cmd_status() {
         else echo "$name: stopped"; fi
     done
     if alive api && api_connected; then echo "api: $URL connected"; fi
-    ls "$RUN/deployed" >/dev/null 2>&1 && cat "$RUN"/deployed/* 2>/dev/null | sed 's/^/deployed: /'
+    local f
+    for f in "$RUN"/deployed/*; do [ -f "$f" ] && echo "deployed ($(sed -n 2p "$f")): $(head -n1 "$f")"; done
     return $any
 }
 
@@ -262,8 +343,10 @@ case "${1:-}" in
     check) cmd_check ;;
     start) shift; cmd_start "$@" ;;
     deploy) shift; cmd_deploy "$@" ;;
+    restart) shift; cmd_restart "$@" ;;
     stop) cmd_stop ;;
     status) cmd_status ;;
     url) echo "$URL" ;;
-    *) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+    python) p="$(find_python)"; echo "$p ($("$p" -c 'import sys; print(sys.version.split()[0])'))" ;;
+    *) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

@@ -346,7 +346,7 @@ def test_load_schema1_renames_to_schema2(tmp_path) -> None:
     for name in ("clean_prompted_answer", "corrupted_prompted_answer", "clean_prompted_correct",
                  "corrupted_prompted_correct", "source_logit_diff"):  # fmt: skip
         np.testing.assert_array_equal(ds[name].values, new[name].values)
-    assert ds.attrs["mode"] == "no-feedback"  # was "frozen" in the file
+    assert ds.attrs["mode"] == "block-all-feedback"  # was "frozen" in the file
     assert ds.attrs["schema_read_from"] == "codi-nnsight/results/1"
     assert ds["comparable"].values.tolist() == [1.0] * 10 + [0.0] * 2
     # the log-prob difference is derived from the stored log-probabilities
@@ -361,7 +361,7 @@ def test_validate_upgrades_in_memory_schema1() -> None:
     old = to_schema1(make_results(6, 2))
     old.attrs["mode"] = "frozen"
     ds = analysis.validate(old)
-    assert ds.attrs["mode"] == "no-feedback" and "source_logit_diff" in ds
+    assert ds.attrs["mode"] == "block-all-feedback" and "source_logit_diff" in ds
     assert "target_logit_diff" in old and old.attrs["mode"] == "frozen"  # the input is not changed
 
 

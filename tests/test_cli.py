@@ -361,15 +361,16 @@ def test_newer_sweep_options_run_from_the_command_line(tiny_dir, tmp_path):
     )
     assert r.exit_code == 0, r.output
     ds = xr.open_dataset(tmp_path / "f.nc")
-    assert ds.attrs["mode"] == "feedback-only" and ds.attrs["question_normalization"] == "none"
+    assert ds.attrs["mode"] == "block-thought-attention" and ds.attrs["question_normalization"] == "none"
     assert ds["kl"].dims == ("pair", "layer", "position")
     r = CliRunner().invoke(
-        main, ["patch", "--model", str(tiny_dir), "--out", str(tmp_path / "g.nc"), "--mode", "feedback-only"]
+        main, ["patch", "--model", str(tiny_dir), "--out", str(tmp_path / "g.nc"), "--mode", "block-thought-attention"]
     )
     assert (
         r.exit_code == 2
         and r.output.strip()
-        == "error: --mode feedback-only needs --positions each (the route of one position's feedback)"
+        == "error: --mode block-thought-attention needs --positions each "
+        "(it blocks one patched thought's keys and values)"
     )
     r = CliRunner().invoke(
         main, ["patch", "--model", str(tiny_dir), "--out", str(tmp_path / "h.nc"), "--question-normalization", "nfc"]

@@ -100,7 +100,7 @@ def test_resume_refuses_a_different_configuration(setup, tmp_path, monkeypatch):
         sweep_mod.patch_sweep(model, load_pairs(pairs_file), out=tmp_path / "r.nc", mode="no-feedback", resume=True)
     assert (
         "partial run has a different configuration (mode differ; e.g. mode: stored 'recurrent', "
-        "now 'no-feedback'); refusing to mix results" in str(e.value)
+        "now 'block-all-feedback'); refusing to mix results" in str(e.value)
     )
 
 

@@ -31,7 +31,7 @@ RENAMED_V1 = {
 }
 #: schema-1 attr ``mode`` value -> schema-2 value ("frozen" never froze the patched activation's
 #: influence: it only held the fed-back latent input embeddings at their baseline values)
-MODES_V1 = {"frozen": "no-feedback"}
+MODES_V1 = {"frozen": "block-all-feedback"}
 
 
 #: Variables over (pair, layer) that cannot be summarised over pairs, and why (from the output contract).

@@ -23,6 +23,7 @@ import numpy as np
 import xarray as xr
 
 from ..errors import UserError
+from ..patching.options import MODE_ALIASES
 from . import plots, stats
 from .io import check_metric, validate
 
@@ -64,13 +65,20 @@ EFFECT_METRICS = ("kl", "l2", "top1_changed", "flipped", "recovery", "logprob_re
 MODE_TEXT = {
     "recurrent": "Mode `recurrent`: the patched activation is fed through CODI's latent loop, so every later "
     "continuous thought is recomputed from the patched state. This measures the total effect through the loop.",
-    "no-feedback": "Mode `no-feedback`: the latent input embeddings fed back into the model are held at their "
-    "unpatched (baseline) values, so the patch does not travel through the feedback of latents. It still "
-    "reaches later thoughts and the answer through attention, so this is not a pure direct effect: it is the "
-    "attention route.",
-    "feedback-only": "Mode `feedback-only`: the patched thought's own states (the keys and values later thoughts "
-    "attend to) are held at their unpatched values, and only its fed-back embedding — the next thought's input — "
-    "carries the patch. This measures the feedback route; at the last thought it is zero by construction.",
+    "block-all-feedback": "Mode `block-all-feedback` (formerly `no-feedback`): the latent input embeddings fed back "
+    "into the model are held at their unpatched (baseline) values, so the patch does not travel through the "
+    "feedback of latents. It still reaches later thoughts and the answer through attention, so this is not a pure "
+    "direct effect; it also drops the path through a later thought that attends to the patched one and feeds "
+    "back — the attention route proper is `block-thought-feedback`.",
+    "block-thought-feedback": "Mode `block-thought-feedback`: only the patched thought's own fed-back embedding is "
+    "held at its unpatched value; everything else runs. This is the attention route: the patch reaches the answer "
+    "only through the patched thought's keys and values (including later thoughts that attend to it and feed back).",
+    "block-thought-attention": "Mode `block-thought-attention` (formerly `feedback-only`): the patched thought's own "
+    "states (the keys and values later thoughts attend to) are held at their unpatched values, and only its "
+    "fed-back embedding — the next thought's input — carries the patch. This measures the feedback route; at the "
+    "last thought it is zero by construction.",
+    "routes": "Mode `routes`: the total effect split on the `route` dimension into the feedback route, the "
+    "attention route and their interaction (total − the two), exactly, for additive quantities.",
 }
 DIRECTION_TEXT = {
     "denoise": "Direction `denoise`: clean activations are patched into the corrupted run. Recovery 1 means the "
@@ -1262,6 +1270,7 @@ def _write_report(  # noqa: C901 — a linear sequence of optional report sectio
         doc.p(para)
     doc.h(2, "What was patched and measured")
     mode, direction = str(ds.attrs.get("mode", "")), str(ds.attrs.get("direction", ""))
+    mode = MODE_ALIASES.get(mode, mode)  # files written before the modes were named after what they block
     doc.p(MODE_TEXT.get(mode, f"Mode `{mode}` (not described in this version of codi-nnsight)."))
     doc.p(DIRECTION_TEXT.get(direction, f"Direction `{direction}` (not described in this version of codi-nnsight)."))
     if "position" in ds.dims:

@@ -123,6 +123,10 @@ class CODIModel(Remotable):
         dev = resolve_device(device)
         check_hub_access(cfg)  # one line now instead of half a minute of hub retries
         module, tok, info = build_codi(cfg, dtype=resolve_dtype(dtype, dev), device=dev)
+        # Frozen, as NDIF's model actor freezes every parameter: torch picks its matmul kernels by
+        # whether a weight requires grad, so only a frozen local model computes the very bits a
+        # server does (attribution takes its gradients at the activations, not the parameters).
+        module.requires_grad_(False)
         self.tokenizer = tok
         self.checkpoint_sha256 = info["checkpoint_sha256"]
         # Also on the module: a remote trace sees the server's module, so `server_identity` reads

@@ -16,7 +16,7 @@ from typing import Any
 from ..errors import UserError
 from ..run.fingerprint import fingerprint_difference
 from .metrics import RECOVERY_MIN_DENOMINATOR
-from .options import ABLATIONS, DIRECTIONS, MODE_ALIASES, MODES, POSITIONS
+from .options import ABLATIONS, DIRECTIONS, MODE_ALIASES, MODE_BLOCKS, MODES, POSITIONS, THOUGHT_MODES
 from .sites import COMPONENTS, SITES
 
 #: The choices of every option, for validation and the CLI.
@@ -29,17 +29,21 @@ OPTIONS: dict[str, tuple[str, ...]] = {
 
 
 def canonical_mode(mode: str) -> str:
-    """`mode` with old names mapped to the current one (warns once per call)."""
-    if mode in MODE_ALIASES:
+    """`mode` with old names mapped to the current one (a FutureWarning says the new name)."""
+    if isinstance(mode, str) and mode in MODE_ALIASES:
         new = MODE_ALIASES[mode]
         warnings.warn(
-            f"mode {mode!r} is now called {new!r}: it holds the fed-back latent embeddings at their "
-            "baseline values, which is not a direct effect",
+            f"mode {mode!r} is now called {new!r}: mode names say what they block ({MODE_BLOCKS[new]})",
             FutureWarning,
             stacklevel=3,
         )
         return new
     return mode
+
+
+def thought_edge(mode: str) -> str:
+    """The one edge out of the patched thought that a thought mode blocks (for messages)."""
+    return "fed-back embedding" if mode == "block-thought-feedback" else "keys and values"
 
 
 @dataclass
@@ -89,8 +93,10 @@ class SweepConfig:
             )
         if model.num_latent == 0:
             raise UserError("model has num_latent = 0: there are no CoT positions to patch")
-        if self.mode == "feedback-only" and self.positions != "each":
-            raise UserError("--mode feedback-only needs --positions each (the route of one position's feedback)")
+        if self.mode in THOUGHT_MODES and self.positions != "each":
+            raise UserError(
+                f"--mode {self.mode} needs --positions each (it blocks one patched thought's {thought_edge(self.mode)})"
+            )
 
     def variants(self, model: Any) -> list[tuple[int, int, int]]:
         """(layer, position, unit) of every patched variant; position -1 = all latent positions at
@@ -120,7 +126,12 @@ class SweepConfig:
 
     @staticmethod
     def difference(stored: dict[str, Any], current: dict[str, Any]) -> str | None:
-        """None when two fingerprints agree, else a one-line description (`run.fingerprint_difference`)."""
+        """None when two fingerprints agree, else a one-line description (`run.fingerprint_difference`).
+
+        A stored mode under an old name (`no-feedback`, `feedback-only`, `frozen`) is the same mode.
+        """
+        if isinstance(stored.get("mode"), str) and stored["mode"] in MODE_ALIASES:
+            stored = {**stored, "mode": MODE_ALIASES[stored["mode"]]}
         return fingerprint_difference(stored, current)
 
 

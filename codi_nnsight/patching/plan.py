@@ -137,8 +137,8 @@ class BatchPlan:
     # "norm" (payload: unit directions (n, 1, width), scaled to the replaced activation's norm).
     extra_plan: dict[tuple[Any, int], list[tuple[str, slice, torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
     donor_rows: list[int] = field(default_factory=list)  # resample ablation: the donor question's run
-    # feedback-only mode: per pair, per variant, the fully patched helper row whose fed-back embedding
-    # the variant row takes (not part of the Dataset).
+    # block-thought-attention mode: per pair, per variant, the fully patched helper row whose
+    # fed-back embedding the variant row takes (not part of the Dataset).
     helper_rows: list[list[int]] = field(default_factory=list)
     # The full-patch check (not part of the Dataset): its row, and per decoder call the layer-0
     # block output rows (dst, src) it copies — prompts at the question's call, rows after it.
@@ -189,7 +189,7 @@ def plan_batch(
             rows.append(-1 - i)
         plan.variant_rows.append(list(range(len(rows), len(rows) + len(variants))))
         rows += [p_tgt] * len(variants)
-        if cfg.mode == "feedback-only":
+        if cfg.mode == "block-thought-attention":
             plan.helper_rows.append(list(range(len(rows), len(rows) + len(variants))))
             rows += [p_tgt] * len(variants)
         plan.row_pair += [i] * (len(rows) - len(plan.row_pair))
@@ -225,7 +225,7 @@ def carries_full_patch(cfg: SweepConfig) -> bool:
     """Whether a batch of this configuration can carry the full-patch check.
 
     The check's row only needs layer-0 block outputs; configurations that also patch `prj`
-    (the latent site, no-feedback and feedback-only modes) iterate `prj` calls in the trace,
+    (the latent site, and every mode but `recurrent`) iterate `prj` calls in the trace,
     and run the check as its own trace instead.
     """
     return cfg.site.per_layer and cfg.mode == "recurrent"
@@ -276,12 +276,16 @@ def _plan_patches(plan: BatchPlan, cfg: SweepConfig, model: CODIModel, values: A
         src = plan.donor_rows[i] if cfg.ablation == "resample" else plan.source_rows[i]
         base, selfr = plan.baseline_rows[i], plan.self_rows[i]
         for j, ((L, p, u), row) in enumerate(zip(plan.variants, plan.variant_rows[i])):
-            if cfg.mode == "feedback-only":
+            if cfg.mode == "block-thought-attention":
                 # The helper row takes the patch; the variant row keeps its own states at position p
                 # and takes only the helper's fed-back embedding of position p (the next prj call).
                 helper, row = row, plan.helper_rows[i][j]
                 if p + 1 < K:
                     copy(("prj", sched.prj_call(p + 1), -1), helper, row)
+            elif cfg.mode == "block-thought-feedback" and p + 1 < K:
+                # Only thought p's own fed-back embedding (latent p + 1's input) stays the baseline's;
+                # later latents see p through attention and feed their own states back as usual.
+                copy(("prj", sched.prj_call(p + 1), -1), row, base)
             for k in range(K):
                 patched = p in (-1, k)
                 key = (L, sched.latent_call(k)) if per_layer else ("prj", sched.prj_call(k))
@@ -298,12 +302,12 @@ def _plan_patches(plan: BatchPlan, cfg: SweepConfig, model: CODIModel, values: A
 
 
 def _feedback_reset(cfg: SweepConfig, patched: bool, k: int) -> bool:
-    """no-feedback: whether the fed-back embedding of latent k stays the baseline's in a patched row.
+    """block-all-feedback: whether the fed-back embedding of latent k stays the baseline's in a patched row.
 
     Everywhere but the site itself; prj call 0 reads only the unpatched question, so layer sites
     need no reset there.
     """
-    if cfg.mode != "no-feedback":
+    if cfg.mode != "block-all-feedback":
         return False
     return not patched if not cfg.site.per_layer else k > 0
 

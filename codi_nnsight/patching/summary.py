@@ -41,4 +41,25 @@ def sweep_summary(ds: Any, out: str | None = None) -> str:
         else ""
     )
     status = "passed" if int(ds.attrs.get("sanity_passed", 0)) else "FAILED"
-    return f"{where}; {peak}; {flips}{excluded}; sanity checks {status}"
+    routes = f"; {route_summary(ds)}" if "route" in ds.dims and "delta_logprob_diff" in ds else ""
+    return f"{where}; {peak}; {flips}{excluded}{routes}; sanity checks {status}"
+
+
+def route_summary(ds: Any) -> str:
+    """The route split where the mean change of the answer's log-probability gap is largest.
+
+    Means over pairs are linear, so the split of the mean adds up as each pair's does.
+    """
+    mean = ds["delta_logprob_diff"].mean("pair")
+    total = mean.sel(route="total")
+    values = np.abs(total.values)
+    if not np.isfinite(values).any():
+        return "route split: logprob_diff is NaN everywhere"
+    where = dict(zip(total.dims, np.unravel_index(int(np.nanargmax(values)), values.shape)))
+    at = mean.isel(where)
+    label = ", ".join(f"{'thought' if d == 'position' else d} {int(ds[d].values[i])}" for d, i in where.items())
+    t, f, a, i = (float(at.sel(route=r)) for r in ("total", "feedback", "attention", "interaction"))
+    return (
+        f"route split of the mean change of logprob_diff at {label}: total {t:+.4g} = "
+        f"feedback {f:+.4g} + attention {a:+.4g} + interaction {i:+.4g} nats"
+    )

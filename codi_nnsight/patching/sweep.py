@@ -21,6 +21,7 @@ from ..model.wrapper import DTYPES, CODIModel
 from ..run import Backend, Run, client_versions, now, write_results
 from .config import SweepConfig
 from .dataset import SCHEMA, batch_dataset, with_pair_coordinates
+from .options import ROUTES
 from .plan import carries_full_patch, plan_batch
 from .sanity import measure, merge_sanity, sanity_attrs
 from .store import PartialStore, clean_attrs
@@ -94,9 +95,16 @@ def patch_sweep(
         component: a patch site of `sites.SITES` (`resid`, `attn`, `mlp`, `latent`, `head`) — or a
             list of them (adds a `component` dim; `head` adds a `head` dim and runs on its own).
         positions: `all` latent positions at once, or `each` one at a time (adds `position`).
-        mode: `recurrent` (later latents recomputed from the patched state: the total effect) or
-            `no-feedback` (the fed-back latent embeddings held at the baseline's: the effect
-            through attention only). `frozen` is the old name of `no-feedback`.
+        mode: what is blocked between the patched thought and the answer (`options.MODES`):
+            `recurrent` (nothing: the total effect through the latent loop),
+            `block-all-feedback` (every fed-back latent embedding held at the baseline's),
+            `block-thought-feedback` (only the patched thought's own fed-back embedding: the
+            attention route) or `block-thought-attention` (the patched thought's keys and values:
+            the feedback route); the last two need `positions="each"`. `routes` runs the three
+            sweeps of the route split and stacks them on a `route` dim (total, feedback, attention,
+            interaction = total - feedback - attention; see `routes`). Old names, accepted with a
+            FutureWarning: `no-feedback` and `frozen` (block-all-feedback), `feedback-only`
+            (block-thought-attention).
         direction: `denoise` (clean → corrupted) or `noise` (corrupted → clean).
         batch_size: pairs per trace, or `"auto"`. Results do not depend on it.
         max_new_tokens: greedy tokens decoded after the answer prompt (default: the pair's longer
@@ -118,11 +126,14 @@ def patch_sweep(
     """
     components = _components(component)
     _check_scalars(seed=seed, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    split = mode == ROUTES
+    if split:
+        _check_route_split(components, positions)
     cfg = SweepConfig(
         layers=list(range(model.n_layers)) if layers is None else check_layers(layers, model.n_layers),
         component=components[0],
         positions=positions,
-        mode=mode,
+        mode="recurrent" if split else mode,  # the route split runs its own modes
         direction=direction,
         max_new_tokens=max_new_tokens,
         ablation=ablation,
@@ -130,8 +141,10 @@ def patch_sweep(
     # The run layer: refuses a forbidden target before any work and probes the server once.
     run = Run(model, remote, command)
     if out is not None:
-        _refuse_existing(out, force, components)
+        _refuse_existing(out, force, stacked=len(components) > 1 or split)
     common = dict(batch_size=batch_size, progress=progress, seed=seed, reference=reference, resume=resume, force=force)
+    if split:
+        return _route_sweep(model, pairs, cfg, run, out=out, **common)
     if len(components) > 1:
         from .sites import SITES
 
@@ -140,6 +153,20 @@ def patch_sweep(
             raise UserError(f"--component {axis} adds a {SITES[axis].axis} dimension: sweep it on its own")
         return _multi_component_sweep(model, pairs, components, cfg, run, out=out, **common)
     return _single_sweep(model, pairs, cfg, run, out=out, **common)
+
+
+def route_split(model: CODIModel, pairs: Any, **kwargs: Any) -> xr.Dataset:
+    """The route split: `patch_sweep(model, pairs, mode="routes", positions="each", **kwargs)`.
+
+    Returns a results Dataset whose metrics have a `route` dim — `total` (mode `recurrent`),
+    `feedback` (`block-thought-attention`), `attention` (`block-thought-feedback`) and
+    `interaction` = total − feedback − attention, for additive quantities only — plus
+    `delta_<metric>` variables (patched − baseline); see `routes.stack_routes`.
+    """
+    if "mode" in kwargs:
+        raise TypeError("route_split() runs its own modes: do not pass mode=")
+    kwargs.setdefault("positions", "each")
+    return patch_sweep(model, pairs, mode=ROUTES, **kwargs)
 
 
 def _components(component: str | Sequence[str]) -> list[str]:
@@ -155,6 +182,14 @@ def _components(component: str | Sequence[str]) -> list[str]:
     if len(set(components)) != len(components):
         raise UserError(f"--component {','.join(components)}: a component is named twice")
     return list(components)
+
+
+def _check_route_split(components: list[str], positions: Any) -> None:
+    """The route split needs one component, one thought at a time (checked before any work)."""
+    if len(components) > 1:
+        raise UserError(f"--mode {ROUTES} takes one --component, not {','.join(components)}")
+    if positions != "each":
+        raise UserError(f"--mode {ROUTES} needs --positions each (it splits one patched thought's effect)")
 
 
 def check_layers(layers: Any, n_layers: int) -> list[int]:
@@ -184,11 +219,12 @@ def _check_scalars(seed: Any, max_new_tokens: Any, batch_size: Any) -> None:
         raise UserError(f"batch_size={batch_size!r}: expected an int >= 1 or 'auto'")
 
 
-def _refuse_existing(out: str | Path, force: bool, components: list[str]) -> None:
-    """Refuse to replace a finished results file unless `force` (checked before any work)."""
+def _refuse_existing(out: str | Path, force: bool, stacked: bool = False) -> None:
+    """Refuse to replace a finished results file unless `force` (checked before any work); a
+    `stacked` run (several components or routes) writes its parts beside `out`, so makes its folder."""
     if not force and Path(out).exists():
         raise UserError(f"{out}: file exists; add --force to overwrite it")
-    if len(components) > 1 and not Path(out).parent.exists():
+    if stacked and not Path(out).parent.exists():
         Path(out).parent.mkdir(parents=True, exist_ok=True)
 
 
@@ -296,7 +332,11 @@ def _batch_size(
     """Pairs per trace: a number >= 1, or `auto` from the memory a batch needs."""
     if batch_size == "auto":
         longest = max(len(model.encode_question(q.question)) for p in pairs for q in (p.clean, p.corrupted))
-        rows = 3 + (cfg.ablation == "resample") + len(cfg.variants(model)) * (2 if cfg.mode == "feedback-only" else 1)
+        rows = (
+            3
+            + (cfg.ablation == "resample")
+            + len(cfg.variants(model)) * (2 if cfg.mode == "block-thought-attention" else 1)
+        )
         return auto_batch_size(model, rows, longest, remote)
     bs = int(batch_size)
     if bs < 1:
@@ -466,6 +506,45 @@ def _multi_component_sweep(
     return ds
 
 
+def _route_sweep(
+    model: CODIModel,
+    pairs: Any,
+    cfg: SweepConfig,
+    run: Run,
+    out: str | Path | None,
+    resume: bool,
+    **kw: Any,
+) -> xr.Dataset:
+    """The route split (`routes`): one ordinary sweep per route mode, stacked on a `route` dim.
+
+    Each sweep streams to its own `OUT.<route>.nc` (resumable like a stacked component); the
+    stacked file replaces them once written.
+    """
+    from .routes import ROUTE_MODES, stack_routes
+
+    parts: dict[str, xr.Dataset] = {}
+    for route, mode in ROUTE_MODES.items():
+        sub = None if out is None else Path(f"{out}.{route}.nc")
+        sub_cfg = dataclasses.replace(cfg, mode=mode, layers=list(cfg.layers))
+        if sub is not None and sub.exists():
+            parts[route] = _reuse_component(
+                model, pairs, sub, sub_cfg, resume, run, kw["seed"], kw.get("reference"), what="route"
+            )
+            continue
+        parts[route] = _single_sweep(model, pairs, sub_cfg, run, out=sub, resume=resume, **kw)
+    ds = stack_routes(parts)
+    ds.attrs["mode"] = ROUTES
+    ds.attrs["route_modes"] = json.dumps(ROUTE_MODES)
+    ds.attrs.update(merge_sanity([p.attrs for p in parts.values()], DTYPES.get(ds.attrs.get("dtype"), model.dtype)))
+    fp = json.loads(ds.attrs["run_fingerprint"])
+    ds.attrs["run_fingerprint"] = json.dumps({**fp, "mode": ROUTES}, sort_keys=True)
+    if out is not None:
+        write_results(ds, Path(out), replace=kw.get("force", False))
+        for route in ROUTE_MODES:
+            Path(f"{out}.{route}.nc").unlink(missing_ok=True)
+    return ds
+
+
 def _reuse_component(
     model: CODIModel,
     pairs: Any,
@@ -475,11 +554,12 @@ def _reuse_component(
     run: Run,
     seed: int,
     reference: Sequence[str] | None,
+    what: str = "component",
 ) -> xr.Dataset:
-    """A component file finished before an interruption, if it belongs to this very run."""
+    """A component (or route) file finished before an interruption, if it belongs to this very run."""
     if not resume:
         raise UserError(
-            f"{path}: a finished component of an earlier run exists; rerun with --resume to use it, "
+            f"{path}: a finished {what} of an earlier run exists; rerun with --resume to use it, "
             "or delete it to start over"
         )
     from ..data.pairs import PairSet
@@ -493,7 +573,7 @@ def _reuse_component(
     diff = SweepConfig.difference(stored, expected)
     if diff is not None:
         raise UserError(
-            f"{path}: finished component file is from a different run ({diff}); refusing to mix "
+            f"{path}: finished {what} file is from a different run ({diff}); refusing to mix "
             "results — delete it to start over"
         )
     return ds
