@@ -576,7 +576,18 @@ def pairs_filter(file, model_spec, dtype, device, normalization, out, force, req
 @click.option("--num-latent", type=click.IntRange(min=1), default=6, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @force_option
-def make_tiny(out: str, family: str, n_layers: int, hidden: int, num_latent: int, seed: int, force: bool) -> None:
+@click.option("--method", type=click.Choice(["codi", "coconut"]), default="codi", show_default=True)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["meta", "hf"]),
+    default="meta",
+    show_default=True,
+    help="Coconut checkpoint format: Meta's torch.save file or Hugging Face-native safetensors.",
+)
+def make_tiny(
+    out: str, family: str, n_layers: int, hidden: int, num_latent: int, seed: int, force: bool, method: str, fmt: str
+) -> None:
     """Write a tiny random CODI model in the official layout (a dry run without downloads)."""
     from .testing.tiny import write_tiny_codi
 
@@ -584,7 +595,14 @@ def make_tiny(out: str, family: str, n_layers: int, hidden: int, num_latent: int
     if Path(out).is_dir() and any(Path(out).iterdir()) and not force:
         raise UserError(f"{out}: folder exists and is not empty; add --force to overwrite it")
     prepare_output(out, force=True, folder=True)
-    path = write_tiny_codi(out, family=family, n_layers=n_layers, hidden=hidden, num_latent=num_latent, seed=seed)
+    if method == "coconut":
+        from .testing.tiny_coconut import write_tiny_coconut
+
+        path = write_tiny_coconut(
+            out, family=family, fmt=fmt, n_layers=n_layers, hidden=hidden, num_latent=num_latent, seed=seed
+        )
+    else:
+        path = write_tiny_codi(out, family=family, n_layers=n_layers, hidden=hidden, num_latent=num_latent, seed=seed)
     click.echo(f"wrote {path}")
 
 

@@ -81,3 +81,17 @@ def test_readouts_refuse_questions_past_the_context(readout, tiny_models):
     long = dataclasses.replace(pair, corrupted=dataclasses.replace(pair.corrupted, question="one more " * 400))
     with pytest.raises(UserError, match=r"^pair_id \d+, corrupted question: \d+ tokens \+ \d+ for latents and answer"):
         readout(model, [long])
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--layers", "0-9999999999"], "error: --layers: 0-9999999999 out of range (model has 8 layers, 0-7)"),
+        (["--max-new-tokens", "1000000000"], "error: 1000000054 tokens for latents and answer (num_latent 6) exceed"),
+        (["--max-new-tokens", "600"], "error: 654 tokens for latents and answer (num_latent 6) exceed"),
+    ],
+)
+def test_sizes_past_the_model_are_refused_before_any_work(args, message, tmp_path):
+    r = _cli("patch", *args, "--out", tmp_path / "r.nc", "--limit", "1")
+    assert r.exit_code == 2 and r.output.startswith(message) and r.output.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []

@@ -86,4 +86,4 @@ def test_uneven_shared_rows_equal_each_row_with_its_own_prompt(family, tiny_mode
     for key in ("logits", "latents", "candidate_logprobs"):
         assert shared[key].shape == separate[key].shape
         assert (shared[key] - separate[key]).abs().max() < TOL, key
-    assert torch.equal(shared["generated"], separate["generated"])
+    assert torch.equal(shared["generated"], separate["generated"])  # argmax top-2 gaps >= 4e-2 here, logits < TOL

@@ -12,6 +12,7 @@ Adding a method is one module defining a `LatentMethod` and one `register` call.
 """
 
 from .base import METHODS, LatentMethod, method_named, register
+from .coconut import COCONUT
 from .codi import CODI
 
-__all__ = ["CODI", "METHODS", "LatentMethod", "method_named", "register"]
+__all__ = ["COCONUT", "CODI", "METHODS", "LatentMethod", "method_named", "register"]

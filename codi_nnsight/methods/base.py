@@ -28,6 +28,8 @@ class LatentMethod:
         answer_prompt: text teacher-forced after `end` before the answer is scored.
         config_file: the json file that describes a checkpoint of this method.
         parse_answer: reads the answer number out of generated text (None: no number).
+        question_suffix: text appended to the (normalized) question before it is tokenized
+            (Coconut: "\n", as its official data does; CODI: nothing).
     """
 
     name: str
@@ -42,6 +44,7 @@ class LatentMethod:
     #: `"module:function"` that builds (module, tokenizer, info) from a config (the checkpoint
     #: format); named, not imported, so the method table stays free of torch and of import cycles.
     builder: str = ""
+    question_suffix: str = ""
 
     def build(self, cfg: Any, **kwargs: Any) -> Any:
         """Build the model of a config of this method (`builder`)."""

@@ -11,15 +11,17 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ..errors import UserError
-from .config import CODIConfig
 from .families import Family, check_shape, family_for
 from .module import CODIModule, make_prj, register_attention
+
+if TYPE_CHECKING:  # annotations only: config.py reaches this module through the Coconut loader
+    from .config import CODIConfig
 
 CKPT_PREFIXES = ("codi.base_model.model.", "codi.")
 

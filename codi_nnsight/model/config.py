@@ -243,9 +243,43 @@ def bundled_model_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "assets" / "toy-codi"
 
 
-def resolve_model_spec(spec: str | Path | CODIConfig | None) -> CODIConfig:
-    """Turn a `--model` value (codi.json path, folder holding one, preset name, or None) into a config."""
-    if isinstance(spec, CODIConfig):
+#: Each method's config file name (a json naming no `method` is CODI's).
+METHOD_FILES = {"codi": "codi.json", "coconut": "coconut.json"}
+#: The config class of each method other than CODI, by "module:class": named, not imported, since
+#: those modules build on this one.
+CONFIG_CLASSES = {"coconut": "codi_nnsight.model.coconut_checkpoint:CoconutConfig"}
+
+
+def _config_class(method: str) -> Any:
+    import importlib
+
+    module, _, name = CONFIG_CLASSES[method].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def config_from_dict(data: Any, source: str, root: str | None = None) -> Any:
+    """A `CODIConfig`, or the config class of the method the dict names under `method`."""
+    method = data.get("method", "codi") if isinstance(data, dict) else "codi"
+    if method == "coconut":
+        return _config_class("coconut").from_dict(data, source=source, root=root)
+    return CODIConfig.from_dict(data, source=source, root=root)
+
+
+def config_from_json(path: str | Path) -> Any:
+    """Read a model config json (`codi.json`, or a `coconut.json` naming `"method": "coconut"`)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return CODIConfig.from_json(path)  # it words the one-line error
+    if isinstance(data, dict) and data.get("method", "codi") == "coconut":
+        return _config_class("coconut").from_json(path)
+    return CODIConfig.from_json(path)
+
+
+def resolve_model_spec(spec: Any) -> Any:
+    """Turn a `--model` value (a codi.json or coconut.json, a folder holding one, a preset, or None) into a config."""
+    if isinstance(spec, CODIConfig) or getattr(spec, "method", None) == "coconut":
         return spec
     if spec is None:
         path = bundled_model_dir() / "codi.json"
@@ -255,11 +289,14 @@ def resolve_model_spec(spec: str | Path | CODIConfig | None) -> CODIConfig:
     s = str(spec)
     p = Path(s)
     if p.is_dir():
-        if not (p / "codi.json").exists():
-            raise UserError(f"{p}: folder holds no codi.json")
-        return CODIConfig.from_json(p / "codi.json")
+        found = [p / f for f in METHOD_FILES.values() if (p / f).exists()]
+        if not found:
+            raise UserError(f"{p}: folder holds no codi.json (or coconut.json)")
+        if len(found) > 1:
+            raise UserError(f"{p}: folder holds both codi.json and coconut.json; give the json file itself")
+        return config_from_json(found[0])
     if p.suffix == ".json" or p.exists():
-        return CODIConfig.from_json(p)
+        return config_from_json(p)
     if s in PRESETS:
         return dataclasses.replace(PRESETS[s])
     raise UserError(

@@ -17,8 +17,9 @@ __all__ = ["accuracy_summary", "decode", "evaluate_pairs", "extract_answer_numbe
 
 
 def decode(model: CODIModel, ids: Iterable[int]) -> str:
-    """Decode generated ids (stopping at -1 padding; CODI's added pad/bot/eot ids dropped)."""
-    keep = [int(i) for i in ids if 0 <= int(i) < model.codi.pad_id]
+    """Decode generated ids (stopping at -1 padding; the method's added tokens, ids >= V, dropped)."""
+    # Not `< pad_id`: Coconut pads with eos, which need not be the last base id (Llama-2's is 2).
+    keep = [int(i) for i in ids if 0 <= int(i) < model.codi.vocab_size]
     return model.tokenizer.decode(keep, skip_special_tokens=True)
 
 
@@ -76,7 +77,7 @@ def evaluate_pairs(
         chunk = items[start : start + batch_size]
         texts = generate(model, [q.question for _, _, q in chunk], max_new_tokens, remote=remote)
         for (pid, variant, q), text in zip(chunk, texts):
-            answers.append(Answer(pid, variant, q.question, float(q.answer), text, extract_answer_number(text)))
+            answers.append(Answer(pid, variant, q.question, float(q.answer), text, model.method.parse_answer(text)))
         bar.update(len(chunk))
     bar.close()
     return answers

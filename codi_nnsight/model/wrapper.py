@@ -24,7 +24,7 @@ from nnsight.modeling.mixins.remotable import Remotable
 from ..errors import UserError
 from .answers import format_answer
 from .checkpoint import build_codi
-from .config import CODIConfig, check_hub_access, resolve_model_spec
+from .config import CODIConfig, check_hub_access, config_from_dict, resolve_model_spec
 from .families import Family
 from .module import CODIModule
 from .schedule import CallSchedule
@@ -40,6 +40,15 @@ QUESTION_NORMALIZATIONS: dict[str, Any] = {
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 log = logging.getLogger(__name__)
+
+
+def build_model(cfg: Any, **kwargs: Any) -> tuple[CODIModule, Any, dict[str, str]]:
+    """(module, tokenizer, info) of a model config: `build_codi`, or its latent method's builder."""
+    if isinstance(cfg, CODIConfig):
+        return build_codi(cfg, **kwargs)  # looked up here, so tests can spy on `wrapper.build_codi`
+    from ..methods import method_named
+
+    return method_named(cfg.method).build(cfg, **kwargs)
 
 
 class ServerModelMismatch(UserError):
@@ -122,7 +131,7 @@ class CODIModel(Remotable):
     def _load(self, cfg: CODIConfig, *args: Any, dtype: Any = None, device: Any = None, **kwargs: Any) -> CODIModule:
         dev = resolve_device(device)
         check_hub_access(cfg)  # one line now instead of half a minute of hub retries
-        module, tok, info = build_codi(cfg, dtype=resolve_dtype(dtype, dev), device=dev)
+        module, tok, info = build_model(cfg, dtype=resolve_dtype(dtype, dev), device=dev)
         # Frozen, as NDIF's model actor freezes every parameter: torch picks its matmul kernels by
         # whether a weight requires grad, so only a frozen local model computes the very bits a
         # server does (attribution takes its gradients at the activations, not the parameters).
@@ -138,7 +147,7 @@ class CODIModel(Remotable):
         self, cfg: CODIConfig, *args: Any, dtype: Any = None, device: Any = None, **kwargs: Any
     ) -> CODIModule:
         check_hub_access(cfg)  # the base's config and tokenizer still come from the hub
-        module, tok, _ = build_codi(cfg, meta=True)
+        module, tok, _ = build_model(cfg, meta=True)
         # The dtype asked for (meta tensors take no memory): `dtype` reports the client's request,
         # which `provenance` compares with what the server runs.
         module.to(resolve_dtype(dtype, "cpu" if device is None else device))
@@ -181,7 +190,7 @@ class CODIModel(Remotable):
 
     @classmethod
     def _remoteable_from_model_key(cls, model_key: str, **kwargs: Any) -> CODIModel:
-        cfg = CODIConfig.from_dict(json.loads(model_key), source="model key")
+        cfg = config_from_dict(json.loads(model_key), source="model key")
         return cls(cfg, **kwargs)
 
     # -- structure -----------------------------------------------------------------------------
@@ -426,7 +435,8 @@ class CODIModel(Remotable):
 
     def encode_question(self, question: str) -> list[int]:
         """Token ids of the normalized `question` (+BOS when the tokenizer adds one) followed by `[bot]`."""
-        return list(self.tokenizer(self.normalize_question(question)).input_ids) + self._module.bot_ids()
+        text = self.normalize_question(question) + self.method.question_suffix  # Coconut: question + "\n"
+        return list(self.tokenizer(text).input_ids) + self._module.bot_ids()
 
     @property
     def context_length(self) -> int | None:

@@ -21,7 +21,7 @@ import torch
 import xarray as xr
 
 from ..errors import UserError
-from ..model.inference import decode, extract_answer_number
+from ..model.inference import decode
 from ..model.remote import remote_errors, trace_kwargs
 from ..model.wrapper import CODIModel
 from ..run import Run
@@ -192,4 +192,4 @@ def _answer_after(
         logp = model.output["candidate_logprobs"][:, 0].to(torch.float64).cpu().save()
         generated = model.output["generated"].cpu().save()
     gen = cut_to_limits(torch.as_tensor(generated).numpy(), limits)  # answers never depend on the batch
-    return ([extract_answer_number(decode(model, g)) for g in gen], torch.as_tensor(logp).tolist())
+    return ([model.method.parse_answer(decode(model, g)) for g in gen], torch.as_tensor(logp).tolist())

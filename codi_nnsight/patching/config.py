@@ -150,9 +150,12 @@ def parse_layers(text: str | None, n_layers: int) -> list[int]:
                 lo, hi = int(a), int(b)
                 if hi < lo:
                     raise ValueError
-                out.extend(range(lo, hi + 1))
             else:
-                out.append(int(piece))
+                lo = hi = int(piece)
         except ValueError:
             raise UserError(f"--layers: cannot read {piece!r} (expected e.g. 0-3,7)") from None
+        if not 0 <= lo <= hi < n_layers:  # checked before expanding: 0-9999999999 is no list to build
+            what = f"layer {lo}" if lo == hi else piece
+            raise UserError(f"--layers: {what} out of range (model has {n_layers} layers, 0-{n_layers - 1})")
+        out.extend(range(lo, hi + 1))
     return sorted(dict.fromkeys(out))

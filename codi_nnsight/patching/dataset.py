@@ -15,7 +15,7 @@ import numpy as np
 import xarray as xr
 
 from ..data.pairs import pair_coordinates
-from ..model.inference import decode, extract_answer_number
+from ..model.inference import decode
 from ..model.wrapper import CODIModel
 from .config import SweepConfig
 from .metrics import BY_NAME, METRICS, RowFrame, row_metrics
@@ -54,7 +54,7 @@ def row_frame(
     model: CODIModel, pairs: Sequence[Any], cfg: SweepConfig, plan: BatchPlan, generated: np.ndarray
 ) -> RowFrame:
     """The row layout derived metrics need: baseline/source rows, source answers, decoded answers."""
-    answers = [extract_answer_number(decode(model, g)) for g in generated]
+    answers = [model.method.parse_answer(decode(model, g)) for g in generated]
     src_answer = [float((p.clean if cfg.direction == "denoise" else p.corrupted).answer) for p in pairs]
     tgt_answer = [float((p.corrupted if cfg.direction == "denoise" else p.clean).answer) for p in pairs]
     return RowFrame(

@@ -301,7 +301,7 @@ def _checked_pairs(
     pairs = list(pairs)
     if not pairs:
         raise UserError("no pairs to patch")
-    check_context(model, pairs)
+    check_context(model, pairs, cfg.max_new_tokens)
     if pairs_sha is None:
         pairs_sha = PairSet.from_pairs(pairs).sha256
     return pairs, sweep_fingerprint(model, cfg, pairs_sha, seed, reference, run)
@@ -579,7 +579,8 @@ def _reuse_component(
     return ds
 
 
-def check_context(model: CODIModel, pairs: list[Any]) -> None:
-    """Refuse questions too long for the model's context, naming the pair."""
-    model.check_fits(pairs, extra=model.num_latent + 48)  # latents, [eot], answer prompt, answer tokens
+def check_context(model: CODIModel, pairs: list[Any], max_new_tokens: int | None = None) -> None:
+    """Refuse questions too long for the model's context (with the tokens to decode), naming the pair."""
+    # latents, [eot], answer prompt, answer tokens — and the greedy tokens asked for
+    model.check_fits(pairs, extra=model.num_latent + 48 + (max_new_tokens or 0))
     model.check_text(pairs)

@@ -93,7 +93,7 @@ def question_infos(model: Any, pairs: Sequence[Any]) -> list[QuestionInfo]:
     for i, pair in enumerate(pairs):
         for v, name in enumerate(VARIANTS):
             q = getattr(pair, name)
-            text = model.normalize_question(q.question)
+            text = model.normalize_question(q.question) + model.method.question_suffix
             ids = model.encode_question(q.question)
             plain = list(tok(text, add_special_tokens=False).input_ids)
             full = list(tok(text).input_ids)

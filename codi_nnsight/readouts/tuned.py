@@ -199,7 +199,9 @@ def load_tuned_lens(path: str | os.PathLike, model: Any | None = None) -> TunedL
         or (w.shape[0], w.shape[1]) != (meta.get("layers"), meta.get("hidden_size"))
     ):
         raise UserError(f"{weights}: translators do not match {META_FILE} (layers x hidden size)")
-    lens = TunedLens(w, b, {**meta, "source": str(path)})
+    # Copies in torch's 64-byte-aligned memory: safetensors' buffers sit at the file header's 8-byte
+    # alignment, where MKL's float64 GEMM rounds differently from the lens that was saved.
+    lens = TunedLens(w.clone(), b.clone(), {**meta, "source": str(path)})
     if model is not None:
         lens.check_model(model, where=str(path))
     return lens

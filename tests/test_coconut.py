@@ -1,0 +1,417 @@
+"""Coconut on the latent-method seam: loading both checkpoint formats, the loop against an
+official-style plain-PyTorch reference, batching, and the analyses on a Coconut model."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+from codi_nnsight.data.synthetic import make_synthetic_pairs
+from codi_nnsight.errors import UserError
+from codi_nnsight.methods import METHODS
+from codi_nnsight.methods.coconut import COCONUT, parse_coconut_answer
+from codi_nnsight.model.coconut_checkpoint import CoconutConfig, build_coconut
+from codi_nnsight.model.wrapper import CODIModel, left_pad
+from codi_nnsight.testing.tiny_coconut import write_tiny_coconut
+
+FAMILIES = ("gpt2", "llama", "qwen2")
+K = 4  # thoughts per question in the tiny models
+TOL = 1e-9
+QUESTIONS = (
+    "Tom has 3 cats and 2 dogs. How many pets?",
+    "A box holds 12 eggs; 5 break.",
+    "Sam runs 4 km a day for 7 days. How far?",
+)
+
+
+def _shape(family: str) -> dict:
+    return {"n_layers": 2, "kv_heads": None if family == "gpt2" else 2, "num_latent": K, "seed": 3}
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory) -> dict[tuple[str, str], Path]:
+    """`{(family, format): coconut.json}` for every family in both formats (same weights per family)."""
+    out = {}
+    for family in FAMILIES:
+        for fmt in ("meta", "hf"):
+            d = tmp_path_factory.mktemp(f"coconut-{family}-{fmt}")
+            out[family, fmt] = write_tiny_coconut(d, family=family, fmt=fmt, **_shape(family))
+    return out
+
+
+@pytest.fixture(scope="module")
+def models(dirs) -> dict[str, CODIModel]:
+    """float64 Coconut models (Meta's format), wrapped for nnsight from the builder's output."""
+    out = {}
+    for family in FAMILIES:
+        module, tok, _ = build_coconut(CoconutConfig.from_json(dirs[family, "meta"]), dtype=torch.float64)
+        out[family] = CODIModel(module, tokenizer=tok, config=None)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The method row
+# ---------------------------------------------------------------------------------------------
+def test_the_coconut_row():
+    assert METHODS["coconut"] is COCONUT
+    assert COCONUT.added_tokens == ("<|start-latent|>", "<|end-latent|>", "<|latent|>")
+    assert [COCONUT.token_id(r, 50257) for r in ("start", "end")] == [50257, 50258]
+    assert COCONUT.token_id("pad", 50257, eos_token_id=50256) == 50256  # pad = eos
+    assert COCONUT.answer_prompt == "###" and COCONUT.config_file == "coconut.json"
+    # The official evaluation reads the text after the last '#'.
+    assert parse_coconut_answer("<<3*4=12>>\n### 12") == 12.0
+    assert parse_coconut_answer("### 1,250") == 1250.0
+    assert parse_coconut_answer("7 ### 8# -3") == -3.0
+    assert parse_coconut_answer("### none") is None
+
+
+def test_models_take_the_official_token_layout(models):
+    for family, model in models.items():
+        codi, tok = model.codi, model.tokenizer
+        v = codi.vocab_size
+        assert tok.convert_tokens_to_ids(list(COCONUT.added_tokens)) == [v, v + 1, v + 2], family
+        assert len(tok) == v + 3 and codi.lm.get_input_embeddings().weight.shape[0] == v + 3
+        assert (codi.bot_id, codi.eot_id, codi.pad_id) == (v, v + 1, tok.eos_token_id)
+        assert tok.pad_token_id == tok.eos_token_id
+        assert isinstance(codi.thought, torch.nn.Identity) and model.method is COCONUT
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop against an official-style reference
+# ---------------------------------------------------------------------------------------------
+class Reference:
+    """Coconut as the official `coconut.py` runs it, in plain transformers and PyTorch.
+
+    Loads Meta's file itself (prefix stripped, duplicate embedding dropped) into a fresh
+    transformers model, then runs K+1 passes sharing a KV cache with explicit position ids: the
+    question and `<|start-latent|>`; each latent slot in turn, its input embedding replaced by
+    the previous position's `hidden_states[-1]` (the final-norm state); the last slot, `<|end-latent|>`
+    and any suffix. Attention is transformers' own: `eager` for GPT-2, `sdpa` for Llama/Qwen2, whose
+    eager path takes the softmax in float32 and so could not agree to 1e-9 in float64.
+    """
+
+    def __init__(self, coconut_json: Path) -> None:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        cfg = json.loads(coconut_json.read_text())
+        root = coconut_json.parent
+        self.tok = AutoTokenizer.from_pretrained(root / cfg["base"])
+        self.tok.add_tokens(["<|start-latent|>", "<|end-latent|>", "<|latent|>"])
+        self.start, self.end, self.latent = self.tok.convert_tokens_to_ids(
+            ["<|start-latent|>", "<|end-latent|>", "<|latent|>"]
+        )
+        hf = AutoConfig.from_pretrained(root / cfg["base"])
+        hf.vocab_size = len(self.tok)
+        attn = "eager" if hf.model_type == "gpt2" else "sdpa"
+        self.lm = AutoModelForCausalLM.from_config(hf, attn_implementation=attn)
+        sd = torch.load(root / cfg["checkpoint"], map_location="cpu", weights_only=True)
+        inner = {k[len("base_causallm.") :]: v for k, v in sd.items() if k.startswith("base_causallm.")}
+        self.lm.load_state_dict(inner, strict=True)
+        self.lm.to(torch.float64).eval()
+        self.K = cfg["num_latent"]
+        # transformers 5.2x renamed `past_key_values` to `cache`
+        self.cache_kw = "cache" if "cache" in inspect.signature(self.lm.forward).parameters else "past_key_values"
+
+    def ids(self, question: str, suffix: list[int] | None = None) -> list[int]:
+        """`question + "\\n"`, start, K latent slots, end, then `suffix`."""
+        q = list(self.tok(question + "\n").input_ids)
+        return q + [self.start] + [self.latent] * self.K + [self.end] + (suffix or [])
+
+    @torch.no_grad()
+    def run(self, question: str, suffix: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(thoughts (K, d), logits at the last position) for one question."""
+        from transformers import DynamicCache
+
+        ids = torch.tensor([self.ids(question, suffix)])
+        emb = self.lm.get_input_embeddings()(ids).clone()
+        pos = torch.arange(ids.shape[1])[None]
+        first = int((ids[0] == self.latent).nonzero()[0])
+        cache = DynamicCache()
+        lo, hi = 0, first
+        thoughts = []
+        for k in range(self.K + 1):
+            out = self.lm(
+                inputs_embeds=emb[:, lo:hi],
+                position_ids=pos[:, lo:hi],
+                use_cache=True,
+                **{self.cache_kw: cache},
+                output_hidden_states=True,
+            )
+            if k == self.K:
+                return torch.stack(thoughts), out.logits[0, -1]
+            thought = out.hidden_states[-1][0, -1]
+            emb[0, first + k] = thought
+            thoughts.append(thought)
+            lo, hi = hi, (hi + 1 if k + 1 < self.K else ids.shape[1])
+        raise AssertionError("unreachable")
+
+
+def _package_inputs(model: CODIModel, questions: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Left-padded `question + "\\n" <|start-latent|>` prompts, as the official data builds them."""
+    seqs = [list(model.tokenizer(q + "\n").input_ids) + [model.codi.bot_id] for q in questions]
+    return left_pad(seqs, model.codi.pad_id)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_loop_equals_the_official_k_plus_1_pass_reference(models, dirs, family):
+    model, ref = models[family], Reference(dirs[family, "meta"])
+    prompt = list(model.tokenizer("###", add_special_tokens=False).input_ids)
+    suffix = torch.tensor([model.codi.eot_id] + prompt)
+    inputs = _package_inputs(model, QUESTIONS)
+    assert (inputs["input_ids"][-1][-1] == ref.start) and ref.start == model.codi.bot_id
+    with torch.no_grad():
+        plain = model.codi(**inputs)  # suffix: <|end-latent|>
+        prompted = model.codi(**inputs, suffix_ids=suffix)  # <|end-latent|> ###
+    worst = 0.0
+    for i, q in enumerate(QUESTIONS):  # batched, left-padded rows against batch-1 references
+        thoughts, logits = ref.run(q)
+        _, logits_prompted = ref.run(q, prompt)
+        for got, want in (
+            (plain["latents"][i], thoughts),
+            (prompted["latents"][i], thoughts),
+            (plain["logits"][i], logits),
+            (prompted["logits"][i], logits_prompted),
+        ):
+            np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=0, atol=TOL)
+            worst = max(worst, float((got - want).abs().max()))
+    # Not vacuous: the thoughts are far from any token embedding and move the answer.
+    assert float(plain["latents"].norm(dim=-1).min()) > 1.0
+    assert float((plain["logits"] - prompted["logits"]).abs().max()) > 1e-3
+    assert worst <= TOL
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batch_1_equals_batch_4_in_the_sweep(models, family):
+    from codi_nnsight.patching.sweep import patch_sweep
+
+    model = models[family]
+    pairs = make_synthetic_pairs(4, seed=5)
+    for component in ("resid", "latent"):
+        runs = {bs: patch_sweep(model, pairs, component=component, positions="each", batch_size=bs) for bs in (1, 4)}
+        xr.testing.assert_allclose(runs[1].drop_attrs(), runs[4].drop_attrs(), rtol=0, atol=TOL)
+        assert runs[1].attrs["latent_method"] == "coconut"
+        assert float(np.nanmax(np.abs(runs[1]["kl"].values))) > 1e-6  # the patches do something
+
+
+def test_the_last_blocks_output_is_the_next_thought(models):
+    """Thought k+1 is the final norm of the last block's output at thought k's slot, and that output
+    feeds no key or value: patching it is patching thought k+1 exactly (the fed-back route)."""
+    from codi_nnsight.patching.sweep import patch_sweep
+
+    model = models["gpt2"]
+    pairs = make_synthetic_pairs(3, seed=7)
+    last = model.n_layers - 1
+    resid = patch_sweep(model, pairs, layers=[last], component="resid", positions="each")
+    latent = patch_sweep(model, pairs, component="latent", positions="each")
+    for k in range(K - 1):
+        for name in ("kl", "logprob_diff"):
+            np.testing.assert_allclose(
+                resid[name].sel(position=k).values[:, 0],
+                latent[name].sel(position=k + 1).values[:, 0],
+                rtol=0,
+                atol=TOL,
+                err_msg=f"{name} at thought {k}",
+            )
+    assert np.abs(latent["kl"].values).max() > 1e-6
+    assert latent.attrs["latent_method"] == resid.attrs["latent_method"] == "coconut"
+
+
+def test_analyses_run_on_a_coconut_model(models):
+    from codi_nnsight.patching.ablation import early_exit
+    from codi_nnsight.readouts.lens import logit_lens
+
+    model = models["qwen2"]
+    pairs = make_synthetic_pairs(2, seed=11)
+    lens = logit_lens(model, pairs, top_k=3)
+    assert lens.sizes["layer"] == model.n_layers and lens.attrs["latent_method"] == "coconut"
+    exits = early_exit(model, pairs, steps=[0, K])
+    assert list(exits["n_latent"].values) == [0, K] and exits.attrs["latent_method"] == "coconut"
+
+
+# ---------------------------------------------------------------------------------------------
+# Both formats, and refusals
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", FAMILIES)
+def test_both_formats_load_to_identical_weights(dirs, family):
+    built = {fmt: build_coconut(CoconutConfig.from_json(dirs[family, fmt])) for fmt in ("meta", "hf")}
+    assert [built[f][2]["format"] for f in ("meta", "hf")] == ["meta", "hf"]
+    a, b = (built[f][0].state_dict() for f in ("meta", "hf"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ta, tb = built["meta"][1], built["hf"][1]
+    assert ta.get_vocab() == tb.get_vocab()
+
+
+def _meta_copy(dirs, tmp_path: Path, edit) -> tuple[Path, Path]:
+    """A copy of the tiny GPT-2 in Meta's format whose state_dict went through `edit`; (json, checkpoint)."""
+    import shutil
+
+    src = dirs["gpt2", "meta"].parent
+    dst = tmp_path / "model"
+    shutil.copytree(src, dst)
+    cfg = CoconutConfig.from_json(dst / "coconut.json")
+    ckpt = Path(cfg.checkpoint_path)
+    sd = torch.load(ckpt, weights_only=True)
+    torch.save(edit(sd), ckpt)
+    return dst / "coconut.json", ckpt
+
+
+def _refusal(path: Path) -> str:
+    with pytest.raises(UserError) as e:
+        build_coconut(CoconutConfig.from_json(path))
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+class _Print:
+    """Pickles as a call of `print`: a harmless stand-in for code in a checkpoint."""
+
+    def __reduce__(self):
+        return (print, ("a checkpoint ran code",))
+
+
+def test_a_pickle_with_code_is_refused(dirs, tmp_path, capsys):
+    path, ckpt = _meta_copy(dirs, tmp_path, lambda sd: {**sd, "payload": _Print()})
+    assert _refusal(path) == (
+        f"{ckpt}: refused: the pickle calls print, not only tensors; a checkpoint that can run code "
+        "is never loaded (torch.load weights_only=True): re-save it as a plain state_dict"
+    )
+    assert "ran code" not in capsys.readouterr().out
+
+
+def test_a_stage_0_file_is_refused(dirs, tmp_path):
+    def plain(sd):
+        return {k[len("base_causallm.") :]: v for k, v in sd.items() if k.startswith("base_causallm.")}
+
+    path, ckpt = _meta_copy(dirs, tmp_path, plain)
+    assert _refusal(path) == (
+        f"{ckpt}: no key starts with 'base_causallm.' and the base config has no latent_id: a plain model "
+        "(e.g. a stage-0 CoT checkpoint), not Coconut; load it as a plain LM, or give a Coconut checkpoint"
+    )
+
+
+def test_a_wrong_embedding_shape_is_refused(dirs, tmp_path):
+    def base_vocab(sd):  # the embedding without the three latent rows, consistently in every copy
+        for k in ("base_causallm.transformer.wte.weight", "base_causallm.lm_head.weight", "embedding.weight"):
+            sd[k] = sd[k][:-3].clone()
+        return sd
+
+    path, ckpt = _meta_copy(dirs, tmp_path, base_vocab)
+    assert _refusal(path) == (
+        f"{ckpt}: base_causallm.transformer.wte.weight has shape (257, 32); this base needs (260, 32): "
+        "257 base tokens + the 3 latent tokens, width 32"
+    )
+
+
+def test_a_mismatched_duplicate_embedding_is_refused(dirs, tmp_path):
+    def nudge(sd):
+        sd["embedding.weight"] = sd["embedding.weight"].clone()
+        sd["embedding.weight"][259, 0] += 1e-3
+        return sd
+
+    path, ckpt = _meta_copy(dirs, tmp_path, nudge)
+    assert _refusal(path) == (
+        f"{ckpt}: embedding.weight differs from base_causallm.transformer.wte.weight; Meta's Coconut wrapper "
+        "saves the same input embedding under both names, so this file is not one it wrote"
+    )
+
+
+def test_missing_and_unexpected_keys_are_refused(dirs, tmp_path):
+    key = "base_causallm.transformer.h.1.mlp.c_fc.weight"
+    path, ckpt = _meta_copy(dirs, tmp_path / "a", lambda sd: {k: v for k, v in sd.items() if k != key})
+    assert _refusal(path) == f"{ckpt}: model weights missing from the checkpoint: {key}"
+    extra = {"pause_embedding": torch.zeros(32), "base_causallm.transformer.h.9.ln_1.weight": torch.ones(32)}
+    path, ckpt = _meta_copy(dirs, tmp_path / "b", lambda sd: {**sd, **extra})
+    assert _refusal(path) == f"{ckpt}: checkpoint keys not used by a Coconut gpt2 model: pause_embedding"
+    layer9 = "base_causallm.transformer.h.9.ln_1.weight"
+    path, ckpt = _meta_copy(dirs, tmp_path / "c", lambda sd: {**sd, layer9: extra[layer9]})
+    assert _refusal(path) == (f"{ckpt}: checkpoint keys not used by a Coconut gpt2 model: {layer9}")
+
+
+def test_hf_latent_ids_must_match_the_tokenizer(dirs, tmp_path):
+    import shutil
+
+    dst = tmp_path / "model"
+    shutil.copytree(dirs["gpt2", "hf"].parent, dst)
+    config = json.loads((dst / "base" / "config.json").read_text())
+    config["latent_id"], config["latent_start_id"] = config["latent_start_id"], config["latent_id"]
+    (dst / "base" / "config.json").write_text(json.dumps(config))
+    msg = _refusal(dst / "coconut.json")
+    assert msg == (
+        f"base {str(dst / 'base')!r}: config has latent_start_id=259, latent_end_id=258, latent_id=257; "
+        "the tokenizer's latent tokens give latent_start_id=257, latent_end_id=258, latent_id=259"
+    )
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"method": "coconut", "base": "b", "checkpoint": "c", "k": 1}, "unknown key(s) 'k'; known keys: "),
+        ({"base": "b", "checkpoint": "c"}, "missing required key 'method'"),
+        ({"method": "codi", "base": "b", "checkpoint": "c"}, "key 'method' must be 'coconut', got \"codi\""),
+        ({"method": "coconut", "base": "b", "checkpoint": "c", "num_latent": True}, "key 'num_latent' must be int"),
+        ({"method": "coconut", "base": "b", "checkpoint": "c", "num_latent": -1}, "num_latent must be >= 0, got -1"),
+    ],
+)
+def test_coconut_json_is_strict(data, message):
+    with pytest.raises(UserError, match=re.escape(message)) as e:
+        CoconutConfig.from_dict(data, source="x/coconut.json")
+    assert str(e.value).startswith("x/coconut.json: ") and "\n" not in str(e.value)
+
+
+def test_a_meta_build_reads_no_weights(dirs, tmp_path):
+    import shutil
+
+    dst = tmp_path / "model"
+    shutil.copytree(dirs["qwen2", "hf"].parent, dst)
+    (dst / "ckpt" / "model.safetensors").unlink()
+    module, tok, info = build_coconut(CoconutConfig.from_json(dst / "coconut.json"), meta=True)
+    assert module.lm.get_input_embeddings().weight.is_meta and info["checkpoint_sha256"] == ""
+    assert module.method is COCONUT and len(tok) == module.vocab_size + 3
+
+
+def test_relative_paths_resolve_against_the_json(dirs):
+    cfg = CoconutConfig.from_json(dirs["gpt2", "meta"])
+    root = dirs["gpt2", "meta"].resolve().parent
+    assert cfg.base_path == str(root / "base") and cfg.checkpoint_path == str(root / "ckpt" / f"checkpoint_{K}")
+    again = CoconutConfig.from_dict(json.loads(cfg.to_json(resolved=True)))  # a remote model key round trip
+    assert (again.base_path, again.checkpoint_path, again.num_latent) == (cfg.base_path, cfg.checkpoint_path, K)
+
+
+def test_a_coconut_json_runs_through_load_model_and_the_cli(tmp_path):
+    """`make-tiny --method coconut`, `--model <folder with coconut.json>`, the official prompt, every analysis."""
+    from click.testing import CliRunner
+
+    from codi_nnsight.cli import main
+    from codi_nnsight.model.inference import evaluate_pairs
+    from codi_nnsight.model.wrapper import load_model
+    from codi_nnsight.patching.ablation import early_exit
+    from codi_nnsight.patching.sweep import patch_sweep
+    from codi_nnsight.readouts.lens import logit_lens
+
+    args = ["make-tiny", "--out", str(tmp_path / "m"), "--method", "coconut", "--family", "gpt2", "--num-latent", "3"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    model = load_model(tmp_path / "m", dtype="float64", device="cpu")
+    assert model.method is COCONUT and model.name == "tiny-coconut-gpt2" and model.checkpoint_sha256
+    newline = model.tokenizer("\n", add_special_tokens=False).input_ids
+    assert model.encode_question("Tom has 3 cats.")[-2:] == [*newline, model.codi.bot_id]
+    pairs = make_synthetic_pairs(3, seed=1)
+    sweep = patch_sweep(model, pairs, component=["resid", "latent"], positions="each")
+    assert sweep.attrs["latent_method"] == "coconut" and sweep.attrs["checkpoint_sha256"]
+    assert logit_lens(model, pairs).attrs["latent_method"] == "coconut"
+    assert early_exit(model, pairs).attrs["latent_method"] == "coconut"
+    assert len(evaluate_pairs(model, pairs, max_new_tokens=6)) == 6
+    again = CODIModel._remoteable_from_model_key(model._remoteable_model_key(), dtype="float64")
+    assert again.method is COCONUT
+    for a, b in zip(model.codi.state_dict().values(), again.codi.state_dict().values()):
+        assert torch.equal(a, b)
