@@ -10,6 +10,7 @@ result that another run finished in the meantime is never replaced without `--fo
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -170,3 +171,12 @@ def _disk_full(folder: Path) -> bool:
         return shutil.disk_usage(folder).free < _FULL_BELOW
     except OSError:
         return False
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 (hex) of a file's bytes, read in 1 MiB blocks (checkpoints, batch files, report files)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -594,7 +594,6 @@ def make_tiny(
     # A folder that already holds anything (another model, say) is replaced only with --force.
     if Path(out).is_dir() and any(Path(out).iterdir()) and not force:
         raise UserError(f"{out}: folder exists and is not empty; add --force to overwrite it")
-    prepare_output(out, force=True, folder=True)
     if method == "coconut":
         from .testing.tiny_coconut import write_tiny_coconut
 

@@ -97,7 +97,9 @@ def test_zero_delta_gives_zero_and_the_switch_is_restored(tiny_models):
     inputs = model.prepare([q], max_new_tokens=0)
     assert model.codi(**inputs)["logits"].is_inference()  # switch off: inference mode, as before
     with keeping_grad(model):
-        assert model.codi(**inputs)["logits"].requires_grad
+        # Autograd on (no inference tensors); the parameters are frozen, as NDIF's are, so the graph
+        # only starts where attribution makes the activations require grad.
+        assert not model.codi(**inputs)["logits"].is_inference()
     assert model.codi.keep_grad is False
 
 
@@ -213,10 +215,16 @@ def _hooked_atp(model, toks, drop=None):
         return seen, out["candidate_logprobs"][0, 0] - out["candidate_logprobs"][0, 1]
 
     src, _ = run(PAIR.clean.question, None)
-    with keeping_grad(model):
-        tgt, metric = run(PAIR.corrupted.question, drop)
-        keys = list(tgt)
-        grads = torch.autograd.grad(metric, [tgt[k] for k in keys], allow_unused=True)
+    # The plain reference takes the graph the textbook way, from parameters that require grad; the
+    # package's models load frozen (as NDIF's do), so they are unfrozen for this run only.
+    model.codi.requires_grad_(True)
+    try:
+        with keeping_grad(model):
+            tgt, metric = run(PAIR.corrupted.question, drop)
+            keys = list(tgt)
+            grads = torch.autograd.grad(metric, [tgt[k] for k in keys], allow_unused=True)
+    finally:
+        model.codi.requires_grad_(False)
     res = np.zeros((model.n_layers, K))
     for key, g in zip(keys, grads):
         if g is not None:

@@ -39,11 +39,12 @@ COMPONENTS = ("resid", "attn", "mlp", "latent", "head")
 
 
 @contextlib.contextmanager
-def frozen(model: CODIModel) -> Iterator[None]:
-    """Every parameter frozen inside the block, as NDIF's actor leaves them (the session's models are shared)."""
+def frozen(model: CODIModel, flag: bool = False) -> Iterator[None]:
+    """Every parameter frozen inside the block, as NDIF's actor leaves them (the session's models are
+    shared, so the flags are put back); `flag=True`: every parameter requiring grad instead."""
     params = list(model._module.parameters())
     flags = [p.requires_grad for p in params]
-    model._module.requires_grad_(False)
+    model._module.requires_grad_(flag)
     try:
         yield
     finally:
@@ -66,21 +67,23 @@ def assert_same(a, b, atol: float = 0.0) -> None:
 @pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2"])
 def test_a_frozen_model_gives_the_numbers_of_an_unfrozen_one(tiny_models, family):
     model = tiny_models[family]
-    assert any(p.requires_grad for p in model._module.parameters())
+    assert not any(p.requires_grad for p in model._module.parameters())  # models load frozen, as NDIF's
     # All sites at once, and each alone: alone, the first site read has nothing upstream that
     # requires grad, so every site must be a leaf of its own.
     groups = [COMPONENTS] + [(c,) for c in COMPONENTS]
-    unfrozen = [attribution_sweeps(model, PAIRS, g, method="atp*", batch_size=2) for g in groups]
+    with frozen(model, flag=True):
+        unfrozen = [attribution_sweeps(model, PAIRS, g, method="atp*", batch_size=2) for g in groups]
     with frozen(model):
         frozen_runs = [attribution_sweeps(model, PAIRS, g, method="atp*", batch_size=2) for g in groups]
-    assert any(p.requires_grad for p in model._module.parameters())  # put back
+    assert not any(p.requires_grad for p in model._module.parameters())  # put back
     assert not model.codi.keep_grad
     for group, want, got in zip(groups, unfrozen, frozen_runs):
         for c in group:
             assert np.abs(want[c]["atp_logprob_diff"].values).max() > 1e-6, (group, c)  # sites that matter
             assert_same(want[c], got[c], atol=1e-12)  # float64; the kernel choice moves ~1 ulp (docstring)
     # One pair per batch: no non-contiguous batch for the kernel choice to see, so bit for bit.
-    one = attribution_sweeps(model, PAIRS, COMPONENTS, method="atp*", batch_size=1)
+    with frozen(model, flag=True):
+        one = attribution_sweeps(model, PAIRS, COMPONENTS, method="atp*", batch_size=1)
     with frozen(model):
         one_frozen = attribution_sweeps(model, PAIRS, COMPONENTS, method="atp*", batch_size=1)
     for c in COMPONENTS:

@@ -95,3 +95,16 @@ def test_sizes_past_the_model_are_refused_before_any_work(args, message, tmp_pat
     r = _cli("patch", *args, "--out", tmp_path / "r.nc", "--limit", "1")
     assert r.exit_code == 2 and r.output.startswith(message) and r.output.count("\n") == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_save_tuned_lens_never_overwrites_without_force(tiny_models, tmp_path):
+    from codi_nnsight.readouts.tuned import TunedLens, save_tuned_lens
+
+    lens = TunedLens.identity(tiny_models["gpt2"])
+    path = save_tuned_lens(lens, tmp_path / "tl")
+    before = (path / "tuned_lens.safetensors").read_bytes()
+    with pytest.raises(UserError) as e:
+        save_tuned_lens(lens, tmp_path / "tl")
+    assert str(e.value) == f"{tmp_path / 'tl'}: holds a tuned lens already; add --force (force=True) to overwrite it"
+    assert (path / "tuned_lens.safetensors").read_bytes() == before
+    assert save_tuned_lens(lens, tmp_path / "tl", force=True) == path

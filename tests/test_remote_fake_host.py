@@ -11,6 +11,7 @@ from codi_nnsight.model.remote import remote_errors, trace_kwargs
 
 def test_requests_run_frozen_on_one_thread_and_the_shared_model_is_put_back(tiny_models):
     model = tiny_models["gpt2"]
+    model._module.requires_grad_(True)  # loaded frozen (as NDIF's are): unfreeze, to see the host freeze it
     flags = [p.requires_grad for p in model._module.parameters()]
     assert any(flags)
     threads = torch.get_num_threads()
@@ -27,6 +28,7 @@ def test_requests_run_frozen_on_one_thread_and_the_shared_model_is_put_back(tiny
     assert len(grads) == len(flags) and not any(grads)  # frozen, as ndif's actor leaves them
     assert on == 1
     assert [p.requires_grad for p in model._module.parameters()] == flags  # this process's model is as before
+    model._module.requires_grad_(False)  # the shared session model, as loaded
 
 
 def test_a_deployed_checkpoint_is_the_servers_own_frozen_copy(tiny_dirs, tiny_models):

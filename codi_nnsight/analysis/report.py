@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import hashlib
 import html
 import json
 import math
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from ..atomic import file_sha256
 from ..errors import UserError
 from ..patching.options import MODE_ALIASES
 from . import plots, stats
@@ -959,14 +959,6 @@ def _sanity(doc: _Doc, ds: xr.Dataset) -> None:
         doc.table(["check", "value", "threshold", "status"], rows)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _safe_relative(rel: str) -> bool:
     """A manifest entry that stays inside the report folder (a hand-edited manifest must not
     make a rewrite delete files elsewhere)."""
@@ -1002,7 +994,7 @@ class ReportFiles:
     def add(self, path: str | Path) -> Path:
         """Record ``path`` (inside the report folder) as written by the report; returns it."""
         path = Path(path)
-        self.files[path.relative_to(self.out).as_posix()] = _sha256(path)
+        self.files[path.relative_to(self.out).as_posix()] = file_sha256(path)
         return path
 
     def save(self) -> Path:
@@ -1030,7 +1022,7 @@ def clear_report_files(out: str | Path) -> list[Path]:
     removed = []
     for rel, digest in files.items():
         p = out / rel
-        if p.is_symlink() or not p.is_file() or _sha256(p) != digest:
+        if p.is_symlink() or not p.is_file() or file_sha256(p) != digest:
             continue
         p.unlink()
         removed.append(p)

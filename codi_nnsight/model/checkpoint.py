@@ -8,7 +8,6 @@ Loading is `weights_only=True` or safetensors: a checkpoint can never run code.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ..atomic import file_sha256  # noqa: F401  (re-exported: checkpoint provenance)
 from ..errors import UserError
 from .families import Family, check_shape, family_for
 from .module import CODIModule, make_prj, register_attention
@@ -27,15 +27,6 @@ CKPT_PREFIXES = ("codi.base_model.model.", "codi.")
 
 
 # ---------------------------------------------------------------------------------------------
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file (provenance of the checkpoint)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def fetch_file(location: str, revision: str | None = None) -> Path:
     """A local path for `location`: itself, or a hub download for `hf://<repo>/<file>`."""
     if location.startswith("hf://"):

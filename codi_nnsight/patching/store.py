@@ -39,9 +39,10 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from ..atomic import DiskError, refuse_existing, write_json_atomic, write_netcdf_atomic, write_text_atomic
+from ..atomic import DiskError, file_sha256, refuse_existing, write_json_atomic, write_netcdf_atomic, write_text_atomic
 from ..errors import UserError
-from ..run.writer import write_results
+from ..run.fingerprint import fingerprint_difference
+from ..run.writer import clean_attrs, write_results  # noqa: F401  (clean_attrs: re-exported)
 
 try:  # POSIX: the lock's liveness is the kernel's flock, which dies with its process
     import fcntl
@@ -60,15 +61,6 @@ def _write_atomic_nc(
 ) -> None:
     """Write a Dataset as netCDF4, complete or absent (see `atomic.write_netcdf_atomic`)."""
     write_netcdf_atomic(ds, path, replace=replace, after=after)
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 (hex) of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def run_fingerprint(config: dict[str, Any]) -> str:
@@ -319,13 +311,10 @@ class PartialStore:
                     f"or delete the folder to start over"
                 )
             stored = self._stored_config(cfg_path)
-            diff = [k for k in sorted(set(stored) | set(self.config)) if stored.get(k) != self.config.get(k)]
-            if diff:
-                k = diff[0]
+            diff = fingerprint_difference(stored, self.config)
+            if diff is not None:
                 raise UserError(
-                    f"{self.dir}: partial run has a different configuration "
-                    f"({', '.join(diff)} differ; e.g. {k}: stored {stored.get(k)!r}, "
-                    f"now {self.config.get(k)!r}); refusing to mix results"
+                    f"{self.dir}: partial run has a different configuration ({diff}); refusing to mix results"
                 )
             self._hashes = self._stored_hashes()
             return {p for ds in self._load(known) for p in ds["pair"].values.astype(int).tolist()}
@@ -531,17 +520,3 @@ class PartialStore:
             raise
         self.close()
         return ds
-
-
-def clean_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
-    """netCDF-safe attrs: bools to int, None to "", dicts/lists to JSON."""
-    out: dict[str, Any] = {}
-    for k, v in attrs.items():
-        if isinstance(v, bool):
-            v = int(v)
-        elif v is None:
-            v = ""
-        elif isinstance(v, (dict, list, tuple)):
-            v = json.dumps(v, sort_keys=True)
-        out[k] = v
-    return out

@@ -19,6 +19,7 @@ import xarray as xr
 from ..errors import UserError
 from ..model.wrapper import DTYPES, CODIModel
 from ..run import Backend, Run, client_versions, now, write_results
+from ..run.batching import REMOTE_ROWS, auto_batch_size  # noqa: F401  (REMOTE_ROWS: re-exported)
 from .config import SweepConfig
 from .dataset import SCHEMA, batch_dataset, with_pair_coordinates
 from .options import ROUTES
@@ -33,37 +34,6 @@ log = logging.getLogger(__name__)
 def versions() -> dict[str, str]:
     """Versions that determine the numbers, of this process (`run.client_versions`)."""
     return client_versions()
-
-
-#: Rows per request when a remote server runs the sweep: its memory is not ours to measure, and
-#: fewer, larger requests spend less time queueing (a request of this many rows returns well under 1 MB).
-REMOTE_ROWS = 1024
-
-
-def auto_batch_size(model: CODIModel, rows_per_pair: int, prompt_len: int, remote: bool | str = False) -> int:
-    """Pairs per trace: from free memory (CUDA), a memory and row budget (CPU), or a row budget (remote).
-
-    Rows that continue a question share its prefill cache, so a pair costs two prompts' caches plus
-    each row's own latent, suffix and decoded tokens — not a full cache per row.
-    """
-    if remote and remote != "local":
-        n = max(1, REMOTE_ROWS // rows_per_pair)
-        log.info("--batch-size auto with a remote server: %d pairs (%d rows) per request", n, n * rows_per_pair)
-        return n
-    cfg = model.codi.lm.config
-    d = cfg.hidden_size
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    kv_token = 2 * model.n_layers * kv_heads * (d // cfg.num_attention_heads) * (torch.finfo(model.dtype).bits // 8)
-    own = model.num_latent + 32  # latents, [eot] + prompt, candidates, decoded tokens
-    elem = torch.finfo(model.dtype).bits // 8
-    per_pair = kv_token * (2 * prompt_len + rows_per_pair * own) + rows_per_pair * (
-        4 * cfg.vocab_size * 8 + 16 * d * own * elem
-    )
-    dev = model.device
-    if dev is not None and dev.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(dev)
-        return max(1, int(free * 0.6 // per_pair))
-    return max(1, min(512 // rows_per_pair, int(2e9 // per_pair)))
 
 
 def patch_sweep(
@@ -246,7 +216,7 @@ def _single_sweep(
     source = getattr(pairs, "source", None)
     pairs, fingerprint = _checked_pairs(model, pairs, cfg, seed, reference, run)
     torch.manual_seed(seed)
-    bs = _batch_size(model, pairs, cfg, batch_size, run.remote)
+    bs = _batch_size(model, pairs, cfg, batch_size, run)
     ablate = _ablation_inputs(model, cfg, pairs, seed, reference, run.remote)
     attrs = {
         "codi_nnsight_schema": SCHEMA,
@@ -326,10 +296,8 @@ def sweep_fingerprint(
     return fingerprint
 
 
-def _batch_size(
-    model: CODIModel, pairs: list[Any], cfg: SweepConfig, batch_size: int | str, remote: bool | str = False
-) -> int:
-    """Pairs per trace: a number >= 1, or `auto` from the memory a batch needs."""
+def _batch_size(model: CODIModel, pairs: list[Any], cfg: SweepConfig, batch_size: int | str, run: Run) -> int:
+    """Pairs per trace: a number >= 1, or `auto`: the run layer's batch policy for this run's backend."""
     if batch_size == "auto":
         longest = max(len(model.encode_question(q.question)) for p in pairs for q in (p.clean, p.corrupted))
         rows = (
@@ -337,7 +305,7 @@ def _batch_size(
             + (cfg.ablation == "resample")
             + len(cfg.variants(model)) * (2 if cfg.mode == "block-thought-attention" else 1)
         )
-        return auto_batch_size(model, rows, longest, remote)
+        return run.auto_batch_size(rows, longest)
     bs = int(batch_size)
     if bs < 1:
         raise UserError(f"--batch-size {batch_size}: must be >= 1 or auto")

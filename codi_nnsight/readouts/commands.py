@@ -285,7 +285,7 @@ def tuned_lens_train(
         remote=remote_value(remote),
         positions=positions,
     )
-    save_tuned_lens(got, out)
+    save_tuned_lens(got, out, force=True)  # `prepare_output` refused an existing folder without --force
     n_test = got.meta["n_heldout_questions"]
     click.echo(
         f"wrote {out}: tuned lens of {model.name} trained on {got.meta['n_train_questions']} questions; "

@@ -145,16 +145,22 @@ class TunedLens:
                 f"{mine['name']} ({'; '.join(diffs)}); train one for it with `codi-nnsight tuned-lens train`"
             )
 
-    def save(self, path: str | os.PathLike) -> Path:
-        return save_tuned_lens(self, path)
+    def save(self, path: str | os.PathLike, force: bool = False) -> Path:
+        """Write the translators to folder `path` (`save_tuned_lens`)."""
+        return save_tuned_lens(self, path, force=force)
 
 
 # -- saving and loading -------------------------------------------------------------------------
-def save_tuned_lens(lens: TunedLens, path: str | os.PathLike) -> Path:
-    """Write `path/tuned_lens.safetensors` and `path/tuned_lens.json` (the folder is created)."""
+def save_tuned_lens(lens: TunedLens, path: str | os.PathLike, force: bool = False) -> Path:
+    """Write `path/tuned_lens.safetensors` and `path/tuned_lens.json` (the folder is created).
+
+    A folder that holds a tuned lens already is refused unless `force` (as the CLI's `--force`).
+    """
     from safetensors.torch import save
 
     folder = Path(path)
+    if not force and ((folder / WEIGHTS_FILE).exists() or (folder / META_FILE).exists()):
+        raise UserError(f"{folder}: holds a tuned lens already; add --force (force=True) to overwrite it")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         meta = {**{k: v for k, v in lens.meta.items() if k != "source"}, "schema": SCHEMA}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 
@@ -16,8 +15,4 @@ def fingerprint_difference(stored: dict[str, Any], current: dict[str, Any]) -> s
     if not diff:
         return None
     k = diff[0]
-    return f"{', '.join(diff)} differ; e.g. {k}: stored {_show(stored.get(k))}, now {_show(current.get(k))}"
-
-
-def _show(value: Any) -> str:
-    return repr(value) if isinstance(value, str) else json.dumps(value)
+    return f"{', '.join(diff)} differ; e.g. {k}: stored {stored.get(k)!r}, now {current.get(k)!r}"

@@ -144,6 +144,13 @@ class Run:
         text = json.dumps([float(f"{x:.6e}") for x in norms])
         return "fingerprint-sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
+    # -- batching -----------------------------------------------------------------------------------
+    def auto_batch_size(self, rows_per_pair: int, prompt_len: int) -> int:
+        """Pairs per trace for `--batch-size auto` on this run's backend (`batching.auto_batch_size`)."""
+        from .batching import auto_batch_size
+
+        return auto_batch_size(self.model, rows_per_pair, prompt_len, self.backend)
+
     # -- output -------------------------------------------------------------------------------------
     def finish(self, ds: xr.Dataset, **attrs: Any) -> xr.Dataset:
         """`ds` with this run's provenance, `attrs` and the end time in its attrs (netCDF-safe)."""
