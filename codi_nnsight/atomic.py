@@ -155,6 +155,8 @@ def write_failure(e: BaseException, folder: Path) -> str:
     """
     if isinstance(e, OSError) and e.errno == errno.ENOSPC:
         return NO_SPACE
+    if "os error 28" in str(e) or "No space left on device" in str(e):  # safetensors' Rust I/O error
+        return NO_SPACE
     # Only I/O failures (RuntimeError is how netCDF4 raises "NetCDF: HDF error"): a bug that raises
     # e.g. a TypeError on a nearly full disk is reported as itself.
     io_failure = isinstance(e, (OSError, RuntimeError))

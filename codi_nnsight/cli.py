@@ -601,7 +601,19 @@ def make_tiny(
             out, family=family, fmt=fmt, n_layers=n_layers, hidden=hidden, num_latent=num_latent, seed=seed
         )
     else:
+        created = not Path(out).exists()
+    try:
         path = write_tiny_codi(out, family=family, n_layers=n_layers, hidden=hidden, num_latent=num_latent, seed=seed)
+    except UserError:
+        raise
+    except Exception as e:  # a full disk surfaces as OSError or as safetensors' own error type
+        import shutil
+
+        from .atomic import DiskError, write_failure
+
+        if created:  # half a model is no model: remove what this command made, never a folder it found
+            shutil.rmtree(out, ignore_errors=True)
+        raise DiskError(f"{out}: cannot write the model ({write_failure(e, Path(out).resolve().parent)})") from None
     click.echo(f"wrote {path}")
 
 

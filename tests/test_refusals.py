@@ -108,3 +108,19 @@ def test_save_tuned_lens_never_overwrites_without_force(tiny_models, tmp_path):
     assert str(e.value) == f"{tmp_path / 'tl'}: holds a tuned lens already; add --force (force=True) to overwrite it"
     assert (path / "tuned_lens.safetensors").read_bytes() == before
     assert save_tuned_lens(lens, tmp_path / "tl", force=True) == path
+
+
+def test_make_tiny_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path):
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        r = _cli("make-tiny", "--out", disk / "t")
+        assert r.exit_code == 2
+        assert r.output == f"error: {disk / 't'}: cannot write the model (No space left on device)\n"
+        assert list(disk.iterdir()) == []
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
