@@ -18,6 +18,14 @@ Subpackages follow the data flow: `data` (pairs) → `model` (CODI under nnsight
 
 from __future__ import annotations
 
+import os as _os
+
+# torch's OpenMP threads spin while they wait, which starves a shared or busy core (the README's
+# commands ran 3-4x slower under load). The policy is read once, when torch starts its thread pool,
+# so it is set here, before the package imports torch; a value the user set is kept, and a process
+# that imported torch before this package keeps whatever torch started with.
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from types import ModuleType
 
 from ._lazy import after_import, lazy_dir, lazy_getattr
