@@ -111,7 +111,7 @@ _LLAMA_LIKE = dict(
     conv1d=False,
 )
 
-#: Supported families by name. Qwen2 is Llama's layout with biased q/k/v projections.
+#: Supported families by name. Qwen2 is Llama's layout with biased q/k/v projections; Qwen3 adds q/k norms.
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
@@ -132,6 +132,9 @@ FAMILIES: dict[str, Family] = {
         ),
         Family("llama", ("llama",), config_class="LlamaConfig", tokenizer_style="llama", **_LLAMA_LIKE),
         Family("qwen2", ("qwen2",), config_class="Qwen2Config", tokenizer_style="gpt2", **_LLAMA_LIKE),
+        # Qwen3: Llama's layout with RMSNorm on each head's queries and keys (inside self_attn, before
+        # the attention kernel), as CODI-Qwen3-8B-style checkpoints use.
+        Family("qwen3", ("qwen3",), config_class="Qwen3Config", tokenizer_style="gpt2", **_LLAMA_LIKE),
     )
 }
 
