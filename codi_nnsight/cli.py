@@ -588,22 +588,24 @@ def pairs_filter(file, model_spec, dtype, device, normalization, out, force, req
 def make_tiny(
     out: str, family: str, n_layers: int, hidden: int, num_latent: int, seed: int, force: bool, method: str, fmt: str
 ) -> None:
-    """Write a tiny random CODI model in the official layout (a dry run without downloads)."""
+    """Write a tiny random CODI (or Coconut) model in the official layout (a dry run without downloads)."""
     from .testing.tiny import write_tiny_codi
 
     # A folder that already holds anything (another model, say) is replaced only with --force.
     if Path(out).is_dir() and any(Path(out).iterdir()) and not force:
         raise UserError(f"{out}: folder exists and is not empty; add --force to overwrite it")
-    if method == "coconut":
-        from .testing.tiny_coconut import write_tiny_coconut
-
-        path = write_tiny_coconut(
-            out, family=family, fmt=fmt, n_layers=n_layers, hidden=hidden, num_latent=num_latent, seed=seed
-        )
-    else:
-        created = not Path(out).exists()
+    created = not Path(out).exists()
     try:
-        path = write_tiny_codi(out, family=family, n_layers=n_layers, hidden=hidden, num_latent=num_latent, seed=seed)
+        if method == "coconut":
+            from .testing.tiny_coconut import write_tiny_coconut
+
+            path = write_tiny_coconut(
+                out, family=family, fmt=fmt, n_layers=n_layers, hidden=hidden, num_latent=num_latent, seed=seed
+            )
+        else:
+            path = write_tiny_codi(
+                out, family=family, n_layers=n_layers, hidden=hidden, num_latent=num_latent, seed=seed
+            )
     except UserError:
         raise
     except Exception as e:  # a full disk surfaces as OSError or as safetensors' own error type
