@@ -401,6 +401,7 @@ def test_a_coconut_json_runs_through_load_model_and_the_cli(tmp_path):
     args = ["make-tiny", "--out", str(tmp_path / "m"), "--method", "coconut", "--family", "gpt2", "--num-latent", "3"]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (tmp_path / "m").glob("*.json")) == ["coconut.json"]  # no codi.json beside it
     model = load_model(tmp_path / "m", dtype="float64", device="cpu")
     assert model.method is COCONUT and model.name == "tiny-coconut-gpt2" and model.checkpoint_sha256
     newline = model.tokenizer("\n", add_special_tokens=False).input_ids
