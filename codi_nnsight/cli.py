@@ -337,9 +337,9 @@ def attribute(
     remote,
 ) -> None:
     """Attribution patching: a first-order estimate of every patch from one backward pass."""
-    import json
 
-    from .patching.attribution import attribution_patching, verify_top
+    from .analysis.kinds import verification_sentence
+    from .patching.attribution import attribution_patching, verification_attrs, verify_top
     from .patching.config import parse_layers
     from .run import write_results
 
@@ -363,11 +363,13 @@ def attribute(
         remote=remote_value(remote),
         method=method,
     )
+    if verify_n is not None:  # stored in the Dataset (and so in its report), not only printed
+        checked = verify_top(model, pairs, ds, verify_n, batch_size=batch_size, remote=remote_value(remote))
+        ds.attrs.update(verification_attrs(checked))
     write_results(ds, out_path)
     click.echo(f"wrote {out_path}: AtP of {ds.attrs['component']} for {ds.sizes['pair']} pairs")
     if verify_n is not None:
-        checked = verify_top(model, pairs, ds, verify_n, batch_size=batch_size, remote=remote_value(remote))
-        click.echo(f"exact sweep on layers {checked.layers}: {json.dumps(checked.comparison)}")
+        click.echo(verification_sentence(ds.attrs))
 
 
 # ---------------------------------------------------------------------------------------------

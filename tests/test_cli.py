@@ -340,7 +340,8 @@ def test_attribute_command_writes_the_sweep_layout_and_verifies(tmp_path):
     assert ds.attrs["codi_nnsight_schema"] == "codi-nnsight/attribution/1"
     assert ds["atp_logprob_diff"].dims == ("pair", "layer", "position") and ds.sizes["pair"] == 3
     assert ds["atpstar_logprob_diff"].dims == ds["atp_logprob_diff"].dims
-    assert "exact sweep on layers [0]:" in r.output
+    assert "Checked against the exact sweep on layers 0 (the layers AtP ranks highest): latent: Spearman" in r.output
+    assert ds.attrs["verify_layers"] == "0" and "latent" in ds.attrs["verify_comparison"]
 
 
 def test_newer_sweep_options_run_from_the_command_line(tiny_dir, tmp_path):

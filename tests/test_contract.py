@@ -95,3 +95,38 @@ def test_a_files_own_declaration_wins_over_the_table():
     attrs = {"metric_info": json.dumps({"kl": {"units": "bits", "negligible": 0.5}})}
     assert metric_info(attrs, "kl").units == "bits" and metric_info(attrs, "kl").negligible == 0.5
     assert metric_info({}, "kl") == METRICS["kl"]
+
+
+def test_attribute_verify_is_stored_in_the_file_and_its_report(tiny_dirs, outputs, tmp_path):
+    pairs = str(outputs["sweep"].parent / "p.json")
+    out = tmp_path / "v.nc"
+    args = ["attribute", "--layers", "0-1", "--verify", "1", "--model", tiny_dirs["gpt2"], "--pairs", pairs]
+    r = CliRunner().invoke(main, [*args, "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "Checked against the exact sweep on layers" in r.output and "{" not in r.output  # words, not a raw dict
+    with xr.open_dataset(out) as ds:
+        comparison = json.loads(ds.attrs["verify_comparison"])
+        assert set(comparison) == {"resid"} and len(ds.attrs["verify_layers"].split(",")) == 1
+    rep = tmp_path / "rep"
+    assert CliRunner().invoke(main, ["report", str(out), "--out", str(rep)]).exit_code == 0
+    assert "## Check against the exact sweep" in (rep / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "args,site",
+    [
+        ([], "largest mean KL at layer "),
+        (["--positions", "each"], ", thought "),
+        (["--component", "latent"], "largest mean KL at the fed-back thought ("),
+        (["--component", "latent", "--positions", "each"], "largest mean KL at fed-back thought "),
+        (["--component", "resid,attn"], ") ("),
+        (["--component", "head"], ", head "),
+    ],
+)
+def test_the_summary_line_names_the_site(args, site, tiny_dirs, outputs, tmp_path):
+    pairs = str(outputs["sweep"].parent / "p.json")
+    r = CliRunner().invoke(
+        main, ["patch", *args, "--model", tiny_dirs["gpt2"], "--pairs", pairs, "--out", str(tmp_path / "r.nc")]
+    )
+    assert r.exit_code == 0, r.output
+    assert site in r.output and "at layer 0 (" not in r.output.replace("layer 0 (resid)", "")

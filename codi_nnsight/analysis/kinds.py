@@ -128,6 +128,25 @@ def _attribution_finding(ds: xr.Dataset, metric: str) -> list[str]:
     return out
 
 
+def verification_sentence(attrs: dict[str, Any]) -> str:
+    """What `attribute --verify` found, in words (from the attrs it stores), or "" when not run."""
+    import json
+
+    raw = attrs.get("verify_comparison")
+    if not raw:
+        return ""
+    parts = []
+    for comp, c in json.loads(raw).items():
+        parts.append(
+            f"{comp}: Spearman {c['spearman']:.3f} over {c['n_sites']} sites (pair means), "
+            f"{c['spearman_pairs']:.3f} over every pair, top-{c['k']} recall {c['top_k_recall']:.2f}"
+        )
+    return (
+        f"Checked against the exact sweep on layers {attrs.get('verify_layers', '')} (the layers AtP ranks "
+        f"highest): " + "; ".join(parts) + "."
+    )
+
+
 # --------------------------------------------------------------------------- reports
 def summary(ds: xr.Dataset, metric: str | None = None) -> str:
     """The text `analyze` prints for a file of any kind."""
@@ -177,6 +196,10 @@ def write_kind_report(ds: xr.Dataset, out: str | Path, metric: str | None = None
             doc.h(2, "Finding")
             for s in _attribution_finding(ds, metric):
                 doc.p(s)
+            checked = verification_sentence(ds.attrs)
+            if checked:
+                doc.h(2, "Check against the exact sweep")
+                doc.p(checked)
             _plot_attribution(fig, ax, ds, metric)
             name, table = f"attribution_{metric}.png", attribution_summary(ds, metric)
         else:

@@ -70,6 +70,7 @@ difference of batches of several rows). The results record what computed them
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -720,6 +721,14 @@ def top_layers(atp_ds: xr.Dataset, n: int, metric: str = "logprob_diff") -> list
     score = a.max([d for d in a.dims if d != "layer"]) if a.ndim > 1 else a
     order = np.argsort(-np.nan_to_num(score.values, nan=-1.0), kind="stable")[: max(1, int(n))]
     return sorted(int(atp_ds["layer"].values[i]) for i in order)
+
+
+def verification_attrs(checked: Verified) -> dict[str, Any]:
+    """`verify_top`'s result as netCDF attrs of the AtP Dataset (`verify_layers`, `verify_comparison` JSON)."""
+    return {
+        "verify_layers": ",".join(map(str, checked.layers)),
+        "verify_comparison": json.dumps(checked.comparison, sort_keys=True),
+    }
 
 
 def verify_top(

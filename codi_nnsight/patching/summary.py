@@ -11,13 +11,13 @@ import numpy as np
 def sweep_summary(ds: Any, out: str | None = None) -> str:
     """Where the mean KL peaks, the best flip rate over comparable pairs, excluded pairs, sanity."""
     kl = ds["kl"].mean("pair")
-    for dim in [d for d in kl.dims if d != "layer"]:
-        kl = kl.max(dim)
+    if "route" in kl.dims:  # the split's parts are not KLs of their own: the peak is the total's
+        kl = kl.sel(route="total")
     values = kl.values
     where = f"{'wrote ' + str(out) + ': ' if out else ''}{ds.sizes['pair']} pairs x {ds.sizes['layer']} layers"
     if np.isfinite(values).any():
-        i = int(np.nanargmax(values))
-        peak = f"largest mean KL at layer {int(ds['layer'].values[i])} ({float(values[i]):.4g} nats)"
+        at = dict(zip(kl.dims, np.unravel_index(int(np.nanargmax(values)), values.shape)))
+        peak = f"largest mean KL at {_site(ds, kl, at)} ({float(values[tuple(at.values())]):.4g} nats)"
     else:
         peak = "KL is NaN everywhere (the model produced NaN logits)"
     comparable = ds["comparable"].values > 0 if "comparable" in ds else np.ones(ds.sizes["pair"], dtype=bool)
@@ -63,3 +63,21 @@ def route_summary(ds: Any) -> str:
         f"route split of the mean change of logprob_diff at {label}: total {t:+.4g} = "
         f"feedback {f:+.4g} + attention {a:+.4g} + interaction {i:+.4g} nats"
     )
+
+
+def _site(ds: Any, kl: Any, at: dict) -> str:
+    """The patched site in words: the fed-back thought (not "layer 0"), the thought, the head, the component."""
+    value = {d: kl[d].values[i] for d, i in at.items()}
+    component = str(value.get("component", ds.attrs.get("component", "")))
+    parts = []
+    if component == "latent":
+        parts.append("the fed-back thought" if "position" not in value else "")
+    elif "layer" in value:
+        parts.append(f"layer {int(value['layer'])}")
+    if "head" in value:
+        parts.append(f"head {int(value['head'])}")
+    if "position" in value:
+        parts.append(f"{'fed-back ' if component == 'latent' else ''}thought {int(value['position'])}")
+    if "component" in value:
+        parts.append(f"({component})")
+    return ", ".join(p for p in parts if p).replace(", (", " (")
