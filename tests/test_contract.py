@@ -130,3 +130,18 @@ def test_the_summary_line_names_the_site(args, site, tiny_dirs, outputs, tmp_pat
     )
     assert r.exit_code == 0, r.output
     assert site in r.output and "at layer 0 (" not in r.output.replace("layer 0 (resid)", "")
+
+
+def test_probe_warns_when_classes_are_too_thin(outputs):
+    import numpy as np
+
+    from codi_nnsight.readouts.probe import too_few_per_class
+
+    labels = np.array([[1.0, 7.0], [1.0, 8.0], [1.0, np.nan], [1.0, 9.0], [1.0, 10.0], [2.0, 11.0]])
+    assert too_few_per_class(["many", "thin"], labels, minimum=2) == (
+        "too few questions per class to train a probe for thin (1) (median questions per class; fewer than 2): "
+        "accuracies and the chance level are unreliable — use --synthetic N (e.g. 500) for a probe study"
+    )
+    assert too_few_per_class(["many"], labels[:, :1], minimum=2) == ""
+    with xr.open_dataset(outputs["probe"]) as ds:  # 4 pairs: every value is thin
+        assert ds.attrs["warning"].startswith("too few questions per class to train a probe for value0")

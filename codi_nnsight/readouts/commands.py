@@ -203,6 +203,8 @@ def probe(
     )
     write_dataset(ds, out)
     click.echo(f"wrote {out}: probes on {2 * len(pairs)} questions\n{readout_summary(ds)}")
+    if ds.attrs.get("warning"):
+        click.echo(f"warning: {ds.attrs['warning']}", err=True)
 
 
 @click.group("tuned-lens")

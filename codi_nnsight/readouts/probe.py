@@ -89,6 +89,31 @@ def probe_targets(infos: Sequence[Any]) -> tuple[list[str], np.ndarray]:
     return names, labels
 
 
+#: Below this median number of questions per class a probe cannot learn a class, and its accuracy
+#: and chance level say little (24 demo pairs give 1-2 questions per intermediate value).
+MIN_PER_CLASS = 5
+
+
+def too_few_per_class(names: Sequence[str], labels: np.ndarray, minimum: int = MIN_PER_CLASS) -> str:
+    """A one-line warning naming the targets whose median class has fewer than `minimum` questions ("" if none)."""
+    thin = []
+    for t, name in enumerate(names):
+        y = labels[:, t]
+        y = y[np.isfinite(y)]
+        if y.size == 0:
+            continue
+        counts = np.unique(y, return_counts=True)[1]
+        if float(np.median(counts)) < minimum:
+            thin.append(f"{name} ({float(np.median(counts)):g})")
+    if not thin:
+        return ""
+    return (
+        f"too few questions per class to train a probe for {', '.join(thin)} (median questions per class; "
+        f"fewer than {minimum}): accuracies and the chance level are unreliable — use --synthetic N "
+        "(e.g. 500) for a probe study"
+    )
+
+
 def fit_logistic(
     x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, l2: float = 1e-3, max_iter: int = 50
 ) -> np.ndarray:
@@ -234,6 +259,7 @@ def probe(
         )
     states, infos = collect_states(model, pairs, layers, batch_size, run.remote)
     names, labels = probe_targets(infos)
+    thin = too_few_per_class(names, labels)
     groups = np.array([i.pair_index for i in infos])
     got = probe_states(states, labels, groups, seeds, test_fraction, l2)
     layer_list = list(range(model.n_layers)) if layers is None else list(layers)
@@ -339,5 +365,6 @@ def probe(
         n_questions=len(infos),
         readout="multinomial logistic regression on standardized block outputs, split by pair; "
         "control = same probe on labels shuffled within each split",
+        warning=thin,
     )
     return xr.Dataset(data, coords=coords, attrs=attrs)
