@@ -6,6 +6,7 @@ torch and the model happen inside the commands, so `--help` stays fast.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import click
@@ -286,6 +287,7 @@ def tuned_lens_train(
         batch_size=batch_size,
         remote=remote_value(remote),
         positions=positions,
+        progress=sys.stderr.isatty(),  # a bar with a time estimate: training takes minutes
     )
     save_tuned_lens(got, out, force=True)  # `prepare_output` refused an existing folder without --force
     n_test = got.meta["n_heldout_questions"]

@@ -259,8 +259,11 @@ def fit_translators(
     lr: float = 3e-3,
     seed: int = 0,
     batch: int = 4096,
+    progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fit translators on (n, layers, d) block outputs; returns weight (layers, d, d) and bias (layers, d).
+
+    `progress` shows a bar over every layer's steps, with tqdm's time estimate (minutes on a CPU).
 
     Every layer but the last starts at identity / zero and runs `steps` Adam steps on the mean
     KL(final-layer lens ‖ translated lens) over a minibatch of `batch` rows (all rows when fewer;
@@ -276,6 +279,9 @@ def fit_translators(
     x = states.to(dtype)
     with torch.no_grad():
         final = x[:, -1]
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=(n_layers - 1) * int(steps), desc="training translators", unit="step", disable=not progress)
     for L in range(n_layers - 1):
         gen = torch.Generator().manual_seed(int(seed))
         w = weight[L].clone().requires_grad_(True)
@@ -289,7 +295,9 @@ def fit_translators(
             opt.zero_grad()
             loss.backward()
             opt.step()
+            bar.update(1)
         weight[L], bias[L] = w.detach(), b.detach()
+    bar.close()
     return weight, bias
 
 
@@ -314,6 +322,7 @@ def train_tuned_lens(
     remote: bool | str = False,
     train_batch: int = 4096,
     positions: str = "latent",
+    progress: bool = False,
 ) -> TunedLens:
     """Train a tuned lens on the latent positions of every question of `pairs` (see the module docstring).
 
@@ -322,8 +331,9 @@ def train_tuned_lens(
     logit lens (`logit`), and the held-out KL per step (bot, latents, answer) and layer
     (`heldout_kl_by_step`). Translators are trained in float64 for a float64 model, else float32;
     `remote` only affects collecting the states (the weights of the final norm and LM head must be
-    here). `positions="all"` also trains (and reports `train_kl` / `heldout_kl`) on `bot` and the
-    answer position. The same inputs and seed give the same translators.
+    here). `progress` shows a bar with a time estimate. `positions="all"` also trains (and reports
+    `train_kl` / `heldout_kl`) on `bot` and the answer position. The same inputs and seed give the
+    same translators.
     """
     from .common import step_labels
     from .probe import collect_states
@@ -345,7 +355,9 @@ def train_tuned_lens(
     latent = x[:, 1 : K + 1] if positions == "latent" else x
     train_rows = latent[torch.as_tensor(~test_q)].reshape(-1, n_layers, d)
     test_rows = latent[torch.as_tensor(test_q)].reshape(-1, n_layers, d)
-    weight, bias = fit_translators(train_rows, norm, head, steps=steps, lr=lr, seed=seed, batch=train_batch)
+    weight, bias = fit_translators(
+        train_rows, norm, head, steps=steps, lr=lr, seed=seed, batch=train_batch, progress=progress
+    )
     norm64, head64 = copy.deepcopy(norm).double(), copy.deepcopy(head).double()
     w64, b64 = weight.double(), bias.double()
     eye, zero = torch.eye(d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64)
