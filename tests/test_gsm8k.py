@@ -244,8 +244,12 @@ def test_read_gsm8k(tmp_path: Path) -> None:
 
 def test_load_gsm8k_hub_without_datasets(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
-    with pytest.raises(RuntimeError, match="pip install datasets"):
+    with pytest.raises(UserError) as e:
         load_gsm8k_hub()
+    assert str(e.value) == (
+        "--gsm8k hub: loading GSM8K from the Hugging Face Hub needs the 'datasets' package: "
+        'pip install -e ".[gsm8k]" (or pip install datasets)'
+    )
 
 
 def test_reason_constants_exported() -> None:

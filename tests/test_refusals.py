@@ -124,3 +124,11 @@ def test_make_tiny_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path):
         assert list(disk.iterdir()) == []
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_the_llama_presets_offline_error_says_the_base_is_gated(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    r = _cli("patch", "--model", "codi-llama3.2-1b", "--out", tmp_path / "r.nc")
+    assert r.exit_code == 2 and r.output.count("\n") == 1
+    assert "meta-llama/Llama-3.2-1B-Instruct is gated on the hub: accept the licence" in r.output

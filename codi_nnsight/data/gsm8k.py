@@ -660,8 +660,9 @@ def load_gsm8k_hub(split: str = "test") -> list[dict]:
     try:
         import datasets  # lazy: optional dependency, only needed for this path
     except ImportError as e:
-        raise RuntimeError(
-            "loading GSM8K from the Hugging Face Hub needs the 'datasets' package: pip install datasets"
+        raise UserError(  # one line, not a traceback: a missing optional package is a setup step
+            "--gsm8k hub: loading GSM8K from the Hugging Face Hub needs the 'datasets' package: "
+            'pip install -e ".[gsm8k]" (or pip install datasets)'
         ) from e
     ds = datasets.load_dataset("openai/gsm8k", "main", split=split)
     return [{"question": r["question"], "answer": r["answer"]} for r in ds]

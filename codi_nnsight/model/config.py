@@ -415,6 +415,10 @@ def _label(cfg: CODIConfig) -> str:
     return f"preset {preset}" if preset else f"model {cfg.display_name()}"
 
 
+#: Hub organisations whose models are gated (a licence to accept and a token to present).
+GATED_ORGS = ("meta-llama/",)
+
+
 def check_hub_access(cfg: CODIConfig, timeout: float = HUB_CONNECT_TIMEOUT) -> None:
     """Fail fast, in one line, when `cfg` needs the hub and the hub is off or out of reach.
 
@@ -434,6 +438,12 @@ def check_hub_access(cfg: CODIConfig, timeout: float = HUB_CONNECT_TIMEOUT) -> N
         "checkpoint is a local file (README, 'Real CODI models')"
     )
     missing = [f"{repo}/{name}" for repo, name, rev in needed if not _cached(repo, name, rev)]
+    gated = sorted({repo for repo, name, rev in needed if repo.startswith(GATED_ORGS) and f"{repo}/{name}" in missing})
+    if gated:  # a plain download would fail later for want of a licence and a token, not of a network
+        local += (
+            f"; {', '.join(gated)} {'is' if len(gated) == 1 else 'are'} gated on the hub: accept the licence "
+            "on its page and log in (huggingface-cli login, or HF_TOKEN) before downloading"
+        )
     if hub_offline():
         if missing:
             raise UserError(
