@@ -22,7 +22,6 @@ so a checkpoint can never run code.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import pickle
 import re
@@ -32,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
 from ..methods.coconut import COCONUT
-from .config import MAX_NUM_LATENT, CODIConfig
+from .config import CODIConfig, ModelFile, _value_error
 from .families import Family, check_shape, family_for
 
 if TYPE_CHECKING:  # torch is imported where weights are read: `CoconutConfig` stays light, as `CODIConfig` is
@@ -53,7 +52,7 @@ HF_LATENT_IDS = {"start": "latent_start_id", "end": "latent_end_id", "latent": "
 # coconut.json
 # ---------------------------------------------------------------------------------------------
 @dataclass
-class CoconutConfig:
+class CoconutConfig(ModelFile):
     """Everything needed to rebuild a Coconut model (the `coconut.json` file).
 
     `base`: a folder or a Hugging Face id with the base LM's config and tokenizer (the tokenizer
@@ -77,7 +76,7 @@ class CoconutConfig:
     def __post_init__(self) -> None:
         if self.method != COCONUT.name:
             raise UserError(f"coconut config: method must be {COCONUT.name!r}, got {self.method!r}")
-        err = _num_latent_error(self.num_latent)
+        err = _value_error("num_latent", self.num_latent)
         if err:
             raise UserError(f"coconut config: num_latent {err}")
 
@@ -95,23 +94,7 @@ class CoconutConfig:
         """The checkpoint location with a relative path resolved."""
         return self._as_codi().checkpoint_path
 
-    def display_name(self) -> str:
-        """A short human name for titles and provenance."""
-        return self.name or Path(self.checkpoint).parent.name or self.base
-
-    # -- (de)serialization ------------------------------------------------------------------
-    def to_dict(self, resolved: bool = False) -> dict[str, Any]:
-        """The json-ready dict (with absolute paths when `resolved`)."""
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "root"}
-        if resolved:
-            d["base"] = self.base_path
-            d["checkpoint"] = self.checkpoint_path
-        return d
-
-    def to_json(self, resolved: bool = False) -> str:
-        """Canonical JSON (sorted keys), as a remote model key carries it."""
-        return json.dumps(self.to_dict(resolved=resolved), sort_keys=True)
-
+    # -- (de)serialization: `to_dict` / `to_json` / `display_name` come from `ModelFile` ------
     @classmethod
     def from_dict(cls, data: Any, source: str = "coconut config", root: str | None = None) -> CoconutConfig:
         """Build from a parsed json object, refusing unknown or missing keys and wrong types in one line."""
@@ -141,7 +124,7 @@ class CoconutConfig:
         if data["method"] != COCONUT.name:
             raise UserError(f"{source}: key 'method' must be {COCONUT.name!r}, got {json.dumps(data['method'])}")
         if "num_latent" in data:
-            err = _num_latent_error(data["num_latent"])
+            err = _value_error("num_latent", data["num_latent"])
             if err:
                 raise UserError(f"{source}: num_latent {err}")
         return cls(**data, root=root)
@@ -165,15 +148,6 @@ class CoconutConfig:
     def save(self, path: str | Path) -> None:
         """Write this config as a `coconut.json` (paths as given, not resolved)."""
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
-
-
-def _num_latent_error(value: int) -> str | None:
-    """Why `value` is no thought count (completes "num_latent ..."), or None."""
-    if value < 0:
-        return f"must be >= 0, got {value}"
-    if value > MAX_NUM_LATENT:
-        return f"must be <= {MAX_NUM_LATENT} (each thought takes a context position), got {value}"
-    return None
 
 
 # ---------------------------------------------------------------------------------------------

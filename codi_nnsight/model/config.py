@@ -71,8 +71,30 @@ def _value_error(key: str, value: Any) -> str | None:
     return None
 
 
+class ModelFile:
+    """What every model config file (`codi.json`, `coconut.json`) does alike: a dataclass with `base`,
+    `checkpoint`, `name` and a not-serialized `root`, whose `base_path` / `checkpoint_path` resolve
+    relative paths."""
+
+    def display_name(self) -> str:
+        """A short human name for titles and provenance."""
+        return self.name or Path(self.checkpoint).parent.name or self.base  # type: ignore[attr-defined]
+
+    def to_dict(self, resolved: bool = False) -> dict[str, Any]:
+        """The json-ready dict (with absolute paths when `resolved`)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "root"}  # type: ignore[arg-type]
+        if resolved:
+            d["base"] = self.base_path  # type: ignore[attr-defined]
+            d["checkpoint"] = self.checkpoint_path  # type: ignore[attr-defined]
+        return d
+
+    def to_json(self, resolved: bool = False) -> str:
+        """Canonical JSON (sorted keys) — also what the NDIF model key carries."""
+        return json.dumps(self.to_dict(resolved=resolved), sort_keys=True)
+
+
 @dataclass
-class CODIConfig:
+class CODIConfig(ModelFile):
     """Everything needed to rebuild a CODI model.
 
     `base` is a local directory or a Hugging Face id holding the tokenizer and config of the base LM;
@@ -128,23 +150,7 @@ class CODIConfig:
         p = Path(self.checkpoint)
         return str(p if p.is_absolute() else Path(self.root) / p)
 
-    def display_name(self) -> str:
-        """A short human name for titles and provenance."""
-        return self.name or Path(self.checkpoint).parent.name or self.base
-
-    # -- (de)serialization --------------------------------------------------------------------
-    def to_dict(self, resolved: bool = False) -> dict[str, Any]:
-        """The json-ready dict (with absolute paths when `resolved`)."""
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "root"}
-        if resolved:
-            d["base"] = self.base_path
-            d["checkpoint"] = self.checkpoint_path
-        return d
-
-    def to_json(self, resolved: bool = False) -> str:
-        """Canonical JSON (sorted keys) — also what the NDIF model key carries."""
-        return json.dumps(self.to_dict(resolved=resolved), sort_keys=True)
-
+    # -- (de)serialization: `to_dict` / `to_json` / `display_name` come from `ModelFile` ------
     @classmethod
     def from_dict(cls, data: Any, source: str = "codi config", root: str | None = None) -> CODIConfig:
         """Build from a parsed json object, rejecting unknown keys and wrong types."""
