@@ -182,3 +182,20 @@ def file_sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def ensure_writable(folder: str | os.PathLike) -> Path:
+    """Create `folder` (and its parents) and check a file can be written there, before any work.
+
+    Raises:
+        UserError: one line naming the folder and why ("Permission denied", ...).
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".codi-nnsight-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{folder}: cannot write there ({e.strerror or e})") from None
+    return folder

@@ -6,7 +6,6 @@ Imports of torch and the model happen inside the functions, so `--help` stays fa
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -102,14 +101,9 @@ def prepare_output(path: str, force: bool, folder: bool = False) -> Path:
         raise UserError(
             f"{out}: exists and is {'a file' if folder else 'a folder'}, expected a {'folder' if folder else 'file'}"
         )
-    parent = out if folder else out.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        probe = parent / f".codi-nnsight-write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"{parent}: cannot write there ({e.strerror or e})") from None
+    from .atomic import ensure_writable
+
+    ensure_writable(out if folder else out.parent)
     return out
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from ..atomic import file_sha256
+from ..atomic import ensure_writable, file_sha256
 from ..errors import UserError
 from ..patching.options import MODE_ALIASES
 from . import plots, stats
@@ -1069,13 +1069,7 @@ def prepare_report_dir(path: str | Path, force: bool, flag: str = "--force") -> 
     why = _not_a_report_message(out, flag)
     if why is not None and not force:
         raise UserError(why)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".codi-nnsight-write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"{out}: cannot write there ({e.strerror or e})") from None
+    ensure_writable(out)  # a folder that cannot be written is reported now, not after the statistics
     return out
 
 
