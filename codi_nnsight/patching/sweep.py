@@ -444,14 +444,8 @@ def _multi_component_sweep(
     from .dataset import per_pair_names
     from .metrics import METRICS
 
-    parts = []
-    for c in components:
-        sub = None if out is None else Path(f"{out}.{c}.nc")
-        sub_cfg = dataclasses.replace(cfg, component=c, layers=list(cfg.layers))
-        if sub is not None and sub.exists():
-            parts.append(_reuse_component(model, pairs, sub, sub_cfg, resume, run, kw["seed"], kw.get("reference")))
-            continue
-        parts.append(_single_sweep(model, pairs, sub_cfg, run, out=sub, resume=resume, **kw))
+    subs = {c: dataclasses.replace(cfg, component=c, layers=list(cfg.layers)) for c in components}
+    parts = list(_run_parts(model, pairs, subs, run, out, resume, "component", **kw).values())
     stacked = [m.name for m in METRICS] + [n for n in per_pair_names() if n.startswith("self_patch")]
     ds = xr.concat(
         parts,
@@ -467,11 +461,41 @@ def _multi_component_sweep(
     ds.attrs.update(merge_sanity([p.attrs for p in parts], DTYPES.get(parts[0].attrs.get("dtype"), model.dtype)))
     fp = json.loads(ds.attrs["run_fingerprint"])
     ds.attrs["run_fingerprint"] = json.dumps({**fp, "component": components}, sort_keys=True)
-    if out is not None:
-        write_results(ds, Path(out), replace=kw.get("force", False))
-        for c in components:
-            Path(f"{out}.{c}.nc").unlink(missing_ok=True)
+    _write_stacked(ds, out, components, kw.get("force", False))
     return ds
+
+
+def _run_parts(
+    model: CODIModel,
+    pairs: Any,
+    subs: dict[str, SweepConfig],
+    run: Run,
+    out: str | Path | None,
+    resume: bool,
+    what: str,
+    **kw: Any,
+) -> dict[str, xr.Dataset]:
+    """One ordinary sweep per named sub-configuration, each streamed to `OUT.<name>.nc`; a part
+    finished before an interruption is reused on `--resume` when its fingerprint is this run's."""
+    parts: dict[str, xr.Dataset] = {}
+    for name, sub_cfg in subs.items():
+        sub = None if out is None else Path(f"{out}.{name}.nc")
+        if sub is not None and sub.exists():
+            parts[name] = _reuse_component(
+                model, pairs, sub, sub_cfg, resume, run, kw["seed"], kw.get("reference"), what=what
+            )
+            continue
+        parts[name] = _single_sweep(model, pairs, sub_cfg, run, out=sub, resume=resume, **kw)
+    return parts
+
+
+def _write_stacked(ds: xr.Dataset, out: str | Path | None, names: Sequence[str], force: bool) -> None:
+    """Write the stacked file (the one writer), then remove the parts it replaces."""
+    if out is None:
+        return
+    write_results(ds, Path(out), replace=force)
+    for name in names:
+        Path(f"{out}.{name}.nc").unlink(missing_ok=True)
 
 
 def _route_sweep(
@@ -490,26 +514,15 @@ def _route_sweep(
     """
     from .routes import ROUTE_MODES, stack_routes
 
-    parts: dict[str, xr.Dataset] = {}
-    for route, mode in ROUTE_MODES.items():
-        sub = None if out is None else Path(f"{out}.{route}.nc")
-        sub_cfg = dataclasses.replace(cfg, mode=mode, layers=list(cfg.layers))
-        if sub is not None and sub.exists():
-            parts[route] = _reuse_component(
-                model, pairs, sub, sub_cfg, resume, run, kw["seed"], kw.get("reference"), what="route"
-            )
-            continue
-        parts[route] = _single_sweep(model, pairs, sub_cfg, run, out=sub, resume=resume, **kw)
+    subs = {route: dataclasses.replace(cfg, mode=mode, layers=list(cfg.layers)) for route, mode in ROUTE_MODES.items()}
+    parts = _run_parts(model, pairs, subs, run, out, resume, "route", **kw)
     ds = stack_routes(parts)
     ds.attrs["mode"] = ROUTES
     ds.attrs["route_modes"] = json.dumps(ROUTE_MODES)
     ds.attrs.update(merge_sanity([p.attrs for p in parts.values()], DTYPES.get(ds.attrs.get("dtype"), model.dtype)))
     fp = json.loads(ds.attrs["run_fingerprint"])
     ds.attrs["run_fingerprint"] = json.dumps({**fp, "mode": ROUTES}, sort_keys=True)
-    if out is not None:
-        write_results(ds, Path(out), replace=kw.get("force", False))
-        for route in ROUTE_MODES:
-            Path(f"{out}.{route}.nc").unlink(missing_ok=True)
+    _write_stacked(ds, out, list(ROUTE_MODES), kw.get("force", False))
     return ds
 
 
