@@ -20,6 +20,14 @@ Besides the times it reports (JSON on stdout, a summary on stderr):
 * `peak_rss_gib_by_pairs` — peak RSS of a fresh process sweeping 4 and 64 pairs (`--rss-shape`,
   batch size `auto`, as users run it);
 * with `--each`, the `positions="each"` sweep's time, FLOPs and its cost relative to `all`.
+
+`--workers N` measures sharding instead (docs/sharding.md): the shape is written to disk in the
+official layout (workers load a model from its spec, never from the driver's memory), then
+`patch_sweep` runs once in this process on `--threads` threads and once on N Ray workers of one
+thread each, same pairs and batch size; it reports both times, the speed-up, the Ray start-up
+(session + workers importing and loading the model) and whether the metrics agree:
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/sweep.py --shape gpt2-small --pairs 8 --workers 2 --threads 2
 """
 
 from __future__ import annotations
@@ -291,6 +299,136 @@ def summary(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def write_shape(shape: str, out_dir: str, seed: int = 0) -> str:
+    """`random_codi`'s shape written in the official layout (codi.json, base/, ckpt/), with the
+    same small BPE tokenizer and the shape's full vocabulary; returns the codi.json path."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from codi_nnsight.model.config import CODIConfig
+    from codi_nnsight.model.families import family_named
+    from codi_nnsight.model.module import make_prj
+    from codi_nnsight.testing.tiny import SHAPES, bpe_tokenizer, official_state_dict, tiny_hf_config
+
+    s = dict(SHAPES[shape])
+    family, vocab = s.pop("family"), s.pop("vocab")
+    tok = bpe_tokenizer(family)
+    vocab = max(vocab, len(tok))
+    out = Path(out_dir)
+    (out / "base").mkdir(parents=True, exist_ok=True)
+    (out / "ckpt").mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    hf_config = tiny_hf_config(family, vocab=vocab, max_positions=1024, **s)
+    hf_config.save_pretrained(out / "base")
+    tok.save_pretrained(out / "base")
+    big = type(hf_config).from_dict(hf_config.to_dict())
+    big.vocab_size = vocab + 3
+    lm = AutoModelForCausalLM.from_config(big, attn_implementation="eager")
+    hidden = big.hidden_size
+    prj = make_prj(hidden, hidden, True, False)
+    targets = list(family_named(family).lora_targets)
+    sd = official_state_dict(lm, prj, family, 4, 8, targets, seed=seed)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(out / "ckpt" / "model.safetensors"))
+    cfg = CODIConfig(
+        base="base",
+        checkpoint="ckpt/model.safetensors",
+        num_latent=6,
+        lora_r=4,
+        lora_alpha=8,
+        lora_target_modules=targets,
+        prj_dim=hidden,
+        name=f"random-{shape}",
+    )
+    cfg.save(out / "codi.json")
+    return str(out / "codi.json")
+
+
+def workers_main(args: argparse.Namespace) -> dict[str, Any]:
+    """One process on `--threads` threads against `--workers` Ray workers on one thread each."""
+    import tempfile
+
+    import ray
+
+    from codi_nnsight.model.wrapper import load_model
+    from codi_nnsight.run.executors import RayExecutor, worker_environment
+
+    load = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_shape(args.shape, tmp)
+        model = load_model(path, dtype=args.dtype, device=args.device)
+        pairs = realistic_pairs(args.pairs, model)
+        bs = args.batch_size or -(-len(pairs) // args.workers)  # one batch per worker
+        kw = dict(batch_size=bs, max_new_tokens=4)
+        with torch.inference_mode():
+            patch_sweep(model, pairs[:1], **kw)  # warm-up: first trace, allocator
+            t = time.perf_counter()
+            one = patch_sweep(model, pairs, **kw)
+            one_s = time.perf_counter() - t
+            t = time.perf_counter()  # and as one process runs best: every pair in one batch
+            patch_sweep(model, pairs, batch_size=len(pairs), max_new_tokens=4)
+            one_all_s = time.perf_counter() - t
+        t = time.perf_counter()
+        # The session as `--workers` starts it (127.0.0.1, no dashboard), timed on its own.
+        ray.init(
+            num_cpus=args.workers,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            log_to_driver=False,
+            runtime_env=worker_environment(),
+        )
+        ray_init_s = time.perf_counter() - t
+        try:
+            with RayExecutor(args.workers) as pool:
+                patch_sweep(model, pairs[:1], workers=pool, **kw)  # workers' imports, model loads, first trace
+                startup_s = time.perf_counter() - t
+                t = time.perf_counter()
+                sharded = patch_sweep(model, pairs, workers=pool, **kw)
+                sharded_s = time.perf_counter() - t
+        finally:
+            ray.shutdown()
+        names = ["kl", "l2", "logprob_diff"]
+        diff = max(float(np.nanmax(np.abs(one[n].values - sharded[n].values))) for n in names)
+    return {
+        "shape": args.shape,
+        "pairs": len(pairs),
+        "batch_size": bs,
+        "dtype": args.dtype,
+        "device": args.device,
+        "one_process_threads": torch.get_num_threads(),
+        "workers": args.workers,
+        "worker_threads": 1,
+        "cpu_count": os.cpu_count(),
+        "seconds": {"one_process": one_s, "one_process_one_batch": one_all_s, "workers": sharded_s},
+        "speedup": one_s / sharded_s,
+        "speedup_vs_one_batch": one_all_s / sharded_s,
+        "ray_startup_s": startup_s,
+        "ray_init_s": ray_init_s,
+        "max_abs_diff": diff,
+        "loadavg_before": list(load),
+        "loadavg_after": list(os.getloadavg()),
+        "versions": {**versions(), "ray": ray.__version__, "python": sys.version.split()[0]},
+    }
+
+
+def workers_summary(res: dict[str, Any]) -> str:
+    """The sharding benchmark in three lines."""
+    s = res["seconds"]
+    return "\n".join(
+        [
+            f"{res['shape']}, {res['pairs']} pairs, batch {res['batch_size']}, {res['dtype']}: one process x "
+            f"{res['one_process_threads']} threads {s['one_process']:.1f} s; {res['workers']} workers x 1 thread "
+            f"{s['workers']:.1f} s; speed-up {res['speedup']:.2f}x (one process with every pair in one batch: "
+            f"{s['one_process_one_batch']:.1f} s, speed-up {res['speedup_vs_one_batch']:.2f}x)",
+            f"Ray start-up {res['ray_startup_s']:.1f} s (session {res['ray_init_s']:.1f} s, then the workers' "
+            "imports, model loads and first trace)",
+            f"max |diff| of kl, l2, logprob_diff: {res['max_abs_diff']:.2e}; load average before "
+            f"{res['loadavg_before'][0]:.2f}, after {res['loadavg_after'][0]:.2f}",
+        ]
+    )
+
+
 def main(argv: list[str] | None = None, emit: bool = True) -> dict[str, Any]:
     """Run the benchmark; print (when `emit`) and return its results.
 
@@ -318,9 +456,22 @@ def main(argv: list[str] | None = None, emit: bool = True) -> dict[str, Any]:
     ap.add_argument("--rss-shape", choices=["toy", "gpt2-small", "llama-1b"], default="toy")
     ap.add_argument("--rss-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--json", default=None)
+    ap.add_argument(
+        "--workers", type=int, default=None, help="measure N Ray workers (1 thread each) against one process"
+    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.workers:
+        res = workers_main(args)
+        text = json.dumps(res, indent=2)
+        if emit:
+            print(text)
+        print(workers_summary(res), file=sys.stderr)
+        if args.json:
+            with open(args.json, "w") as f:
+                f.write(text + "\n")
+        return res
     if args.rss_only:
         _rss_only(args)
         return {}

@@ -8,7 +8,8 @@
 Every command has a Python twin here: `load_model`, `load_pairs` / `demo_pairs` (`--pairs`, the
 bundled demo pairs by default), `evaluate_pairs`, `patch_sweep` (`patch`), `ablate`
 (`patch --ablation`), `attribute`, `early_exit`, `logit_lens`, `attention_readout`, `probe`,
-`train_tuned_lens` / `load_tuned_lens`, `report`; `codi_nnsight.analysis` holds the statistics.
+`train_tuned_lens` / `load_tuned_lens`, `transplant`, `steer`, `thought_graph`, `report`;
+`codi_nnsight.analysis` holds the statistics.
 Every Dataset gets the `codi` accessor (`summary`, `plot`, `report`) once the package is imported.
 
 Subpackages follow the data flow: `data` (pairs) → `model` (CODI under nnsight) → `patching`
@@ -70,6 +71,10 @@ _EXPORTS = {
     "train_tuned_lens": "readouts.tuned",
     "save_tuned_lens": "readouts.tuned",
     "load_tuned_lens": "readouts.tuned",
+    # interventions on thoughts
+    "transplant": "interventions.transplant",
+    "steer": "interventions.steer",
+    "thought_graph": "interventions.graph",
     # results
     "report": "api",
     "analysis": ".",

@@ -79,7 +79,7 @@ def report(
         return write_readout_report(ds, out)
     from .analysis import kinds
 
-    if kinds.result_kind(ds) in ("attribution", "early-exit"):
+    if kinds.result_kind(ds) in kinds.KIND_REPORTS:
         return kinds.write_kind_report(ds, out, None if metric == "kl" else metric)
     from .analysis.report import write_report
 

@@ -6,6 +6,7 @@ Ctrl-C exits 130 after saying where finished results are.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shlex
@@ -16,6 +17,7 @@ from typing import Any
 import click
 
 from .cli_common import (
+    check_workers,
     default_pairs,
     force_option,
     load_cli_model,
@@ -25,6 +27,7 @@ from .cli_common import (
     prepare_output,
     remote_option,
     remote_value,
+    workers_options,
 )
 from .errors import UserError
 
@@ -180,6 +183,7 @@ def _families() -> list[str]:
 @click.option("--resume", is_flag=True, help="Continue an interrupted run of the same configuration.")
 @click.option("--check", is_flag=True, help="Exit 3 if a sanity check fails (results are still written).")
 @remote_option
+@workers_options
 @click.pass_context
 def patch(
     ctx,
@@ -203,6 +207,8 @@ def patch(
     resume,
     check,
     remote,
+    workers,
+    ray_address,
 ) -> None:
     """Patch source activations into target runs at the latent positions, layer by layer."""
     from .patching.config import canonical_mode, parse_layers
@@ -225,6 +231,7 @@ def patch(
         click.echo(f"note: --mode {mode} is now called {MODE_ALIASES[mode]} (mode names say what they block)", err=True)
     mode = canonical_mode(mode)
     prepare_output(out, force)
+    check_workers(workers, ray_address, remote)
     pairs = load_cli_pairs(pairs_path, limit)
     model = load_cli_model(model_spec, dtype, device, normalization, remote)
     layer_list = parse_layers(layers, model.n_layers)
@@ -253,6 +260,8 @@ def patch(
         command=shlex.join(["codi-nnsight", *ctx.meta.get("argv", sys.argv[1:])]),
         ablation=ablation,
         force=force,
+        workers=workers,
+        ray_address=ray_address,
     )
     click.echo(sweep_summary(ds, out))
     if check and not ds.attrs["sanity_passed"]:
@@ -267,16 +276,26 @@ def patch(
 @force_option
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N pairs.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option(
+    "--past-trained",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Also answer after K+1 ... K+N thoughts (more than the model was trained with).",
+)
 @remote_option
-def early_exit_cmd(model_spec, dtype, device, normalization, pairs_path, out, force, limit, batch_size, remote) -> None:
-    """Answer after 0, 1, ..., K latent thoughts: accuracy and answer log-probability per thought count."""
+def early_exit_cmd(
+    model_spec, dtype, device, normalization, pairs_path, out, force, limit, batch_size, past_trained, remote
+) -> None:
+    """Answer after 0, 1, ..., K latent thoughts (0: the no-thought baseline; K + N with --past-trained N):
+    accuracy and answer log-probability per thought count."""
     from .patching.ablation import early_exit
     from .run import write_results
 
     prepare_output(out, force)
     pairs = load_cli_pairs(pairs_path, limit)
     model = load_cli_model(model_spec, dtype, device, normalization, remote)
-    ds = early_exit(model, list(pairs), batch_size=batch_size, remote=remote_value(remote))
+    ds = early_exit(model, list(pairs), batch_size=batch_size, remote=remote_value(remote), past_trained=past_trained)
     write_results(ds, out)
     acc = ds["correct"].mean(("pair", "variant")).values
     click.echo(
@@ -316,6 +335,7 @@ def early_exit_cmd(model_spec, dtype, device, normalization, pairs_path, out, fo
     help="Also run the exact sweep on the N layers AtP ranks highest and print the agreement.",
 )
 @remote_option
+@workers_options
 @click.pass_context
 def attribute(
     ctx,
@@ -335,6 +355,8 @@ def attribute(
     limit,
     verify_n,
     remote,
+    workers,
+    ray_address,
 ) -> None:
     """Attribution patching: a first-order estimate of every patch from one backward pass."""
 
@@ -349,6 +371,7 @@ def attribute(
     if verify_n is not None and len(comps) > 1:
         raise UserError("--verify checks one component at a time")
     out_path = prepare_output(out, force)
+    check_workers(workers, ray_address, remote)
     pairs = load_cli_pairs(pairs_path, limit)
     model = load_cli_model(model_spec, dtype, device, normalization, remote)
     ds = attribution_patching(
@@ -362,9 +385,20 @@ def attribute(
         command=shlex.join(["codi-nnsight", *ctx.meta.get("argv", sys.argv[1:])]),
         remote=remote_value(remote),
         method=method,
+        workers=workers,
+        ray_address=ray_address,
     )
     if verify_n is not None:  # stored in the Dataset (and so in its report), not only printed
-        checked = verify_top(model, pairs, ds, verify_n, batch_size=batch_size, remote=remote_value(remote))
+        checked = verify_top(
+            model,
+            pairs,
+            ds,
+            verify_n,
+            batch_size=batch_size,
+            remote=remote_value(remote),
+            workers=workers,
+            ray_address=ray_address,
+        )
         ds.attrs.update(verification_attrs(checked))
     write_results(ds, out_path)
     click.echo(f"wrote {out_path}: AtP of {ds.attrs['component']} for {ds.sizes['pair']} pairs")
@@ -411,7 +445,7 @@ def report(results: str, out: str, force: bool, metric: str, k: int) -> None:
     ds = analysis.load(results)
     from .analysis import kinds
 
-    if kinds.result_kind(ds, results) in ("attribution", "early-exit"):
+    if kinds.result_kind(ds, results) in kinds.KIND_REPORTS:
         kind_metric = None if metric == "kl" else metric
         click.echo(f"wrote {kinds.write_kind_report(ds, out, kind_metric)} (and report.html, a figure) in {out}")
         return
@@ -644,27 +678,66 @@ def make_tiny(
     help="data-parallel training processes, one core and one thread each (default: the shipped "
     "model's, ToyConfig.workers); the model depends on the count only through rounding.",
 )
-def train_toy_cmd(out: str, force: bool, seed: int, baseline: bool, threads: int, workers: int | None) -> None:
-    """Train the bundled toy CODI model from scratch (CPU)."""
+@click.option(
+    "--method",
+    type=click.Choice(["codi", "coconut"]),
+    default="codi",
+    show_default=True,
+    help="codi: CODI self-distillation (the default toy); coconut: Coconut's stage curriculum (toy-coconut).",
+)
+def train_toy_cmd(
+    out: str, force: bool, seed: int, baseline: bool, threads: int, workers: int | None, method: str
+) -> None:
+    """Train a bundled toy model from scratch (CPU): the toy CODI, or with --method coconut the toy Coconut."""
     import torch
 
-    from .toy.train import ToyConfig, describe_training, train_toy
+    from .toy.train import config_class, describe_training, train_toy
 
     if Path(out).exists() and any(Path(out).iterdir()) and not force:
         raise UserError(f"{out}: folder is not empty; add --force to train into it")
-    shipped = ToyConfig()
+    if baseline and method != "codi":
+        raise UserError("--baseline: the no-latent baseline is trained with --method codi (it has no thoughts)")
+    shipped = config_class(method)()
     workers = shipped.workers if workers is None else workers
     if shipped.batch_size % workers:
         raise UserError(f"--workers {workers}: the batch of {shipped.batch_size} problems does not split evenly")
     prepare_output(out, force=True, folder=True)
     torch.set_num_threads(threads)
-    log = train_toy(out, seed=seed, baseline=baseline, workers=workers)
+    log = train_toy(out, seed=seed, baseline=baseline, workers=workers, method=method)
     click.echo(f"wrote {out}: {describe_training(log)}")
+
+
+@main.command("compare")
+@click.argument("results", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Report folder.")
+@click.option(
+    "--name", "names", multiple=True, help="Label of each result, in order (default: each file's model name)."
+)
+@click.option("--metric", default="kl", show_default=True, help="Metric whose layer profile is compared.")
+@force_option
+def compare_cmd(results: tuple[str, ...], out: str, names: tuple[str, ...], metric: str, force: bool) -> None:
+    """Put results of several models (or latent methods) on one model axis: one figure, one report.
+
+    RESULTS are results files of one kind made on the same pairs, e.g. `patch` on the toy CODI and
+    on the toy Coconut. Writes comparison.nc, figures/profile_<metric>.png, summary.json,
+    report.md and report.html into --out.
+    """
+    from .analysis.compare import compare_models, finding_lines, write_comparison
+    from .analysis.stats import unit_words
+
+    ds = compare_models(list(results), names=list(names) or None)  # refusals come before any folder is made
+    md = write_comparison(ds, out, metric=metric, force=force)
+    summary = json.loads((Path(out) / "summary.json").read_text(encoding="utf-8"))
+    click.echo(f"wrote {md}: {' '.join(finding_lines(summary, unit_words(ds, metric)))}")
 
 
 from .readouts.commands import register as _register_readouts  # noqa: E402  (lens, attention, probe)
 
 _register_readouts(main)
+
+from .interventions.commands import register as _register_interventions  # noqa: E402  (transplant, steer, thought-graph)
+
+_register_interventions(main)
 
 
 def run(prog_name: str | None = None) -> None:

@@ -81,6 +81,33 @@ def remote_option(f: Any) -> Any:
     return click.option("--remote", default=None, help="local | ndif | URL of an NDIF host.")(f)
 
 
+def workers_options(f: Any) -> Any:
+    """`--workers N` and `--ray-address ADDR`: shard a command's batches over Ray workers."""
+    f = click.option(
+        "--ray-address",
+        default=None,
+        help="Run the workers on this existing Ray cluster (host:port, ray://host:10001 or auto) "
+        "instead of a local one started for the run.",
+    )(f)
+    f = click.option(
+        "--workers",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Shard the batches over N Ray workers, each loading the model once on one torch thread "
+        '(on GPUs: one per GPU). Needs the ray extra: pip install -e ".[ray]". Same results as one '
+        "process on one thread; --resume works with any number.",
+    )(f)
+    return f
+
+
+def check_workers(workers: int | None, ray_address: str | None, remote: str | None) -> None:
+    """Refuse `--workers` / `--ray-address` that cannot run (Ray missing, a remote backend) before
+    the model is loaded."""
+    from .run.executors import check_executor
+
+    check_executor(workers, ray_address, remote_value(remote))
+
+
 def force_option(f: Any) -> Any:
     return click.option("--force", is_flag=True, help="Overwrite an existing output.")(f)
 

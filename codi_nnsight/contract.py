@@ -177,8 +177,93 @@ RESULT_KINDS: dict[str, ResultKind] = {
             "attention", "codi-nnsight/attention/", ("pair", "variant", "step", "layer", "head"), "", (), "attention"
         ),
         ResultKind("probe", "codi-nnsight/probe/", ("step", "layer", "target"), "", (), "linear probes"),
+        ResultKind(
+            "transplant",
+            "codi-nnsight/transplant/",
+            ("pair", "donor", "thought"),
+            "follows_donor",
+            (
+                "answer_changed",
+                "follows_recipient",
+                "follows_donor",
+                "follows_carried",
+                "kl",
+                "logp_recipient_answer",
+                "logp_donor_answer",
+                "answer",
+            ),
+            "thought transplant: thought k (or block L's output at latent k) taken from another problem",
+        ),
+        ResultKind(
+            "steer",
+            "codi-nnsight/steer/",
+            ("pair", "direction", "scale"),
+            "answer_changed",
+            ("answer_changed", "follows_predicted", "kl", "logp_answer", "logp_predicted_answer", "answer"),
+            "steering a thought along probe, mean-difference and random directions",
+        ),
+        ResultKind(
+            "thought-graph",
+            "codi-nnsight/thought-graph/",
+            ("pair", "intervention", "source", "target"),
+            "lens_kl",
+            ("state_l2", "state_cos", "lens_kl", "lens_top_changed", "kl", "answer_changed", "answer"),
+            "thought-to-thought graph: how intervening on thought i moves every later thought and the answer",
+        ),
     )
 }
+
+
+#: The metrics of the interventions on thoughts (transplant, steer, thought-graph); merged into
+#: `METRICS` after `RESULT_KINDS`, so the sweep's metric list (every other metric) stays as it was.
+INTERVENTION_METRICS: dict[str, MetricInfo] = {
+    "answer_changed": MetricInfo(
+        "share of pairs",
+        negligible=0.05,
+        negligible_why="fewer than 1 in 20 interventions change the answer",
+        nan_rule="never NaN: it compares the decoded answer texts",
+        proportion=True,
+    ),
+    "follows_recipient": MetricInfo("share of transplants", direction="score", proportion=True),
+    "follows_donor": MetricInfo("share of transplants", direction="score", proportion=True),
+    "follows_carried": MetricInfo(
+        "share of transplants",
+        direction="score",
+        nan_rule="the recipient has no readable chain (a `steps` field of 'expr=result' strings), or no value at "
+        "this step",
+        proportion=True,
+    ),
+    "follows_predicted": MetricInfo(
+        "share of steered runs",
+        direction="score",
+        nan_rule="the steered state reads as the question's own value (nothing to follow), or the question has "
+        "no readable chain",
+        proportion=True,
+    ),
+    "logp_recipient_answer": MetricInfo("nats", direction="score"),
+    "logp_donor_answer": MetricInfo("nats", direction="score"),
+    "logp_predicted_answer": MetricInfo(
+        "nats", direction="score", nan_rule="no predicted answer (see follows_predicted)"
+    ),
+    "state_l2": MetricInfo("state units", nan_rule="the target thought is not after the source (j <= i)"),
+    "state_cos": MetricInfo(
+        "cosine", direction="score", nan_rule="the target thought is not after the source (j <= i)"
+    ),
+    "lens_kl": MetricInfo(
+        "nats",
+        negligible=1e-3,
+        negligible_why=_PINSKER,
+        nan_rule="the target thought is not after the source (j <= i)",
+    ),
+    "lens_top_changed": MetricInfo(
+        "share of pairs",
+        negligible=0.01,
+        negligible_why="fewer than 1 in 100 pairs change the thought's top lens token",
+        nan_rule="the target thought is not after the source (j <= i)",
+        proportion=True,
+    ),
+}
+METRICS.update(INTERVENTION_METRICS)
 
 
 def kind_of_schema(schema: str) -> ResultKind | None:

@@ -230,9 +230,14 @@ def test_train_toy_command_reports_the_real_training_log(tmp_path, monkeypatch):
     real = train.train_toy
     seen = {}
 
-    def small(out_dir, seed=0, baseline=False, workers=1):  # the real training, made tiny: the real log's shape
+    def small(out_dir, seed=0, baseline=False, workers=1, method="codi"):  # the real training, made tiny
         seen["args"] = (out_dir, seed, baseline, torch.get_num_threads())
-        seen["workers"] = workers
+        seen["workers"], seen["method"] = workers, method
+        shape = dict(n_layers=1, hidden=32, heads=2, intermediate=64, batch_size=4, warmup=1)
+        if method == "coconut":
+            shape["stage_steps"] = (1,) * 7 + (2,)
+        else:
+            shape.update(prj_dim=32, num_latent=2, teacher_steps=0)
         return real(
             out_dir,
             seed=seed,
@@ -240,17 +245,10 @@ def test_train_toy_command_reports_the_real_training_log(tmp_path, monkeypatch):
             workers=1,
             steps=2,
             eval_n=4,
-            n_layers=1,
-            hidden=32,
-            heads=2,
-            intermediate=64,
-            prj_dim=32,
-            num_latent=2,
-            batch_size=4,
-            warmup=1,
             log_every=1,
             verbose=False,
-            teacher_steps=0,
+            method=method,
+            **shape,
         )
 
     monkeypatch.setattr(train, "train_toy", small)
@@ -268,6 +266,13 @@ def test_train_toy_command_reports_the_real_training_log(tmp_path, monkeypatch):
         assert json.loads((tmp_path / "base" / "codi.json").read_text())["num_latent"] == 0
         assert "zeroed latents" not in r.output  # no latents to ablate
         assert seen["workers"] == train.ToyConfig().workers  # the shipped model's by default
+        r = run("train-toy", "--out", str(tmp_path / "coconut"), "--method", "coconut")
+        assert r.exit_code == 0 and seen["method"] == "coconut", r.output
+        assert json.loads((tmp_path / "coconut" / "coconut.json").read_text())["method"] == "coconut"
+        r = run("train-toy", "--out", str(tmp_path / "cb"), "--method", "coconut", "--baseline")
+        assert r.exit_code == 2 and r.output.strip() == (
+            "error: --baseline: the no-latent baseline is trained with --method codi (it has no thoughts)"
+        )
         r = run("train-toy", "--out", str(tmp_path / "w4"), "--workers", "4")
         assert r.exit_code == 0 and seen["workers"] == 4, r.output
         r = run("train-toy", "--out", str(tmp_path / "w5"), "--workers", "5")

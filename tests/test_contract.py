@@ -22,6 +22,9 @@ COMMANDS = {
     "lens": (["lens"], "lens"),
     "attention": (["attention"], "attention"),
     "probe": (["probe", "--seeds", "0"], "probe"),
+    "transplant": (["transplant", "--thoughts", "0"], "transplant"),
+    "steer": (["steer", "--scales", "0,0.5", "--n-random", "1"], "steer"),
+    "thought-graph": (["thought-graph"], "thought-graph"),
 }
 
 

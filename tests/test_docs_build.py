@@ -1,11 +1,17 @@
-"""The documentation site (mkdocs.yml: guides, tutorials index, API reference from the docstrings) builds
+"""The documentation site (mkdocs.yml: guides, tutorials, API reference from the docstrings) builds
 with `mkdocs build --strict`, where any warning (a broken link, a docstring mkdocstrings cannot
-read) is an error."""
+read) is an error.
+
+The tutorials (docs/tutorials/*.ipynb, stored without outputs) are executed by the build
+(mkdocs-jupyter) and rendered as pages with what the current code prints and draws; every one of
+them is in the nav (docs/api/tutorials_nav.py). The build takes minutes for that.
+"""
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,13 +28,46 @@ def _missing(module: str) -> bool:
         return True
 
 
-MISSING = [m for m in ("mkdocs", "mkdocstrings", "mkdocstrings_handlers.python") if _missing(m)]
+MISSING = [
+    m for m in ("mkdocs", "mkdocstrings", "mkdocstrings_handlers.python", "mkdocs_jupyter", "ipykernel") if _missing(m)
+]
+TUTORIALS = ROOT / "docs" / "tutorials"
+#: Markup nbconvert gives a code cell's outputs, an inline figure, and xarray's HTML view of a Dataset.
+OUTPUT_CELL = 'class="jp-OutputArea jp-Cell-outputArea"'
+FIGURE = re.compile(r'<img [^>]*src="data:image/png;base64,')
+DATASET = 'class="xr-wrap"'
 
 
-@pytest.mark.skipif(
+def _not_executed() -> list[str]:
+    """The notebooks mkdocs.yml renders without executing them (mkdocs-jupyter's execute_ignore)."""
+    import yaml  # an mkdocs dependency: here, not at the top, so the module still skips without the docs extra
+
+    config = yaml.safe_load((ROOT / "mkdocs.yml").read_text(encoding="utf-8"))
+    (jupyter,) = [p["mkdocs-jupyter"] for p in config["plugins"] if isinstance(p, dict) and "mkdocs-jupyter" in p]
+    assert jupyter["execute"] is True and jupyter["allow_errors"] is False and jupyter["cache"] is False
+    return [Path(p).name for p in jupyter.get("execute_ignore", [])]
+
+
+NEEDS_DOCS = pytest.mark.skipif(
     bool(MISSING),
     reason=f"the docs build needs the docs extra (pip install -e '.[docs]'); missing: {', '.join(MISSING)}",
 )
+
+
+@NEEDS_DOCS
+def test_every_tutorial_is_in_the_nav() -> None:
+    """The hooks put every docs/tutorials/*.ipynb under Tutorials, after the index page (no build needed)."""
+    from mkdocs.config import load_config
+
+    config = load_config(str(ROOT / "mkdocs.yml"))
+    config = config.plugins.on_config(config)  # runs the hooks, docs/api/tutorials_nav.py among them
+    (section,) = [e["Tutorials"] for e in config["nav"] if isinstance(e, dict) and "Tutorials" in e]
+    assert section[0] == {"Overview": "tutorials/README.md"}
+    listed = [e if isinstance(e, str) else next(iter(e.values())) for e in section[1:]]
+    assert sorted(listed) == sorted(f"tutorials/{p.name}" for p in TUTORIALS.glob("*.ipynb"))
+
+
+@NEEDS_DOCS
 def test_mkdocs_build_strict(tmp_path: Path) -> None:
     site = tmp_path / "site"
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
@@ -48,12 +87,29 @@ def test_mkdocs_build_strict(tmp_path: Path) -> None:
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        # executes the tutorials: 172 CPU-seconds in all, 29 min of wall time at nice 19 on 2 cores
+        # busy with a training run
+        timeout=3600,
     )
     assert proc.returncode == 0, f"mkdocs build --strict failed:\n{proc.stdout}\n{proc.stderr}"
     assert (site / "index.html").is_file()
     patching = (site / "api" / "patching" / "index.html").read_text(encoding="utf-8")
     assert 'id="codi_nnsight.patching.sweep.patch_sweep"' in patching  # the API page holds the docstrings
     assert "Patch source activations into target runs" in patching
-    for name in ("01_where_does_the_model_reason.ipynb", "04_your_own_traces.ipynb"):
-        assert (site / "tutorials" / name).is_file()  # linked notebooks are published with the site
+    home = (site / "index.html").read_text(encoding="utf-8")
+    not_executed = _not_executed()
+    notebooks = sorted(TUTORIALS.glob("*.ipynb"))
+    assert len(notebooks) >= 5
+    for nb in notebooks:
+        assert (site / "tutorials" / nb.stem / nb.name).is_file()  # the notebook itself, to download
+        page = site / "tutorials" / nb.stem / "index.html"
+        assert page.is_file(), f"{nb.name} is not rendered as a page"
+        assert f'href="tutorials/{nb.stem}/"' in home, f"{nb.name} is not in the nav"
+        html = page.read_text(encoding="utf-8")
+        assert "&quot;cell_type&quot;" not in html and '"cell_type"' not in html, f"{nb.name} shown as raw JSON"
+        if nb.name not in not_executed:
+            assert OUTPUT_CELL in html, f"{nb.name}: its page has no rendered output"
+    first = (site / "tutorials" / "01_where_does_the_model_reason" / "index.html").read_text(encoding="utf-8")
+    assert FIGURE.search(first), "tutorial 01's page has no figure"
+    assert DATASET in first, "tutorial 01's page does not show its results Dataset"
+    assert 'data-mime-type="text/plain"' in first, "tutorial 01's page has no printed output"

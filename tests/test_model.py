@@ -201,8 +201,16 @@ def test_model_spec_resolution(tmp_path, tiny_dirs):
     with pytest.raises(UserError, match=f"{tmp_path}: folder holds no codi.json"):
         resolve_model_spec(tmp_path)
     assert resolve_model_spec("codi-gpt2").checkpoint == "hf://zen-E/CODI-gpt2/pytorch_model.bin"
-    with pytest.raises(UserError, match="not a codi.json file, a folder holding one, or a preset"):
+    with pytest.raises(UserError) as err:
         resolve_model_spec("no-such-model")
+    assert str(err.value).startswith(
+        "--model 'no-such-model': not a codi.json or coconut.json file, a folder holding one, a bundled toy "
+        "(toy-codi, toy-coconut) or a preset ("
+    )
+    # The bundled toys load by name (the toy CODI is also the default).
+    assert resolve_model_spec("toy-codi") == resolve_model_spec(None)
+    coconut = resolve_model_spec("toy-coconut")
+    assert (coconut.method, coconut.num_latent, coconut.name) == ("coconut", 6, "toy-coconut")
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -1,7 +1,7 @@
 """The tutorial notebooks in docs/tutorials: stored without outputs, their `codi_nnsight` names exist and
 belong to the public API, and 1-4 run.
 
-Notebooks 1-4 are executed with nbclient on the bundled toy model (offline, about a minute or less
+Notebooks 1-4 and 6 are executed with nbclient on the bundled toy models (offline, about a minute or less
 each on 2 CPU cores) and must end with a figure. Notebook 5 needs the Hugging Face Hub: it is only
 parsed, and every `codi_nnsight` name it uses must exist.
 """
@@ -23,6 +23,7 @@ EXECUTED = [
     "02_what_does_each_thought_hold.ipynb",
     "03_heads_routes_ablations_attribution.ipynb",
     "04_your_own_traces.ipynb",
+    "06_interventions_on_thoughts.ipynb",
 ]
 NOT_EXECUTED = ["05_real_checkpoints.ipynb"]
 #: The modules a tutorial may use: the package's public API (a notebook never needs a deep import).

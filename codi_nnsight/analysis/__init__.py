@@ -4,6 +4,7 @@ Everything here works from the results ``xr.Dataset`` alone (see ``docs/results-
 no model code is imported. Schema-1 files are read with their variables renamed to schema 2.
 """
 
+from .compare import compare_models, comparison_summary, write_comparison
 from .io import SUPPORTED_SCHEMAS, ResultsError, load, upgrade, validate
 from .readouts import (
     is_readout,
@@ -37,6 +38,8 @@ __all__ = [
     "by",
     "clear_report_files",
     "compare",
+    "compare_models",
+    "comparison_summary",
     "critical_layers",
     "excluded_pairs",
     "format_layer_table",
@@ -54,6 +57,7 @@ __all__ = [
     "plot_lens_ranks",
     "plot_probe",
     "readout_summary",
+    "write_comparison",
     "write_readout_report",
     "write_report",
 ]

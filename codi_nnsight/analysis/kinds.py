@@ -148,9 +148,19 @@ def verification_sentence(attrs: dict[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------- reports
+#: The result kinds whose report `write_kind_report` writes (sweeps and readouts have their own writers).
+KIND_REPORTS = ("attribution", "early-exit", "transplant", "steer", "thought-graph")
+#: The interventions on thoughts (`codi_nnsight.interventions`), summarized by `analysis.interventions`.
+INTERVENTION_KINDS = ("transplant", "steer", "thought-graph")
+
+
 def summary(ds: xr.Dataset, metric: str | None = None) -> str:
     """The text `analyze` prints for a file of any kind."""
     kind = check_kind(ds)
+    if kind in INTERVENTION_KINDS:
+        from .interventions import intervention_summary, intervention_table
+
+        return intervention_summary(ds) + "\n\n" + intervention_table(ds)
     if kind == "early-exit":
         return early_exit_summary(ds)
     if kind == "attribution":
@@ -165,8 +175,8 @@ def summary(ds: xr.Dataset, metric: str | None = None) -> str:
 
 
 def write_kind_report(ds: xr.Dataset, out: str | Path, metric: str | None = None) -> Path:
-    """`report.md` and `report.html` (finding first, a figure, the table, provenance) for an attribution
-    or early-exit file in folder `out`; returns the markdown path. Only files an earlier report's
+    """`report.md` and `report.html` (finding first, a figure, the table, provenance) for a file of
+    one of `KIND_REPORTS` in folder `out`; returns the markdown path. Only files an earlier report's
     manifest lists are deleted first."""
     import matplotlib
 
@@ -181,7 +191,8 @@ def write_kind_report(ds: xr.Dataset, out: str | Path, metric: str | None = None
     clear_report_files(out)
     written = ReportFiles(out)
     doc = _Doc()
-    title = f"{RESULT_KINDS[kind].description} — {ds.attrs.get('model_name', '')}"
+    model = ds.attrs.get("model_name") or ds.attrs.get("model", "")  # readout-style files say `model`
+    title = f"{RESULT_KINDS[kind].description} — {model}"
     doc.h(1, title)
     try:
         fig, ax = plt.subplots(figsize=(7, 4), constrained_layout=True)
@@ -202,6 +213,13 @@ def write_kind_report(ds: xr.Dataset, out: str | Path, metric: str | None = None
                 doc.p(checked)
             _plot_attribution(fig, ax, ds, metric)
             name, table = f"attribution_{metric}.png", attribution_summary(ds, metric)
+        elif kind in INTERVENTION_KINDS:
+            from .interventions import intervention_summary, intervention_table, plot_intervention
+
+            doc.h(2, "Finding")
+            doc.p(intervention_summary(ds))
+            plot_intervention(ds, ax=ax)
+            name, table = f"{kind}.png", intervention_table(ds)
         else:
             raise ResultsError(f"{kind} files get their report from the sweep or readout report writers")
         fig.savefig(out / name, dpi=120)

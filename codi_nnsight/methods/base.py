@@ -30,6 +30,10 @@ class LatentMethod:
         parse_answer: reads the answer number out of generated text (None: no number).
         question_suffix: text appended to the (normalized) question before it is tokenized
             (Coconut: "\n", as its official data does; CODI: nothing).
+        greedy_below: the role whose token bounds greedy decoding: the argmax runs over the ids
+            below it, as the official decoder slices its logits (CODI: `end`, so `[eot]` and
+            anything after it are never generated); None: over every id (Coconut's official
+            `argmax` of the whole row).
     """
 
     name: str
@@ -45,6 +49,7 @@ class LatentMethod:
     #: format); named, not imported, so the method table stays free of torch and of import cycles.
     builder: str = ""
     question_suffix: str = ""
+    greedy_below: str | None = None
 
     def build(self, cfg: Any, **kwargs: Any) -> Any:
         """Build the model of a config of this method (`builder`)."""

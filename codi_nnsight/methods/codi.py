@@ -23,5 +23,6 @@ CODI = register(
         config_file="codi.json",
         parse_answer=extract_answer_number,
         builder="codi_nnsight.model.checkpoint:build_codi",
+        greedy_below="end",  # the official decoder's argmax never picks [eot]
     )
 )

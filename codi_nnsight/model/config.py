@@ -244,9 +244,23 @@ PRESETS["zen-E/CODI-gpt2"] = PRESETS["codi-gpt2"]
 PRESETS["zen-E/CODI-llama3.2-1b-Instruct"] = PRESETS["codi-llama3.2-1b"]
 
 
-def bundled_model_dir() -> Path:
-    """Folder of the toy CODI model shipped inside the package."""
-    return Path(__file__).resolve().parent.parent / "assets" / "toy-codi"
+#: The toy models shipped inside the package, by the `--model` name that loads them: their
+#: config file under `assets/` (the toy CODI is also the default when no model is given).
+BUNDLED = {"toy-codi": "toy-codi/codi.json", "toy-coconut": "toy-coconut/coconut.json"}
+DEFAULT_BUNDLED = "toy-codi"
+
+
+def bundled_model_dir(name: str = DEFAULT_BUNDLED) -> Path:
+    """Folder of a toy model shipped inside the package (default: the toy CODI)."""
+    return Path(__file__).resolve().parent.parent / "assets" / Path(BUNDLED[name]).parent
+
+
+def bundled_config(name: str = DEFAULT_BUNDLED) -> Any:
+    """The config of the bundled toy model `name` (`toy-codi`, `toy-coconut`)."""
+    path = bundled_model_dir(name) / Path(BUNDLED[name]).name
+    if not path.exists():
+        raise UserError(f"--model {name}: the bundled model is not installed ({path} is missing)")
+    return config_from_json(path)
 
 
 #: Each method's config file name (a json naming no `method` is CODI's).
@@ -303,10 +317,13 @@ def resolve_model_spec(spec: Any) -> Any:
         return config_from_json(found[0])
     if p.suffix == ".json" or p.exists():
         return config_from_json(p)
+    if s in BUNDLED:
+        return bundled_config(s)
     if s in PRESETS:
         return dataclasses.replace(PRESETS[s])
     raise UserError(
-        f"--model {s!r}: not a codi.json file, a folder holding one, or a preset ({', '.join(sorted(PRESETS))})"
+        f"--model {s!r}: not a codi.json or coconut.json file, a folder holding one, a bundled toy "
+        f"({', '.join(BUNDLED)}) or a preset ({', '.join(sorted(PRESETS))})"
     )
 
 

@@ -414,6 +414,9 @@ class CODIModule(nn.Module):
         self.pad_id = self.method.token_id("pad", vocab_size, eos_token_id)
         self.bot_id = self.method.token_id("start", vocab_size)
         self.eot_id = self.method.token_id("end", vocab_size)
+        below = self.method.greedy_below
+        #: Greedy decoding picks among the ids below this one (None: every id), as the method's official decoder.
+        self.greedy_limit = None if below is None else self.method.token_id(below, vocab_size)
         self.eos_token_id = eos_token_id
         self.remove_eos = remove_eos
         params = inspect.signature(self.base.forward).parameters
@@ -699,7 +702,8 @@ class CODIModule(nn.Module):
         return torch.stack(lps, dim=1), torch.stack(firsts, dim=1)
 
     def _greedy(self, state: _LoopState, logits: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        """Greedy decoding as the official code does it: argmax over all ids but `[eot]`.
+        """Greedy decoding as the method's official code does it: argmax over the ids below
+        `greedy_limit` (CODI: all but `[eot]`), or over every id (Coconut).
 
         Rows that have emitted eos keep being decoded (their tokens are replaced by -1), so no
         step needs to know on the host whether all rows are done; that is asked only every
@@ -710,7 +714,7 @@ class CODIModule(nn.Module):
         finished = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
         tokens, all_done = [], []
         for t in range(max_new_tokens):
-            nxt = logits[:, : self.eot_id].argmax(-1)
+            nxt = logits[:, : self.greedy_limit].argmax(-1)
             tokens.append(torch.where(finished, torch.full_like(nxt, -1), nxt))
             finished = finished | (nxt == eos)
             all_done.append(finished.all())

@@ -7,7 +7,15 @@ random direction with the ablated activation's own norm (noise). They are the fi
 controls for "does this thought matter", and they run through the same plan, trace, metrics and
 Dataset as activation patching (`patch_sweep(..., ablation=...)`).
 
-Early exit answers after k < K latents (`early_exit`): how much of the answer is there already.
+Early exit answers after k latents instead of K (`early_exit`): how much of the answer is there
+already; with `past_trained=N` also after K+1 … K+N (more thoughts than the model was trained
+with), and k = 0 is the no-thought baseline ([bot] then straight to [eot] and the answer prompt).
+
+Two kinds of noise replace a state. `--ablation noise` draws a random *direction* and gives it the
+replaced activation's own norm (per row, exactly). The norm-scaled noise of the thought
+interventions (`norm_scaled_sigma`, causal-latent-cot's convention) draws σ·z with z ~ N(0, I_d)
+and σ = mean‖h‖/√d × scale, the mean over a reference set — so its expected squared norm is
+(mean‖h‖ × scale)²; σ and the scale are recorded in the file's attrs.
 """
 
 from __future__ import annotations
@@ -29,6 +37,18 @@ from .config import SweepConfig
 from .plan import AblationValues, answer_tokens
 from .sites import output_tensor
 from .trace import cut_to_limits
+
+
+def norm_scaled_sigma(mean_norm: float, width: int, scale: float = 1.0) -> float:
+    """σ of norm-scaled Gaussian noise: mean‖h‖/√d × scale (E‖σz‖² = (mean‖h‖·scale)² for z ~ N(0, I_d))."""
+    if width < 1:
+        raise ValueError(f"width {width}: expected >= 1")
+    return float(mean_norm) / float(np.sqrt(width)) * float(scale)
+
+
+def seeded_normal(width: int, key: Sequence[int]) -> np.ndarray:
+    """A standard normal vector (float64) fixed by `key` alone (e.g. (seed, pair id, position)): batch-independent."""
+    return np.random.default_rng([int(x) & 0xFFFFFFFF for x in key]).standard_normal(width)
 
 
 def donor_questions(pairs: Sequence[Any]) -> dict[int, str]:
@@ -112,22 +132,28 @@ def early_exit(
     batch_size: int = 16,
     max_new_tokens: int | None = None,
     remote: bool | str = False,
+    past_trained: int = 0,
 ) -> xr.Dataset:
     """Answer after k latent steps instead of K, for every clean and corrupted question.
 
     Returns a Dataset with dims (pair, variant, n_latent): `answer` (decoded greedily after the
     teacher-forced prompt), `correct`, and `logp_answer` (teacher-forced log-probability of the
     question's true answer) — the accuracy-versus-thoughts curve of the field's early-exit control.
+    `past_trained=N` allows (and by default runs) k up to K + N: more thoughts than trained.
+    k = 0 is the no-thought baseline. Attr `trained_num_latent` = K.
     """
     run = Run(model, remote)  # a refused target or a weightless local run: one line, before any work
-    steps = list(range(model.num_latent + 1)) if steps is None else [int(k) for k in steps]
-    bad = [k for k in steps if not 0 <= k <= model.num_latent]
+    if isinstance(past_trained, bool) or not isinstance(past_trained, (int, np.integer)) or past_trained < 0:
+        raise UserError(f"--past-trained {past_trained!r}: expected an int >= 0")
+    top = model.num_latent + int(past_trained)
+    steps = list(range(top + 1)) if steps is None else [int(k) for k in steps]
+    bad = [k for k in steps if not 0 <= k <= top]
     if bad:
-        raise UserError(f"--steps: {bad[0]} out of range 0..{model.num_latent}")
+        raise UserError(f"--steps: {bad[0]} out of range 0..{top}")
     if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or int(max_new_tokens) < 1):
         raise UserError(f"max_new_tokens={max_new_tokens!r}: expected an int >= 1")
     # Questions past the context would run on positions the model never saw: refuse before any work.
-    model.check_fits(list(pairs), extra=model.num_latent + 16 + (max_new_tokens or 32))
+    model.check_fits(list(pairs), extra=max(steps, default=0) + 16 + (max_new_tokens or 32))
     remote = run.remote
     items = [(i, v, getattr(p, v)) for i, p in enumerate(pairs) for v in ("clean", "corrupted")]
     shape = (len(pairs), 2, len(steps))
@@ -162,6 +188,8 @@ def early_exit(
             "codi_nnsight_schema": "codi-nnsight/early-exit/1",
             "model_name": model.name,
             "num_latent": model.num_latent,
+            "trained_num_latent": model.num_latent,
+            "past_trained": int(past_trained),
             "question_normalization": model.question_normalization,
             **run.provenance(),  # computed_on, the server's dtype and weights, remote, versions
         }

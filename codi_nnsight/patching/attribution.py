@@ -84,6 +84,7 @@ from ..errors import UserError
 from ..model.remote import remote_errors, trace_kwargs
 from ..model.wrapper import CODIModel
 from ..run import Run, now, recorded_command
+from ..run.executors import Executor, check_executor, use_executor
 from .plan import answer_tokens
 from .sites import SITES, head_dim, n_heads, output_tensor
 
@@ -390,6 +391,24 @@ def _target_pass(
     return atp, base_vals
 
 
+@dataclass(frozen=True)
+class _AttributionContext:
+    """What every batch of one attribution run shares (sent once to each worker)."""
+
+    components: list[str]
+    layers: list[int]
+    metrics: list[str]
+    direction: str
+    remote: bool | str
+    drops: list[int | None]
+
+
+def attribution_batch(model: CODIModel, ctx: _AttributionContext, chunk: list[Any]) -> dict[str, Any]:
+    """One batch of `attribution_sweeps` (the executors' unit of work; module level, so a Ray
+    worker imports it by name)."""
+    return _run_pair_batch(model, chunk, ctx.components, ctx.layers, ctx.metrics, ctx.direction, ctx.remote, ctx.drops)
+
+
 def attribution_sweeps(
     model: CODIModel,
     pairs: Any,
@@ -402,11 +421,14 @@ def attribution_sweeps(
     command: str | None = None,
     remote: bool | str = False,
     method: str = "atp",
+    workers: int | Executor | None = None,
+    ray_address: str | None = None,
 ) -> dict[str, xr.Dataset]:
     """AtP for several components from the same forward and backward passes: {component: Dataset}.
 
     Each Dataset has the layout `attribution_patching` returns for that component alone.
     `method="atp*"` adds one target forward and backward per decoder layer (GradDrop).
+    `workers` / `ray_address` shard the batches over Ray workers, as `patch_sweep`'s do.
     """
     components = list(dict.fromkeys(components))
     bad = [c for c in components if c not in SITES]
@@ -437,13 +459,17 @@ def attribution_sweeps(
     # The run layer: what computes the numbers (one small request when remote; refuses a server
     # with other weights), the recorded command (credentials scrubbed) and the start time.
     run_ = Run(model, remote, command)
+    if not isinstance(workers, Executor):
+        check_executor(workers, ray_address, run_.backend)  # Ray installed, a local backend: before any work
     provenance = run_.provenance()
     start, command, remote = run_.start_time, run_.command, run_.remote
     drops: list[int | None] = [None] + (list(range(model.n_layers)) if method == "atp*" else [])
-    parts = [
-        _run_pair_batch(model, chunk, components, layers, list(metrics), direction, remote, drops)
-        for chunk in _batches(model, pairs, int(batch_size))
-    ]
+    chunks = _batches(model, pairs, int(batch_size))
+    ctx = _AttributionContext(components, layers, list(metrics), direction, remote, drops)
+    results: dict[int, dict[str, Any]] = {}
+    with use_executor(workers, ray_address, run_.backend) as executor:
+        executor.map(model, attribution_batch, ctx, chunks, results.__setitem__)
+    parts = [results[i] for i in range(len(chunks))]  # batch order, wherever each batch ran
     atp = {m: {c: torch.cat([p["atp"][m][c] for p in parts]).numpy() for c in components} for m in metrics}
     if method == "atp*":
         denom = max(model.n_layers - 1, 1)
@@ -473,6 +499,8 @@ def attribution_patching(
     command: str | None = None,
     remote: bool | str = False,
     method: str = "atp",
+    workers: int | Executor | None = None,
+    ray_address: str | None = None,
 ) -> xr.Dataset:
     """Attribution patching: the first-order estimate of `patch_sweep` for every site.
 
@@ -494,6 +522,9 @@ def attribution_patching(
             (Kramár et al. 2024), which adds `atpstar_<metric>` (see the module docstring for the
             formula; the QK fix does not apply to these sites) at the cost of one more target
             forward and backward per decoder layer.
+        workers: shard the batches over this many Ray workers (None or 1: this process); the
+            result equals a one-process run on one torch thread bit for bit (docs/sharding.md).
+        ray_address: run the workers on this existing Ray cluster.
 
     Returns:
         Dataset with dims `(pair, layer[, head][, position][, component])`, variables
@@ -517,6 +548,8 @@ def attribution_patching(
         command=command,
         remote=remote,
         method=method,
+        workers=workers,
+        ray_address=ray_address,
     )
     if len(comps) == 1:
         return parts[comps[0]]

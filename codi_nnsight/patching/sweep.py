@@ -20,6 +20,7 @@ from ..errors import UserError
 from ..model.wrapper import DTYPES, CODIModel
 from ..run import Backend, Run, client_versions, now, write_results
 from ..run.batching import REMOTE_ROWS, auto_batch_size  # noqa: F401  (REMOTE_ROWS: re-exported)
+from ..run.executors import Executor, LocalExecutor, check_executor, use_executor
 from .config import SweepConfig
 from .dataset import SCHEMA, batch_dataset, with_pair_coordinates
 from .options import ROUTES
@@ -55,6 +56,8 @@ def patch_sweep(
     ablation: str | None = None,
     reference: Sequence[str] | None = None,
     force: bool = False,
+    workers: int | Executor | None = None,
+    ray_address: str | None = None,
 ) -> xr.Dataset:
     """Patch source activations into target runs at the latent positions, layer by layer.
 
@@ -90,6 +93,11 @@ def patch_sweep(
             clean question) or `noise` (a random direction of the same norm). See `ablation`.
         reference: the mean ablation's reference questions.
         force: replace an existing `out` (default: refuse, as the CLI does without `--force`).
+        workers: shard the batches over this many Ray workers (each loads the model once, on one
+            torch thread); None or 1: this process. The file is bit-identical to a one-process
+            run on one torch thread with the same batch size (docs/sharding.md). An `Executor`
+            (`codi_nnsight.run.executors`) is used as it is and left open.
+        ray_address: run the workers on this existing Ray cluster instead of a local one.
 
     Returns:
         The results `xarray.Dataset` (docs/results-schema.md).
@@ -110,19 +118,32 @@ def patch_sweep(
     )
     # The run layer: refuses a forbidden target before any work and probes the server once.
     run = Run(model, remote, command)
+    if not isinstance(workers, Executor):
+        check_executor(workers, ray_address, run.backend)  # Ray installed, a local backend: before any work
     if out is not None:
         _refuse_existing(out, force, stacked=len(components) > 1 or split)
-    common = dict(batch_size=batch_size, progress=progress, seed=seed, reference=reference, resume=resume, force=force)
-    if split:
-        return _route_sweep(model, pairs, cfg, run, out=out, **common)
-    if len(components) > 1:
+    if len(components) > 1 and not split:
         from .sites import SITES
 
         axis = next((c for c in components if SITES[c].axis), None)
         if axis is not None:
             raise UserError(f"--component {axis} adds a {SITES[axis].axis} dimension: sweep it on its own")
-        return _multi_component_sweep(model, pairs, components, cfg, run, out=out, **common)
-    return _single_sweep(model, pairs, cfg, run, out=out, **common)
+    # One executor for the whole command: a stacked sweep's parts share its workers.
+    with use_executor(workers, ray_address, run.backend) as executor:
+        common = dict(
+            batch_size=batch_size,
+            progress=progress,
+            seed=seed,
+            reference=reference,
+            resume=resume,
+            force=force,
+            executor=executor,
+        )
+        if split:
+            return _route_sweep(model, pairs, cfg, run, out=out, **common)
+        if len(components) > 1:
+            return _multi_component_sweep(model, pairs, components, cfg, run, out=out, **common)
+        return _single_sweep(model, pairs, cfg, run, out=out, **common)
 
 
 def route_split(model: CODIModel, pairs: Any, **kwargs: Any) -> xr.Dataset:
@@ -210,6 +231,7 @@ def _single_sweep(
     seed: int,
     reference: Sequence[str] | None = None,
     force: bool = False,
+    executor: Executor | None = None,
 ) -> xr.Dataset:
     """One component: check everything, run the batches (streamed to the store), assemble the file."""
     cfg.validate(model)
@@ -244,6 +266,7 @@ def _single_sweep(
             total=len(pairs),
             ablate=ablate,
             full_patch_id=None if check is None else int(pairs[check].pair_id),
+            executor=executor,
         )
         if full is None:  # not carried by a batch: a configuration that cannot, or a resumed run
             full = full_patch_check(model, pairs, remote=run.remote)
@@ -339,6 +362,27 @@ def _plan_chunk(
     return plan_batch(model, chunk, cfg, donors=donors, ablation_values=values, full_patch=full_patch)
 
 
+@dataclasses.dataclass(frozen=True)
+class BatchContext:
+    """What every batch of one sweep shares, sent once to each worker."""
+
+    cfg: SweepConfig
+    ablate: dict[str, Any]
+    full_patch_id: int | None
+    remote: bool | str = False
+
+
+def sweep_batch(model: CODIModel, ctx: BatchContext, chunk: list[Any]) -> tuple[xr.Dataset, float | None]:
+    """Plan and trace one batch: (its Dataset, the full-patch check it carried or None).
+
+    The executors' unit of work (module level, so a Ray worker imports it by name): wherever it
+    runs, the same pairs give the same plan, the same trace and so the same numbers.
+    """
+    plan = _plan_chunk(model, chunk, ctx.cfg, ctx.ablate, ctx.full_patch_id)
+    out = run_batch(model, plan, ctx.cfg, remote=ctx.remote)
+    return batch_dataset(model, chunk, ctx.cfg, plan, out.columns, out.generated), out.full_patch_max_abs
+
+
 def _run_batches(
     model: CODIModel,
     todo: list[Any],
@@ -350,33 +394,39 @@ def _run_batches(
     total: int,
     ablate: dict[str, Any] | None = None,
     full_patch_id: int | None = None,
+    executor: Executor | None = None,
 ) -> tuple[list[xr.Dataset], dict[str, Any] | None]:
-    """Trace `todo` in batches; each finished batch goes to the store (or is returned).
+    """Trace `todo` in batches of `bs` on `executor` (default: this process); each finished batch
+    goes to the store (or is kept, in batch order) as it arrives, under one progress bar.
 
     Returns (the batches kept in memory, the full-patch check if a batch carried it).
     """
     from tqdm.auto import tqdm
 
+    executor = executor or LocalExecutor()
     bar = tqdm(total=total, initial=total - len(todo), desc="patching pairs", disable=not progress, unit="pair")
-    in_memory: list[xr.Dataset] = []
+    kept: dict[int, xr.Dataset] = {}
     full: dict[str, Any] | None = None
     finished = total - len(todo)
     interrupt = _DeferredInterrupt(immediate=bool(remote) and remote != "local")
+    chunks = [todo[i : i + bs] for i in range(0, len(todo), bs)]
+    ctx = BatchContext(cfg, ablate or {}, full_patch_id, remote)
+
+    def on_result(i: int, result: tuple[xr.Dataset, float | None]) -> None:
+        nonlocal full, finished
+        ds, full_max = result
+        if full_max is not None:
+            full = {"max_abs": full_max, "pair_id": full_patch_id}
+        if store is not None:
+            store.add(ds)
+        else:
+            kept[i] = ds
+        finished += len(chunks[i])
+        bar.update(len(chunks[i]))
+        interrupt.check()
+
     try:
-        for i in range(0, len(todo), bs):
-            chunk = todo[i : i + bs]
-            plan = _plan_chunk(model, chunk, cfg, ablate or {}, full_patch_id)
-            out = run_batch(model, plan, cfg, remote=remote)
-            if out.full_patch_max_abs is not None:
-                full = {"max_abs": out.full_patch_max_abs, "pair_id": full_patch_id}
-            ds = batch_dataset(model, chunk, cfg, plan, out.columns, out.generated)
-            if store is not None:
-                store.add(ds)
-            else:
-                in_memory.append(ds)
-            finished += len(chunk)
-            bar.update(len(chunk))
-            interrupt.check()
+        executor.map(model, sweep_batch, ctx, chunks, on_result)
     except UserError as e:
         if store is not None and finished:  # same error type, with where the work is and how to go on
             e.args = (
@@ -386,7 +436,7 @@ def _run_batches(
     finally:
         interrupt.restore()
         bar.close()
-    return in_memory, full
+    return [kept[i] for i in sorted(kept)], full
 
 
 class _DeferredInterrupt:

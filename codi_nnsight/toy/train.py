@@ -37,6 +37,7 @@ import random
 import sys
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -46,6 +47,7 @@ import torch
 from torch import nn
 
 from ..data.synthetic import WordProblem, make_toy_problem, toy_words
+from ..errors import UserError
 from ..model.config import CODIConfig
 from ..model.module import CODIModule, make_prj, register_attention
 
@@ -177,6 +179,8 @@ class ToyConfig:
     #: cores nearly halve a step. The result depends on the count only through float rounding
     #: and the per-share token means of the losses.
     workers: int = 2
+    #: The latent method trained (a key of `RECIPES`): how the model is built, trained and saved.
+    method: str = "codi"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,8 +267,9 @@ def make_batch(problems: list[WordProblem]) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------
 # Model and losses
 # ---------------------------------------------------------------------------------------------
-def build_model(cfg: ToyConfig) -> tuple[CODIModule, Any]:
-    """A freshly initialized CODI module (tiny Llama + prj) and its HF base config."""
+def toy_lm(cfg: ToyConfig, n_added: int) -> tuple[nn.Module, Any]:
+    """A freshly initialized (seeded) toy Llama with `n_added` ids after the toy vocabulary, and the
+    HF config of its base (the vocabulary without them): the shape every toy method shares."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(cfg.seed)
@@ -282,8 +287,13 @@ def build_model(cfg: ToyConfig) -> tuple[CODIModule, Any]:
         rms_norm_eps=1e-5,
     )
     big = type(hf_config).from_dict(hf_config.to_dict())
-    big.vocab_size = BASE_VOCAB + 3  # pad, bot, eot
-    lm = AutoModelForCausalLM.from_config(big, attn_implementation=register_attention())
+    big.vocab_size = BASE_VOCAB + n_added
+    return AutoModelForCausalLM.from_config(big, attn_implementation=register_attention()), hf_config
+
+
+def build_model(cfg: ToyConfig) -> tuple[CODIModule, Any]:
+    """A freshly initialized CODI module (tiny Llama + prj) and its HF base config."""
+    lm, hf_config = toy_lm(cfg, 3)  # pad, bot, eot
     prj = make_prj(cfg.hidden, cfg.prj_dim, True, False)
     num_latent = 0 if cfg.baseline else cfg.num_latent
     module = CODIModule(lm, prj, num_latent=num_latent, vocab_size=BASE_VOCAB, eos_token_id=EOS, remove_eos=True)
@@ -386,6 +396,69 @@ def compute_losses(
 
 
 # ---------------------------------------------------------------------------------------------
+# Recipes: one row per latent method the toy can be trained with
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Recipe:
+    """How one latent method's toy model is built, trained and saved (a row of `RECIPES`).
+
+    `losses(module, problems, cfg, step)` returns the named losses of one step's share of the
+    batch (with `total`, the one back-propagated); `phase_starts(cfg)` lists the first step of
+    each curriculum phase, each with its own warmup and cosine schedule; `reset_optimizer`: a new
+    optimizer at each phase start (Coconut's stages), or one for the whole run (CODI's).
+    """
+
+    name: str
+    config: type
+    build: Callable[[Any], tuple[CODIModule, Any]]
+    losses: Callable[[CODIModule, list[WordProblem], Any, int], dict[str, torch.Tensor]]
+    phase_starts: Callable[[Any], list[int]]
+    save: Callable[[CODIModule, Any, Any, Any], Path]
+    reset_optimizer: bool = False
+
+
+def _codi_losses(module: CODIModule, problems: list[WordProblem], cfg: ToyConfig, step: int) -> dict[str, torch.Tensor]:
+    teacher_only = step < cfg.teacher_steps and not cfg.baseline
+    return compute_losses(module, make_batch(problems), cfg, teacher_only=teacher_only)
+
+
+def _codi_phases(cfg: ToyConfig) -> list[int]:
+    return [0, cfg.teacher_steps] if cfg.teacher_steps > 0 and not cfg.baseline else [0]
+
+
+def _codi_save(module: CODIModule, hf_config: Any, cfg: ToyConfig, out_dir: Any) -> Path:
+    return save_toy(module, hf_config, cfg, out_dir, name="toy-codi-baseline" if cfg.baseline else "toy-codi")
+
+
+#: Each trainable method's recipe, as "module:attribute" (imported when used: the Coconut recipe
+#: builds on this module).
+RECIPES = {
+    "codi": "codi_nnsight.toy.train:CODI_RECIPE",
+    "coconut": "codi_nnsight.toy.coconut:COCONUT_RECIPE",
+}
+
+
+def recipe_named(method: str) -> Recipe:
+    """The `Recipe` of `method`; a one-line error naming the known ones otherwise."""
+    import importlib
+
+    if method not in RECIPES:
+        raise UserError(f"train-toy: no recipe for method {method!r}; known: {', '.join(RECIPES)}")
+    module, _, name = RECIPES[method].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def recipe_for(cfg: ToyConfig) -> Recipe:
+    """The recipe of the method `cfg` trains."""
+    return recipe_named(cfg.method)
+
+
+def config_class(method: str) -> type:
+    """The config dataclass of `method`'s toy (`ToyConfig` for CODI)."""
+    return recipe_named(method).config
+
+
+# ---------------------------------------------------------------------------------------------
 # Saving
 # ---------------------------------------------------------------------------------------------
 def save_toy(module: CODIModule, hf_config: Any, cfg: ToyConfig, out_dir: str | Path, name: str = "toy-codi") -> Path:
@@ -420,17 +493,34 @@ def save_toy(module: CODIModule, hf_config: Any, cfg: ToyConfig, out_dir: str | 
     return out / "codi.json"
 
 
+CODI_RECIPE = Recipe(
+    name="codi",
+    config=ToyConfig,
+    build=build_model,
+    losses=_codi_losses,
+    phase_starts=_codi_phases,
+    save=_codi_save,
+)
+
+
 # ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
+def phase_starts(cfg: ToyConfig) -> list[int]:
+    """First step of each curriculum phase (each has its own warmup and cosine schedule).
+
+    CODI: the teacher-only phase, then joint training; the Coconut recipe: one phase per stage.
+    """
+    return recipe_for(cfg).phase_starts(cfg)
+
+
 def _lr_factor(step: int, cfg: ToyConfig) -> float:
     """Linear warmup then cosine decay to 10%, separately in each curriculum phase."""
-    n = cfg.steps
-    if 0 < cfg.teacher_steps and not cfg.baseline:
-        if step < cfg.teacher_steps:
-            n = cfg.teacher_steps
-        else:
-            step, n = step - cfg.teacher_steps, cfg.steps - cfg.teacher_steps
+    starts = phase_starts(cfg)  # a phase may end after `steps` (short runs): its schedule is kept
+    start = max(s for s in starts if s <= step)
+    later = [s for s in starts if s > start]
+    end = later[0] if later else cfg.steps
+    step, n = step - start, end - start
     if step < cfg.warmup:
         return (step + 1) / cfg.warmup
     t = (step - cfg.warmup) / max(1, n - cfg.warmup)
@@ -447,13 +537,15 @@ def train_toy(
     verbose: bool = True,
     **overrides: Any,
 ) -> dict[str, Any]:
-    """Train a toy CODI model (or, with `baseline=True`, the no-latent baseline) into `out_dir`.
+    """Train a toy model into `out_dir`: CODI (default), its no-latent baseline (`baseline=True`),
+    or Coconut (`method="coconut"`, its stage curriculum; see `codi_nnsight.toy.coconut`).
 
-    Deterministic for a seed and `workers` count on CPU. `overrides` set `ToyConfig` fields. Returns
-    the training log (also written to `out_dir/train_log.json`): config, loss history, wall time
-    and, when `evaluate`, the `evaluate_toy` metrics on `eval_n` held-out problems.
+    Deterministic for a seed and `workers` count on CPU. `overrides` set fields of the method's
+    config (`ToyConfig`, `CoconutToyConfig`). Returns the training log (also written to
+    `out_dir/train_log.json`): config, loss history, wall time and, when `evaluate`, the
+    `evaluate_toy` metrics on `eval_n` held-out problems.
     """
-    cfg = ToyConfig(seed=seed, **overrides)
+    cfg = config_class(overrides.pop("method", "codi"))(seed=seed, **overrides)
     if steps is not None:
         cfg.steps = steps
     if cfg.workers < 1:
@@ -578,26 +670,21 @@ def _train(
 ) -> dict[str, Any]:
     """The training loop of one process (`rank` of `cfg.workers`); rank 0 saves and evaluates."""
     world = cfg.workers
-    module, hf_config = build_model(cfg)  # seeded: every worker starts from the same weights
+    recipe = recipe_for(cfg)
+    module, hf_config = recipe.build(cfg)  # seeded: every worker starts from the same weights
     module.train()
     params = list(module.parameters())
-    decay = [p for n, p in module.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in module.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr,
-        betas=(0.9, 0.98),
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
+    opt, sched = _optimizer(module, cfg, 0)
+    resets = set(recipe.phase_starts(cfg)[1:]) if recipe.reset_optimizer else set()
     rng = random.Random(cfg.seed)  # the same stream in every worker: the same batches
     history: list[dict[str, float]] = []
     running: dict[str, float] = {}
     t0 = time.time()
     for step in range(cfg.steps):
+        if step in resets:  # a new stage starts with fresh optimizer state, as the official Coconut does
+            opt, sched = _optimizer(module, cfg, step)
         problems = sample_problems(rng, cfg.batch_size, cfg, held_out=False)
-        batch = make_batch(problems[rank::world])
-        teacher_only = step < cfg.teacher_steps and not cfg.baseline
-        losses = compute_losses(module, batch, cfg, teacher_only=teacher_only)
+        losses = recipe.losses(module, problems[rank::world], cfg, step)
         opt.zero_grad(set_to_none=True)
         losses["total"].backward()
         if world > 1:
@@ -624,8 +711,7 @@ def _train(
     if rank != 0:
         return {}
     module.eval()
-    name = "toy-codi-baseline" if cfg.baseline else "toy-codi"
-    save_toy(module, hf_config, cfg, out_dir, name=name)
+    recipe.save(module, hf_config, cfg, out_dir)
     log: dict[str, Any] = {
         "config": asdict(cfg),
         "train_time_s": round(train_time, 1),
@@ -636,6 +722,18 @@ def _train(
         log["eval"] = evaluate_toy(out_dir, n=eval_n, teacher=not cfg.baseline, cfg=cfg)
     Path(out_dir, "train_log.json").write_text(json.dumps(log, indent=2) + "\n", encoding="utf-8")
     return log
+
+
+def _optimizer(module: nn.Module, cfg: ToyConfig, first_step: int) -> tuple[Any, Any]:
+    """AdamW (no decay on vectors) and its schedule, starting at global step `first_step`."""
+    decay = [p for n, p in module.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in module.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.98),
+    )
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s + first_step, cfg))
 
 
 def describe_training(log: dict[str, Any]) -> str:
@@ -657,7 +755,8 @@ def describe_training(log: dict[str, Any]) -> str:
 # Evaluation
 # ---------------------------------------------------------------------------------------------
 class _ReplacePrj:
-    """Forward hook on `prj` replacing its k-th call's output with `latents[:, k:k+1]`."""
+    """Forward hook on the feedback module (CODI's `prj`, Coconut's identity) replacing its k-th
+    call's output with `latents[:, k:k+1]`."""
 
     def __init__(self, latents: torch.Tensor) -> None:
         self.latents = latents
@@ -669,10 +768,12 @@ class _ReplacePrj:
         return self.latents[:, k : k + 1, :].to(output.dtype).expand_as(output).clone()
 
 
-def _accuracy(texts: list[str], problems: list[WordProblem]) -> float:
+def _accuracy(texts: list[str], problems: list[WordProblem], parse: Callable[[str], Any] | None = None) -> float:
+    """Share of `texts` whose answer (read by `parse`, default CODI's) is the problem's."""
     from ..model.inference import extract_answer_number
 
-    right = sum(extract_answer_number(t) == float(p.answer) for t, p in zip(texts, problems))
+    parse = parse or extract_answer_number
+    right = sum(parse(t) == float(p.answer) for t, p in zip(texts, problems))
     return right / len(problems)
 
 
@@ -724,11 +825,13 @@ def evaluate_toy(
     from ..model.inference import generate
     from ..model.wrapper import load_model
 
-    model = load_model(str(Path(model_dir) / "codi.json"), dtype="float32", device="cpu")
+    model = load_model(str(model_dir), dtype="float32", device="cpu")  # the folder's codi.json or coconut.json
     codi = model.codi
+    parse = codi.method.parse_answer
     log_path = Path(model_dir, "train_log.json")
     if cfg is None:  # evaluate on the training distribution of this model
-        cfg = ToyConfig(**json.loads(log_path.read_text())["config"]) if log_path.exists() else ToyConfig()
+        saved = json.loads(log_path.read_text())["config"] if log_path.exists() else {}
+        cfg = config_class(saved.get("method", "codi"))(**saved)
     problems = eval_problems(n, seed, cfg)
     questions = [p.question for p in problems]
     # "Other" problem: the next one with a different answer, so copying its latents is detectable.
@@ -740,7 +843,7 @@ def evaluate_toy(
     def run(qs: list[str], latents: torch.Tensor | None = None) -> list[str]:
         hook = None
         if latents is not None:
-            hook = codi.prj.register_forward_hook(_ReplacePrj(latents))
+            hook = codi.feedback.register_forward_hook(_ReplacePrj(latents))
         try:
             return generate(model, qs, max_new_tokens=max_new_tokens)
         finally:
@@ -758,12 +861,12 @@ def evaluate_toy(
             with torch.inference_mode():
                 lat = codi(**model.prepare([questions[j] for j in idx]))["latents"]
             swapped += run(qs, lat)
-    out: dict[str, Any] = {"n": n, "seed": seed, "num_latent": K, "accuracy": _accuracy(texts, problems)}
+    out: dict[str, Any] = {"n": n, "seed": seed, "num_latent": K, "accuracy": _accuracy(texts, problems, parse)}
     if K:
-        out["zero_latent"] = _accuracy(zero, problems)
-        out["other_latent"] = _accuracy(swapped, problems)
-        out["other_latent_copies_other"] = _accuracy(swapped, [problems[j] for j in other])
-    if teacher and K:
+        out["zero_latent"] = _accuracy(zero, problems, parse)
+        out["other_latent"] = _accuracy(swapped, problems, parse)
+        out["other_latent_copies_other"] = _accuracy(swapped, [problems[j] for j in other], parse)
+    if teacher and K and cfg.method == "codi":  # Coconut's final stage has no explicit-CoT mode
         t_texts = []
         for start in range(0, n, batch_size):
             t_texts += teacher_generate(codi, questions[start : start + batch_size])
