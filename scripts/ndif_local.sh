@@ -75,6 +75,10 @@ server_env() {
     # clustering is off (its switch for Windows/macOS, honoured on Linux too); with it off the node
     # IP stays 127.0.0.1, so Ray's processes advertise and connect to loopback only.
     export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+    # A token file in ~/.ray (Ray writes one when any local cluster starts, e.g. the package's
+    # `--workers` runs) makes `ray start` turn token authentication on, while the NDIF processes
+    # that connect with `address="auto"` do not send it; every port here is loopback-only.
+    export RAY_AUTH_MODE=disabled
     export NDIF_REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
     export NDIF_OBJECT_STORE_URL="http://127.0.0.1:$S3_PORT"
     export NDIF_OBJECT_STORE_ACCESS_KEY=codi-ndif NDIF_OBJECT_STORE_SECRET_KEY=codi-ndif
