@@ -284,8 +284,21 @@ def patch(
     help="Also answer after K+1 ... K+N thoughts (more than the model was trained with).",
 )
 @remote_option
+@workers_options
 def early_exit_cmd(
-    model_spec, dtype, device, normalization, pairs_path, out, force, limit, batch_size, past_trained, remote
+    model_spec,
+    dtype,
+    device,
+    normalization,
+    pairs_path,
+    out,
+    force,
+    limit,
+    batch_size,
+    past_trained,
+    remote,
+    workers,
+    ray_address,
 ) -> None:
     """Answer after 0, 1, ..., K latent thoughts (0: the no-thought baseline; K + N with --past-trained N):
     accuracy and answer log-probability per thought count."""
@@ -293,9 +306,18 @@ def early_exit_cmd(
     from .run import write_results
 
     prepare_output(out, force)
+    check_workers(workers, ray_address, remote)
     pairs = load_cli_pairs(pairs_path, limit)
     model = load_cli_model(model_spec, dtype, device, normalization, remote)
-    ds = early_exit(model, list(pairs), batch_size=batch_size, remote=remote_value(remote), past_trained=past_trained)
+    ds = early_exit(
+        model,
+        list(pairs),
+        batch_size=batch_size,
+        remote=remote_value(remote),
+        past_trained=past_trained,
+        workers=workers,
+        ray_address=ray_address,
+    )
     write_results(ds, out)
     acc = ds["correct"].mean(("pair", "variant")).values
     click.echo(

@@ -99,6 +99,16 @@ def test_attribution_on_two_workers_is_bit_identical(pool, tiny_models):
         assert one[name].values.tobytes() == two[name].values.tobytes(), name
 
 
+def test_early_exit_on_two_workers_is_bit_identical(pool, tiny_models):
+    from codi_nnsight.patching.ablation import early_exit
+
+    model, pairs = tiny_models["llama"], list(many_pairs(4))
+    one = early_exit(model, pairs, batch_size=3, past_trained=1)
+    two = early_exit(model, pairs, batch_size=3, past_trained=1, workers=pool)
+    for name in one.variables:
+        assert one[name].values.tobytes() == two[name].values.tobytes(), name
+
+
 def test_a_worker_that_cannot_load_the_model_is_one_line_naming_it(pool, tiny_dirs, tmp_path):
     folder = tmp_path / "model"
     shutil.copytree(Path(tiny_dirs["gpt2"]).parent, folder)

@@ -33,6 +33,7 @@ from ..model.inference import decode
 from ..model.remote import remote_errors, trace_kwargs
 from ..model.wrapper import CODIModel
 from ..run import Run
+from ..run.executors import Executor, check_executor, use_executor
 from .config import SweepConfig
 from .plan import AblationValues, answer_tokens
 from .sites import output_tensor
@@ -133,6 +134,8 @@ def early_exit(
     max_new_tokens: int | None = None,
     remote: bool | str = False,
     past_trained: int = 0,
+    workers: int | Executor | None = None,
+    ray_address: str | None = None,
 ) -> xr.Dataset:
     """Answer after k latent steps instead of K, for every clean and corrupted question.
 
@@ -140,9 +143,13 @@ def early_exit(
     teacher-forced prompt), `correct`, and `logp_answer` (teacher-forced log-probability of the
     question's true answer) — the accuracy-versus-thoughts curve of the field's early-exit control.
     `past_trained=N` allows (and by default runs) k up to K + N: more thoughts than trained.
-    k = 0 is the no-thought baseline. Attr `trained_num_latent` = K.
+    k = 0 is the no-thought baseline. Attr `trained_num_latent` = K. `workers` / `ray_address`
+    shard the (k, batch) traces over Ray workers as `patch_sweep`'s are (bit-identical to one
+    process on one thread with the same `batch_size`).
     """
     run = Run(model, remote)  # a refused target or a weightless local run: one line, before any work
+    if not isinstance(workers, Executor):
+        check_executor(workers, ray_address, run.backend)  # Ray installed, a local backend: before any work
     if isinstance(past_trained, bool) or not isinstance(past_trained, (int, np.integer)) or past_trained < 0:
         raise UserError(f"--past-trained {past_trained!r}: expected an int >= 0")
     top = model.num_latent + int(past_trained)
@@ -158,15 +165,19 @@ def early_exit(
     items = [(i, v, getattr(p, v)) for i, p in enumerate(pairs) for v in ("clean", "corrupted")]
     shape = (len(pairs), 2, len(steps))
     out = {name: np.full(shape, np.nan) for name in ("answer", "correct", "logp_answer")}
-    for j, k in enumerate(steps):
-        for start in range(0, len(items), batch_size):
-            chunk = items[start : start + batch_size]
-            answers, logps = _answer_after(model, [q for _, _, q in chunk], k, max_new_tokens, remote)
-            for (i, v, q), a, lp in zip(chunk, answers, logps):
-                idx = (i, 0 if v == "clean" else 1, j)
-                out["answer"][idx] = np.nan if a is None else a
-                out["correct"][idx] = float(a is not None and a == float(q.answer))
-                out["logp_answer"][idx] = lp
+    chunks = [(j, items[s : s + batch_size]) for j in range(len(steps)) for s in range(0, len(items), batch_size)]
+    jobs = [(steps[j], [q for _, _, q in chunk]) for j, chunk in chunks]
+
+    def store(n: int, result: tuple[list[float | None], list[float]]) -> None:
+        j, chunk = chunks[n]
+        for (i, v, q), a, lp in zip(chunk, *result):
+            idx = (i, 0 if v == "clean" else 1, j)
+            out["answer"][idx] = np.nan if a is None else a
+            out["correct"][idx] = float(a is not None and a == float(q.answer))
+            out["logp_answer"][idx] = lp
+
+    with use_executor(workers, ray_address, run.backend) as executor:
+        executor.map(model, early_exit_batch, (max_new_tokens, remote), jobs, store)
     attrs = {
         "answer": ("number decoded after the teacher-forced prompt", "answer value"),
         "correct": ("the decoded answer equals the question's true answer", "share"),
@@ -195,6 +206,16 @@ def early_exit(
         }
     )
     return ds
+
+
+def early_exit_batch(
+    model: CODIModel, context: tuple[int | None, bool | str], job: tuple[int, list[Any]]
+) -> tuple[list[float | None], list[float]]:
+    """One (k, batch) trace of `early_exit` (the executors' unit of work; module level, so a Ray
+    worker can run it): greedy answers and true-answer log-probabilities after k thoughts."""
+    max_new_tokens, remote = context
+    k, questions = job
+    return _answer_after(model, questions, k, max_new_tokens, remote)
 
 
 def _answer_after(
