@@ -187,6 +187,125 @@ def test_loop_equals_the_official_k_plus_1_pass_reference(models, dirs, family):
     assert worst <= TOL
 
 
+class PatchingReference(Reference):
+    """The official-style loop with plain forward hooks: records a site's output at every latent
+    slot and patches it, or replaces a fed-back thought, one question at a time."""
+
+    def site(self, layer: int, component: str) -> torch.nn.Module:
+        inner = self.lm.transformer.h if hasattr(self.lm, "transformer") else self.lm.model.layers
+        block = inner[layer]
+        attn = block.attn if hasattr(block, "attn") else block.self_attn
+        return {"resid": block, "attn": attn, "head": getattr(attn, "c_proj", None) or getattr(attn, "o_proj", None)}[
+            component
+        ]
+
+    @torch.no_grad()
+    def patched(self, question, suffix, component, patch=None, head=None, thoughts=None):
+        """(thoughts, logits, {layer: (K, d) site outputs at the slots}); `patch` = {layer: {k: vec}}
+        writes slot k's site output, `thoughts` = {k: vec} replaces the thought fed into slot k."""
+        from transformers import DynamicCache
+
+        n_layers = self.lm.config.num_hidden_layers
+        records = {i: [] for i in range(n_layers)}
+        slot = {"k": None}  # the latent slot the current pass starts with (None: the question)
+
+        def post(i):
+            def hook(mod, args, out):
+                h = out[0] if isinstance(out, tuple) else out
+                if slot["k"] is not None:
+                    if patch and i in patch and slot["k"] in patch[i]:
+                        h = h.clone()
+                        h[:, 0] = patch[i][slot["k"]]
+                        out = (h, *out[1:]) if isinstance(out, tuple) else h
+                    records[i].append(h[0, 0].clone())
+                return out
+
+            return hook
+
+        def pre(i):  # `head`: the heads' outputs side by side, the input of the output projection
+            def hook(mod, args):
+                x = args[0]
+                if slot["k"] is not None:
+                    if patch and i in patch and slot["k"] in patch[i]:
+                        x = x.clone()
+                        x[:, 0, head] = patch[i][slot["k"]][head]
+                    records[i].append(x[0, 0].clone())
+                return (x, *args[1:])
+
+            return hook
+
+        mods = [self.site(i, component) for i in range(n_layers)]
+        if component == "head":
+            handles = [m.register_forward_pre_hook(pre(i)) for i, m in enumerate(mods)]
+        else:
+            handles = [m.register_forward_hook(post(i)) for i, m in enumerate(mods)]
+        try:
+            ids = torch.tensor([self.ids(question, suffix)])
+            emb = self.lm.get_input_embeddings()(ids).clone()
+            pos = torch.arange(ids.shape[1])[None]
+            first = int((ids[0] == self.latent).nonzero()[0])
+            cache, lo, hi, fed = DynamicCache(), 0, first, []
+            for k in range(self.K + 1):
+                slot["k"] = None if k == 0 else k - 1
+                out = self.lm(
+                    inputs_embeds=emb[:, lo:hi],
+                    position_ids=pos[:, lo:hi],
+                    use_cache=True,
+                    **{self.cache_kw: cache},
+                    output_hidden_states=True,
+                )
+                if k == self.K:
+                    break
+                thought = out.hidden_states[-1][0, -1]
+                if thoughts and k in thoughts:
+                    thought = thoughts[k]
+                emb[0, first + k] = thought
+                fed.append(thought)
+                lo, hi = hi, (hi + 1 if k + 1 < self.K else ids.shape[1])
+        finally:
+            for h in handles:
+                h.remove()
+        return torch.stack(fed), out.logits[0, -1], {i: torch.stack(v) for i, v in records.items()}
+
+
+@pytest.mark.parametrize("family", ("gpt2", "llama"))
+def test_patching_equals_a_plain_hook_computation(models, dirs, family):
+    """resid, attn, one head and the fed-back thought, each thought in turn, against the hooks above."""
+    from codi_nnsight.patching.plan import answer_tokens
+    from codi_nnsight.patching.sites import head_dim
+    from codi_nnsight.patching.sweep import patch_sweep
+
+    model, ref = models[family], PatchingReference(dirs[family, "meta"])
+    pair = make_synthetic_pairs(1, seed=5)[0]
+    toks = answer_tokens(model, pair.clean.answer, pair.corrupted.answer)
+    assert toks.suffix[0] == model.codi.eot_id  # <|end-latent|>, then the answer prompt
+    suffix = list(toks.suffix[1:])
+    hd = head_dim(model)
+    checked = 0
+    for component in ("resid", "attn", "head", "latent"):
+        ds = patch_sweep(model, [pair], component=component, positions="each", batch_size=1)
+        if component == "head":
+            ds = ds.sel(head=1)
+        site = "resid" if component == "latent" else component
+        thoughts, _, source = ref.patched(pair.clean.question, suffix, site)
+        _, base_logits, _ = ref.patched(pair.corrupted.question, suffix, site)
+        lb = torch.log_softmax(base_logits, -1)
+        for li, layer in enumerate(ds["layer"].values):
+            for k in range(model.num_latent):
+                if component == "latent":
+                    _, logits, _ = ref.patched(pair.corrupted.question, suffix, site, thoughts={k: thoughts[k]})
+                else:
+                    patch = {int(layer): {k: source[int(layer)][k]}}
+                    head = slice(hd, 2 * hd) if component == "head" else None
+                    _, logits, _ = ref.patched(pair.corrupted.question, suffix, component, patch=patch, head=head)
+                lp = torch.log_softmax(logits, -1)
+                want = float((lp.exp() * (lp - lb)).sum())
+                got = float(ds["kl"].isel(pair=0, layer=li).sel(position=k))
+                assert abs(got - want) < TOL, (component, int(layer), k, got, want)
+                checked += want > 1e-6
+    assert checked > 10  # the patches move the answer: the comparison is not between zeros
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_batch_1_equals_batch_4_in_the_sweep(models, family):
     from codi_nnsight.patching.sweep import patch_sweep
