@@ -268,7 +268,7 @@ class PatchingReference(Reference):
         return torch.stack(fed), out.logits[0, -1], {i: torch.stack(v) for i, v in records.items()}
 
 
-@pytest.mark.parametrize("family", ("gpt2", "llama"))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_patching_equals_a_plain_hook_computation(models, dirs, family):
     """resid, attn, one head and the fed-back thought, each thought in turn, against the hooks above."""
     from codi_nnsight.patching.plan import answer_tokens
@@ -304,6 +304,36 @@ def test_patching_equals_a_plain_hook_computation(models, dirs, family):
                 assert abs(got - want) < TOL, (component, int(layer), k, got, want)
                 checked += want > 1e-6
     assert checked > 10  # the patches move the answer: the comparison is not between zeros
+
+
+@pytest.mark.parametrize("family,component", [("gpt2", "latent"), ("llama", "resid"), ("qwen2", "attn")])
+def test_zero_ablation_equals_a_plain_hook_computation(models, dirs, family, component):
+    """Zeroing a site of the clean run at thought k, against the same hooks (KL to the clean run)."""
+    from codi_nnsight.patching.plan import answer_tokens
+    from codi_nnsight.patching.sweep import patch_sweep
+
+    model, ref = models[family], PatchingReference(dirs[family, "meta"])
+    pair = make_synthetic_pairs(1, seed=6)[0]
+    layer = model.n_layers - 1
+    ds = patch_sweep(model, [pair], component=component, layers=[layer], positions="each", ablation="zero")
+    suffix = list(answer_tokens(model, pair.clean.answer, pair.corrupted.answer).suffix[1:])
+    site = "resid" if component == "latent" else component
+    thoughts, clean_logits, _ = ref.patched(pair.clean.question, suffix, site)
+    lc = torch.log_softmax(clean_logits, -1)
+    zero = torch.zeros_like(thoughts[0])
+    moved = 0
+    for k in range(model.num_latent):
+        if component == "latent":
+            _, logits, _ = ref.patched(pair.clean.question, suffix, site, thoughts={k: zero})
+        else:
+            _, logits, _ = ref.patched(pair.clean.question, suffix, site, patch={layer: {k: zero}})
+        lp = torch.log_softmax(logits, -1)
+        want = float((lp.exp() * (lp - lc)).sum())
+        assert abs(float(ds["kl"].isel(pair=0, layer=0).sel(position=k)) - want) < TOL
+        moved += want > 1e-6
+    # The last block's output at the last slot reaches nothing (it is not fed back, and later
+    # positions read only earlier blocks' keys): exactly 0 there; every other ablation moves the answer.
+    assert moved >= model.num_latent - 1
 
 
 @pytest.mark.parametrize("family", FAMILIES)
