@@ -337,6 +337,29 @@ def test_zero_ablation_equals_a_plain_hook_computation(models, dirs, family, com
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_logit_lens_at_the_thoughts_equals_a_plain_hook_computation(models, dirs, family):
+    """The lens at every thought slot and layer: the final norm and LM head of the block's output there."""
+    from codi_nnsight.readouts.lens import logit_lens
+
+    model, ref = models[family], PatchingReference(dirs[family, "meta"])
+    pairs = make_synthetic_pairs(1, seed=7)
+    lens = logit_lens(model, pairs, top_k=3)
+    steps = [str(s) for s in lens["step"].values]
+    norm = ref.lm.transformer.ln_f if hasattr(ref.lm, "transformer") else ref.lm.model.norm
+    for variant in ("clean", "corrupted"):
+        _, _, blocks = ref.patched(getattr(pairs[0], variant).question, [], "resid")
+        for layer in range(model.n_layers):
+            with torch.no_grad():
+                probs = torch.softmax(ref.lm.lm_head(norm(blocks[layer])), -1)  # (K, V)
+            top_p, top_i = probs.topk(3, dim=-1)
+            cell = lens.isel(pair=0).sel(variant=variant, layer=layer)
+            for k in range(model.num_latent):
+                at = cell.isel(step=steps.index(str(k)))
+                assert np.array_equal(at["top_ids"].values, top_i[k].numpy())
+                assert np.abs(at["top_prob"].values - top_p[k].numpy()).max() <= TOL
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_batch_1_equals_batch_4_in_the_sweep(models, family):
     from codi_nnsight.patching.sweep import patch_sweep
 
