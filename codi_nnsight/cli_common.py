@@ -67,6 +67,40 @@ def load_cli_pairs(pairs_path: str | None, limit: int | None = None) -> Any:
     return load_pairs(pairs_path or default_pairs()).limit(limit)
 
 
+def check_pairs_source(pairs_path: str | None, n_synthetic: int | None) -> None:
+    """`--pairs FILE` and `--synthetic N` together: refused in one line (call before any output is made)."""
+    if n_synthetic is not None and pairs_path is not None:
+        raise UserError("give --pairs FILE or --synthetic N, not both")
+
+
+def pairs_or_synthetic(
+    pairs_path: str | None, n_synthetic: int | None, data_seed: int, limit: int | None, default_n: int | None = None
+) -> Any:
+    """`--pairs FILE`, or `--synthetic N` generated toy pairs (`default_n` of them when neither is given);
+    both at once is refused in one line."""
+    check_pairs_source(pairs_path, n_synthetic)
+    n = n_synthetic if n_synthetic is not None else (default_n if pairs_path is None else None)
+    if n is None:
+        return load_cli_pairs(pairs_path, limit)
+    from .data.synthetic import make_toy_pairs
+
+    return make_toy_pairs(n, seed=data_seed).limit(limit)
+
+
+def number_list(text: str | None, what: str, kind: type = float) -> list[Any] | None:
+    """A comma list of numbers of `kind` (None stays None); a one-line error naming the flag otherwise."""
+    if text is None:
+        return None
+    word, example = ("integer", "0,1,2") if kind is int else ("number", "-1,0,0.5")
+    try:
+        values = [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"{what} {text!r}: expected {word}s like {example}") from None
+    if not values:
+        raise UserError(f"{what} {text!r}: expected at least one {word}")
+    return values
+
+
 def pairs_option(f: Any) -> Any:
     return click.option(
         "--pairs",

@@ -13,13 +13,13 @@ import click
 from ..cli_common import (
     force_option,
     load_cli_model,
-    load_cli_pairs,
     model_options,
+    number_list,
+    pairs_or_synthetic,
     prepare_output,
     remote_option,
     remote_value,
 )
-from ..errors import UserError
 
 __all__ = ["INTERVENTION_COMMANDS", "register", "steer", "thought_graph", "transplant"]
 
@@ -28,22 +28,6 @@ def register(group: click.Group) -> None:
     """Add the intervention commands to `group` (`codi_nnsight.cli` calls it on the main group)."""
     for command in INTERVENTION_COMMANDS:
         group.add_command(command)
-
-
-def _numbers(text: str | None, what: str, kind: type = float) -> list[Any] | None:
-    """A comma list of numbers of `kind` (None stays None); a one-line error naming the flag otherwise."""
-    if text is None:
-        return None
-    example = "0,1,2" if kind is int else "-1,0,0.5"
-    try:
-        values = [kind(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UserError(
-            f"{what} {text!r}: expected {'integers' if kind is int else 'numbers'} like {example}"
-        ) from None
-    if not values:
-        raise UserError(f"{what} {text!r}: expected at least one number")
-    return values
 
 
 def _common(f: Any) -> Any:
@@ -73,20 +57,10 @@ def _common(f: Any) -> Any:
     return model_options(f)
 
 
-def _pairs(pairs_path: str | None, n_synthetic: int | None, data_seed: int, limit: int | None) -> Any:
-    if n_synthetic is not None and pairs_path is not None:
-        raise UserError("give --pairs FILE or --synthetic N, not both")
-    if n_synthetic is None:
-        return load_cli_pairs(pairs_path, limit)
-    from ..data.synthetic import make_toy_pairs
-
-    return make_toy_pairs(n_synthetic, seed=data_seed).limit(limit)
-
-
 def _load(opts: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
     """The pairs, the model and the run keywords of the options every command shares (output checked first)."""
     prepare_output(opts["out"], opts["force"])
-    pairs = _pairs(opts["pairs_path"], opts["n_synthetic"], opts["data_seed"], opts["limit"])
+    pairs = pairs_or_synthetic(opts["pairs_path"], opts["n_synthetic"], opts["data_seed"], opts["limit"])
     remote = opts["remote"]
     model = load_cli_model(opts["model_spec"], opts["dtype"], opts["device"], opts["normalization"], remote)
     run = {"batch_size": opts["batch_size"], "max_new_tokens": opts["max_new_tokens"], "remote": remote_value(remote)}
@@ -112,7 +86,7 @@ def transplant(thoughts: str | None, layers: str | None, donors: str, **opts: An
     from ..patching.config import parse_layers
     from .transplant import transplant as run
 
-    ks = _numbers(thoughts, "--thoughts", int)
+    ks = number_list(thoughts, "--thoughts", int)
     pairs, model, kw = _load(opts)
     layer_list = None if layers is None else parse_layers(layers, model.n_layers)
     donor_list = [d.strip() for d in donors.split(",") if d.strip()]
@@ -157,7 +131,7 @@ def steer(
     """Add λ‖h‖v̂ to a thought (or project v̂ out) for value-probe, mean-difference and random directions."""
     from .steer import steer as run
 
-    scale_list = _numbers(scales, "--scales")
+    scale_list = number_list(scales, "--scales")
     pairs, model, kw = _load(opts)
     ds = run(
         model,

@@ -12,15 +12,17 @@ from typing import Any
 import click
 
 from ..cli_common import (
+    check_pairs_source,
     force_option,
     load_cli_model,
     load_cli_pairs,
     model_options,
+    number_list,
+    pairs_or_synthetic,
     prepare_output,
     remote_option,
     remote_value,
 )
-from ..errors import UserError
 
 __all__ = ["READOUT_COMMANDS", "attention", "lens", "probe", "register", "tuned_lens"]
 
@@ -50,21 +52,6 @@ def _common(f: Any) -> Any:
     )(f)
     f = force_option(f)
     return f
-
-
-def _pairs_or_synthetic(
-    pairs_path: str | None, n_synthetic: int | None, data_seed: int, limit: int | None, default_n: int | None = None
-) -> Any:
-    """`--pairs FILE`, or `--synthetic N` generated toy pairs (`default_n` of them when neither is given).
-
-    The commands refuse both at once before any output is made.
-    """
-    n = n_synthetic if n_synthetic is not None else (default_n if pairs_path is None else None)
-    if n is None:
-        return load_cli_pairs(pairs_path, limit)
-    from ..data.synthetic import make_toy_pairs
-
-    return make_toy_pairs(n, seed=data_seed).limit(limit)
 
 
 @click.command("lens")
@@ -128,16 +115,6 @@ def attention(model_spec, dtype, device, normalization, pairs_path, limit, out, 
     click.echo(f"wrote {out}: attention of {2 * len(pairs)} questions\n{readout_summary(ds)}")
 
 
-def _int_list(text: str, what: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UserError(f"{what} {text!r}: expected integers like 0,1,2") from None
-    if not values:
-        raise UserError(f"{what} {text!r}: expected at least one integer")
-    return values
-
-
 @click.command("probe")
 @model_options
 @_pairs_options
@@ -185,11 +162,10 @@ def probe(
     from .common import write_dataset
     from .probe import probe as run_probe
 
-    if n_synthetic is not None and pairs_path is not None:
-        raise UserError("give --pairs FILE or --synthetic N, not both")
-    seed_list = _int_list(seeds, "--seeds")
+    check_pairs_source(pairs_path, n_synthetic)
+    seed_list = number_list(seeds, "--seeds", int)
     prepare_output(out, force)
-    pairs = _pairs_or_synthetic(pairs_path, n_synthetic, data_seed, limit)
+    pairs = pairs_or_synthetic(pairs_path, n_synthetic, data_seed, limit)
     model = load_cli_model(model_spec, dtype, device, normalization, remote)
     layer_list = parse_layers(layers, model.n_layers)
     ds = run_probe(
@@ -265,10 +241,9 @@ def tuned_lens_train(
     """Train a tuned lens on the model's latent-position states; print the held-out KL per layer."""
     from .tuned import kl_table, save_tuned_lens, train_tuned_lens
 
-    if n_synthetic is not None and pairs_path is not None:
-        raise UserError("give --pairs FILE or --synthetic N, not both")
+    check_pairs_source(pairs_path, n_synthetic)
     prepare_output(out, force, folder=True)
-    pairs = _pairs_or_synthetic(pairs_path, n_synthetic, data_seed, limit, default_n=500)
+    pairs = pairs_or_synthetic(pairs_path, n_synthetic, data_seed, limit, default_n=500)
     if remote_value(remote) not in (False, "local"):
         # The translators are fitted here against the final norm and LM head: those weights must be local.
         click.echo(
