@@ -284,3 +284,12 @@ def test_pairs_without_chains_give_nan_carried_answers(tiny_models):
     )
     ds = transplant(model, pairs, thoughts=[0])
     assert ds.sizes["intermediate"] == 0 and np.isfinite(ds["kl"].values).all()
+
+
+def test_steering_pairs_without_chains_is_one_line(tiny_models):
+    """No gold intermediate anywhere (pairs without `steps`): the one-line refusal, not an IndexError."""
+    q = [Question(f"Sam has {a} cats and 4 dogs. How many pets?", a + 4, {}) for a in (3, 5)]
+    pairs = PairSet.from_pairs([Pair(0, q[0], q[1])])
+    with pytest.raises(UserError) as e:
+        steer(tiny_models["gpt2"], pairs, scales=(0.5,), n_random=1)
+    assert str(e.value) == "--intermediate 0: no question of the fitting pairs has a gold value at this step"

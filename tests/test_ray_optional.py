@@ -57,3 +57,34 @@ def test_bad_workers_arguments_are_one_line(tiny_models, kwargs, message):
     with pytest.raises(UserError) as e:
         patch_sweep(tiny_models["gpt2"], two_pairs(), **kwargs)
     assert str(e.value) == message
+
+
+#: Every command with a batch loop (all shard it over Ray workers).
+SHARDED_COMMANDS = [
+    "patch",
+    "attribute",
+    "early-exit",
+    "lens",
+    "attention",
+    "probe",
+    "tuned-lens train",
+    "transplant",
+    "steer",
+    "thought-graph",
+]
+
+
+@pytest.mark.parametrize("command", SHARDED_COMMANDS)
+def test_every_batch_command_offers_workers_and_refuses_without_ray_before_loading(command, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from codi_nnsight.cli import main
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    # A model spec that does not exist: the refusal must come before any model is loaded.
+    args = [*command.split(), "--model", str(tmp_path / "no-model"), "--workers", "3", "--out", str(tmp_path / "o")]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 2, r.output
+    assert (
+        r.output.strip().splitlines()[-1] == 'error: --workers 3 needs Ray, an optional extra: pip install -e ".[ray]"'
+    )

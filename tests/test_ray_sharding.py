@@ -109,6 +109,42 @@ def test_early_exit_on_two_workers_is_bit_identical(pool, tiny_models):
         assert one[name].values.tobytes() == two[name].values.tobytes(), name
 
 
+def _readouts_and_interventions():
+    """Every command with a batch loop outside the patching sweep: (name, call(model, pairs, **kw))."""
+    from codi_nnsight.interventions.graph import thought_graph
+    from codi_nnsight.interventions.steer import steer
+    from codi_nnsight.interventions.transplant import transplant
+    from codi_nnsight.readouts.attention import attention_readout
+    from codi_nnsight.readouts.lens import logit_lens
+    from codi_nnsight.readouts.probe import probe
+
+    return {
+        "lens": lambda m, p, **kw: logit_lens(m, p, batch_size=3, **kw),
+        "attention": lambda m, p, **kw: attention_readout(m, p, batch_size=3, **kw),
+        "probe": lambda m, p, **kw: probe(m, p, seeds=(0,), batch_size=3, **kw),
+        "transplant": lambda m, p, **kw: transplant(m, p, thoughts=[0, 2], batch_size=3, **kw),
+        # steer runs two loops (the base runs, then the edits) on one executor
+        "steer": lambda m, p, **kw: steer(m, p, scales=(-0.5, 0.5), n_random=1, batch_size=3, **kw),
+        "thought-graph": lambda m, p, **kw: thought_graph(m, p, interventions=("zero", "noise"), batch_size=5, **kw),
+    }
+
+
+@pytest.mark.parametrize("name", list(_readouts_and_interventions()))
+def test_readouts_and_interventions_on_two_workers_are_bit_identical(pool, tiny_models, name):
+    call = _readouts_and_interventions()[name]
+    from codi_nnsight.data.synthetic import make_toy_pairs
+
+    model, pairs = tiny_models["llama"], make_toy_pairs(4, seed=2)  # with chains: gold values to probe and steer
+    one, two = call(model, pairs), call(model, pairs, workers=pool)
+    assert set(one.variables) == set(two.variables)
+    for var in one.variables:
+        x, y = one[var].values, two[var].values
+        assert x.dtype == y.dtype and x.shape == y.shape, var
+        assert (x == y).all() if x.dtype == object else x.tobytes() == y.tobytes(), var
+    strip = lambda attrs: {k: v for k, v in attrs.items() if k not in CLOCK}  # noqa: E731
+    assert strip(one.attrs) == strip(two.attrs)
+
+
 def test_a_worker_that_cannot_load_the_model_is_one_line_naming_it(pool, tiny_dirs, tmp_path):
     folder = tmp_path / "model"
     shutil.copytree(Path(tiny_dirs["gpt2"]).parent, folder)

@@ -278,3 +278,35 @@ def test_step_iterator_is_the_one_map_of_calls(prefill_calls):
 
 def test_backend_is_a_value():
     assert Backend("local") == resolve_backend(False)
+
+
+def _square_plus(model, context, job):
+    """A work function (module level, as executors need)."""
+    return job * job + context
+
+
+def test_a_run_makes_one_executor_for_all_its_loops_and_closes_it(tiny_models, monkeypatch):
+    """`Run.map` makes the executor on first use and reuses it for later loops (steer's base runs
+    and edits share one Ray cluster); leaving the `with` block closes it."""
+    import codi_nnsight.run.session as session
+    from codi_nnsight.run import LocalExecutor, Run
+
+    made: list = []
+
+    class Counting(LocalExecutor):
+        closed = False
+
+        def close(self) -> None:
+            self.closed = True
+
+    def make(*args, **kwargs):
+        made.append(Counting())
+        return made[-1]
+
+    monkeypatch.setattr(session, "use_executor", make)
+    got: list[tuple[int, int]] = []
+    with Run(tiny_models["gpt2"], False) as run:
+        run.map(_square_plus, 10, [1, 2], lambda n, r: got.append((n, r)))
+        run.map(_square_plus, 0, [3], lambda n, r: got.append((n, r)))
+        assert len(made) == 1 and not made[0].closed
+    assert got == [(0, 11), (1, 14), (0, 9)] and made[0].closed

@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from ..cli_common import (
+    check_workers,
     force_option,
     load_cli_model,
     model_options,
@@ -19,6 +20,7 @@ from ..cli_common import (
     prepare_output,
     remote_option,
     remote_value,
+    workers_options,
 )
 
 __all__ = ["INTERVENTION_COMMANDS", "register", "steer", "thought_graph", "transplant"]
@@ -31,6 +33,7 @@ def register(group: click.Group) -> None:
 
 
 def _common(f: Any) -> Any:
+    f = workers_options(f)
     f = remote_option(f)
     f = click.option(
         "--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Edited runs per trace."
@@ -59,11 +62,18 @@ def _common(f: Any) -> Any:
 
 def _load(opts: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
     """The pairs, the model and the run keywords of the options every command shares (output checked first)."""
+    remote = opts["remote"]
+    check_workers(opts["workers"], opts["ray_address"], remote)
     prepare_output(opts["out"], opts["force"])
     pairs = pairs_or_synthetic(opts["pairs_path"], opts["n_synthetic"], opts["data_seed"], opts["limit"])
-    remote = opts["remote"]
     model = load_cli_model(opts["model_spec"], opts["dtype"], opts["device"], opts["normalization"], remote)
-    run = {"batch_size": opts["batch_size"], "max_new_tokens": opts["max_new_tokens"], "remote": remote_value(remote)}
+    run = {
+        "batch_size": opts["batch_size"],
+        "max_new_tokens": opts["max_new_tokens"],
+        "remote": remote_value(remote),
+        "workers": opts["workers"],
+        "ray_address": opts["ray_address"],
+    }
     return list(pairs), model, run
 
 

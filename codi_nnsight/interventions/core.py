@@ -34,10 +34,11 @@ import torch
 from ..errors import UserError
 from ..model.families import resolve
 from ..model.inference import decode
+from ..model.remote import remote_errors, trace_kwargs
 from ..patching.sites import output_tensor
 from ..patching.trace import cut_to_limits
 
-__all__ = ["EDIT_KINDS", "Edit", "Row", "RowResults", "apply_edits", "run_rows"]
+__all__ = ["EDIT_KINDS", "Edit", "Row", "RowResults", "apply_edits", "rows_batch", "run_rows"]
 
 EDIT_KINDS = ("set", "add", "project")
 
@@ -127,8 +128,17 @@ def _tables(rows: Sequence[Row], offset: int, calls: dict[int, int], device: Any
     return layer_edits, prj_edits
 
 
+def rows_batch(
+    model: Any, context: tuple[list[int], int, bool | str], job: tuple[list[Row], list[int]]
+) -> list[torch.Tensor]:
+    """One batch of `run_rows` (the executors' unit of work; module level, so a Ray worker can run it)."""
+    save_layers, max_new, remote = context
+    rows, base_of = job
+    return _trace(model, remote, rows, base_of, save_layers, max_new)
+
+
 def _trace(
-    model: Any, run: Any, rows: Sequence[Row], base_of: list[int], save_layers: Sequence[int], max_new: int
+    model: Any, remote: bool | str, rows: Sequence[Row], base_of: list[int], save_layers: Sequence[int], max_new: int
 ) -> list[Any]:
     """One trace over base rows + edited rows; returns the saved tensors (see `run_rows`)."""
     sched = model.schedule()
@@ -137,7 +147,7 @@ def _trace(
     feeds = sched.thought_fed_by()  # decoder call -> the thought its last state becomes
     latent_of = sched.latent_of_calls()
     call_of = {k: c for c, k in latent_of.items()}
-    device = None if run.remote or model.device is None else model.device
+    device = None if remote or model.device is None else model.device
     layer_edits, prj_edits = _tables(rows, 0, call_of, device)
     n_cand = max(len(r.candidates) for r in rows)
     width = max((len(c) for r in rows for c in r.candidates), default=1)
@@ -159,7 +169,7 @@ def _trace(
     prj = model.feedback
     edit = apply_edits
     base = torch.tensor(base_of)
-    with run.errors(), model.trace(**inputs, **run.trace_kwargs()) as tracer:
+    with remote_errors(remote), model.trace(**inputs, **trace_kwargs(remote)) as tracer:
         thoughts = []
         saved_states: dict[int, list] = {L: [] for L in keep}
         for call in tracer.iter[calls.start : calls.stop - 1]:
@@ -212,7 +222,8 @@ def run_rows(
     save_layers: Sequence[int] = (),
     max_new_tokens: int | None = None,
 ) -> RowResults:
-    """Run `rows` in batches of at most `batch_size` edited rows (plus their base rows), one trace each."""
+    """Run `rows` in batches of at most `batch_size` edited rows (plus their base rows), one trace
+    each, on the run's executor (`Run.map`: this process or Ray workers)."""
     if isinstance(batch_size, bool) or int(batch_size) < 1:
         raise UserError(f"batch size {batch_size!r}: expected an int >= 1")
     K, n = model.num_latent, len(rows)
@@ -236,35 +247,42 @@ def run_rows(
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, r in enumerate(rows):
         groups.setdefault(tuple(r.suffix), []).append(i)
+    plans, jobs = [], []
     for members in groups.values():
         for s in range(0, len(members), batch_size):
             idx = members[s : s + batch_size]
             questions = list(dict.fromkeys(rows[i].question for i in idx))
             template = rows[idx[0]]
             bases = [Row(q, template.suffix, template.candidates) for q in questions]
-            batch = bases + [rows[i] for i in idx]
             base_of = list(range(len(bases))) + [questions.index(rows[i].question) for i in idx]
-            got = _trace(model, run, batch, base_of, list(save_layers), max_new)
-            kl, cand, gen, t, l2, cos, lkl, top, *states = got
-            nb = len(bases)
-            # Each row's own limit, and its base row cut to the same limit: no text depends on the batch.
-            limits = [limit_of[idx[0]]] * nb + [limit_of[i] for i in idx]
-            ids = gen.numpy()
-            texts = [decode(model, g) for g in cut_to_limits(ids, limits)]
-            answers = [model.method.parse_answer(text) for text in texts]
-            for q, a in zip(questions, answers[:nb]):
-                res.base_answer[q] = np.nan if a is None else float(a)
-            for r, i in enumerate(idx, start=nb):
-                res.answer[i] = np.nan if answers[r] is None else float(answers[r])
-                res.text[i] = texts[r]
-                base_ids = cut_to_limits(ids[base_of[r] : base_of[r] + 1], [limit_of[i]])[0]
-                res.base_text[i] = decode(model, base_ids)
-                res.kl[i] = float(kl[r])
-                nc = len(rows[i].candidates)
-                res.cand_logp[i, :nc] = cand[r, :nc].numpy()
-                res.thoughts[i] = t[r].numpy()
-                res.state_l2[i], res.state_cos[i] = l2[r].numpy(), cos[r].numpy()
-                res.lens_kl[i], res.lens_top_changed[i] = lkl[r].numpy(), top[r].numpy()
-                for L, st in zip(sorted(save_layers), states):
-                    res.states[L][i] = st[r].numpy()
+            plans.append((idx, questions))
+            jobs.append((bases + [rows[i] for i in idx], base_of))
+
+    def keep(n: int, got: list[torch.Tensor]) -> None:
+        idx, questions = plans[n]
+        base_of = jobs[n][1]
+        kl, cand, gen, t, l2, cos, lkl, top, *states = got
+        nb = len(questions)
+        # Each row's own limit, and its base row cut to the same limit: no text depends on the batch.
+        limits = [limit_of[idx[0]]] * nb + [limit_of[i] for i in idx]
+        ids = gen.numpy()
+        texts = [decode(model, g) for g in cut_to_limits(ids, limits)]
+        answers = [model.method.parse_answer(text) for text in texts]
+        for q, a in zip(questions, answers[:nb]):
+            res.base_answer[q] = np.nan if a is None else float(a)
+        for r, i in enumerate(idx, start=nb):
+            res.answer[i] = np.nan if answers[r] is None else float(answers[r])
+            res.text[i] = texts[r]
+            base_ids = cut_to_limits(ids[base_of[r] : base_of[r] + 1], [limit_of[i]])[0]
+            res.base_text[i] = decode(model, base_ids)
+            res.kl[i] = float(kl[r])
+            nc = len(rows[i].candidates)
+            res.cand_logp[i, :nc] = cand[r, :nc].numpy()
+            res.thoughts[i] = t[r].numpy()
+            res.state_l2[i], res.state_cos[i] = l2[r].numpy(), cos[r].numpy()
+            res.lens_kl[i], res.lens_top_changed[i] = lkl[r].numpy(), top[r].numpy()
+            for L, st in zip(sorted(save_layers), states):
+                res.states[L][i] = st[r].numpy()
+
+    run.map(rows_batch, (list(save_layers), max_new, run.remote), jobs, keep)
     return res

@@ -29,7 +29,7 @@ import numpy as np
 import xarray as xr
 
 from ..errors import UserError
-from ..run import Run
+from ..run import Executor, Run
 from .chain import carried_answer
 from .common import attrs, base_runs, check_layers, check_thoughts, gold_table, same, site_state, variable
 from .core import Edit, Row, run_rows
@@ -89,11 +89,14 @@ def steer(
     batch_size: int = 16,
     max_new_tokens: int | None = None,
     remote: bool | str = False,
+    workers: int | Executor | None = None,
+    ray_address: str | None = None,
 ) -> xr.Dataset:
     """Steer each pair's clean question along value-probe, mean-difference and random directions.
 
     Returns a Dataset with dims (pair, direction, scale) and attr
     `codi_nnsight_schema = "codi-nnsight/steer/1"` (variables: docs/interventions.md).
+    `workers` / `ray_address` shard the traces over Ray workers (docs/sharding.md).
     """
     if not len(pairs):
         raise UserError("steer needs at least one pair")
@@ -105,108 +108,117 @@ def steer(
     scales = [float(s) for s in scales]
     if not scales:
         raise UserError("--scales: expected at least one scale")
-    run = Run(model, remote)
-    model.check_fits(list(pairs), extra=model.num_latent + 16 + (max_new_tokens or 32))
-    fit_pairs = pairs if fit_pairs is None else fit_pairs
-    fit_qs = [q for p in fit_pairs for q in (p.clean, p.corrupted)]
-    recipients = [p.clean for p in pairs]
-    layers = [] if L is None else [L]
-    index, base = base_runs(model, run, recipients + fit_qs, layers, batch_size)
-    x = np.stack([site_state(base, index[q.question], k, L) for q in fit_qs])
-    gold_fit, n_fit = gold_table(fit_qs)
-    if j >= max(n_fit, 1) or not np.isfinite(gold_fit[:, j]).any():
-        raise UserError(f"--intermediate {j}: no question of the fitting pairs has a gold value at this step")
-    y = gold_fit[:, j]
-    w, my, mu = ridge_probe(x, y, alpha)
-    vecs, a_b = _directions(directions, n_random, x, y, w, classes, seed)
-    names = list(vecs)
-    unit = np.stack([vecs[n] / np.linalg.norm(vecs[n]) for n in names])
-    rows, where, predicted = [], [], np.full((len(pairs), len(names), len(scales)), np.nan)
-    from ..patching.plan import answer_tokens
+    # A refused target, a weightless local run or workers that cannot run: one line, before any work;
+    # one executor (one Ray cluster with workers) for every loop of the command.
+    with Run(model, remote, workers=workers, ray_address=ray_address) as run:
+        model.check_fits(list(pairs), extra=model.num_latent + 16 + (max_new_tokens or 32))
+        fit_pairs = pairs if fit_pairs is None else fit_pairs
+        fit_qs = [q for p in fit_pairs for q in (p.clean, p.corrupted)]
+        recipients = [p.clean for p in pairs]
+        layers = [] if L is None else [L]
+        index, base = base_runs(model, run, recipients + fit_qs, layers, batch_size)
+        x = np.stack([site_state(base, index[q.question], k, L) for q in fit_qs])
+        gold_fit, n_fit = gold_table(fit_qs)
+        if j >= n_fit or not np.isfinite(gold_fit[:, j]).any():  # pairs without chains: none at all
+            raise UserError(f"--intermediate {j}: no question of the fitting pairs has a gold value at this step")
+        y = gold_fit[:, j]
+        w, my, mu = ridge_probe(x, y, alpha)
+        vecs, a_b = _directions(directions, n_random, x, y, w, classes, seed)
+        names = list(vecs)
+        unit = np.stack([vecs[n] / np.linalg.norm(vecs[n]) for n in names])
+        rows, where, predicted = [], [], np.full((len(pairs), len(names), len(scales)), np.nan)
+        from ..patching.plan import answer_tokens
 
-    for i, a in enumerate(recipients):
-        h = site_state(base, index[a.question], k, L)
-        for di, v in enumerate(unit):
-            for si, s in enumerate(scales):
-                if project:
-                    edit, h2 = Edit(k, "project", v, L, share=s), h - s * float(h @ v) * v
-                else:
-                    edit, h2 = Edit(k, "add", s * v, L), h + s * float(np.linalg.norm(h)) * v
-                value = float(np.round(w @ (h2 - mu) + my))
-                predicted[i, di, si] = carried_answer(a, j, value)
-                target = predicted[i, di, si] if np.isfinite(predicted[i, di, si]) else a.answer
-                toks = _tokens(answer_tokens, model, a.answer, target)
-                rows.append(Row(a.question, tuple(toks.suffix), [toks.clean, toks.corrupted], [edit]))
-                where.append((i, di, si))
-    got = run_rows(model, run, rows, batch_size, max_new_tokens=max_new_tokens)
-    shape = predicted.shape
-    answer, kl, lp_a, lp_p, changed = (np.full(shape, np.nan) for _ in range(5))
-    text_changed = got.changed()
-    for r, idx in enumerate(where):
-        changed[idx] = text_changed[r]
-        answer[idx], kl[idx], lp_a[idx] = got.answer[r], got.kl[r], got.cand_logp[r, 0]
-        lp_p[idx] = got.cand_logp[r, 1] if np.isfinite(predicted[idx]) else np.nan
-    base_a = np.array([base.answer[index[a.question]] for a in recipients])
-    true_a = np.array([float(a.answer) for a in recipients])
-    moved = np.where(same(predicted, true_a[:, None, None]) == 0, predicted, np.nan)
-    dims = ("pair", "direction", "scale")
-    gold_r, _ = gold_table(recipients)
-    data = {
-        "answer": variable(dims, answer, "answer decoded after steering", "answer value"),
-        "answer_changed": variable(dims, changed, "the decoded answer text differs from the unedited one", "share"),
-        "follows_predicted": variable(
-            dims,
-            same(answer, moved),
-            "the answer is the chain's answer with the value the steered state reads as "
-            "(NaN where that is the question's own answer)",
-            "share",
-        ),
-        "predicted_answer": variable(
-            dims, predicted, "the chain's answer with the value probe's reading of the steered state", "answer value"
-        ),
-        "kl": variable(dims, kl, "KL(steered || unedited) at the answer position", "nats"),
-        "logp_answer": variable(dims, lp_a, "log-probability of the question's true answer", "nats"),
-        "logp_predicted_answer": variable(dims, lp_p, "log-probability of the predicted answer", "nats"),
-        "direction_vector": variable(("direction", "hidden"), unit, "unit direction v", "state units"),
-        "probe_alignment": variable(
-            ("direction",), unit @ (w / np.linalg.norm(w)), "cosine of v with the value probe's weights", "cosine"
-        ),
-        "gold_value": variable(
-            ("pair",),
-            gold_r[:, j] if gold_r.shape[1] > j else np.full(len(pairs), np.nan),
-            "gold value at the steered intermediate",
-            "value",
-        ),
-        "base_answer": variable(("pair",), base_a, "unedited decoded answer", "answer value"),
-        "true_answer": variable(("pair",), true_a, "the question's true answer", "answer value"),
-    }
-    coords = {
-        "pair": np.array([int(p.pair_id) for p in pairs], dtype=np.int64),
-        "direction": np.array(names, dtype=object),
-        "scale": (
-            "scale",
-            np.array(scales, dtype=np.float64),
-            {"long_name": "share of the component along v removed" if project else "λ, in units of the state's norm"},
-        ),
-    }
-    meta = attrs(
-        model,
-        pairs,
-        SCHEMA,
-        run,
-        L,
-        thought=k,
-        intermediate=j,
-        operation="project" if project else "add",
-        probe_alpha=float(alpha),
-        probe_site_from=str(probe)
-        if probe is not None and not isinstance(probe, xr.Dataset)
-        else ("probe Dataset" if probe is not None else ""),
-        mean_diff_classes="" if a_b is None else f"{a_b[0]:g},{a_b[1]:g}",
-        seed=int(seed),
-        n_fit_questions=len(fit_qs),
-    )
-    return xr.Dataset(data, coords=coords, attrs=meta)
+        for i, a in enumerate(recipients):
+            h = site_state(base, index[a.question], k, L)
+            for di, v in enumerate(unit):
+                for si, s in enumerate(scales):
+                    if project:
+                        edit, h2 = Edit(k, "project", v, L, share=s), h - s * float(h @ v) * v
+                    else:
+                        edit, h2 = Edit(k, "add", s * v, L), h + s * float(np.linalg.norm(h)) * v
+                    value = float(np.round(w @ (h2 - mu) + my))
+                    predicted[i, di, si] = carried_answer(a, j, value)
+                    target = predicted[i, di, si] if np.isfinite(predicted[i, di, si]) else a.answer
+                    toks = _tokens(answer_tokens, model, a.answer, target)
+                    rows.append(Row(a.question, tuple(toks.suffix), [toks.clean, toks.corrupted], [edit]))
+                    where.append((i, di, si))
+        got = run_rows(model, run, rows, batch_size, max_new_tokens=max_new_tokens)
+        shape = predicted.shape
+        answer, kl, lp_a, lp_p, changed = (np.full(shape, np.nan) for _ in range(5))
+        text_changed = got.changed()
+        for r, idx in enumerate(where):
+            changed[idx] = text_changed[r]
+            answer[idx], kl[idx], lp_a[idx] = got.answer[r], got.kl[r], got.cand_logp[r, 0]
+            lp_p[idx] = got.cand_logp[r, 1] if np.isfinite(predicted[idx]) else np.nan
+        base_a = np.array([base.answer[index[a.question]] for a in recipients])
+        true_a = np.array([float(a.answer) for a in recipients])
+        moved = np.where(same(predicted, true_a[:, None, None]) == 0, predicted, np.nan)
+        dims = ("pair", "direction", "scale")
+        gold_r, _ = gold_table(recipients)
+        data = {
+            "answer": variable(dims, answer, "answer decoded after steering", "answer value"),
+            "answer_changed": variable(dims, changed, "the decoded answer text differs from the unedited one", "share"),
+            "follows_predicted": variable(
+                dims,
+                same(answer, moved),
+                "the answer is the chain's answer with the value the steered state reads as "
+                "(NaN where that is the question's own answer)",
+                "share",
+            ),
+            "predicted_answer": variable(
+                dims,
+                predicted,
+                "the chain's answer with the value probe's reading of the steered state",
+                "answer value",
+            ),
+            "kl": variable(dims, kl, "KL(steered || unedited) at the answer position", "nats"),
+            "logp_answer": variable(dims, lp_a, "log-probability of the question's true answer", "nats"),
+            "logp_predicted_answer": variable(dims, lp_p, "log-probability of the predicted answer", "nats"),
+            "direction_vector": variable(("direction", "hidden"), unit, "unit direction v", "state units"),
+            "probe_alignment": variable(
+                ("direction",), unit @ (w / np.linalg.norm(w)), "cosine of v with the value probe's weights", "cosine"
+            ),
+            "gold_value": variable(
+                ("pair",),
+                gold_r[:, j] if gold_r.shape[1] > j else np.full(len(pairs), np.nan),
+                "gold value at the steered intermediate",
+                "value",
+            ),
+            "base_answer": variable(("pair",), base_a, "unedited decoded answer", "answer value"),
+            "true_answer": variable(("pair",), true_a, "the question's true answer", "answer value"),
+        }
+        coords = {
+            "pair": np.array([int(p.pair_id) for p in pairs], dtype=np.int64),
+            "direction": np.array(names, dtype=object),
+            "scale": (
+                "scale",
+                np.array(scales, dtype=np.float64),
+                {
+                    "long_name": "share of the component along v removed"
+                    if project
+                    else "λ, in units of the state's norm"
+                },
+            ),
+        }
+        meta = attrs(
+            model,
+            pairs,
+            SCHEMA,
+            run,
+            L,
+            thought=k,
+            intermediate=j,
+            operation="project" if project else "add",
+            probe_alpha=float(alpha),
+            probe_site_from=str(probe)
+            if probe is not None and not isinstance(probe, xr.Dataset)
+            else ("probe Dataset" if probe is not None else ""),
+            mean_diff_classes="" if a_b is None else f"{a_b[0]:g},{a_b[1]:g}",
+            seed=int(seed),
+            n_fit_questions=len(fit_qs),
+        )
+        return xr.Dataset(data, coords=coords, attrs=meta)
 
 
 def _tokens(answer_tokens: Any, model: Any, a: float, b: float) -> Any:

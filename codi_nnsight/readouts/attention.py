@@ -25,7 +25,7 @@ import torch
 import xarray as xr
 
 from ..errors import UserError
-from ..run import Run
+from ..run import Executor, Run
 from .common import (
     QuestionInfo,
     ReadoutBatch,
@@ -49,7 +49,7 @@ REGION_DOCS = {
     "suffix": "[eot] and answer-prompt tokens before the answer position (answer step only)",
 }
 
-__all__ = ["REGIONS", "SCHEMA", "attention_readout", "region_masks", "top_question_tokens"]
+__all__ = ["REGIONS", "SCHEMA", "attention_batch", "attention_readout", "region_masks", "top_question_tokens"]
 
 
 def region_masks(infos: Sequence[QuestionInfo], width: int, num_latent: int, suffix_len: int) -> torch.Tensor:
@@ -114,16 +114,34 @@ def _run_attention(
     return [torch.as_tensor(x).numpy() for x in saved]
 
 
+def attention_batch(model: Any, context: bool | str, job: tuple[ReadoutBatch, tuple[torch.Tensor, ...]]) -> list[Any]:
+    """One batch of `attention_readout` (the executors' unit of work; module level, so a Ray worker can run it)."""
+    batch, (masks, qidx, qvalid) = job
+    return _run_attention(model, batch, masks, qidx, qvalid, context)
+
+
 def attention_readout(
-    model: Any, pairs: Sequence[Any], batch_size: int = 16, top: int = 5, remote: bool | str = False
+    model: Any,
+    pairs: Sequence[Any],
+    batch_size: int = 16,
+    top: int = 5,
+    remote: bool | str = False,
+    workers: int | Executor | None = None,
+    ray_address: str | None = None,
 ) -> xr.Dataset:
     """Attention masses and question-token weights at every step, layer and head (docs/readouts.md).
 
     Returns a Dataset with dims (pair, variant, step, layer, head[, region | token]) and attr
     `codi_nnsight_schema = "codi-nnsight/attention/1"`; `top` question tokens per step (averaged
-    over layers and heads) are stored as `top_token_*`.
+    over layers and heads) are stored as `top_token_*`. `workers` / `ray_address` shard the
+    batches over Ray workers (docs/sharding.md).
     """
-    run = Run(model, remote)  # a refused target or a weightless local run: one line, before any work
+    # A refused target, a weightless local run or workers that cannot run: one line, before any work.
+    with Run(model, remote, workers=workers, ray_address=ray_address) as run:
+        return _attention_readout(model, pairs, batch_size, top, run)
+
+
+def _attention_readout(model: Any, pairs: Sequence[Any], batch_size: int, top: int, run: Run) -> xr.Dataset:
     if model.codi.lm.config._attn_implementation != "codi_eager":
         raise UserError(
             f"attention readout needs the package's codi_eager attention; model {model.name} uses "
@@ -138,14 +156,20 @@ def attention_readout(
     mass = np.zeros((q, K + 2, n_layers, n_heads, len(REGIONS)))
     total = np.zeros((q, K + 2, n_layers, n_heads))
     per_token = np.full((q, K + 2, n_layers, n_heads, n_tok), np.nan)
+    jobs = []
     for batch in batches(model, infos, batch_size):
         members = [infos[j] for j in batch.index]
         masks = region_masks(members, batch.width, K, len(members[0].suffix))
         pos = [[batch.width - len(i.ids) + p for p in i.text_positions] for i in members]
         qidx = torch.as_tensor(padded(pos, n_tok, fill=0, dtype=np.int64))
         qvalid = torch.as_tensor(padded([[1] * len(p) for p in pos], n_tok, fill=0, dtype=np.int64)) > 0
-        got = _run_attention(model, batch, masks, qidx, qvalid, run.remote)
-        mass[batch.index], total[batch.index], per_token[batch.index] = got
+        jobs.append((batch, (masks, qidx, qvalid)))
+
+    def keep(n: int, got: list[np.ndarray]) -> None:
+        index = jobs[n][0].index
+        mass[index], total[index], per_token[index] = got
+
+    run.map(attention_batch, run.remote, jobs, keep)
     n = len(pairs)
     mass, total, per_token = (to_pair_variant(a, infos, n) for a in (mass, total, per_token))
     dims = ("pair", "variant", "step", "layer", "head")

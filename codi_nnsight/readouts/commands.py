@@ -13,6 +13,7 @@ import click
 
 from ..cli_common import (
     check_pairs_source,
+    check_workers,
     force_option,
     load_cli_model,
     load_cli_pairs,
@@ -22,6 +23,7 @@ from ..cli_common import (
     prepare_output,
     remote_option,
     remote_value,
+    workers_options,
 )
 
 __all__ = ["READOUT_COMMANDS", "attention", "lens", "probe", "register", "tuned_lens"]
@@ -46,6 +48,7 @@ def _pairs_options(f: Any) -> Any:
 
 
 def _common(f: Any) -> Any:
+    f = workers_options(f)
     f = remote_option(f)
     f = click.option(
         "--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Questions per trace."
@@ -68,13 +71,27 @@ def _common(f: Any) -> Any:
 )
 @_common
 def lens(
-    model_spec, dtype, device, normalization, pairs_path, limit, out, top_k, tuned_path, force, batch_size, remote
+    model_spec,
+    dtype,
+    device,
+    normalization,
+    pairs_path,
+    limit,
+    out,
+    top_k,
+    tuned_path,
+    force,
+    batch_size,
+    remote,
+    workers,
+    ray_address,
 ) -> None:
     """Logit lens (or tuned lens) at [bot], every latent step and the answer position, for every layer."""
     from ..analysis.readouts import readout_summary
     from .common import write_dataset
     from .lens import logit_lens
 
+    check_workers(workers, ray_address, remote)
     prepare_output(out, force)
     pairs = load_cli_pairs(pairs_path, limit)
     model = load_cli_model(model_spec, dtype, device, normalization, remote)
@@ -83,7 +100,16 @@ def lens(
         from .tuned import load_tuned_lens
 
         tuned = load_tuned_lens(tuned_path, model)
-    ds = logit_lens(model, pairs, top_k=top_k, batch_size=batch_size, remote=remote_value(remote), tuned=tuned)
+    ds = logit_lens(
+        model,
+        pairs,
+        top_k=top_k,
+        batch_size=batch_size,
+        remote=remote_value(remote),
+        tuned=tuned,
+        workers=workers,
+        ray_address=ray_address,
+    )
     write_dataset(ds, out)
     kind = "tuned lens" if tuned is not None else "logit lens"
     click.echo(f"wrote {out}: {kind} of {2 * len(pairs)} questions\n{readout_summary(ds)}")
@@ -101,16 +127,39 @@ def lens(
     help="Top question tokens kept per step (averaged over layers and heads).",
 )
 @_common
-def attention(model_spec, dtype, device, normalization, pairs_path, limit, out, top, force, batch_size, remote) -> None:
+def attention(
+    model_spec,
+    dtype,
+    device,
+    normalization,
+    pairs_path,
+    limit,
+    out,
+    top,
+    force,
+    batch_size,
+    remote,
+    workers,
+    ray_address,
+) -> None:
     """Attention of every step on question, [bot], earlier latents and itself, per layer and head."""
     from ..analysis.readouts import readout_summary
     from .attention import attention_readout
     from .common import write_dataset
 
+    check_workers(workers, ray_address, remote)
     prepare_output(out, force)
     pairs = load_cli_pairs(pairs_path, limit)
     model = load_cli_model(model_spec, dtype, device, normalization, remote)
-    ds = attention_readout(model, pairs, batch_size=batch_size, top=top, remote=remote_value(remote))
+    ds = attention_readout(
+        model,
+        pairs,
+        batch_size=batch_size,
+        top=top,
+        remote=remote_value(remote),
+        workers=workers,
+        ray_address=ray_address,
+    )
     write_dataset(ds, out)
     click.echo(f"wrote {out}: attention of {2 * len(pairs)} questions\n{readout_summary(ds)}")
 
@@ -155,6 +204,8 @@ def probe(
     force,
     batch_size,
     remote,
+    workers,
+    ray_address,
 ) -> None:
     """Linear probes for every gold intermediate value at every step and layer, with a control task."""
     from ..analysis.readouts import readout_summary
@@ -163,6 +214,7 @@ def probe(
     from .probe import probe as run_probe
 
     check_pairs_source(pairs_path, n_synthetic)
+    check_workers(workers, ray_address, remote)
     seed_list = number_list(seeds, "--seeds", int)
     prepare_output(out, force)
     pairs = pairs_or_synthetic(pairs_path, n_synthetic, data_seed, limit)
@@ -177,6 +229,8 @@ def probe(
         l2=l2,
         batch_size=batch_size,
         remote=remote_value(remote),
+        workers=workers,
+        ray_address=ray_address,
     )
     write_dataset(ds, out)
     click.echo(f"wrote {out}: probes on {2 * len(pairs)} questions\n{readout_summary(ds)}")
@@ -237,11 +291,14 @@ def tuned_lens_train(
     force,
     batch_size,
     remote,
+    workers,
+    ray_address,
 ) -> None:
     """Train a tuned lens on the model's latent-position states; print the held-out KL per layer."""
     from .tuned import kl_table, save_tuned_lens, train_tuned_lens
 
     check_pairs_source(pairs_path, n_synthetic)
+    check_workers(workers, ray_address, remote)
     prepare_output(out, force, folder=True)
     pairs = pairs_or_synthetic(pairs_path, n_synthetic, data_seed, limit, default_n=500)
     if remote_value(remote) not in (False, "local"):
@@ -263,6 +320,8 @@ def tuned_lens_train(
         remote=remote_value(remote),
         positions=positions,
         progress=sys.stderr.isatty(),  # a bar with a time estimate: training takes minutes
+        workers=workers,
+        ray_address=ray_address,
     )
     save_tuned_lens(got, out, force=True)  # `prepare_output` refused an existing folder without --force
     n_test = got.meta["n_heldout_questions"]

@@ -29,7 +29,7 @@ import xarray as xr
 from ..errors import UserError
 from ..model.families import resolve
 from ..model.remote import remote_errors, trace_kwargs
-from ..run import Run
+from ..run import Executor, Run
 from .common import (
     ReadoutBatch,
     base_coords,
@@ -43,7 +43,7 @@ from .common import (
 
 SCHEMA = "codi-nnsight/lens/1"
 
-__all__ = ["SCHEMA", "lens_stats", "logit_lens"]
+__all__ = ["SCHEMA", "lens_batch", "lens_stats", "logit_lens"]
 
 
 def lens_stats(logits: torch.Tensor, targets: torch.Tensor, top_k: int) -> list[torch.Tensor]:
@@ -119,6 +119,15 @@ def _run_lens(
     return arrays[:4], arrays[4:]
 
 
+def lens_batch(
+    model: Any, context: tuple[int, bool | str, Any], job: tuple[ReadoutBatch, torch.Tensor]
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """One batch of `logit_lens` (the executors' unit of work; module level, so a Ray worker can run it)."""
+    top_k, remote, tuned = context
+    batch, targets = job
+    return _run_lens(model, batch, targets, top_k, remote, tuned)
+
+
 def logit_lens(
     model: Any,
     pairs: Sequence[Any],
@@ -126,15 +135,24 @@ def logit_lens(
     batch_size: int = 16,
     remote: bool | str = False,
     tuned: Any = None,
+    workers: int | Executor | None = None,
+    ray_address: str | None = None,
 ) -> xr.Dataset:
     """Logit lens of every question of `pairs` at every step and layer (layout: docs/readouts.md).
 
     Returns a Dataset with dims `(pair, variant, step, layer[, k][, intermediate])` and attr
     `codi_nnsight_schema = "codi-nnsight/lens/1"`. `remote` is False, "local", True (NDIF) or a URL.
     `tuned`: a `readouts.tuned.TunedLens` for this model (refused otherwise): block outputs are
-    translated before decoding (attr `lens = "tuned"`; `"logit"` without).
+    translated before decoding (attr `lens = "tuned"`; `"logit"` without). `workers` /
+    `ray_address` shard the batches over Ray workers (docs/sharding.md; the same numbers as one
+    process on one thread).
     """
-    run = Run(model, remote)  # a refused target or a weightless local run: one line, before any work
+    # A refused target, a weightless local run or workers that cannot run: one line, before any work.
+    with Run(model, remote, workers=workers, ray_address=ray_address) as run:
+        return _logit_lens(model, pairs, top_k, batch_size, run, tuned)
+
+
+def _logit_lens(model: Any, pairs: Sequence[Any], top_k: int, batch_size: int, run: Run, tuned: Any) -> xr.Dataset:
     if tuned is not None:
         tuned.check_model(model)
     infos = question_infos(model, pairs)
@@ -157,20 +175,19 @@ def logit_lens(
         np.full((q, n_steps, 1 + n_gold), np.nan),
         np.full((q, n_steps, 1 + n_gold), np.nan),
     ]
+    jobs = []
     for batch in batches(model, infos, batch_size):
-        targets = torch.as_tensor(
-            padded(
-                [[infos[j].answer_token, *infos[j].gold_tokens] for j in batch.index],
-                1 + n_gold,
-                fill=-1,
-                dtype=np.int64,
-            )
-        )
-        got_block, got_prj = _run_lens(model, batch, targets, top_k, run.remote, tuned)
-        for store, got in zip(block, got_block):
-            store[batch.index] = got
-        for store, got in zip(proj, got_prj):
-            store[batch.index, : K + 1] = got
+        rows = [[infos[j].answer_token, *infos[j].gold_tokens] for j in batch.index]
+        jobs.append((batch, torch.as_tensor(padded(rows, 1 + n_gold, fill=-1, dtype=np.int64))))
+
+    def keep(n: int, got: tuple[list[np.ndarray], list[np.ndarray]]) -> None:
+        index = jobs[n][0].index
+        for store, part in zip(block, got[0]):
+            store[index] = part
+        for store, part in zip(proj, got[1]):
+            store[index, : K + 1] = part
+
+    run.map(lens_batch, (top_k, run.remote, tuned), jobs, keep)
     n = len(pairs)
     pv = [to_pair_variant(a, infos, n) for a in block]
     pj = [to_pair_variant(a, infos, n) for a in proj]

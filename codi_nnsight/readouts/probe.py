@@ -27,12 +27,12 @@ import torch
 import xarray as xr
 
 from ..errors import UserError
-from ..run import Run
+from ..run import Executor, Run
 from .common import ReadoutBatch, base_coords, batches, provenance, question_infos, step_labels
 
 SCHEMA = "codi-nnsight/probe/1"
 
-__all__ = ["SCHEMA", "collect_states", "fit_logistic", "probe", "probe_states", "probe_targets"]
+__all__ = ["SCHEMA", "collect_states", "fit_logistic", "probe", "probe_states", "probe_targets", "states_batch"]
 
 
 def _run_states(model: Any, batch: ReadoutBatch, layers: list[int], remote: bool | str) -> np.ndarray:
@@ -60,19 +60,43 @@ def collect_states(
     pairs: Sequence[Any],
     layers: Sequence[int] | None = None,
     batch_size: int = 16,
-    remote: bool | str = False,
+    remote: bool | str | Run = False,
+    workers: int | Executor | None = None,
+    ray_address: str | None = None,
 ) -> tuple[np.ndarray, list[Any]]:
-    """Block outputs (questions, steps, layers, d) of every question of `pairs`, and the question infos."""
+    """Block outputs (questions, steps, layers, d) of every question of `pairs`, and the question infos.
+
+    `remote` may be the caller's `Run` (its backend and executor are used); `workers` /
+    `ray_address` shard the batches over Ray workers otherwise (docs/sharding.md).
+    """
+    if isinstance(remote, Run):
+        return _collect_states(model, pairs, layers, batch_size, remote)
+    with Run(model, remote, workers=workers, ray_address=ray_address) as run:
+        return _collect_states(model, pairs, layers, batch_size, run)
+
+
+def states_batch(model: Any, context: tuple[list[int], bool | str], job: ReadoutBatch) -> np.ndarray:
+    """One batch of `collect_states` (the executors' unit of work; module level, so a Ray worker can run it)."""
+    layers, remote = context
+    return _run_states(model, job, layers, remote)
+
+
+def _collect_states(
+    model: Any, pairs: Sequence[Any], layers: Sequence[int] | None, batch_size: int, run: Run
+) -> tuple[np.ndarray, list[Any]]:
     infos = question_infos(model, pairs)
     layers = list(range(model.n_layers)) if layers is None else list(layers)
-    out: np.ndarray | None = None
-    for batch in batches(model, infos, batch_size):
-        got = _run_states(model, batch, layers, remote)
-        if out is None:
-            out = np.zeros((len(infos),) + got.shape[1:], dtype=got.dtype)
-        out[batch.index] = got
-    assert out is not None
-    return out, infos
+    jobs = list(batches(model, infos, batch_size))
+    out: list[np.ndarray] = []
+
+    def keep(n: int, got: np.ndarray) -> None:
+        if not out:
+            out.append(np.zeros((len(infos),) + got.shape[1:], dtype=got.dtype))
+        out[0][jobs[n].index] = got
+
+    run.map(states_batch, (layers, run.remote), jobs, keep)
+    assert out
+    return out[0], infos
 
 
 def probe_targets(infos: Sequence[Any]) -> tuple[list[str], np.ndarray]:
@@ -238,11 +262,14 @@ def probe(
     l2: float = 1e-3,
     batch_size: int = 16,
     remote: bool | str = False,
+    workers: int | Executor | None = None,
+    ray_address: str | None = None,
 ) -> xr.Dataset:
     """Linear probes for the gold intermediates at every step × layer (layout: docs/readouts.md).
 
     Returns a Dataset with dims (step, layer, target[, seed]) and attr
-    `codi_nnsight_schema = "codi-nnsight/probe/1"`.
+    `codi_nnsight_schema = "codi-nnsight/probe/1"`. `workers` / `ray_address` shard collecting
+    the states over Ray workers (docs/sharding.md); the probes are fitted here.
     """
     if not 0 < test_fraction < 1:
         raise UserError(f"test fraction {test_fraction}: expected a number between 0 and 1")
@@ -250,14 +277,16 @@ def probe(
         raise UserError(f"probing needs at least 2 pairs (a training and a test side); got {len(pairs)}")
     if not seeds:
         raise UserError("probing needs at least one seed")
-    run = Run(model, remote)  # a refused target or a weightless local run: one line, before any work
+    # A refused target, a weightless local run or workers that cannot run: one line, before any work.
+    run = Run(model, remote, workers=workers, ray_address=ray_address)
     bad = [L for L in (layers or []) if isinstance(L, bool) or not isinstance(L, (int, np.integer))]
     bad += [L for L in (layers or []) if L not in bad and not 0 <= int(L) < model.n_layers]
     if bad:
         raise UserError(
             f"--layers: layer {bad[0]!r} out of range (model has {model.n_layers} layers, 0-{model.n_layers - 1})"
         )
-    states, infos = collect_states(model, pairs, layers, batch_size, run.remote)
+    with run:
+        states, infos = collect_states(model, pairs, layers, batch_size, run)
     names, labels = probe_targets(infos)
     thin = too_few_per_class(names, labels)
     groups = np.array([i.pair_index for i in infos])

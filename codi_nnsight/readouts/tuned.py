@@ -323,6 +323,8 @@ def train_tuned_lens(
     train_batch: int = 4096,
     positions: str = "latent",
     progress: bool = False,
+    workers: int | None = None,
+    ray_address: str | None = None,
 ) -> TunedLens:
     """Train a tuned lens on the latent positions of every question of `pairs` (see the module docstring).
 
@@ -333,7 +335,8 @@ def train_tuned_lens(
     `remote` only affects collecting the states (the weights of the final norm and LM head must be
     here). `progress` shows a bar with a time estimate. `positions="all"` also trains (and reports
     `train_kl` / `heldout_kl`) on `bot` and the answer position. The same inputs and seed give the
-    same translators.
+    same translators. `workers` / `ray_address` shard collecting the states over Ray workers
+    (docs/sharding.md); the translators are fitted here.
     """
     from .common import step_labels
     from .probe import collect_states
@@ -347,7 +350,9 @@ def train_tuned_lens(
     dtype = torch.float64 if model.dtype == torch.float64 else torch.float32
     norm, head = _decoder_readout(model, dtype)
     test_pairs = _split_pairs(len(pairs), held_out, seed)
-    states, infos = collect_states(model, pairs, batch_size=batch_size, remote=remote)
+    states, infos = collect_states(
+        model, pairs, batch_size=batch_size, remote=remote, workers=workers, ray_address=ray_address
+    )
     K, n_layers = model.num_latent, model.n_layers
     test_q = np.array([test_pairs[i.pair_index] for i in infos])
     x = torch.as_tensor(states)  # (questions, K + 2 steps, layers, d)

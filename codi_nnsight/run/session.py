@@ -9,6 +9,11 @@ one `Run` for its model and `remote=` value and asks it, rather than re-deriving
     ds.attrs.update(run.provenance())          # what really computed the numbers (server probed once)
     run.write(ds, "out.nc")                    # the one atomic writer
 
+A command that loops over batches hands the loop to the run (`Run.map`), which runs it on the
+run's executor — this process, or Ray workers with `workers=` / `ray_address=` — made on first
+use and kept for every later loop of the command (one Ray cluster per command, however many
+loops it has); `with Run(...) as run:` releases it.
+
 The provenance is probed where the numbers are computed: on a server, its dtype, device, weights
 fingerprint, checkpoint hash and library versions, with a server holding other weights than the
 client's checkpoint refused before any work (`ServerModelMismatch`).
@@ -31,6 +36,7 @@ import xarray as xr
 from ..errors import UserError
 from ..model.remote import scrub
 from .backend import Backend, resolve_backend
+from .executors import Executor, OnResult, WorkFn, check_executor, use_executor
 from .writer import clean_attrs, write_results
 
 #: Libraries whose versions decide the numbers (recorded in every results file).
@@ -73,13 +79,24 @@ class Run:
         model: a `CODIModel` (loaded with weights, or `remote_only` for a server backend).
         remote: nnsight's `remote=` value or a `Backend`.
         command: the command line to record (default: this process's argv), credentials scrubbed.
+        workers: where `map` runs the batches: None or 1, this process; N > 1, N Ray workers; or
+            an `Executor` the caller owns (used, never closed here).
+        ray_address: an existing Ray cluster for the workers (`--ray-address`).
 
     Raises:
-        UserError: a refused target (checked here, before any work), or a local backend for a
+        UserError: a refused target, or `workers` / `ray_address` that cannot run (Ray missing,
+            a remote backend) — both checked here, before any work — or a local backend for a
             model that has no local weights.
     """
 
-    def __init__(self, model: Any, remote: bool | str | Backend | None = False, command: str | None = None) -> None:
+    def __init__(
+        self,
+        model: Any,
+        remote: bool | str | Backend | None = False,
+        command: str | None = None,
+        workers: int | Executor | None = None,
+        ray_address: str | None = None,
+    ) -> None:
         self.model = model
         self.backend = resolve_backend(remote)
         self.backend.check()
@@ -88,9 +105,38 @@ class Run:
                 f"{model.name} was loaded for remote runs only (remote_only=True): it has no weights here, "
                 f"so it cannot run {'locally' if self.backend.kind == 'local' else 'with remote=local'}"
             )
+        if not isinstance(workers, Executor):
+            check_executor(workers, ray_address, self.backend)
+        self.workers, self.ray_address = workers, ray_address
+        self._executor: Executor | None = None
         self.command = recorded_command(command)
         self.start_time = now()
         self._provenance: dict[str, Any] | None = None
+
+    # -- where the batches run ----------------------------------------------------------------------
+    def map(self, work: WorkFn, context: Any, jobs: Any, on_result: OnResult) -> None:
+        """Run `work(model, context, job)` for every job on this run's executor; `on_result(index,
+        result)` runs here as each finishes (completion order on workers: store by index).
+
+        `work` must be a module-level function (a worker imports it by name) and must not depend
+        on where it runs: on a worker, `model` is the worker's own copy, loaded from this model's
+        spec. The executor is made on the first call and reused by later ones.
+        """
+        if self._executor is None:
+            self._executor = use_executor(self.workers, self.ray_address, self.backend)
+        self._executor.map(self.model, work, context, list(jobs), on_result)
+
+    def close(self) -> None:
+        """Release the executor (a local Ray cluster started for this run stops); idempotent."""
+        if self._executor is not None:
+            executor, self._executor = self._executor, None
+            executor.close()
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     # -- the trace call ---------------------------------------------------------------------------
     @property
