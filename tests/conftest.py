@@ -45,3 +45,51 @@ def references(tiny_dirs):
     from reference import ReferenceCODI
 
     return {f: ReferenceCODI(p) for f, p in tiny_dirs.items()}
+
+
+#: Tutorials executed offline on the bundled toy models (05 needs the Hugging Face Hub).
+EXECUTED_TUTORIALS = (
+    "01_where_does_the_model_reason.ipynb",
+    "02_what_does_each_thought_hold.ipynb",
+    "03_heads_routes_ablations_attribution.ipynb",
+    "04_your_own_traces.ipynb",
+    "06_interventions_on_thoughts.ipynb",
+)
+#: Wall-clock budget of one notebook's cells (kernel start not included); each takes 10-60 s here.
+NOTEBOOK_TIMEOUT_S = 240
+
+
+@pytest.fixture(scope="session")
+def executed_tutorial(tmp_path_factory):
+    """`executed_tutorial(name)` -> (the notebook executed by nbclient, the files it left in its
+    working folder). Each notebook runs once per session: the tutorial tests and the docs build
+    (which renders these outputs) share the execution, about three CPU-minutes."""
+    import time
+    from pathlib import Path
+
+    nbformat = pytest.importorskip("nbformat", reason="executing the tutorials needs nbformat (pip install -e .[test])")
+    nbclient = pytest.importorskip("nbclient", reason="executing the tutorials needs nbclient (pip install -e .[test])")
+    pytest.importorskip("ipykernel", reason="executing the tutorials needs ipykernel (pip install -e .[test])")
+    folder = Path(__file__).resolve().parent.parent / "docs" / "tutorials"
+    done: dict[str, tuple] = {}
+
+    def run(name: str):
+        if name not in done:
+            nb = nbformat.read(folder / name, as_version=4)
+            cwd = tmp_path_factory.mktemp(Path(name).stem)
+            deadline: list[float] = []
+
+            def remaining(cell: object) -> int:
+                """Each cell gets what is left of the notebook's budget."""
+                if not deadline:
+                    deadline.append(time.monotonic() + NOTEBOOK_TIMEOUT_S)
+                return max(1, int(deadline[0] - time.monotonic()))
+
+            client = nbclient.NotebookClient(
+                nb, kernel_name="python3", timeout_func=remaining, resources={"metadata": {"path": str(cwd)}}
+            )
+            client.execute()  # raises CellExecutionError (with the cell and traceback) on any error
+            done[name] = (nb, sorted(p.name for p in cwd.iterdir()))
+        return done[name]
+
+    return run

@@ -12,24 +12,16 @@ import ast
 import importlib
 import importlib.util
 import json
-import time
 from pathlib import Path
 
 import pytest
+from conftest import EXECUTED_TUTORIALS
 
 TUTORIALS = Path(__file__).resolve().parent.parent / "docs" / "tutorials"
-EXECUTED = [
-    "01_where_does_the_model_reason.ipynb",
-    "02_what_does_each_thought_hold.ipynb",
-    "03_heads_routes_ablations_attribution.ipynb",
-    "04_your_own_traces.ipynb",
-    "06_interventions_on_thoughts.ipynb",
-]
+EXECUTED = list(EXECUTED_TUTORIALS)
 NOT_EXECUTED = ["05_real_checkpoints.ipynb"]
 #: The modules a tutorial may use: the package's public API (a notebook never needs a deep import).
 PUBLIC_MODULES = {"codi_nnsight", "codi_nnsight.analysis"}
-#: Wall-clock budget of one notebook's cells (kernel start not included); each takes 10-60 s here.
-NOTEBOOK_TIMEOUT_S = 240
 
 
 def _notebook(name: str) -> dict:
@@ -120,27 +112,12 @@ def test_every_tutorial_is_tested() -> None:
 
 
 @pytest.mark.parametrize("name", EXECUTED)
-def test_notebook_runs_and_ends_with_a_figure(name: str, tmp_path: Path) -> None:
-    nbformat = pytest.importorskip("nbformat", reason="executing the tutorials needs nbformat (pip install -e .[test])")
-    nbclient = pytest.importorskip("nbclient", reason="executing the tutorials needs nbclient (pip install -e .[test])")
-    pytest.importorskip("ipykernel", reason="executing the tutorials needs ipykernel (pip install -e .[test])")
-    nb = nbformat.read(TUTORIALS / name, as_version=4)
-    deadline: list[float] = []
-
-    def remaining(cell: object) -> int:
-        """Each cell gets what is left of the notebook's budget."""
-        if not deadline:
-            deadline.append(time.monotonic() + NOTEBOOK_TIMEOUT_S)
-        return max(1, int(deadline[0] - time.monotonic()))
-
-    client = nbclient.NotebookClient(
-        nb, kernel_name="python3", timeout_func=remaining, resources={"metadata": {"path": str(tmp_path)}}
-    )  # runs in tmp_path
-    client.execute()  # raises CellExecutionError (with the cell and traceback) on any error
+def test_notebook_runs_and_ends_with_a_figure(name: str, executed_tutorial) -> None:
+    nb, left = executed_tutorial(name)  # executed once per session (conftest), in a folder of its own
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(c.execution_count is not None for c in code), f"{name}: not every cell ran"
     errors = [o for c in code for o in c.outputs if o.output_type == "error"]
     assert not errors, f"{name}: {errors}"
     last = code[-1].outputs
     assert any("image/png" in o.get("data", {}) for o in last), f"{name}: the last cell drew no figure"
-    assert list(tmp_path.iterdir()) == [], f"{name}: wrote files into its working folder"
+    assert left == [], f"{name}: wrote files into its working folder"
