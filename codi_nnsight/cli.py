@@ -83,26 +83,60 @@ def main(debug: bool) -> None:
 @main.command()
 @model_options
 @pairs_option
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N pairs.")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option(
+    "--gsm8k",
+    "gsm8k_source",
+    default=None,
+    metavar="FILE|hub",
+    help="Instead of pairs: GSM8K test accuracy by the official CODI protocol, from a GSM8K-format "
+    "JSON Lines file, or 'hub' for the gsm8k test split (needs the gsm8k extra).",
+)
+@click.option(
+    "--limit", type=click.IntRange(min=1), default=None, help="Only the first N pairs (with --gsm8k: questions)."
+)
+@click.option(
+    "--max-new-tokens",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Greedy tokens per answer (default: 64; with --gsm8k 256, the official setting).",
+)
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write answers as JSON.")
 @force_option
 @remote_option
 def evaluate(
-    model_spec, dtype, device, normalization, pairs_path, limit, max_new_tokens, batch_size, out, force, remote
+    model_spec,
+    dtype,
+    device,
+    normalization,
+    pairs_path,
+    gsm8k_source,
+    limit,
+    max_new_tokens,
+    batch_size,
+    out,
+    force,
+    remote,
 ) -> None:
-    """Greedy answers and accuracy for the clean and corrupted questions."""
-    from .model.inference import accuracy_summary, evaluate_pairs
-
+    """Greedy answers and accuracy for the clean and corrupted questions, or (--gsm8k) the GSM8K
+    test accuracy computed as the official CODI code computes it (docs/evaluate.md)."""
+    if gsm8k_source is not None and pairs_path is not None:
+        raise UserError("give --pairs FILE or --gsm8k FILE|hub, not both")
     if out:
         prepare_output(out, force)
+    if gsm8k_source is not None:
+        _evaluate_gsm8k(
+            model_spec, dtype, device, normalization, gsm8k_source, limit, max_new_tokens, batch_size, out, remote
+        )
+        return
+    from .model.inference import accuracy_summary, evaluate_pairs
+
     pairs = load_cli_pairs(pairs_path, limit)
     model = load_cli_model(model_spec, dtype, device, normalization, remote)
     answers = evaluate_pairs(
         model,
         pairs,
-        max_new_tokens=max_new_tokens,
+        max_new_tokens=max_new_tokens or 64,
         batch_size=batch_size,
         progress=sys.stderr.isatty(),
         remote=remote_value(remote),
@@ -116,6 +150,30 @@ def evaluate(
         f"model {model.name}: {len(pairs)} pairs — accuracy clean {acc['clean']:.1%}, "
         f"corrupted {acc['corrupted']:.1%}, both {acc['both']:.1%}"
     )
+
+
+def _evaluate_gsm8k(
+    model_spec, dtype, device, normalization, source, limit, max_new_tokens, batch_size, out, remote
+) -> None:
+    """`evaluate --gsm8k`: the records are checked before the model is loaded."""
+    from .model.gsm8k_eval import OFFICIAL_MAX_NEW_TOKENS, evaluate_gsm8k, load_gsm8k_items, source_label
+
+    items = load_gsm8k_items(source, limit)
+    model = load_cli_model(model_spec, dtype, device, normalization, remote)
+    result = evaluate_gsm8k(
+        model,
+        items,
+        max_new_tokens=max_new_tokens or OFFICIAL_MAX_NEW_TOKENS,
+        batch_size=batch_size,
+        progress=sys.stderr.isatty(),
+        remote=remote_value(remote),
+        source=source_label(source),
+    )
+    if out:
+        from .atomic import write_json_atomic
+
+        write_json_atomic(out, result.to_json())
+    click.echo(result.summary())
 
 
 # ---------------------------------------------------------------------------------------------

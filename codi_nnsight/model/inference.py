@@ -13,7 +13,15 @@ from .remote import remote_errors, trace_kwargs
 from .wrapper import CODIModel
 
 # The answer helpers live in `answers` (the wrapper needs them too); re-exported here, where they were.
-__all__ = ["accuracy_summary", "decode", "evaluate_pairs", "extract_answer_number", "format_answer", "generate"]
+__all__ = [
+    "accuracy_summary",
+    "decode",
+    "evaluate_pairs",
+    "extract_answer_number",
+    "format_answer",
+    "generate",
+    "generate_batched",
+]
 
 
 def decode(model: CODIModel, ids: Iterable[int]) -> str:
@@ -29,6 +37,30 @@ def generate(model: CODIModel, questions: list[str], max_new_tokens: int = 64, r
     with remote_errors(remote), model.trace(**inputs, **trace_kwargs(remote)):
         generated = model.output["generated"].save()
     return [decode(model, row) for row in torch.as_tensor(generated).cpu().tolist()]
+
+
+def generate_batched(
+    model: CODIModel,
+    questions: list[str],
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    progress: bool = False,
+    remote: bool | str = False,
+    desc: str = "evaluate",
+) -> list[str]:
+    """:func:`generate` over `questions` in chunks of `batch_size` (one trace each), in order.
+
+    The one decode loop every evaluation uses (pairs and the GSM8K protocol): the answers do not
+    depend on `batch_size` (rows are left-padded and masked), only the speed does.
+    """
+    texts: list[str] = []
+    bar = _progress(len(questions), desc, progress)
+    for start in range(0, len(questions), batch_size):
+        chunk = questions[start : start + batch_size]
+        texts.extend(generate(model, chunk, max_new_tokens, remote=remote))
+        bar.update(len(chunk))
+    bar.close()
+    return texts
 
 
 @dataclass
@@ -71,16 +103,13 @@ def evaluate_pairs(
     """Greedy answers for the clean and corrupted variant of every pair."""
     model.check_fits(pairs, extra=model.num_latent + len(model.codi.eot_ids()) + max_new_tokens)
     items = [(p.pair_id, v, getattr(p, v)) for p in pairs for v in ("clean", "corrupted")]
-    answers: list[Answer] = []
-    bar = _progress(len(items), "evaluate", progress)
-    for start in range(0, len(items), batch_size):
-        chunk = items[start : start + batch_size]
-        texts = generate(model, [q.question for _, _, q in chunk], max_new_tokens, remote=remote)
-        for (pid, variant, q), text in zip(chunk, texts):
-            answers.append(Answer(pid, variant, q.question, float(q.answer), text, model.method.parse_answer(text)))
-        bar.update(len(chunk))
-    bar.close()
-    return answers
+    texts = generate_batched(
+        model, [q.question for _, _, q in items], max_new_tokens, batch_size, progress=progress, remote=remote
+    )
+    return [
+        Answer(pid, variant, q.question, float(q.answer), text, model.method.parse_answer(text))
+        for (pid, variant, q), text in zip(items, texts)
+    ]
 
 
 def accuracy_summary(answers: list[Answer]) -> dict[str, float]:
