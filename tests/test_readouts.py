@@ -325,9 +325,7 @@ def test_commands(tiny_dirs, tmp_path):
 
 # -- the bundled toy model (slow: `pytest -m slow tests/test_readouts.py`) ----------------------------
 @pytest.mark.slow
-def test_toy_model_lens_rates_and_timing(request):
-    if "slow" not in (request.config.getoption("-m") or ""):
-        pytest.skip("slow: select with -m slow")
+def test_toy_model_lens_rates_and_timing():
     from codi_nnsight.analysis.readouts import lens_top1_rates
     from codi_nnsight.model import load_model
 
