@@ -444,6 +444,7 @@ def attribute(
     from .patching.attribution import attribution_patching, verification_attrs, verify_top
     from .patching.config import parse_layers
     from .run import write_results
+    from .run.executors import use_executor
 
     comps = [c.strip() for c in component.split(",") if c.strip()]
     if not comps:
@@ -454,32 +455,26 @@ def attribute(
     check_workers(workers, ray_address, remote)
     pairs = load_cli_pairs(pairs_path, limit)
     model = load_cli_model(model_spec, dtype, device, normalization, remote)
-    ds = attribution_patching(
-        model,
-        pairs,
-        component=comps if len(comps) > 1 else comps[0],
-        layers=parse_layers(layers, model.n_layers),
-        positions=positions,
-        direction=direction,
-        batch_size=batch_size,
-        command=shlex.join(["codi-nnsight", *ctx.meta.get("argv", sys.argv[1:])]),
-        remote=remote_value(remote),
-        method=method,
-        workers=workers,
-        ray_address=ray_address,
-    )
-    if verify_n is not None:  # stored in the Dataset (and so in its report), not only printed
-        checked = verify_top(
+    # One executor for AtP and its --verify sweep: with --workers, one Ray cluster, not two.
+    with use_executor(workers, ray_address, remote_value(remote)) as executor:
+        ds = attribution_patching(
             model,
             pairs,
-            ds,
-            verify_n,
+            component=comps if len(comps) > 1 else comps[0],
+            layers=parse_layers(layers, model.n_layers),
+            positions=positions,
+            direction=direction,
             batch_size=batch_size,
+            command=shlex.join(["codi-nnsight", *ctx.meta.get("argv", sys.argv[1:])]),
             remote=remote_value(remote),
-            workers=workers,
-            ray_address=ray_address,
+            method=method,
+            workers=executor,
         )
-        ds.attrs.update(verification_attrs(checked))
+        if verify_n is not None:  # stored in the Dataset (and so in its report), not only printed
+            checked = verify_top(
+                model, pairs, ds, verify_n, batch_size=batch_size, remote=remote_value(remote), workers=executor
+            )
+            ds.attrs.update(verification_attrs(checked))
     write_results(ds, out_path)
     click.echo(f"wrote {out_path}: AtP of {ds.attrs['component']} for {ds.sizes['pair']} pairs")
     if verify_n is not None:
