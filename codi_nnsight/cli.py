@@ -242,6 +242,15 @@ def _families() -> list[str]:
 @click.option("--check", is_flag=True, help="Exit 3 if a sanity check fails (results are still written).")
 @remote_option
 @workers_options
+@click.option(
+    "--metric-fn",
+    "metric_fns",
+    multiple=True,
+    metavar="NAME=MODULE:FUNCTION",
+    help="Also compute your own metric, stored as variable NAME: MODULE:FUNCTION, FILE.py:FUNCTION or a "
+    "factory call with literal arguments, e.g. p_value_1=codi_nnsight.patching.metrics:gold_value_prob(1). "
+    "Repeatable.",
+)
 @click.pass_context
 def patch(
     ctx,
@@ -267,6 +276,7 @@ def patch(
     remote,
     workers,
     ray_address,
+    metric_fns,
 ) -> None:
     """Patch source activations into target runs at the latent positions, layer by layer."""
     from .patching.config import canonical_mode, parse_layers
@@ -290,6 +300,9 @@ def patch(
     mode = canonical_mode(mode)
     prepare_output(out, force)
     check_workers(workers, ray_address, remote)
+    from .patching.metrics import metric_options
+
+    user_metrics = metric_options(metric_fns)  # one-line errors before the model loads
     pairs = load_cli_pairs(pairs_path, limit)
     model = load_cli_model(model_spec, dtype, device, normalization, remote)
     layer_list = parse_layers(layers, model.n_layers)
@@ -320,6 +333,7 @@ def patch(
         force=force,
         workers=workers,
         ray_address=ray_address,
+        metrics=user_metrics,
     )
     click.echo(sweep_summary(ds, out))
     if check and not ds.attrs["sanity_passed"]:

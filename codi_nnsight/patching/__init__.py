@@ -23,6 +23,8 @@ _EXPORTS = {
     "parse_layers": "config",
     "METRICS": "metrics",
     "Metric": "metrics",
+    "gold_value_prob": "metrics",
+    "metric_function": "metrics",
     "answer_tokens": "plan",
     "plan_batch": "plan",
     "prompt_inputs": "plan",

@@ -15,10 +15,11 @@ import numpy as np
 import xarray as xr
 
 from ..data.pairs import pair_coordinates
+from ..errors import UserError
 from ..model.inference import decode
 from ..model.wrapper import CODIModel
 from .config import SweepConfig
-from .metrics import BY_NAME, METRICS, RowFrame, row_metrics
+from .metrics import BY_NAME, METRICS, Metric, RowFrame, row_metrics
 from .plan import BatchPlan
 
 SCHEMA = "codi-nnsight/results/2"
@@ -44,10 +45,35 @@ PAIR_VARIABLES: dict[str, tuple[str, str]] = {
 }
 
 
-def per_pair_names() -> list[str]:
-    """Every per-pair variable name a sweep writes, in order."""
-    runs = [f"{run}_{m.name}" for m in METRICS if m.per_run for run in ("baseline", "source")]
+#: The unpatched runs whose per-pair values `per_run` metrics also get.
+RUNS = ("baseline", "source")
+#: Dimension and coordinate names of results files (`component` and `route` from stacked sweeps).
+DIMENSIONS = ("pair", "layer", "position", "head", "component", "route")
+
+
+def per_pair_names(metrics: tuple[Metric, ...] | None = None) -> list[str]:
+    """Every per-pair variable name a sweep writes, in order (`metrics`: the sweep's table, default `METRICS`)."""
+    runs = [f"{run}_{m.name}" for m in (METRICS if metrics is None else metrics) if m.per_run for run in RUNS]
     return runs + list(PAIR_VARIABLES)
+
+
+def check_metric_names(user: tuple[Metric, ...]) -> None:
+    """Refuse, in one line and before any work, a metric function whose variables would clash
+    with the Dataset's own (metrics, per-pair variables, dims, the route split's `delta_<m>`) or
+    with another metric function's."""
+    from .routes import DELTA_METRICS
+
+    taken = {m.name: "a built-in metric" for m in METRICS}
+    taken.update({n: "a per-pair variable of every sweep" for n in per_pair_names()})
+    taken.update({d: "a dimension of the results" for d in DIMENSIONS})
+    taken.update({f"delta_{m}": "a variable of the route split" for m in DELTA_METRICS})
+    for m in user:
+        names = [m.name] + ([f"{run}_{m.name}" for run in RUNS] if m.per_run else [])
+        for n in names:
+            if n in taken:
+                its = "its variable " if n != m.name else ""
+                raise UserError(f"metrics[{m.name!r}]: {its}{n!r} is already {taken[n]}; choose another name")
+        taken.update({n: f"a variable of metric {m.name!r}" for n in names})
 
 
 def row_frame(
@@ -74,9 +100,15 @@ def batch_dataset(
     plan: BatchPlan,
     columns: np.ndarray,
     generated: np.ndarray,
+    metrics: tuple[Metric, ...] | None = None,
 ) -> xr.Dataset:
-    """Assemble the per-batch `xarray.Dataset` (schema in docs/results-schema.md)."""
-    rows = row_metrics(columns, row_frame(model, pairs, cfg, plan, generated))
+    """Assemble the per-batch `xarray.Dataset` (schema in docs/results-schema.md).
+
+    `metrics`: the sweep's metric table (default `METRICS`), whose trace metrics made `columns`
+    in that order; a metric function's variables also carry its `FunctionOrigin` attrs.
+    """
+    metrics = METRICS if metrics is None else metrics
+    rows = row_metrics(columns, row_frame(model, pairs, cfg, plan, generated), metrics)
     comparable = np.array([float(p.clean.answer != p.corrupted.answer) for p in pairs])
     each = cfg.positions == "each"
     K = model.num_latent
@@ -89,7 +121,7 @@ def batch_dataset(
     ]
     dims = ("pair", "layer") + ((axis,) if axis else ()) + (("position",) if each else ())
     data: dict[str, Any] = {}
-    for m in METRICS:
+    for m in metrics:
         arr = np.full(shape, np.nan)
         for i in range(len(pairs)):
             for idx, row in zip(index, plan.variant_rows[i]):
@@ -97,15 +129,15 @@ def batch_dataset(
         data[m.name] = (
             dims,
             _mask(arr, comparable, m.needs_distinct_answers),
-            {"long_name": m.long_name, "units": m.units},
+            {"long_name": m.long_name, "units": m.units, **_origin_attrs(m)},
         )
-    for m in (m for m in METRICS if m.per_run):
+    for m in (m for m in metrics if m.per_run):
         for run, run_rows in (("baseline", plan.baseline_rows), ("source", plan.source_rows)):
             values = _mask(rows[m.name][run_rows], comparable, m.needs_distinct_answers)
             data[f"{run}_{m.name}"] = (
                 "pair",
                 values,
-                {"long_name": f"{m.long_name} — unpatched {run} run", "units": m.units},
+                {"long_name": f"{m.long_name} — unpatched {run} run", "units": m.units, **_origin_attrs(m)},
             )
     for name, values in _pair_values(pairs, cfg, plan, rows, comparable).items():
         long_name, units = PAIR_VARIABLES[name]
@@ -125,6 +157,11 @@ def batch_dataset(
     # Pair metadata coordinates are added once for the whole run (`with_pair_coordinates`): their
     # names and dtypes depend on all the pairs, and batches must concatenate cleanly.
     return xr.Dataset(data, coords=coords)
+
+
+def _origin_attrs(m: Metric) -> dict[str, str]:
+    """A metric function's name, source hash and bound values (nothing for built-in metrics)."""
+    return {} if m.origin is None else m.origin.attrs()
 
 
 def with_pair_coordinates(ds: xr.Dataset, pairs: Sequence[Any]) -> xr.Dataset:
@@ -160,9 +197,17 @@ def _pair_values(
     return out
 
 
-def metric_names() -> list[str]:
+def metric_names(metrics: tuple[Metric, ...] | None = None) -> list[str]:
     """Every metric variable name (dims `pair, layer[, head][, position][, component]`)."""
-    return [m.name for m in METRICS]
+    return [m.name for m in (METRICS if metrics is None else metrics)]
 
 
-__all__ = ["BY_NAME", "PAIR_VARIABLES", "SCHEMA", "batch_dataset", "metric_names", "per_pair_names"]
+__all__ = [
+    "BY_NAME",
+    "PAIR_VARIABLES",
+    "SCHEMA",
+    "batch_dataset",
+    "check_metric_names",
+    "metric_names",
+    "per_pair_names",
+]

@@ -23,6 +23,7 @@ model runs, so no second clean pass is needed.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -375,3 +376,57 @@ def _candidates(plan: BatchPlan) -> torch.Tensor:
         cands[r, 0, : len(plan.tokens[i].clean)] = torch.tensor(plan.tokens[i].clean)
         cands[r, 1, : len(plan.tokens[i].corrupted)] = torch.tensor(plan.tokens[i].corrupted)
     return cands
+
+
+def value_first_token(model: CODIModel, value: float) -> int:
+    """First non-whitespace token of " <value>" after the answer prompt (-1 if it has none).
+
+    `answer_tokens`' rule for answers, so a gold value's token is read as the answer's is; the
+    same rule as `readouts.common.value_first_token` (kept here: patching must not import readouts).
+    """
+    if value is None or not math.isfinite(float(value)):
+        return -1
+    try:
+        return int(answer_tokens(model, value, value).clean[0])
+    except UserError:
+        return -1
+
+
+def row_gold_tokens(
+    model: CODIModel, pairs: Sequence[Any], plan: BatchPlan, cfg: SweepConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, G) first tokens of the gold intermediate values of each row's own question and of its
+    pair's source question (-1: none); G is the batch's longest gold chain.
+
+    A row runs its pair's source question (source rows), a resample donor (unknown: -1) or the
+    target question (every other row). What metric functions that need `gold` see (`metrics.NEEDS`).
+    """
+    from ..readouts.gold import gold_intermediates
+
+    first: dict[float, int] = {}
+
+    def tokens(question: Any) -> list[int]:
+        out = []
+        for g in gold_intermediates(question):
+            key = float(g)
+            if key not in first:  # NaN keys never match: their token is -1 anyway
+                first[key] = value_first_token(model, key)
+            out.append(first[key])
+        return out
+
+    src, tgt = [], []
+    for pair in pairs:
+        s, t = (pair.clean, pair.corrupted) if cfg.direction == "denoise" else (pair.corrupted, pair.clean)
+        src.append(tokens(s))
+        tgt.append(tokens(t))
+    width = max((len(x) for x in src + tgt), default=0)
+    sources, donors = set(plan.source_rows), set(plan.donor_rows)
+    own = torch.full((len(plan.row_pair), width), -1, dtype=torch.long)
+    source = torch.full((len(plan.row_pair), width), -1, dtype=torch.long)
+    for r, i in enumerate(plan.row_pair):
+        source[r, : len(src[i])] = torch.tensor(src[i], dtype=torch.long)
+        if r in donors:
+            continue
+        mine = src[i] if r in sources else tgt[i]
+        own[r, : len(mine)] = torch.tensor(mine, dtype=torch.long)
+    return own, source

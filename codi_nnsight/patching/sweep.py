@@ -8,7 +8,7 @@ import json
 import logging
 import signal
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +22,10 @@ from ..run import Backend, Run, client_versions, now, write_results
 from ..run.batching import REMOTE_ROWS, auto_batch_size  # noqa: F401  (REMOTE_ROWS: re-exported)
 from ..run.executors import Executor, LocalExecutor, check_executor, use_executor
 from .config import SweepConfig
-from .dataset import SCHEMA, batch_dataset, with_pair_coordinates
+from .dataset import SCHEMA, batch_dataset, check_metric_names, with_pair_coordinates
+from .metrics import METRICS, Metric, check_metrics_on, needed_inputs, user_metrics
 from .options import ROUTES
-from .plan import carries_full_patch, plan_batch
+from .plan import carries_full_patch, plan_batch, row_gold_tokens
 from .sanity import measure, merge_sanity, sanity_attrs
 from .store import PartialStore, clean_attrs
 from .trace import full_patch_check, full_patch_pair, run_batch
@@ -58,6 +59,7 @@ def patch_sweep(
     force: bool = False,
     workers: int | Executor | None = None,
     ray_address: str | None = None,
+    metrics: Mapping[str, Callable[[dict[str, Any]], torch.Tensor]] | None = None,
 ) -> xr.Dataset:
     """Patch source activations into target runs at the latent positions, layer by layer.
 
@@ -98,12 +100,25 @@ def patch_sweep(
             run on one torch thread with the same batch size (docs/sharding.md). An `Executor`
             (`codi_nnsight.run.executors`) is used as it is and left open.
         ray_address: run the workers on this existing Ray cluster instead of a local one.
+        metrics: your own metrics, `{name: function}` (as TransformerLens takes them): each
+            function gets the dict `v` of per-row trace inputs the built-in metrics see
+            (`metrics.user_metrics` lists its keys; `metrics.metric_function` declares what else it
+            needs, e.g. the fed-back thoughts and gold intermediate tokens) and returns a (rows,)
+            tensor. Each becomes a variable `name` beside the built-in metrics, whose attrs record
+            the function (module:qualname) and the sha256 of its source; the run fingerprint holds
+            them too, so `resume` refuses a changed function. The functions run inside the trace:
+            torch only (on NDIF they run on the server: define them in your script or notebook,
+            or `nnsight.register` their module), and picklable by cloudpickle for `workers`.
+            Shipped: `metrics.gold_value_prob(k)`.
 
     Returns:
         The results `xarray.Dataset` (docs/results-schema.md).
     """
     components = _components(component)
     _check_scalars(seed=seed, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    user = user_metrics(metrics)  # names, sources and what the model allows: one line, before any work
+    check_metric_names(user)
+    check_metrics_on(model, user)
     split = mode == ROUTES
     if split:
         _check_route_split(components, positions)
@@ -138,6 +153,7 @@ def patch_sweep(
             resume=resume,
             force=force,
             executor=executor,
+            user=user,
         )
         if split:
             return _route_sweep(model, pairs, cfg, run, out=out, **common)
@@ -232,11 +248,12 @@ def _single_sweep(
     reference: Sequence[str] | None = None,
     force: bool = False,
     executor: Executor | None = None,
+    user: tuple[Metric, ...] = (),
 ) -> xr.Dataset:
     """One component: check everything, run the batches (streamed to the store), assemble the file."""
     cfg.validate(model)
     source = getattr(pairs, "source", None)
-    pairs, fingerprint = _checked_pairs(model, pairs, cfg, seed, reference, run)
+    pairs, fingerprint = _checked_pairs(model, pairs, cfg, seed, reference, run, user)
     torch.manual_seed(seed)
     bs = _batch_size(model, pairs, cfg, batch_size, run)
     ablate = _ablation_inputs(model, cfg, pairs, seed, reference, run.remote)
@@ -267,6 +284,7 @@ def _single_sweep(
             ablate=ablate,
             full_patch_id=None if check is None else int(pairs[check].pair_id),
             executor=executor,
+            user=user,
         )
         if full is None:  # not carried by a batch: a configuration that cannot, or a resumed run
             full = full_patch_check(model, pairs, remote=run.remote)
@@ -279,11 +297,19 @@ def _single_sweep(
 
         if store is not None:
             return store.finish({}, order, transform=finalize)
-        return finalize(xr.concat(batches, dim="pair", combine_attrs="drop"))
+        # "override": the variables keep their attrs (long_name, units, a metric function's origin),
+        # as in a written file; the Dataset's own attrs are set by `finalize`.
+        return finalize(xr.concat(batches, dim="pair", combine_attrs="override"))
 
 
 def _checked_pairs(
-    model: CODIModel, pairs: Any, cfg: SweepConfig, seed: int, reference: Sequence[str] | None, run: Run
+    model: CODIModel,
+    pairs: Any,
+    cfg: SweepConfig,
+    seed: int,
+    reference: Sequence[str] | None,
+    run: Run,
+    user: tuple[Metric, ...] = (),
 ) -> tuple[list[Any], dict[str, Any]]:
     """The pairs as a list, checked against the model, and the run's fingerprint."""
     from ..data.pairs import PairSet
@@ -297,16 +323,24 @@ def _checked_pairs(
     check_context(model, pairs, cfg.max_new_tokens)
     if pairs_sha is None:
         pairs_sha = PairSet.from_pairs(pairs).sha256
-    return pairs, sweep_fingerprint(model, cfg, pairs_sha, seed, reference, run)
+    return pairs, sweep_fingerprint(model, cfg, pairs_sha, seed, reference, run, user)
 
 
 def sweep_fingerprint(
-    model: CODIModel, cfg: SweepConfig, pairs_sha: str, seed: int, reference: Sequence[str] | None, run: Run
+    model: CODIModel,
+    cfg: SweepConfig,
+    pairs_sha: str,
+    seed: int,
+    reference: Sequence[str] | None,
+    run: Run,
+    user: tuple[Metric, ...] = (),
 ) -> dict[str, Any]:
     """Everything that determines a sweep's numbers, the weights and dtype being those that compute them.
 
     On a server these are the server's (its checkpoint hash, else its weights fingerprint, and its
     dtype), so resuming against a redeployed server with other weights is refused, never mixed.
+    Each metric function adds `metric_fn_<name>`: its module:qualname, source sha256 and bound
+    values (`metrics.FunctionOrigin.identity`); a sweep without them keeps its old fingerprint.
     """
     import hashlib
 
@@ -316,6 +350,8 @@ def sweep_fingerprint(
         fingerprint.update(checkpoint_sha256=run.weights_identity(), dtype=prov["dtype"])
     if reference is not None:
         fingerprint["reference_sha256"] = hashlib.sha256("\n".join(reference).encode()).hexdigest()
+    for m in user:
+        fingerprint[f"metric_fn_{m.name}"] = m.origin.identity() + (" per_run" if m.per_run else "")
     return fingerprint
 
 
@@ -370,6 +406,8 @@ class BatchContext:
     ablate: dict[str, Any]
     full_patch_id: int | None
     remote: bool | str = False
+    #: The sweep's metric functions (`metrics.user_metrics`), after the built-in metrics.
+    user: tuple[Metric, ...] = ()
 
 
 def sweep_batch(model: CODIModel, ctx: BatchContext, chunk: list[Any]) -> tuple[xr.Dataset, float | None]:
@@ -379,8 +417,15 @@ def sweep_batch(model: CODIModel, ctx: BatchContext, chunk: list[Any]) -> tuple[
     runs, the same pairs give the same plan, the same trace and so the same numbers.
     """
     plan = _plan_chunk(model, chunk, ctx.cfg, ctx.ablate, ctx.full_patch_id)
-    out = run_batch(model, plan, ctx.cfg, remote=ctx.remote)
-    return batch_dataset(model, chunk, ctx.cfg, plan, out.columns, out.generated), out.full_patch_max_abs
+    table = METRICS + ctx.user if ctx.user else None
+    # Only a sweep with metric functions passes them: the call of a plain sweep stays as it was.
+    functions = {}
+    if ctx.user:
+        gold = row_gold_tokens(model, chunk, plan, ctx.cfg) if "gold" in needed_inputs(ctx.user) else None
+        functions = {"metrics": table, "gold": gold}
+    out = run_batch(model, plan, ctx.cfg, remote=ctx.remote, **functions)
+    ds = batch_dataset(model, chunk, ctx.cfg, plan, out.columns, out.generated, metrics=table)
+    return ds, out.full_patch_max_abs
 
 
 def _run_batches(
@@ -395,6 +440,7 @@ def _run_batches(
     ablate: dict[str, Any] | None = None,
     full_patch_id: int | None = None,
     executor: Executor | None = None,
+    user: tuple[Metric, ...] = (),
 ) -> tuple[list[xr.Dataset], dict[str, Any] | None]:
     """Trace `todo` in batches of `bs` on `executor` (default: this process); each finished batch
     goes to the store (or is kept, in batch order) as it arrives, under one progress bar.
@@ -410,7 +456,7 @@ def _run_batches(
     finished = total - len(todo)
     interrupt = _DeferredInterrupt(immediate=bool(remote) and remote != "local")
     chunks = [todo[i : i + bs] for i in range(0, len(todo), bs)]
-    ctx = BatchContext(cfg, ablate or {}, full_patch_id, remote)
+    ctx = BatchContext(cfg, ablate or {}, full_patch_id, remote, user)
 
     def on_result(i: int, result: tuple[xr.Dataset, float | None]) -> None:
         nonlocal full, finished
@@ -492,11 +538,11 @@ def _multi_component_sweep(
     `component` dim, the unpatched runs' per-pair values do not.
     """
     from .dataset import per_pair_names
-    from .metrics import METRICS
 
     subs = {c: dataclasses.replace(cfg, component=c, layers=list(cfg.layers)) for c in components}
     parts = list(_run_parts(model, pairs, subs, run, out, resume, "component", **kw).values())
-    stacked = [m.name for m in METRICS] + [n for n in per_pair_names() if n.startswith("self_patch")]
+    table = METRICS + kw.get("user", ())
+    stacked = [m.name for m in table] + [n for n in per_pair_names() if n.startswith("self_patch")]
     ds = xr.concat(
         parts,
         dim=xr.DataArray(components, dims="component", name="component"),
@@ -532,7 +578,7 @@ def _run_parts(
         sub = None if out is None else Path(f"{out}.{name}.nc")
         if sub is not None and sub.exists():
             parts[name] = _reuse_component(
-                model, pairs, sub, sub_cfg, resume, run, kw["seed"], kw.get("reference"), what=what
+                model, pairs, sub, sub_cfg, resume, run, kw["seed"], kw.get("reference"), what, kw.get("user", ())
             )
             continue
         parts[name] = _single_sweep(model, pairs, sub_cfg, run, out=sub, resume=resume, **kw)
@@ -566,7 +612,7 @@ def _route_sweep(
 
     subs = {route: dataclasses.replace(cfg, mode=mode, layers=list(cfg.layers)) for route, mode in ROUTE_MODES.items()}
     parts = _run_parts(model, pairs, subs, run, out, resume, "route", **kw)
-    ds = stack_routes(parts)
+    ds = _with_routed_functions(stack_routes(parts), parts, kw.get("user", ()))
     ds.attrs["mode"] = ROUTES
     ds.attrs["route_modes"] = json.dumps(ROUTE_MODES)
     ds.attrs.update(merge_sanity([p.attrs for p in parts.values()], DTYPES.get(ds.attrs.get("dtype"), model.dtype)))
@@ -574,6 +620,19 @@ def _route_sweep(
     ds.attrs["run_fingerprint"] = json.dumps({**fp, "mode": ROUTES}, sort_keys=True)
     _write_stacked(ds, out, list(ROUTE_MODES), kw.get("force", False))
     return ds
+
+
+def _with_routed_functions(ds: xr.Dataset, parts: dict[str, xr.Dataset], user: tuple[Metric, ...]) -> xr.Dataset:
+    """The route split's Dataset with each metric function on the `route` dim too, as the built-in
+    metrics are: each route's own values, NaN at `interaction` (a function's values need not add)."""
+    from .routes import ROUTE_MODES, _with_interaction
+
+    for m in user:
+        total = parts["total"][m.name]
+        values = [np.asarray(parts[r][m.name].values, dtype=np.float64) for r in ROUTE_MODES]
+        attrs = {**total.attrs, "interaction": "NaN: not additive"}
+        ds[m.name] = (total.dims + ("route",), _with_interaction(values, False), attrs)
+    return ds.transpose("pair", "layer", ...)
 
 
 def _reuse_component(
@@ -586,6 +645,7 @@ def _reuse_component(
     seed: int,
     reference: Sequence[str] | None,
     what: str = "component",
+    user: tuple[Metric, ...] = (),
 ) -> xr.Dataset:
     """A component (or route) file finished before an interruption, if it belongs to this very run."""
     if not resume:
@@ -597,7 +657,7 @@ def _reuse_component(
 
     sha = getattr(pairs, "sha256", None) or PairSet.from_pairs(list(pairs)).sha256
     sub_cfg.validate(model)
-    expected = sweep_fingerprint(model, sub_cfg, sha, seed, reference, run)
+    expected = sweep_fingerprint(model, sub_cfg, sha, seed, reference, run, user)
     with xr.open_dataset(path) as f:
         ds = f.load()
     stored = json.loads(ds.attrs.get("run_fingerprint", "{}"))

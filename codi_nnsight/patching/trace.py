@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from ..model.families import resolve
 from ..model.remote import remote_errors, trace_kwargs
 from ..model.wrapper import CODIModel
 from . import metrics as metric_table
@@ -64,15 +65,28 @@ def apply_patches(h: torch.Tensor, patches: list[tuple[str, slice, torch.Tensor,
 class BatchOutput(NamedTuple):
     """What one traced batch returns."""
 
-    columns: np.ndarray  # (rows, len(TRACE_METRICS)) float64, in `metrics.TRACE_METRICS` order
+    columns: np.ndarray  # (rows, trace metrics) float64, in the order of the sweep's trace metrics
     generated: np.ndarray  # (rows, N) greedy ids, each row cut to its own decode limit
     #: The full-patch check the batch carried: max |logit difference| of its row against the
     #: source row (as `full_patch_check`'s `max_abs`), or None when it carried none.
     full_patch_max_abs: float | None = None
 
 
-def run_batch(model: CODIModel, plan: BatchPlan, cfg: SweepConfig, remote: bool | str = False) -> BatchOutput:
-    """Run one planned batch in a single nnsight trace (and its full-patch check, if it carries one)."""
+def run_batch(
+    model: CODIModel,
+    plan: BatchPlan,
+    cfg: SweepConfig,
+    remote: bool | str = False,
+    metrics: tuple[metric_table.Metric, ...] | None = None,
+    gold: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> BatchOutput:
+    """Run one planned batch in a single nnsight trace (and its full-patch check, if it carries one).
+
+    `metrics`: the sweep's metric table (default `metrics.METRICS`; with metric functions, they
+    follow the built-ins). Their trace metrics make the columns, in table order. When one of them
+    needs `thoughts`, the fed-back thought of every row is kept at each feedback call (after its
+    patch); `gold` (`plan.row_gold_tokens`) is what those needing `gold` see.
+    """
     sched = plan.schedule
     K = sched.num_latent
     envoys = {L: cfg.site.envoy(model, L) for L in cfg.layers} if cfg.site.per_layer else {}
@@ -87,11 +101,19 @@ def run_batch(model: CODIModel, plan: BatchPlan, cfg: SweepConfig, remote: bool 
     prj = model.feedback  # the method's feedback module (CODI: prj)
     feeds = sched.thought_fed_by()  # decoder call -> the thought its last state becomes (the step iterator)
     columns_of = metric_table.trace_columns
+    trace_metrics, want, extra = _metric_inputs(model, metrics, gold, remote)
+    # With the full-patch row the loop starts at the question's call, which precedes prj call 0:
+    # thought 0 is then read inside the loop, after that call's requests (execution order).
+    prj0_in_loop = want and bool(layers) and sched.question_call in calls
     patch = apply_patches
     n_decodable = model.codi.eot_id
     with remote_errors(remote), model.trace(**plan.inputs, **trace_kwargs(remote)) as tracer:
-        if 0 in prj_plan:  # prj call 0 happens before the first latent decoder call
-            patch(prj.output, prj_plan[0])
+        thoughts = []
+        if not prj0_in_loop and (0 in prj_plan or want):  # prj call 0 happens before the first latent call
+            e = prj.output
+            patch(e, prj_plan.get(0, ()))
+            if want:
+                thoughts.append(e[:, -1, :].clone())
         if layers:
             # Every (layer, latent call) has at least the self row's patch, so each latent call's
             # first request is a layer output pinned to that decoder call; the prj request after
@@ -105,12 +127,18 @@ def run_batch(model: CODIModel, plan: BatchPlan, cfg: SweepConfig, remote: bool 
                     if L == 0 and call in full_plan:
                         patch(output_tensor(block0.output), full_plan[call])
                 k = feeds.get(call, K)
-                if call in latent and k < K and k in prj_plan:
-                    patch(prj.output, prj_plan[k])
+                if k < K and (call in latent or prj0_in_loop) and (k in prj_plan or want):
+                    e = prj.output
+                    patch(e, prj_plan.get(k, ()))
+                    if want:
+                        thoughts.append(e[:, -1, :].clone())
         else:  # the latent site: only prj calls 1 .. K-1 (call 0 was handled above)
             for k in tracer.iter[1:K]:
-                if k in prj_plan:
-                    patch(prj.output, prj_plan[k])
+                if k in prj_plan or want:
+                    e = prj.output
+                    patch(e, prj_plan.get(k, ()))
+                    if want:
+                        thoughts.append(e[:, -1, :].clone())
         result = model.output
         logits = result["logits"].to(torch.float64)
         logp = torch.log_softmax(logits, dim=-1)
@@ -124,7 +152,10 @@ def run_batch(model: CODIModel, plan: BatchPlan, cfg: SweepConfig, remote: bool 
             "cand": result["candidate_logprobs"].to(torch.float64),
             "n_decodable": n_decodable,
         }
-        columns = columns_of(values).cpu().save()
+        if want:
+            values["thoughts"] = torch.stack(thoughts, dim=1)  # (rows, K, width)
+        values.update(extra)
+        columns = columns_of(values, trace_metrics).cpu().save()
         generated = result["generated"].cpu().save()
         if plan.full_patch_row is not None:
             check, src = plan.full_patch_row, plan.source_of[plan.full_patch_row]
@@ -132,6 +163,31 @@ def run_batch(model: CODIModel, plan: BatchPlan, cfg: SweepConfig, remote: bool 
     full = float(torch.as_tensor(full_max)) if plan.full_patch_row is not None else None
     generated = cut_to_limits(torch.as_tensor(generated).numpy(), plan.decode_limit)
     return BatchOutput(torch.as_tensor(columns).numpy(), generated, full)
+
+
+def _metric_inputs(
+    model: CODIModel,
+    metrics: tuple[metric_table.Metric, ...] | None,
+    gold: tuple[torch.Tensor, torch.Tensor] | None,
+    remote: bool | str,
+) -> tuple[tuple[metric_table.Metric, ...], bool, dict[str, Any]]:
+    """(the trace metrics in column order, whether thoughts are kept, the gold inputs for `v`)."""
+    table = metric_table.METRICS if metrics is None else metrics
+    needed = metric_table.needed_inputs(table)
+    extra: dict[str, Any] = {}
+    if "thoughts" in needed:
+        norm = resolve(model.family.decoder(model.lm), model.family.final_norm)
+        head = model.lm.lm_head
+        # Called inside the trace by the metrics that read thoughts: the logit lens, in float64.
+        extra["lens"] = lambda x: head(norm(x)).to(torch.float64)
+    if "gold" in needed:
+        if gold is None:
+            raise ValueError("a metric needs gold tokens: pass gold=plan.row_gold_tokens(...)")
+        own, src = gold
+        if not remote and model.device is not None:
+            own, src = own.to(model.device), src.to(model.device)
+        extra.update(gold=own, source_gold=src)
+    return tuple(m for m in table if m.trace is not None), "thoughts" in needed, extra
 
 
 def cut_to_limits(generated: np.ndarray, limits: Sequence[int]) -> np.ndarray:

@@ -43,17 +43,13 @@ def step_labels(num_latent: int) -> list[str]:
 def value_first_token(model: Any, value: float) -> int:
     """First non-whitespace token of " <value>" after the answer prompt (-1 if it has none).
 
-    The rule `patching.plan.answer_tokens` uses for answers, so lens ranks of intermediate values
-    and of the answer are measured the same way ("-" for negative values).
+    The rule `patching.plan.answer_tokens` uses for answers (`patching.plan.value_first_token`,
+    which the sweep's gold metric uses too), so lens ranks of intermediate values and of the
+    answer are measured the same way ("-" for negative values).
     """
-    from ..patching.plan import answer_tokens
+    from ..patching.plan import value_first_token as first_token
 
-    if value is None or not math.isfinite(float(value)):
-        return -1
-    try:
-        return int(answer_tokens(model, value, value).clean[0])
-    except UserError:
-        return -1
+    return first_token(model, value)
 
 
 @dataclass
