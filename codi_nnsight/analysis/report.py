@@ -26,6 +26,7 @@ from ..errors import UserError
 from ..patching.options import MODE_ALIASES
 from . import plots, stats
 from .io import check_metric, validate
+from .sequence import is_sequence, plot_sequence, sequence_finding, thought_view
 
 SUMMARY_METRICS = ("kl", "logit_diff", "recovery", "flipped")
 PROVENANCE_KEYS = (
@@ -1107,8 +1108,11 @@ def write_report(
         if why is not None:
             raise UserError(why)
     written = ReportFiles(out)
+    sequence = None
+    if is_sequence(ds):  # its thoughts are an `each` sweep's patches: the usual report, plus the sequence view
+        sequence, ds = ds, thought_view(ds)
     try:
-        md_path = _write_report(ds, out, written, metric, k, formats, alpha, ci, n_resamples, seed)
+        md_path = _write_report(ds, out, written, metric, k, formats, alpha, ci, n_resamples, seed, sequence)
     except BaseException:
         with contextlib.suppress(OSError):  # record what was written, so a rerun can clear it
             if out.is_dir():
@@ -1134,6 +1138,7 @@ def _write_report(  # noqa: C901 — a linear sequence of optional report sectio
     ci: float,
     n_resamples: int,
     seed: int,
+    sequence: xr.Dataset | None = None,
 ) -> Path:
     clear_report_files(out)
     fig_dir = out / "figures"
@@ -1240,6 +1245,8 @@ def _write_report(  # noqa: C901 — a linear sequence of optional report sectio
     title = f"codi-nnsight report: {ds.attrs.get('model_name', '?')} — {metric}"
     doc = _Doc()
     doc.h(1, title)
+    if sequence is not None:
+        _sequence_section(doc, sequence, metric, out, fig_dir, formats, written)
     others = _other_thoughts(ds, metric, summaries[metric], cell)
     doc.p(f"**Finding:** {_headline(ds, metric, crit, cell, profile, alpha, ci)}" + (f" {others}" if others else ""))
     doc.img(figures[0][0], figures[0][1])
@@ -1348,6 +1355,26 @@ def _write_report(  # noqa: C901 — a linear sequence of optional report sectio
     (out / "report.html").write_text(doc.html(out, title), encoding="utf-8")
     written.add(out / "report.html")
     return md_path
+
+
+def _sequence_section(
+    doc: _Doc, ds: xr.Dataset, metric: str, out: Path, fig_dir: Path, formats: Sequence[str], written: ReportFiles
+) -> None:
+    """A sequence sweep's view first: where along question → thoughts → answer prompt the answer
+    moves; the per-thought analysis follows (its thoughts are an `each` sweep's patches)."""
+    finding = sequence_finding(ds, metric)
+    if finding:
+        doc.p(f"**Finding along the sequence:** {finding}")
+    paths = [
+        written.add(p) for p in plots.save_figure(plot_sequence(ds, metric), fig_dir / f"sequence_{metric}", formats)
+    ]
+    pick = next((p for p in paths if p.suffix == ".png"), paths[0] if paths else None)
+    if pick is not None:
+        doc.img(
+            f"Mean {metric} over pairs at every token and layer; left, the changed number's tokens aligned per pair",
+            str(pick.relative_to(out).as_posix()),
+        )
+    doc.p("The rest of this report analyses the thoughts of this sweep, as a `--positions each` sweep's report does.")
 
 
 def _steps_section(doc: _Doc, by_steps: xr.Dataset, cell: dict[Hashable, Any], ci: float) -> None:

@@ -60,6 +60,11 @@ class SweepConfig:
     #: to the clean run (target = clean, `direction` is then "noise": flips and recoveries read as
     #: "moved to the corrupted answer", and `kept` says whether the clean answer survived).
     ablation: str | None = None
+    #: `positions="sequence"`: the longest prompt (question tokens + `[bot]`) and answer prompt of
+    #: the run's pairs, in tokens — the extent of the position axis (set by `patch_sweep` from the
+    #: pairs; part of the fingerprint, so a resume with other pairs cannot mix axes).
+    question_tokens: int = 0
+    suffix_tokens: int = 0
 
     def __post_init__(self) -> None:
         self.mode = canonical_mode(self.mode)
@@ -97,17 +102,42 @@ class SweepConfig:
             raise UserError(
                 f"--mode {self.mode} needs --positions each (it blocks one patched thought's {thought_edge(self.mode)})"
             )
+        if self.positions == "sequence":
+            # Token positions outside the latent loop exist only for the decoder blocks' sites, and the
+            # question's tokens are patched from the source run (an ablation of them is another study).
+            if not self.site.per_layer:
+                raise UserError(
+                    f"--positions sequence patches the blocks at every token; --component {self.component} "
+                    "exists only at the thoughts (use --positions each)"
+                )
+            if self.mode != "recurrent":
+                raise UserError(f"--positions sequence runs --mode recurrent only, not {self.mode}")
+            if self.ablation is not None:
+                raise UserError("--positions sequence patches from the source run; it takes no --ablation")
 
     def variants(self, model: Any) -> list[tuple[int, int, int]]:
         """(layer, position, unit) of every patched variant; position -1 = all latent positions at
-        once, unit -1 = the whole site (else the head index of a per-head site)."""
-        positions = [-1] if self.positions == "all" else list(range(model.num_latent))
+        once (`all`), else latent position k (`each`) or, for `sequence`, the token's offset from the
+        first thought (`sequence_positions`); unit -1 = the whole site (else a head of a per-head site)."""
+        if self.positions == "sequence":
+            positions = self.sequence_positions(model)
+        else:
+            positions = [-1] if self.positions == "all" else list(range(model.num_latent))
         return [(L, p, u) for L in self.layers for u in self.site.units(model) for p in positions]
+
+    def sequence_positions(self, model: Any) -> list[int]:
+        """`positions="sequence"`: -question_tokens … -1 (the prompt, `[bot]` last), 0 … K-1 (the
+        thoughts), K … K + suffix_tokens - 1 (the answer prompt)."""
+        K = model.num_latent
+        return list(range(-self.question_tokens, K + self.suffix_tokens))
 
     def fingerprint(self, model: Any, pairs_sha256: str, seed: int) -> dict[str, Any]:
         """Everything that determines the numbers: `--resume` and stacking refuse any difference."""
+        fields = dataclasses.asdict(self)
+        if self.positions != "sequence":  # the extent of a sequence axis only; other runs keep their fingerprints
+            del fields["question_tokens"], fields["suffix_tokens"]
         return {
-            **dataclasses.asdict(self),
+            **fields,
             "model_config": model.codi_config.to_json() if model.codi_config else "",
             "checkpoint_sha256": model.checkpoint_sha256,
             "pairs_sha256": pairs_sha256,

@@ -110,22 +110,25 @@ def batch_dataset(
     metrics = METRICS if metrics is None else metrics
     rows = row_metrics(columns, row_frame(model, pairs, cfg, plan, generated), metrics)
     comparable = np.array([float(p.clean.answer != p.corrupted.answer) for p in pairs])
-    each = cfg.positions == "each"
+    each = cfg.positions in ("each", "sequence")
     K = model.num_latent
+    positions = cfg.sequence_positions(model) if cfg.positions == "sequence" else list(range(K))
+    first = positions[0] if positions else 0  # index of position p on the axis: p - first
     axis = cfg.site.axis
     unit_ids = cfg.site.units(model)
-    shape = (len(pairs), len(cfg.layers)) + ((len(unit_ids),) if axis else ()) + ((K,) if each else ())
+    shape = (len(pairs), len(cfg.layers)) + ((len(unit_ids),) if axis else ()) + ((len(positions),) if each else ())
     index = [
-        (cfg.layers.index(L),) + ((unit_ids.index(u),) if axis else ()) + ((p,) if each else ())
+        (cfg.layers.index(L),) + ((unit_ids.index(u),) if axis else ()) + ((p - first,) if each else ())
         for L, p, u in plan.variants
     ]
+    absent = plan.absent or [set()] * len(pairs)  # sequence sweeps: tokens a pair does not have
     dims = ("pair", "layer") + ((axis,) if axis else ()) + (("position",) if each else ())
     data: dict[str, Any] = {}
     for m in metrics:
         arr = np.full(shape, np.nan)
         for i in range(len(pairs)):
-            for idx, row in zip(index, plan.variant_rows[i]):
-                arr[(i, *idx)] = rows[m.name][row]
+            for j, (idx, row) in enumerate(zip(index, plan.variant_rows[i])):
+                arr[(i, *idx)] = np.nan if j in absent[i] else rows[m.name][row]
         data[m.name] = (
             dims,
             _mask(arr, comparable, m.needs_distinct_answers),
@@ -146,7 +149,9 @@ def batch_dataset(
         "pair": np.array([p.pair_id for p in pairs], dtype=np.int64),
         "layer": np.array(cfg.layers, dtype=np.int64),
     }
-    if each:
+    if cfg.positions == "sequence":
+        coords.update(sequence_coordinates(model, pairs, positions))
+    elif each:
         coords["position"] = (
             "position",
             np.arange(K, dtype=np.int64),
@@ -162,6 +167,70 @@ def batch_dataset(
 def _origin_attrs(m: Metric) -> dict[str, str]:
     """A metric function's name, source hash and bound values (nothing for built-in metrics)."""
     return {} if m.origin is None else m.origin.attrs()
+
+
+#: `position_kind` of a sequence sweep's positions, in sequence order.
+POSITION_KINDS = ("question", "bot", "thought", "answer prompt")
+
+
+def sequence_coordinates(model: CODIModel, pairs: Sequence[Any], positions: Sequence[int]) -> dict[str, Any]:
+    """The `position` axis of a `positions="sequence"` sweep and what sits at each position.
+
+    `position` counts from the first thought (question tokens negative, `[bot]` at -1, thoughts
+    0 … K-1, the answer prompt from K); `position_kind` names the region; per pair, `token` is the
+    target question's token there ("" where the pair has none) and `changed` is 1 where the clean
+    and corrupted questions differ at that token (the changed number), 0 elsewhere.
+    """
+    from .plan import answer_tokens
+
+    K = model.num_latent
+    n_bot = len(model.codi.bot_ids())
+    kinds = [
+        "question" if p < -n_bot else "bot" if p < 0 else "thought" if p < K else "answer prompt" for p in positions
+    ]
+    # The method's added marker tokens have no text in the tokenizer.
+    specials = {model.codi.bot_ids()[-1]: "[bot]", model.codi.eot_ids()[0]: "[eot]"}
+
+    def text_of(i: int) -> str:
+        """A token as text; never "" (which marks a position the pair does not have)."""
+        if i in specials:
+            return specials[i]
+        return model.tokenizer.decode([i]) or f"<token {i}>"
+
+    text = np.full((len(pairs), len(positions)), "", dtype=object)
+    changed = np.zeros((len(pairs), len(positions)), dtype=np.int8)
+    for i, pair in enumerate(pairs):
+        a, b = model.encode_question(pair.clean.question), model.encode_question(pair.corrupted.question)
+        suffix = answer_tokens(model, pair.clean.answer, pair.corrupted.answer).suffix
+        for n, p in enumerate(positions):
+            if -len(a) <= p < 0:
+                text[i, n] = text_of(a[len(a) + p])
+                changed[i, n] = int(a[len(a) + p] != b[len(b) + p])
+            elif 0 <= p < K:
+                text[i, n] = f"<thought {p}>"
+            elif 0 <= p - K < len(suffix):
+                text[i, n] = text_of(suffix[p - K])
+    return {
+        "position": (
+            "position",
+            np.array(positions, dtype=np.int64),
+            {
+                "long_name": "token offset from the first thought: question and [bot] < 0, thoughts 0..K-1, "
+                "answer prompt >= K"
+            },
+        ),
+        "position_kind": ("position", np.array(kinds, dtype=object), {"long_name": "; ".join(POSITION_KINDS)}),
+        "token": (
+            ("pair", "position"),
+            text,
+            {"long_name": "the clean question's token at the position ('' where none)"},
+        ),
+        "changed": (
+            ("pair", "position"),
+            changed,
+            {"long_name": "1 where the clean and corrupted questions differ at this token (the changed number)"},
+        ),
+    }
 
 
 def with_pair_coordinates(ds: xr.Dataset, pairs: Sequence[Any]) -> xr.Dataset:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-POSITIONS = ("all", "each")
+#: `all` latent positions at once; `each` latent position on its own; `sequence`: every token of
+#: the run on its own — the question's tokens, the `[bot]` marker, each thought and each token of
+#: the answer prompt (`[eot] The answer is:`), on one `position` axis counted from the first thought
+#: (question tokens negative, thoughts 0 … K-1, the answer prompt K …).
+POSITIONS = ("all", "each", "sequence")
 #: Each mode is named after what it BLOCKS on the way from the patched site at latent p to the
 #: answer (the path diagram is in docs/results-schema.md, "Modes and routes"). Out of latent p's
 #: own column leave exactly two edges: its keys and values, which every later token attends to

@@ -89,13 +89,17 @@ def answer_tokens(model: CODIModel, clean_answer: float, corrupted_answer: float
 MIN_SHARED_PREFIX = 4
 
 
-def prompt_inputs(model: CODIModel, questions: list[str]) -> tuple[dict[str, Any], int]:
+def prompt_inputs(model: CODIModel, questions: list[str], share: bool = True) -> tuple[dict[str, Any], int]:
     """Model inputs for consecutive (source, target) question pairs, and the prefill call count.
 
     A clean question and its corrupted twin agree up to the changed number, so their common
     token prefix is prefilled once per pair (`prefix_ids`) and only the rests per question.
+    `share=False` prefills every question whole, in one call (a sweep that patches question
+    tokens needs each of them in that call).
     """
     seqs = [model.encode_question(q) for q in questions]
+    if not share:
+        return left_pad(seqs, model.codi.pad_id), 1
     shared = []
     for a, b in zip(seqs[0::2], seqs[1::2]):
         n = 0
@@ -145,6 +149,14 @@ class BatchPlan:
     # block output rows (dst, src) it copies — prompts at the question's call, rows after it.
     full_patch_row: int | None = None
     full_patch_plan: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # positions="sequence": per pair, the variant indices whose token the pair does not have (a
+    # question or answer prompt shorter than the axis): their rows run unpatched, their values are NaN.
+    absent: list[set[int]] = field(default_factory=list)
+    # positions="sequence": per pair, the prompt each question-token variant row continues (its own
+    # copy of the target question, patched in the question's call), by variant index.
+    token_prompts: list[dict[int, int]] = field(default_factory=list)
+    source_prompts: list[int] = field(default_factory=list)  # per pair: its source question's prompt
+    prompt_width: int = 0  # the question call's padded width T (a prompt's last token is T - 1)
 
     @property
     def baseline_of(self) -> list[int]:
@@ -179,6 +191,7 @@ def plan_batch(
     for i, pair in enumerate(pairs):
         src_q, tgt_q = (pair.clean, pair.corrupted) if cfg.direction == "denoise" else (pair.corrupted, pair.clean)
         p_src, p_tgt = len(questions), len(questions) + 1
+        plan.source_prompts.append(p_src)
         questions += [src_q.question, tgt_q.question]
         for kind, prompt in (("source", p_src), ("baseline", p_tgt), ("self", p_tgt)):
             getattr(plan, f"{kind}_rows").append(len(rows))
@@ -189,7 +202,10 @@ def plan_batch(
             plan.donor_rows.append(len(rows))
             rows.append(-1 - i)
         plan.variant_rows.append(list(range(len(rows), len(rows) + len(variants))))
-        rows += [p_tgt] * len(variants)
+        if cfg.positions == "sequence":
+            rows += _sequence_rows(plan, model, cfg, pair, tgt_q, p_tgt, questions)
+        else:
+            rows += [p_tgt] * len(variants)
         if cfg.mode == "block-thought-attention":
             plan.helper_rows.append(list(range(len(rows), len(rows) + len(variants))))
             rows += [p_tgt] * len(variants)
@@ -205,7 +221,8 @@ def plan_batch(
         for d in donors:
             questions += [d, d]
         rows = [first + 2 * (-1 - r) if r < 0 else r for r in rows]
-    enc, prefill_calls = prompt_inputs(model, questions)
+    enc, prefill_calls = prompt_inputs(model, questions, share=cfg.positions != "sequence")
+    plan.prompt_width = int(enc["input_ids"].shape[1])
     plan.schedule = model.schedule(prefill_calls)
     if full_patch is not None:
         rows = _add_full_patch(plan, cfg, model, enc, rows, full_patch)
@@ -238,7 +255,8 @@ def _add_full_patch(
     """Append the full-patch prompt and row for pair `i` (see the module docstring); new `rows`."""
     if not carries_full_patch(cfg):
         raise ValueError(f"a {cfg.mode} sweep of {cfg.component!r} cannot carry the full-patch check")
-    p_src, p_tgt = 2 * i, 2 * i + 1
+    p_src = plan.source_prompts[i]
+    p_tgt = p_src + 1
     ids, mask = enc["input_ids"], enc["attention_mask"]
     if int(mask[p_src].sum()) != int(mask[p_tgt].sum()):
         raise ValueError(f"pair {i} of the batch has questions of different lengths: no full-patch check")
@@ -273,10 +291,15 @@ def _plan_patches(plan: BatchPlan, cfg: SweepConfig, model: CODIModel, values: A
         s_.append(src)
 
     per_layer = cfg.site.per_layer
+    tokens: dict[Any, tuple[list[int], list[int], list[int]]] = {}  # (layer, call, unit) -> (dst, src, token)
     for i in range(len(plan.source_rows)):
         src = plan.donor_rows[i] if cfg.ablation == "resample" else plan.source_rows[i]
         base, selfr = plan.baseline_rows[i], plan.self_rows[i]
+        if cfg.positions == "sequence":
+            _plan_sequence(plan, copy, tokens, i)
         for j, ((L, p, u), row) in enumerate(zip(plan.variants, plan.variant_rows[i])):
+            if cfg.positions == "sequence":
+                break
             if cfg.mode == "block-thought-attention":
                 # The helper row takes the patch; the variant row keeps its own states at position p
                 # and takes only the helper's fed-back embedding of position p (the next prj call).
@@ -300,6 +323,109 @@ def _plan_patches(plan: BatchPlan, cfg: SweepConfig, model: CODIModel, values: A
             for L in cfg.layers if per_layer else ["prj"]:
                 copy((L, sched.latent_call(k) if per_layer else sched.prj_call(k), -1), selfr, base)
     _store_patches(plan, cfg, model, values, copies, sets)
+    _store_token_patches(plan, cfg, model, tokens)
+
+
+def sequence_window(model: CODIModel, pairs: Sequence[Any]) -> tuple[int, int]:
+    """`positions="sequence"`: (longest prompt, longest answer prompt) of `pairs`, in tokens.
+
+    A question token is patched from the source question's token at the same place, so both
+    questions of a pair must have the same number of tokens (a changed number of another length
+    has no token-by-token counterpart): refused in one line naming the pair, before any work.
+    """
+    longest, suffix = 0, 0
+    for p in pairs:
+        a, b = model.encode_question(p.clean.question), model.encode_question(p.corrupted.question)
+        if len(a) != len(b):
+            raise UserError(
+                f"pair {p.pair_id}: the clean question has {len(a)} tokens and the corrupted {len(b)}; "
+                "--positions sequence patches token by token and needs questions of equal length "
+                "(drop the pair, or use --positions each)"
+            )
+        longest = max(longest, len(a))
+        suffix = max(suffix, len(answer_tokens(model, p.clean.answer, p.corrupted.answer).suffix))
+    return longest, suffix
+
+
+def _sequence_rows(
+    plan: BatchPlan, model: CODIModel, cfg: SweepConfig, pair: Any, tgt_q: Any, p_tgt: int, questions: list[str]
+) -> list[int]:
+    """The prompt of every variant row of one pair (`positions="sequence"`), and its absent variants.
+
+    A question-token variant continues its own copy of the target question (patched in the
+    question's call, where the batch holds prompts, not rows); every other variant continues the
+    target question's prompt, as in the other sweeps.
+    """
+    K = model.num_latent
+    n_prompt = len(model.encode_question(tgt_q.question))
+    n_suffix = len(answer_tokens(model, pair.clean.answer, pair.corrupted.answer).suffix)
+    absent: set[int] = set()
+    own: dict[int, int] = {}
+    prompts = []
+    for j, (_, p, _) in enumerate(plan.variants):
+        if p < -n_prompt or p >= K + n_suffix:
+            absent.add(j)
+            prompts.append(p_tgt)
+        elif p < 0:
+            own[j] = len(questions)
+            questions.append(tgt_q.question)
+            prompts.append(own[j])
+        else:
+            prompts.append(p_tgt)
+    plan.absent.append(absent)
+    plan.token_prompts.append(own)
+    return prompts
+
+
+def _plan_sequence(plan: BatchPlan, copy: Any, tokens: dict[Any, Any], i: int) -> None:
+    """Every variant of pair `i` of a `positions="sequence"` sweep (absent tokens: no patch)."""
+    for j, (variant, row) in enumerate(zip(plan.variants, plan.variant_rows[i])):
+        if j not in plan.absent[i]:
+            _plan_token_patch(plan, copy, tokens, i, j, variant, row)
+
+
+def _store_token_patches(plan: BatchPlan, cfg: SweepConfig, model: CODIModel, tokens: dict[Any, Any]) -> None:
+    """One `token` patch per (layer, call, unit): every pair's and position's at once."""
+    for (L, call, u), (d, s_, t) in sorted(tokens.items(), key=lambda kv: str(kv[0])):
+        sl = cfg.site.unit_slice(model, u) if u >= 0 else slice(None)
+        payload = torch.tensor([s_, t])  # (2, n): source row (or prompt) and token of each patch
+        plan.extra_plan.setdefault((L, call), []).append(("token", sl, torch.tensor(d), payload))
+
+
+def _plan_token_patch(
+    plan: BatchPlan,
+    copy: Any,
+    tokens: dict[Any, tuple[list[int], list[int], list[int]]],
+    i: int,
+    j: int,
+    variant: tuple,
+    row: int,
+) -> None:
+    """One `positions="sequence"` variant: the source's state at one token, into one row (or prompt).
+
+    Thoughts are latent calls (one token each: the plain row copy); a question token is token
+    T + p of the question's call, T the batch's padded prompt width, in the variant's own prompt
+    (left padding puts the last prompt token at T - 1, and both questions of a pair have the same
+    length); an answer-prompt token is token p - K of the suffix call.
+    """
+    L, p, u = variant
+    sched, K = plan.schedule, plan.schedule.num_latent
+    if 0 <= p < K:
+        copy((L, sched.latent_call(p), u), row, plan.source_rows[i])
+        return
+    if p < 0:
+        call, dst, src, token = (
+            sched.question_call,
+            plan.token_prompts[i][j],
+            plan.source_prompts[i],
+            plan.prompt_width + p,
+        )
+    else:
+        call, dst, src, token = sched.suffix_call, row, plan.source_rows[i], p - K
+    d, s_, t = tokens.setdefault((L, call, u), ([], [], []))
+    d.append(dst)
+    s_.append(src)
+    t.append(token)
 
 
 def _feedback_reset(cfg: SweepConfig, patched: bool, k: int) -> bool:

@@ -57,12 +57,33 @@ def route_summary(ds: Any) -> str:
         return "route split: logprob_diff is NaN everywhere"
     where = dict(zip(total.dims, np.unravel_index(int(np.nanargmax(values)), values.shape)))
     at = mean.isel(where)
-    label = ", ".join(f"{'thought' if d == 'position' else d} {int(ds[d].values[i])}" for d, i in where.items())
+    label = ", ".join(
+        position_label(ds, ds[d].values[i]) if d == "position" else f"{d} {int(ds[d].values[i])}"
+        for d, i in where.items()
+    )
     t, f, a, i = (float(at.sel(route=r)) for r in ("total", "feedback", "attention", "interaction"))
     return (
         f"route split of the mean change of logprob_diff at {label}: total {t:+.4g} = "
         f"feedback {f:+.4g} + attention {a:+.4g} + interaction {i:+.4g} nats"
     )
+
+
+def position_label(ds: Any, p: Any) -> str:
+    """A position in words: "thought k"; in a sequence sweep also "question token -7 (offset from the
+    first thought)", "[bot]" and "answer prompt token j ('is')"."""
+    p = int(p)
+    if "position_kind" not in ds.coords:
+        return f"thought {p}"
+    kind = str(ds["position_kind"].sel(position=p).item())
+    if kind == "question":
+        return f"question token {p}"
+    if kind == "bot":
+        return "[bot]"
+    if kind == "thought":
+        return f"thought {p}"
+    first = int(ds.position.values[list(ds["position_kind"].values).index("answer prompt")])
+    seen = [t for t in ds["token"].sel(position=p).values if t != ""]
+    return f"answer prompt token {p - first}" + (f" ({str(seen[0])!r})" if seen else "")
 
 
 def _site(ds: Any, kl: Any, at: dict) -> str:
@@ -77,7 +98,7 @@ def _site(ds: Any, kl: Any, at: dict) -> str:
     if "head" in value:
         parts.append(f"head {int(value['head'])}")
     if "position" in value:
-        parts.append(f"{'fed-back ' if component == 'latent' else ''}thought {int(value['position'])}")
+        parts.append(f"{'fed-back ' if component == 'latent' else ''}{position_label(ds, value['position'])}")
     if "component" in value:
         parts.append(f"({component})")
     return ", ".join(p for p in parts if p).replace(", (", " (")

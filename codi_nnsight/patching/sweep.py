@@ -25,7 +25,7 @@ from .config import SweepConfig
 from .dataset import SCHEMA, batch_dataset, check_metric_names, with_pair_coordinates
 from .metrics import METRICS, Metric, check_metrics_on, needed_inputs, user_metrics
 from .options import ROUTES
-from .plan import carries_full_patch, plan_batch, row_gold_tokens
+from .plan import carries_full_patch, plan_batch, row_gold_tokens, sequence_window
 from .sanity import measure, merge_sanity, sanity_attrs
 from .store import PartialStore, clean_attrs
 from .trace import full_patch_check, full_patch_pair, run_batch
@@ -69,7 +69,11 @@ def patch_sweep(
         layers: decoder blocks to patch (default all).
         component: a patch site of `sites.SITES` (`resid`, `attn`, `mlp`, `latent`, `head`) — or a
             list of them (adds a `component` dim; `head` adds a `head` dim and runs on its own).
-        positions: `all` latent positions at once, or `each` one at a time (adds `position`).
+        positions: `all` latent positions at once, `each` one at a time (adds `position`), or
+            `sequence`: every token on its own — the question's, `[bot]`, each thought and the
+            answer prompt's (adds `position`, counted from the first thought; see
+            docs/results-schema.md). `sequence` patches decoder-block sites in `recurrent` mode,
+            and needs the two questions of each pair to have the same number of tokens.
         mode: what is blocked between the patched thought and the answer (`options.MODES`):
             `recurrent` (nothing: the total effect through the latent loop),
             `block-all-feedback` (every fed-back latent embedding held at the baseline's),
@@ -321,6 +325,8 @@ def _checked_pairs(
     if not pairs:
         raise UserError("no pairs to patch")
     check_context(model, pairs, cfg.max_new_tokens)
+    if cfg.positions == "sequence":  # the axis's extent (pairs of unequal question lengths: refused here)
+        cfg.question_tokens, cfg.suffix_tokens = sequence_window(model, pairs)
     if pairs_sha is None:
         pairs_sha = PairSet.from_pairs(pairs).sha256
     return pairs, sweep_fingerprint(model, cfg, pairs_sha, seed, reference, run, user)

@@ -56,6 +56,8 @@ def apply_patches(h: torch.Tensor, patches: list[tuple[str, slice, torch.Tensor,
     for kind, sl, dst, x in patches:
         if kind == "copy":
             h[dst, ..., sl] = h[x, ..., sl]
+        elif kind == "token":  # one token per patch: x = (source rows, token indices)
+            h[dst, x[1], sl] = h[x[0], x[1], sl]
         elif kind == "set":
             h[dst, ..., sl] = x.to(h.dtype)
         else:  # "norm"
@@ -94,7 +96,10 @@ def run_batch(
     layers = sorted(envoys)
     latent = sched.latent_calls
     # The full-patch row patches layer 0's block output from the question's call to the suffix's.
-    calls = range(min(full_plan), max(full_plan) + 1) if full_plan else latent
+    # The calls the trace walks: the latent calls, widened to the question's and the suffix's when
+    # a patch is there (the full-patch row, question and answer-prompt tokens of a sequence sweep).
+    touched = {call for _, call in layer_plan} | set(full_plan)
+    calls = range(min(touched | {latent.start}), max(touched | {latent.stop - 1}) + 1)
     order = sorted({*layers, 0}) if full_plan else layers
     block0 = model.layers[0]
     reads_input = cfg.site.reads == "input"
