@@ -271,3 +271,15 @@ def test_metric_functions_that_read_thoughts_work_on_the_sequence_axis(tiny_mode
     at_thoughts = seq["p1"].sel(position=list(range(model.num_latent))).values
     np.testing.assert_allclose(at_thoughts, each["p1"].values, rtol=0, atol=1e-12)
     assert np.isfinite(at_thoughts).any()
+
+
+def test_a_sequence_sweep_runs_remotely_as_here(tiny_models):
+    """remote="local": the trace is serialized as for NDIF and run here — the token patches
+    (index tensors, the question's and the suffix's calls) travel as they are."""
+    model = tiny_models["llama"]
+    pairs = pairs_of((3, 5), (6, 8))
+    here = patch_sweep(model, pairs, layers=[0, 2], positions="sequence", batch_size=2)
+    there = patch_sweep(model, pairs, layers=[0, 2], positions="sequence", batch_size=2, remote="local")
+    for name in ("kl", "logit_diff", "logprob_diff", "flipped"):
+        np.testing.assert_allclose(here[name].values, there[name].values, rtol=0, atol=1e-9, err_msg=name)
+    assert there.attrs["remote"] == "local" and there.attrs["sanity_passed"] == 1
