@@ -155,6 +155,16 @@ def _assert_bit_identical(local: Path, remote: Path) -> None:
 COMMANDS = {
     "patch": ["patch"],
     "patch-ablation-mean": ["patch", "--ablation", "mean"],
+    # every token on its own: token patches in the question's and the suffix's calls
+    "patch-sequence": ["patch", "--positions", "sequence", "--layers", "0,1"],
+    # a metric function reading the thoughts, shipped to the server by its source
+    "patch-metric-fn": [
+        "patch",
+        "--positions",
+        "each",
+        "--metric-fn",
+        "p1=codi_nnsight.patching.metrics:gold_value_prob(1)",
+    ],
     "early-exit": ["early-exit"],
     "attribute": ["attribute"],
     "attribute-atp-star": ["attribute", "--method", "atp*"],
