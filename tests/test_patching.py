@@ -318,7 +318,9 @@ def test_metric_table_and_schema_doc_agree():
     assert {m.name for m in METRICS} <= named
     assert set(per_pair_names()) <= named
     undocumented = named - {m.name for m in METRICS} - set(per_pair_names())
-    assert undocumented <= {"pair", "layer", "head", "position", "component"}, undocumented
+    # dims, and the coordinates of a `--positions sequence` axis (tests/test_sequence_positions.py)
+    coords = {"pair", "layer", "head", "position", "component", "position_kind", "token", "changed"}
+    assert undocumented <= coords, undocumented
 
 
 def test_sanity_check_with_nan_fails_and_stacked_files_agree_with_themselves(tiny_models):
