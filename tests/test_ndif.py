@@ -156,7 +156,9 @@ COMMANDS = {
     "patch": ["patch"],
     "patch-ablation-mean": ["patch", "--ablation", "mean"],
     # every token on its own: token patches in the question's and the suffix's calls
-    "patch-sequence": ["patch", "--positions", "sequence", "--layers", "0,1"],
+    # (an explicit batch size: `auto` budgets rows differently for a server, and float32 sums
+    # depend on the batch's composition)
+    "patch-sequence": ["patch", "--positions", "sequence", "--layers", "0,1", "--batch-size", "2"],
     # a metric function reading the thoughts, shipped to the server by its source
     "patch-metric-fn": [
         "patch",

@@ -370,6 +370,11 @@ def _batch_size(model: CODIModel, pairs: list[Any], cfg: SweepConfig, batch_size
             + (cfg.ablation == "resample")
             + len(cfg.variants(model)) * (2 if cfg.mode == "block-thought-attention" else 1)
         )
+        if cfg.positions == "sequence":
+            # Each question-token variant prefills a prompt of its own: 2 + that many prompts per
+            # pair, where the policy counts 2 (the cache it budgets is per prompt token).
+            own = sum(1 for _, p, _ in cfg.variants(model) if p < 0)
+            longest = -(-longest * (2 + own) // 2)
         return run.auto_batch_size(rows, longest)
     bs = int(batch_size)
     if bs < 1:
