@@ -243,6 +243,12 @@ def _families() -> list[str]:
 @remote_option
 @workers_options
 @click.option(
+    "--tokens",
+    default=None,
+    help="With --positions sequence: patch only these tokens, e.g. number,bot,thoughts or -5,-1 "
+    "(offsets from the first thought; regions question, number, bot, thoughts, answer). Default: all.",
+)
+@click.option(
     "--metric-fn",
     "metric_fns",
     multiple=True,
@@ -276,6 +282,7 @@ def patch(
     remote,
     workers,
     ray_address,
+    tokens,
     metric_fns,
 ) -> None:
     """Patch source activations into target runs at the latent positions, layer by layer."""
@@ -334,6 +341,7 @@ def patch(
         workers=workers,
         ray_address=ray_address,
         metrics=user_metrics,
+        tokens=None if tokens is None else tokens.split(","),
     )
     click.echo(sweep_summary(ds, out))
     if check and not ds.attrs["sanity_passed"]:

@@ -588,3 +588,85 @@ def test_a_coconut_json_runs_through_load_model_and_the_cli(tmp_path):
     assert again.method is COCONUT
     for a, b in zip(model.codi.state_dict().values(), again.codi.state_dict().values()):
         assert torch.equal(a, b)
+
+
+class TokenReference(Reference):
+    """The official-style loop with a plain forward hook on one block that reads and writes its
+    output at absolute token positions, whichever pass computes them."""
+
+    @torch.no_grad()
+    def logits(self, question, suffix, layer, patch=None, keep=None):
+        """Answer-position logits; `patch` = {position: vector} writes block `layer`'s output there,
+        `keep` (a dict) receives it at every position."""
+        from transformers import DynamicCache
+
+        block = (self.lm.transformer.h if hasattr(self.lm, "transformer") else self.lm.model.layers)[layer]
+        span = {"lo": 0}
+
+        def hook(mod, args, out):
+            h = out[0] if isinstance(out, tuple) else out
+            for i in range(h.shape[1]):
+                t = span["lo"] + i
+                if patch and t in patch:
+                    h = h.clone()
+                    h[0, i] = patch[t]
+                if keep is not None:
+                    keep[t] = h[0, i].clone()
+            return (h, *out[1:]) if isinstance(out, tuple) else h
+
+        handle = block.register_forward_hook(hook)
+        try:
+            ids = torch.tensor([self.ids(question, suffix)])
+            emb = self.lm.get_input_embeddings()(ids).clone()
+            pos = torch.arange(ids.shape[1])[None]
+            first = int((ids[0] == self.latent).nonzero()[0])
+            cache, lo, hi = DynamicCache(), 0, first
+            for k in range(self.K + 1):
+                span["lo"] = lo
+                out = self.lm(
+                    inputs_embeds=emb[:, lo:hi],
+                    position_ids=pos[:, lo:hi],
+                    use_cache=True,
+                    **{self.cache_kw: cache},
+                    output_hidden_states=True,
+                )
+                if k == self.K:
+                    break
+                emb[0, first + k] = out.hidden_states[-1][0, -1]
+                lo, hi = hi, (hi + 1 if k + 1 < self.K else ids.shape[1])
+        finally:
+            handle.remove()
+        return out.logits[0, -1], first
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_sequence_positions_equal_a_plain_hook_computation(models, dirs, family):
+    """`positions="sequence"` on Coconut: question tokens, the start marker, each thought and the
+    answer prompt (`<|end-latent|>` …), each against the hook above at the same absolute position."""
+    from codi_nnsight.patching.plan import answer_tokens
+    from codi_nnsight.patching.sweep import patch_sweep
+
+    model, ref = models[family], TokenReference(dirs[family, "meta"])
+    pair = next(
+        p
+        for p in make_synthetic_pairs(8, seed=5)
+        if len(model.encode_question(p.clean.question)) == len(model.encode_question(p.corrupted.question))
+    )
+    suffix = list(answer_tokens(model, pair.clean.answer, pair.corrupted.answer).suffix[1:])
+    ds = patch_sweep(model, [pair], layers=[0, 1], positions="sequence", batch_size=1)
+    K = model.num_latent
+    checked = 0
+    for layer in (0, 1):
+        clean: dict[int, torch.Tensor] = {}
+        _, first = ref.logits(pair.clean.question, suffix, layer, keep=clean)
+        base, _ = ref.logits(pair.corrupted.question, suffix, layer)
+        lb = torch.log_softmax(base, -1)
+        changed = [int(p) for p in ds.position.values if ds["changed"].sel(pair=pair.pair_id, position=p)]
+        for p in [*changed, changed[-1] + 1, -1, 0, K - 1, K, K + 1]:
+            logits, _ = ref.logits(pair.corrupted.question, suffix, layer, patch={first + p: clean[first + p]})
+            lp = torch.log_softmax(logits, -1)
+            want = float((lp.exp() * (lp - lb)).sum())
+            got = float(ds["kl"].sel(pair=pair.pair_id, layer=layer, position=p))
+            assert abs(got - want) < TOL, (family, layer, p, got, want)
+            checked += want > 1e-8
+    assert checked >= 4  # the patches move the answer: the comparison is not between zeros

@@ -319,7 +319,7 @@ def test_metric_table_and_schema_doc_agree():
     assert set(per_pair_names()) <= named
     undocumented = named - {m.name for m in METRICS} - set(per_pair_names())
     # dims, and the coordinates of a `--positions sequence` axis (tests/test_sequence_positions.py)
-    coords = {"pair", "layer", "head", "position", "component", "position_kind", "token", "changed"}
+    coords = {"pair", "layer", "head", "position", "component", "position_kind", "token", "changed", "patched"}
     assert undocumented <= coords, undocumented
 
 

@@ -109,6 +109,16 @@ def test_early_exit_on_two_workers_is_bit_identical(pool, tiny_models):
         assert one[name].values.tobytes() == two[name].values.tobytes(), name
 
 
+def test_a_sequence_sweep_on_two_workers_is_bit_identical(pool, tiny_dirs, tmp_path):
+    """Every token patched on its own (question-token prefills of their own): the same file."""
+    model = load_model(tiny_dirs["gpt2"], dtype="float64", device="cpu")
+    pairs = many_pairs(4)
+    kw = dict(batch_size=1, positions="sequence", layers=[0, 1])
+    patch_sweep(model, pairs, out=tmp_path / "one.nc", **kw)
+    patch_sweep(model, pairs, out=tmp_path / "two.nc", workers=pool, **kw)
+    assert_bit_identical(tmp_path / "one.nc", tmp_path / "two.nc")
+
+
 def _readouts_and_interventions():
     """Every command with a batch loop outside the patching sweep: (name, call(model, pairs, **kw))."""
     from codi_nnsight.interventions.graph import thought_graph

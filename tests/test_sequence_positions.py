@@ -283,3 +283,67 @@ def test_a_sequence_sweep_runs_remotely_as_here(tiny_models):
     for name in ("kl", "logit_diff", "logprob_diff", "flipped"):
         np.testing.assert_allclose(here[name].values, there[name].values, rtol=0, atol=1e-9, err_msg=name)
     assert there.attrs["remote"] == "local" and there.attrs["sanity_passed"] == 1
+
+
+def test_models_are_compared_on_a_sequence_sweeps_thoughts(tiny_models):
+    """Token axes follow each model's tokenizer; thoughts are comparable (and are the `each` patches)."""
+    from codi_nnsight.analysis import compare_models
+    from codi_nnsight.analysis.sequence import thought_view
+
+    pairs = pairs_of((3, 5), (6, 8))
+    a = patch_sweep(tiny_models["gpt2"], pairs, layers=[0, 1], positions="sequence", batch_size=2)
+    b = patch_sweep(tiny_models["qwen2"], pairs, layers=[0, 1], positions="sequence", batch_size=2)
+    both = compare_models([a, b], names=["g", "q"])
+    assert list(both.position.values) == list(range(tiny_models["gpt2"].num_latent))
+    np.testing.assert_array_equal(both["kl"].sel(model="q").values, thought_view(b)["kl"].values)
+
+
+def test_chosen_tokens_are_the_full_sweeps_numbers_at_those_tokens(tiny_models):
+    """`tokens=`: a subset of the axis, each value the full sweep's; `number` is each pair's own
+    changed tokens (at other offsets in other pairs: NaN for a pair where the offset is not its number)."""
+    model = tiny_models["gpt2"]
+    pairs = pairs_of((3, 5), (12, 17))  # pair 1 is one token longer: its number sits one offset earlier
+    full = patch_sweep(model, pairs, layers=[0, 1], positions="sequence", batch_size=2)
+    some = patch_sweep(
+        model, pairs, layers=[0, 1], positions="sequence", batch_size=2, tokens=["number", "bot", -5, "thoughts"]
+    )
+    K = model.num_latent
+    numbers = sorted(
+        {int(p) for i in range(2) for p in full.position.values if full["changed"].isel(pair=i).sel(position=p)}
+    )
+    assert list(some.position.values) == sorted({*numbers, -5, -1, *range(K)})
+    for i in range(2):
+        own = {int(p) for p in full.position.values if full["changed"].isel(pair=i).sel(position=p)}
+        for p in some.position.values:
+            got, want = some["kl"].isel(pair=i).sel(position=p).values, full["kl"].isel(pair=i).sel(position=p).values
+            if p in numbers and p not in own and p != -5:
+                assert np.isnan(got).all(), (i, p)
+            else:
+                np.testing.assert_allclose(got, want, rtol=0, atol=1e-12, err_msg=f"pair {i} position {p}")
+    assert some.attrs["tokens"] and some.attrs["sanity_passed"] == 1
+    patched = some["patched"].values  # 0 exactly where the values are NaN
+    assert np.array_equal(patched == 0, np.isnan(some["kl"].isel(layer=0).values))
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (
+            {"positions": "each", "tokens": ["bot"]},
+            "--tokens chooses tokens of a --positions sequence sweep; add --positions sequence",
+        ),
+        (
+            {"positions": "sequence", "tokens": ["numbers"]},
+            "--tokens 'numbers': expected offsets from the first thought (ints, the question's negative) or "
+            "question, number, bot, thoughts, answer",
+        ),
+        (
+            {"positions": "sequence", "tokens": [-500]},
+            "--tokens -500: no pair has a token there (positions run from -42 to 18)",
+        ),
+    ],
+)
+def test_token_choices_refused_in_one_line(tiny_models, kwargs, message):
+    with pytest.raises(UserError) as e:
+        patch_sweep(tiny_models["gpt2"], pairs_of((3, 5)), **kwargs)
+    assert str(e.value) == message

@@ -27,6 +27,7 @@ import xarray as xr
 
 from . import stats
 from .io import ResultsError, check_metric, load
+from .sequence import is_sequence, thought_view
 
 __all__ = ["MODEL_COORDS", "compare_models", "comparison_summary", "finding_lines", "write_comparison"]
 
@@ -92,6 +93,7 @@ def compare_models(
     """Stack results of several models on a new `model` dimension (see the module docstring).
 
     `sources`: results files or loaded Datasets, at least two, of one kind, on the same pairs;
+    A `--positions sequence` sweep is compared on its thoughts (`analysis.sequence.thought_view`).
     `names`: the model labels (default: each file's `model_name`, numbered when repeated).
     Attributes all results share are kept; those that differ become coordinates on `model`
     (`MODEL_COORDS`) or are listed per model in the `compared` attribute (json).
@@ -99,6 +101,9 @@ def compare_models(
     if len(sources) < 2:
         raise ResultsError(f"compare: needs at least two results, got {len(sources)}")
     dss = [s if isinstance(s, xr.Dataset) else load(s) for s in sources]
+    # A sequence sweep's token axis follows each model's tokenizer: models are compared on its
+    # thoughts, which are the `--positions each` sweep's patches.
+    dss = [thought_view(d) if is_sequence(d) else d for d in dss]
     _check_comparable(dss)
     labels = _names(dss, names)
     shared = {k: v for k, v in dss[0].attrs.items() if all(_same(ds.attrs.get(k), v) for ds in dss[1:])}

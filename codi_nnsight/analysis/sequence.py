@@ -27,7 +27,7 @@ __all__ = ["REGIONS", "is_sequence", "plot_sequence", "region_means", "sequence_
 
 #: The regions of a sequence sweep, in sequence order (thoughts are one region each: "thought k").
 REGIONS = ("before the number", "changed number", "after the number", "[bot]", "answer prompt", "last prompt token")
-_COORDS = ("position_kind", "token", "changed")
+_COORDS = ("position_kind", "token", "changed", "patched")
 
 
 def is_sequence(ds: xr.Dataset) -> bool:
@@ -48,6 +48,8 @@ def _masks(ds: xr.Dataset) -> dict[str, np.ndarray]:
     kinds = ds["position_kind"].values
     changed = ds["changed"].transpose("pair", "position").values > 0
     present = ds["token"].transpose("pair", "position").values != ""
+    if "patched" in ds.coords:  # --tokens: a token the pair has but that was not patched
+        present = present & (ds["patched"].transpose("pair", "position").values > 0)
     question = np.broadcast_to(kinds == "question", changed.shape) & present
     first = np.where(changed.any(1), changed.argmax(1), changed.shape[1])
     last = np.where(changed.any(1), changed.shape[1] - 1 - changed[:, ::-1].argmax(1), -1)
@@ -58,12 +60,12 @@ def _masks(ds: xr.Dataset) -> dict[str, np.ndarray]:
     )
     out = {
         "before the number": question & (idx < first[:, None]),
-        "changed number": changed,
+        "changed number": changed & present,
         "after the number": question & (idx > last[:, None]),
-        "[bot]": np.broadcast_to(kinds == "bot", changed.shape),
+        "[bot]": np.broadcast_to(kinds == "bot", changed.shape) & present,
     }
     for p in ds.position.values[kinds == "thought"]:
-        out[f"thought {int(p)}"] = np.broadcast_to(ds.position.values == p, changed.shape)
+        out[f"thought {int(p)}"] = np.broadcast_to(ds.position.values == p, changed.shape) & present
     out["answer prompt"] = answer & ~last_token
     out["last prompt token"] = last_token
     return out
@@ -85,7 +87,7 @@ def region_means(ds: xr.Dataset, metric: str = "kl") -> xr.DataArray:
     for mask in masks.values():
         m = np.broadcast_to(mask[:, None, :], values.shape)
         with np.errstate(all="ignore"):
-            per_pair = np.where(m, values, -np.inf).max(-1)  # (pair, layer)
+            per_pair = np.where(m & np.isfinite(values), values, -np.inf).max(-1)  # (pair, layer)
             per_pair = np.where(np.isfinite(per_pair), per_pair, np.nan)
             rows.append(
                 np.nanmean(per_pair, axis=0) if np.isfinite(per_pair).any() else np.full(values.shape[1], np.nan)

@@ -10,13 +10,22 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import UserError
 from ..run.fingerprint import fingerprint_difference
 from .metrics import RECOVERY_MIN_DENOMINATOR
-from .options import ABLATIONS, DIRECTIONS, MODE_ALIASES, MODE_BLOCKS, MODES, POSITIONS, THOUGHT_MODES
+from .options import (
+    ABLATIONS,
+    DIRECTIONS,
+    MODE_ALIASES,
+    MODE_BLOCKS,
+    MODES,
+    POSITIONS,
+    THOUGHT_MODES,
+    TOKEN_REGIONS,
+)
 from .sites import COMPONENTS, SITES
 
 #: The choices of every option, for validation and the CLI.
@@ -65,6 +74,12 @@ class SweepConfig:
     #: pairs; part of the fingerprint, so a resume with other pairs cannot mix axes).
     question_tokens: int = 0
     suffix_tokens: int = 0
+    #: `positions="sequence"`: the tokens patched (None: all) — offsets from the first thought, as
+    #: text ("-3"), and region names of `options.TOKEN_REGIONS`.
+    tokens: list[str] | None = None
+    #: The changed number's offsets over the run's pairs (set from the pairs when `tokens` names
+    #: `number`): the axis holds their union; each pair is patched at its own.
+    number_positions: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.mode = canonical_mode(self.mode)
@@ -102,6 +117,10 @@ class SweepConfig:
             raise UserError(
                 f"--mode {self.mode} needs --positions each (it blocks one patched thought's {thought_edge(self.mode)})"
             )
+        self._validate_sequence()
+
+    def _validate_sequence(self) -> None:
+        """What a sequence sweep refuses, and `tokens` (only with one, and readable)."""
         if self.positions == "sequence":
             # Token positions outside the latent loop exist only for the decoder blocks' sites, and the
             # question's tokens are patched from the source run (an ablation of them is another study).
@@ -114,6 +133,15 @@ class SweepConfig:
                 raise UserError(f"--positions sequence runs --mode recurrent only, not {self.mode}")
             if self.ablation is not None:
                 raise UserError("--positions sequence patches from the source run; it takes no --ablation")
+        if self.tokens is not None:
+            if self.positions != "sequence":
+                raise UserError("--tokens chooses tokens of a --positions sequence sweep; add --positions sequence")
+            for t in self.tokens:
+                if t not in TOKEN_REGIONS and not _is_int(t):
+                    raise UserError(
+                        f"--tokens {t!r}: expected offsets from the first thought (ints, the question's "
+                        f"negative) or {', '.join(TOKEN_REGIONS)}"
+                    )
 
     def variants(self, model: Any) -> list[tuple[int, int, int]]:
         """(layer, position, unit) of every patched variant; position -1 = all latent positions at
@@ -127,15 +155,35 @@ class SweepConfig:
 
     def sequence_positions(self, model: Any) -> list[int]:
         """`positions="sequence"`: -question_tokens … -1 (the prompt, `[bot]` last), 0 … K-1 (the
-        thoughts), K … K + suffix_tokens - 1 (the answer prompt)."""
-        K = model.num_latent
-        return list(range(-self.question_tokens, K + self.suffix_tokens))
+        thoughts), K … K + suffix_tokens - 1 (the answer prompt); with `tokens`, those chosen."""
+        full = range(-self.question_tokens, model.num_latent + self.suffix_tokens)
+        if self.tokens is None:
+            return list(full)
+        chosen = self.fixed_tokens(model) | (set(self.number_positions) if "number" in self.tokens else set())
+        return [p for p in full if p in chosen]
+
+    def fixed_tokens(self, model: Any) -> set[int]:
+        """The positions `tokens` chooses for every pair alike (all but `number`'s)."""
+        K, n_bot = model.num_latent, len(model.codi.bot_ids())
+        full = range(-self.question_tokens, K + self.suffix_tokens)
+        regions = {
+            "question": lambda p: p < -n_bot,
+            "bot": lambda p: -n_bot <= p < 0,
+            "thoughts": lambda p: 0 <= p < K,
+            "answer": lambda p: p >= K,
+        }
+        out = {int(t) for t in self.tokens or () if _is_int(t)}
+        for name, inside in regions.items():
+            if self.tokens is None or name in self.tokens:
+                out |= {p for p in full if inside(p)}
+        return out
 
     def fingerprint(self, model: Any, pairs_sha256: str, seed: int) -> dict[str, Any]:
         """Everything that determines the numbers: `--resume` and stacking refuse any difference."""
         fields = dataclasses.asdict(self)
         if self.positions != "sequence":  # the extent of a sequence axis only; other runs keep their fingerprints
-            del fields["question_tokens"], fields["suffix_tokens"]
+            for name in ("question_tokens", "suffix_tokens", "tokens", "number_positions"):
+                del fields[name]
         return {
             **fields,
             "model_config": model.codi_config.to_json() if model.codi_config else "",
@@ -163,6 +211,14 @@ class SweepConfig:
         if isinstance(stored.get("mode"), str) and stored["mode"] in MODE_ALIASES:
             stored = {**stored, "mode": MODE_ALIASES[stored["mode"]]}
         return fingerprint_difference(stored, current)
+
+
+def _is_int(text: str) -> bool:
+    try:
+        int(text)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def parse_layers(text: str | None, n_layers: int) -> list[int]:

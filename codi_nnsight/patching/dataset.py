@@ -113,12 +113,12 @@ def batch_dataset(
     each = cfg.positions in ("each", "sequence")
     K = model.num_latent
     positions = cfg.sequence_positions(model) if cfg.positions == "sequence" else list(range(K))
-    first = positions[0] if positions else 0  # index of position p on the axis: p - first
+    at = {p: n for n, p in enumerate(positions)}  # index of position p on the axis
     axis = cfg.site.axis
     unit_ids = cfg.site.units(model)
     shape = (len(pairs), len(cfg.layers)) + ((len(unit_ids),) if axis else ()) + ((len(positions),) if each else ())
     index = [
-        (cfg.layers.index(L),) + ((unit_ids.index(u),) if axis else ()) + ((p - first,) if each else ())
+        (cfg.layers.index(L),) + ((unit_ids.index(u),) if axis else ()) + ((at[p],) if each else ())
         for L, p, u in plan.variants
     ]
     absent = plan.absent or [set()] * len(pairs)  # sequence sweeps: tokens a pair does not have
@@ -151,6 +151,15 @@ def batch_dataset(
     }
     if cfg.positions == "sequence":
         coords.update(sequence_coordinates(model, pairs, positions))
+        patched = np.ones((len(pairs), len(positions)), dtype=np.int8)
+        for i in range(len(pairs)):
+            for j in absent[i]:
+                patched[i, at[plan.variants[j][1]]] = 0
+        coords["patched"] = (
+            ("pair", "position"),
+            patched,
+            {"long_name": "1 where the pair's token was patched; 0: it has none there, or --tokens left it out"},
+        )
     elif each:
         coords["position"] = (
             "position",

@@ -7,6 +7,9 @@ from __future__ import annotations
 #: the answer prompt (`[eot] The answer is:`), on one `position` axis counted from the first thought
 #: (question tokens negative, thoughts 0 … K-1, the answer prompt K …).
 POSITIONS = ("all", "each", "sequence")
+#: `--tokens` of a sequence sweep: besides offsets from the first thought (ints), these regions.
+#: `number` is the changed number's tokens of each pair (at other offsets in other pairs).
+TOKEN_REGIONS = ("question", "number", "bot", "thoughts", "answer")
 #: Each mode is named after what it BLOCKS on the way from the patched site at latent p to the
 #: answer (the path diagram is in docs/results-schema.md, "Modes and routes"). Out of latent p's
 #: own column leave exactly two edges: its keys and values, which every later token attends to

@@ -326,6 +326,13 @@ def _plan_patches(plan: BatchPlan, cfg: SweepConfig, model: CODIModel, values: A
     _store_token_patches(plan, cfg, model, tokens)
 
 
+def changed_positions(model: CODIModel, pair: Any) -> list[int]:
+    """Offsets from the first thought of the tokens where a pair's two questions differ (the
+    changed number), for questions of equal length."""
+    a, b = model.encode_question(pair.clean.question), model.encode_question(pair.corrupted.question)
+    return [i - len(a) for i, (x, y) in enumerate(zip(a, b)) if x != y]
+
+
 def sequence_window(model: CODIModel, pairs: Sequence[Any]) -> tuple[int, int]:
     """`positions="sequence"`: (longest prompt, longest answer prompt) of `pairs`, in tokens.
 
@@ -359,11 +366,14 @@ def _sequence_rows(
     K = model.num_latent
     n_prompt = len(model.encode_question(tgt_q.question))
     n_suffix = len(answer_tokens(model, pair.clean.answer, pair.corrupted.answer).suffix)
+    # `--tokens number`: a position chosen only as some pair's number is this pair's only if it is its own.
+    fixed = cfg.fixed_tokens(model)
+    own_number = set(changed_positions(model, pair)) if cfg.tokens and "number" in cfg.tokens else set()
     absent: set[int] = set()
     own: dict[int, int] = {}
     prompts = []
     for j, (_, p, _) in enumerate(plan.variants):
-        if p < -n_prompt or p >= K + n_suffix:
+        if p < -n_prompt or p >= K + n_suffix or (p not in fixed and p not in own_number):
             absent.add(j)
             prompts.append(p_tgt)
         elif p < 0:

@@ -75,8 +75,8 @@ def measure(ds: Any, full: dict[str, Any]) -> dict[str, Any]:
     """Raw check values of one sweep's Dataset and its full-patch result."""
     self_kl = ds["self_patch_kl"].values
     kl = ds["kl"].values
-    if "token" in ds.coords:  # a sequence sweep: positions a pair does not have are NaN by design
-        kl = kl[(ds["token"] != "").broadcast_like(ds["kl"]).transpose(*ds["kl"].dims).values]
+    if "patched" in ds.coords:  # a sequence sweep: tokens not patched for a pair are NaN by design
+        kl = kl[(ds["patched"] > 0).broadcast_like(ds["kl"]).transpose(*ds["kl"].dims).values]
     return {
         "self_patch": float(np.abs(self_kl).max()) if self_kl.size else 0.0,
         # KL is NaN nowhere by construction; a NaN here means the model produced NaN logits.

@@ -25,7 +25,7 @@ from .config import SweepConfig
 from .dataset import SCHEMA, batch_dataset, check_metric_names, with_pair_coordinates
 from .metrics import METRICS, Metric, check_metrics_on, needed_inputs, user_metrics
 from .options import ROUTES
-from .plan import carries_full_patch, plan_batch, row_gold_tokens, sequence_window
+from .plan import carries_full_patch, changed_positions, plan_batch, row_gold_tokens, sequence_window
 from .sanity import measure, merge_sanity, sanity_attrs
 from .store import PartialStore, clean_attrs
 from .trace import full_patch_check, full_patch_pair, run_batch
@@ -60,6 +60,7 @@ def patch_sweep(
     workers: int | Executor | None = None,
     ray_address: str | None = None,
     metrics: Mapping[str, Callable[[dict[str, Any]], torch.Tensor]] | None = None,
+    tokens: Sequence[int | str] | None = None,
 ) -> xr.Dataset:
     """Patch source activations into target runs at the latent positions, layer by layer.
 
@@ -74,6 +75,10 @@ def patch_sweep(
             answer prompt's (adds `position`, counted from the first thought; see
             docs/results-schema.md). `sequence` patches decoder-block sites in `recurrent` mode,
             and needs the two questions of each pair to have the same number of tokens.
+        tokens: with `positions="sequence"`, patch only these tokens: offsets from the first
+            thought (ints; the question's are negative, `[bot]` is -1) and regions `question`,
+            `number` (each pair's changed number, wherever it sits), `bot`, `thoughts`, `answer`;
+            e.g. `["number", "bot", "thoughts"]`. Default: every token.
         mode: what is blocked between the patched thought and the answer (`options.MODES`):
             `recurrent` (nothing: the total effect through the latent loop),
             `block-all-feedback` (every fed-back latent embedding held at the baseline's),
@@ -134,6 +139,7 @@ def patch_sweep(
         direction=direction,
         max_new_tokens=max_new_tokens,
         ablation=ablation,
+        tokens=_token_choice(tokens),
     )
     # The run layer: refuses a forbidden target before any work and probes the server once.
     run = Run(model, remote, command)
@@ -213,6 +219,17 @@ def check_layers(layers: Any, n_layers: int) -> list[int]:
     out = [int(L) for L in layers]
     if len(set(out)) != len(out):
         raise UserError(f"layers: {out} names a layer twice")
+    return out
+
+
+def _token_choice(tokens: Any) -> list[str] | None:
+    """`tokens` as the config's list of text items (ints as "-3"); None stays None."""
+    if tokens is None:
+        return None
+    items = [tokens] if isinstance(tokens, (str, int)) else list(tokens)
+    out = [str(t).strip() for t in items if str(t).strip()]
+    if not out or any(isinstance(t, (bool, float)) for t in items):
+        raise UserError(f"--tokens {tokens!r}: expected offsets (ints) and region names, e.g. number,bot,thoughts")
     return out
 
 
@@ -327,9 +344,26 @@ def _checked_pairs(
     check_context(model, pairs, cfg.max_new_tokens)
     if cfg.positions == "sequence":  # the axis's extent (pairs of unequal question lengths: refused here)
         cfg.question_tokens, cfg.suffix_tokens = sequence_window(model, pairs)
+        if cfg.tokens is not None:
+            _choose_tokens(model, pairs, cfg)
     if pairs_sha is None:
         pairs_sha = PairSet.from_pairs(pairs).sha256
     return pairs, sweep_fingerprint(model, cfg, pairs_sha, seed, reference, run, user)
+
+
+def _choose_tokens(model: CODIModel, pairs: list[Any], cfg: SweepConfig) -> None:
+    """`--tokens`: the changed numbers' offsets when `number` is chosen; an offset no pair has, or a
+    choice that leaves no token, is one line."""
+    if "number" in cfg.tokens:
+        cfg.number_positions = sorted({p for pair in pairs for p in changed_positions(model, pair)})
+    top = model.num_latent + cfg.suffix_tokens
+    for t in cfg.tokens:
+        if t.lstrip("-").isdigit() and not -cfg.question_tokens <= int(t) < top:
+            raise UserError(
+                f"--tokens {t}: no pair has a token there (positions run from {-cfg.question_tokens} to {top - 1})"
+            )
+    if not cfg.sequence_positions(model):
+        raise UserError(f"--tokens {','.join(cfg.tokens)}: chooses no token of these pairs")
 
 
 def sweep_fingerprint(
