@@ -61,6 +61,8 @@ _EXPORTS = {
     "compare_with_exact": "patching.attribution",
     "verify_top": "patching.attribution",
     "early_exit": "patching.ablation",
+    "gold_value_prob": "patching.metrics",
+    "metric_function": "patching.metrics",
     # readouts
     "logit_lens": "readouts.lens",
     "attention_readout": "readouts.attention",

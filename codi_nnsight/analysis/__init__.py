@@ -16,6 +16,7 @@ from .readouts import (
     write_readout_report,
 )
 from .report import clear_report_files, format_layer_table, write_report
+from .sequence import plot_sequence, region_means, sequence_finding, thought_view
 from .stats import (
     NEGLIGIBLE,
     bh_adjust,
@@ -58,6 +59,10 @@ __all__ = [
     "plot_probe",
     "readout_summary",
     "write_comparison",
+    "plot_sequence",
+    "region_means",
+    "sequence_finding",
+    "thought_view",
     "write_readout_report",
     "write_report",
 ]
