@@ -103,10 +103,10 @@ def test_the_axis_labels_every_token(tiny_models):
     assert kinds[-1] == "answer prompt" and kinds[0] == "question"
     assert [ds.position.values[i] for i, k in enumerate(kinds) if k == "thought"] == list(range(K))
     assert [ds.position.values[i] for i, k in enumerate(kinds) if k == "bot"] == [-1]  # GPT-2 CODI: [bot] alone
-    tokens = ds["token"].sel(pair=0).values
-    assert "".join(t for t, k in zip(tokens, kinds) if k == "question") == "Sam has 3 cats and 4 dogs. How many pets?"
+    tokens = ds["token"].sel(pair=0).values  # the target's (denoise: the corrupted question's)
+    assert "".join(t for t, k in zip(tokens, kinds) if k == "question") == "Sam has 5 cats and 4 dogs. How many pets?"
     changed = ds["changed"].sel(pair=0).values
-    assert [t for t, c in zip(tokens, changed) if c] == ["3"]  # the changed number, and only it
+    assert [t for t, c in zip(tokens, changed) if c] == ["5"]  # the changed number, and only it
     assert [t for t, k in zip(tokens, kinds) if k == "bot"] == ["[bot]"]
     prompt = [t for t, k in zip(tokens, kinds) if k == "answer prompt"]
     assert prompt[0] == "[eot]" and "".join(prompt[1:]).strip() == "The answer is:"
@@ -163,13 +163,34 @@ def test_what_a_sequence_sweep_refuses(tiny_models, kwargs, message):
     assert str(e.value) == message
 
 
-def test_questions_of_unequal_length_are_refused_naming_the_pair(tiny_models):
-    with pytest.raises(UserError) as e:
-        patch_sweep(tiny_models["gpt2"], pairs_of((3, 5), (9, 10)), positions="sequence")
-    assert str(e.value) == (
-        "pair 1: the clean question has 42 tokens and the corrupted 43; --positions sequence patches token by "
-        "token and needs questions of equal length (drop the pair, or use --positions each)"
-    )
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_a_changed_number_of_another_length_aligns_the_rest_and_leaves_its_own_tokens_out(
+    tiny_models, references, direction
+):
+    """9 -> 10 (one character token -> two): tokens before the number take the source's token at the
+    same index from the start, tokens after it the one at the same offset from the end; the
+    number's own tokens have no counterpart (NaN, `patched` 0, `changed` 1). Against the
+    plain-hook loop."""
+    model, ref = tiny_models["gpt2"], references["gpt2"]
+    pair = pairs_of((9, 10))[0]
+    src, tgt = (pair.clean, pair.corrupted) if direction == "denoise" else (pair.corrupted, pair.clean)
+    ds = patch_sweep(model, [pair], layers=[0], positions="sequence", direction=direction, batch_size=1)
+    suffix = answer_tokens(model, pair.clean.answer, pair.corrupted.answer).suffix
+    n_t, n_s = (len(ref.tok(q.question).input_ids) + 1 for q in (tgt, src))
+    assert {n_t, n_s} == {42, 43}
+    span = [int(p) for p in ds.position.values if ds["changed"].sel(pair=0, position=p)]
+    assert "".join(ds["token"].sel(pair=0, position=span).values) == ("10" if direction == "denoise" else "9")
+    assert np.isnan(ds["kl"].sel(pair=0, position=span)).all() and not ds["patched"].sel(pair=0, position=span).any()
+    keep: dict = {}
+    reference_logits(ref, src.question, suffix, 0, keep=keep)
+    base = reference_logits(ref, tgt.question, suffix, 0)
+    for p in (-n_t + 3, span[0] - 1, span[-1] + 1, span[-1] + 4, -1):
+        i_t = n_t + p
+        i_s = i_t if p < span[0] else n_s + p  # from the start before the number, from the end after it
+        want = kl(reference_logits(ref, tgt.question, suffix, 0, {(0, i_t): keep[0][i_s]}), base)
+        got = float(ds["kl"].sel(pair=0, layer=0, position=p))
+        assert abs(got - want) < TOL, (direction, p, got, want)
+        assert want > 1e-12 or p < span[0]  # after the number the patch moves the answer
 
 
 def test_other_sweeps_keep_their_fingerprints(tiny_models):

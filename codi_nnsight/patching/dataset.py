@@ -150,7 +150,7 @@ def batch_dataset(
         "layer": np.array(cfg.layers, dtype=np.int64),
     }
     if cfg.positions == "sequence":
-        coords.update(sequence_coordinates(model, pairs, positions))
+        coords.update(sequence_coordinates(model, pairs, positions, cfg.direction))
         patched = np.ones((len(pairs), len(positions)), dtype=np.int8)
         for i in range(len(pairs)):
             for j in absent[i]:
@@ -182,15 +182,17 @@ def _origin_attrs(m: Metric) -> dict[str, str]:
 POSITION_KINDS = ("question", "bot", "thought", "answer prompt")
 
 
-def sequence_coordinates(model: CODIModel, pairs: Sequence[Any], positions: Sequence[int]) -> dict[str, Any]:
+def sequence_coordinates(
+    model: CODIModel, pairs: Sequence[Any], positions: Sequence[int], direction: str = "denoise"
+) -> dict[str, Any]:
     """The `position` axis of a `positions="sequence"` sweep and what sits at each position.
 
     `position` counts from the first thought (question tokens negative, `[bot]` at -1, thoughts
     0 … K-1, the answer prompt from K); `position_kind` names the region; per pair, `token` is the
-    target question's token there ("" where the pair has none) and `changed` is 1 where the clean
-    and corrupted questions differ at that token (the changed number), 0 elsewhere.
+    target question's token there — the patched run's ("" where the pair has none) — and
+    `changed` is 1 on the target's changed span (the changed number), 0 elsewhere.
     """
-    from .plan import answer_tokens
+    from .plan import answer_tokens, token_alignment
 
     K = model.num_latent
     n_bot = len(model.codi.bot_ids())
@@ -209,12 +211,12 @@ def sequence_coordinates(model: CODIModel, pairs: Sequence[Any], positions: Sequ
     text = np.full((len(pairs), len(positions)), "", dtype=object)
     changed = np.zeros((len(pairs), len(positions)), dtype=np.int8)
     for i, pair in enumerate(pairs):
-        a, b = model.encode_question(pair.clean.question), model.encode_question(pair.corrupted.question)
+        a, _, span = token_alignment(model, pair, direction)
         suffix = answer_tokens(model, pair.clean.answer, pair.corrupted.answer).suffix
         for n, p in enumerate(positions):
             if -len(a) <= p < 0:
                 text[i, n] = text_of(a[len(a) + p])
-                changed[i, n] = int(a[len(a) + p] != b[len(b) + p])
+                changed[i, n] = int(p in span)
             elif 0 <= p < K:
                 text[i, n] = f"<thought {p}>"
             elif 0 <= p - K < len(suffix):
@@ -232,12 +234,12 @@ def sequence_coordinates(model: CODIModel, pairs: Sequence[Any], positions: Sequ
         "token": (
             ("pair", "position"),
             text,
-            {"long_name": "the clean question's token at the position ('' where none)"},
+            {"long_name": "the target (patched) question's token at the position ('' where none)"},
         ),
         "changed": (
             ("pair", "position"),
             changed,
-            {"long_name": "1 where the clean and corrupted questions differ at this token (the changed number)"},
+            {"long_name": "1 on the target question's changed span (the changed number)"},
         ),
     }
 

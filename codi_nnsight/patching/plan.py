@@ -156,6 +156,8 @@ class BatchPlan:
     # copy of the target question, patched in the question's call), by variant index.
     token_prompts: list[dict[int, int]] = field(default_factory=list)
     source_prompts: list[int] = field(default_factory=list)  # per pair: its source question's prompt
+    # positions="sequence": per pair, the source offset each target question offset is patched from.
+    source_offsets: list[dict[int, int | None]] = field(default_factory=list)
     prompt_width: int = 0  # the question call's padded width T (a prompt's last token is T - 1)
 
     @property
@@ -291,7 +293,7 @@ def _plan_patches(plan: BatchPlan, cfg: SweepConfig, model: CODIModel, values: A
         s_.append(src)
 
     per_layer = cfg.site.per_layer
-    tokens: dict[Any, tuple[list[int], list[int], list[int]]] = {}  # (layer, call, unit) -> (dst, src, token)
+    tokens: dict[Any, tuple[list[int], ...]] = {}  # (layer, call, unit) -> (dst, src, src token, dst token)
     for i in range(len(plan.source_rows)):
         src = plan.donor_rows[i] if cfg.ablation == "resample" else plan.source_rows[i]
         base, selfr = plan.baseline_rows[i], plan.self_rows[i]
@@ -326,30 +328,48 @@ def _plan_patches(plan: BatchPlan, cfg: SweepConfig, model: CODIModel, values: A
     _store_token_patches(plan, cfg, model, tokens)
 
 
-def changed_positions(model: CODIModel, pair: Any) -> list[int]:
-    """Offsets from the first thought of the tokens where a pair's two questions differ (the
-    changed number), for questions of equal length."""
-    a, b = model.encode_question(pair.clean.question), model.encode_question(pair.corrupted.question)
-    return [i - len(a) for i, (x, y) in enumerate(zip(a, b)) if x != y]
+def source_and_target(pair: Any, direction: str) -> tuple[Any, Any]:
+    """(source question, target question) of a pair: denoise patches clean into corrupted."""
+    return (pair.clean, pair.corrupted) if direction == "denoise" else (pair.corrupted, pair.clean)
 
 
-def sequence_window(model: CODIModel, pairs: Sequence[Any]) -> tuple[int, int]:
-    """`positions="sequence"`: (longest prompt, longest answer prompt) of `pairs`, in tokens.
+def token_alignment(model: CODIModel, pair: Any, direction: str) -> tuple[list[int], dict[int, int | None], list[int]]:
+    """Which source token each target question token is patched from (`positions="sequence"`).
 
-    A question token is patched from the source question's token at the same place, so both
-    questions of a pair must have the same number of tokens (a changed number of another length
-    has no token-by-token counterpart): refused in one line naming the pair, before any work.
+    Returns the target's ids, {target offset: source offset or None} (offsets count from the
+    first thought: -1 is the last prompt token) and the target offsets of the changed span. The
+    two questions agree on a common prefix and a common suffix: a token there takes the source's
+    counterpart at the same place (counted from the start before the change, from the end after
+    it). Inside the changed span, tokens pair up one to one when the two spans have the same
+    length; otherwise (9 → 10 in a tokenizer that splits 10) they have no counterpart (None).
     """
+    src_q, tgt_q = source_and_target(pair, direction)
+    t, s = model.encode_question(tgt_q.question), model.encode_question(src_q.question)
+    n = min(len(t), len(s))
+    a = next((i for i in range(n) if t[i] != s[i]), n)
+    b = next((i for i in range(n - a) if t[-1 - i] != s[-1 - i]), n - a)
+    align: dict[int, int | None] = {}
+    for i in range(len(t)):
+        if i < a:
+            j: int | None = i
+        elif i >= len(t) - b:
+            j = i - len(t) + len(s)
+        else:
+            j = i if len(t) == len(s) else None
+        align[i - len(t)] = None if j is None else j - len(s)
+    return t, align, [i - len(t) for i in range(a, len(t) - b)]
+
+
+def changed_positions(model: CODIModel, pair: Any, direction: str = "denoise") -> list[int]:
+    """Offsets from the first thought of the target question's changed tokens (the changed number)."""
+    return token_alignment(model, pair, direction)[2]
+
+
+def sequence_window(model: CODIModel, pairs: Sequence[Any], direction: str = "denoise") -> tuple[int, int]:
+    """`positions="sequence"`: (longest target prompt, longest answer prompt) of `pairs`, in tokens."""
     longest, suffix = 0, 0
     for p in pairs:
-        a, b = model.encode_question(p.clean.question), model.encode_question(p.corrupted.question)
-        if len(a) != len(b):
-            raise UserError(
-                f"pair {p.pair_id}: the clean question has {len(a)} tokens and the corrupted {len(b)}; "
-                "--positions sequence patches token by token and needs questions of equal length "
-                "(drop the pair, or use --positions each)"
-            )
-        longest = max(longest, len(a))
+        longest = max(longest, len(model.encode_question(source_and_target(p, direction)[1].question)))
         suffix = max(suffix, len(answer_tokens(model, p.clean.answer, p.corrupted.answer).suffix))
     return longest, suffix
 
@@ -368,12 +388,15 @@ def _sequence_rows(
     n_suffix = len(answer_tokens(model, pair.clean.answer, pair.corrupted.answer).suffix)
     # `--tokens number`: a position chosen only as some pair's number is this pair's only if it is its own.
     fixed = cfg.fixed_tokens(model)
-    own_number = set(changed_positions(model, pair)) if cfg.tokens and "number" in cfg.tokens else set()
+    _, align, changed = token_alignment(model, pair, cfg.direction)
+    plan.source_offsets.append(align)
+    own_number = set(changed) if cfg.tokens and "number" in cfg.tokens else set()
     absent: set[int] = set()
     own: dict[int, int] = {}
     prompts = []
     for j, (_, p, _) in enumerate(plan.variants):
-        if p < -n_prompt or p >= K + n_suffix or (p not in fixed and p not in own_number):
+        unmatched = p < 0 and align.get(p) is None  # in a changed span of another length
+        if p < -n_prompt or p >= K + n_suffix or (p not in fixed and p not in own_number) or unmatched:
             absent.add(j)
             prompts.append(p_tgt)
         elif p < 0:
@@ -396,16 +419,16 @@ def _plan_sequence(plan: BatchPlan, copy: Any, tokens: dict[Any, Any], i: int) -
 
 def _store_token_patches(plan: BatchPlan, cfg: SweepConfig, model: CODIModel, tokens: dict[Any, Any]) -> None:
     """One `token` patch per (layer, call, unit): every pair's and position's at once."""
-    for (L, call, u), (d, s_, t) in sorted(tokens.items(), key=lambda kv: str(kv[0])):
+    for (L, call, u), (d, s_, t, dt) in sorted(tokens.items(), key=lambda kv: str(kv[0])):
         sl = cfg.site.unit_slice(model, u) if u >= 0 else slice(None)
-        payload = torch.tensor([s_, t])  # (2, n): source row (or prompt) and token of each patch
+        payload = torch.tensor([s_, t, dt])  # (3, n): source row (or prompt), its token, the target's token
         plan.extra_plan.setdefault((L, call), []).append(("token", sl, torch.tensor(d), payload))
 
 
 def _plan_token_patch(
     plan: BatchPlan,
     copy: Any,
-    tokens: dict[Any, tuple[list[int], list[int], list[int]]],
+    tokens: dict[Any, tuple[list[int], list[int], list[int], list[int]]],
     i: int,
     j: int,
     variant: tuple,
@@ -415,8 +438,8 @@ def _plan_token_patch(
 
     Thoughts are latent calls (one token each: the plain row copy); a question token is token
     T + p of the question's call, T the batch's padded prompt width, in the variant's own prompt
-    (left padding puts the last prompt token at T - 1, and both questions of a pair have the same
-    length); an answer-prompt token is token p - K of the suffix call.
+    (left padding puts the last prompt token at T - 1), taken from the source prompt's aligned
+    token T + q (`token_alignment`); an answer-prompt token is token p - K of the suffix call.
     """
     L, p, u = variant
     sched, K = plan.schedule, plan.schedule.num_latent
@@ -424,18 +447,17 @@ def _plan_token_patch(
         copy((L, sched.latent_call(p), u), row, plan.source_rows[i])
         return
     if p < 0:
-        call, dst, src, token = (
-            sched.question_call,
-            plan.token_prompts[i][j],
-            plan.source_prompts[i],
-            plan.prompt_width + p,
-        )
+        q = plan.source_offsets[i][p]
+        call, dst, src = sched.question_call, plan.token_prompts[i][j], plan.source_prompts[i]
+        src_token, dst_token = plan.prompt_width + q, plan.prompt_width + p
     else:
-        call, dst, src, token = sched.suffix_call, row, plan.source_rows[i], p - K
-    d, s_, t = tokens.setdefault((L, call, u), ([], [], []))
+        call, dst, src = sched.suffix_call, row, plan.source_rows[i]
+        src_token = dst_token = p - K
+    d, s_, t, dt = tokens.setdefault((L, call, u), ([], [], [], []))
     d.append(dst)
     s_.append(src)
-    t.append(token)
+    t.append(src_token)
+    dt.append(dst_token)
 
 
 def _feedback_reset(cfg: SweepConfig, patched: bool, k: int) -> bool:

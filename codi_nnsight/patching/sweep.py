@@ -73,8 +73,8 @@ def patch_sweep(
         positions: `all` latent positions at once, `each` one at a time (adds `position`), or
             `sequence`: every token on its own — the question's, `[bot]`, each thought and the
             answer prompt's (adds `position`, counted from the first thought; see
-            docs/results-schema.md). `sequence` patches decoder-block sites in `recurrent` mode,
-            and needs the two questions of each pair to have the same number of tokens.
+            docs/results-schema.md). `sequence` patches decoder-block sites in `recurrent` mode;
+            a changed number of another token length leaves its own tokens out (NaN).
         tokens: with `positions="sequence"`, patch only these tokens: offsets from the first
             thought (ints; the question's are negative, `[bot]` is -1) and regions `question`,
             `number` (each pair's changed number, wherever it sits), `bot`, `thoughts`, `answer`;
@@ -342,8 +342,8 @@ def _checked_pairs(
     if not pairs:
         raise UserError("no pairs to patch")
     check_context(model, pairs, cfg.max_new_tokens)
-    if cfg.positions == "sequence":  # the axis's extent (pairs of unequal question lengths: refused here)
-        cfg.question_tokens, cfg.suffix_tokens = sequence_window(model, pairs)
+    if cfg.positions == "sequence":  # the axis's extent
+        cfg.question_tokens, cfg.suffix_tokens = sequence_window(model, pairs, cfg.direction)
         if cfg.tokens is not None:
             _choose_tokens(model, pairs, cfg)
     if pairs_sha is None:
@@ -355,7 +355,7 @@ def _choose_tokens(model: CODIModel, pairs: list[Any], cfg: SweepConfig) -> None
     """`--tokens`: the changed numbers' offsets when `number` is chosen; an offset no pair has, or a
     choice that leaves no token, is one line."""
     if "number" in cfg.tokens:
-        cfg.number_positions = sorted({p for pair in pairs for p in changed_positions(model, pair)})
+        cfg.number_positions = sorted({p for pair in pairs for p in changed_positions(model, pair, cfg.direction)})
     top = model.num_latent + cfg.suffix_tokens
     for t in cfg.tokens:
         if t.lstrip("-").isdigit() and not -cfg.question_tokens <= int(t) < top:

@@ -56,8 +56,8 @@ def apply_patches(h: torch.Tensor, patches: list[tuple[str, slice, torch.Tensor,
     for kind, sl, dst, x in patches:
         if kind == "copy":
             h[dst, ..., sl] = h[x, ..., sl]
-        elif kind == "token":  # one token per patch: x = (source rows, token indices)
-            h[dst, x[1], sl] = h[x[0], x[1], sl]
+        elif kind == "token":  # one token per patch: x = (source rows, their tokens, the targets' tokens)
+            h[dst, x[2], sl] = h[x[0], x[1], sl]
         elif kind == "set":
             h[dst, ..., sl] = x.to(h.dtype)
         else:  # "norm"
