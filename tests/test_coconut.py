@@ -125,18 +125,20 @@ class Reference:
         return q + [self.start] + [self.latent] * self.K + [self.end] + (suffix or [])
 
     @torch.no_grad()
-    def run(self, question: str, suffix: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(thoughts (K, d), logits at the last position) for one question."""
+    def loop(self, question: str, suffix: list[int] | None = None, before=None, thoughts=None):
+        """The K+1 passes: (fed thoughts (K, d), the last pass's output, the latent slot's first
+        index). `before(lo, k)` runs before pass k, which computes positions lo, lo + 1, …;
+        `thoughts` = {k: vec} replaces the thought fed into slot k."""
         from transformers import DynamicCache
 
         ids = torch.tensor([self.ids(question, suffix)])
         emb = self.lm.get_input_embeddings()(ids).clone()
         pos = torch.arange(ids.shape[1])[None]
         first = int((ids[0] == self.latent).nonzero()[0])
-        cache = DynamicCache()
-        lo, hi = 0, first
-        thoughts = []
+        cache, lo, hi, fed = DynamicCache(), 0, first, []
         for k in range(self.K + 1):
+            if before is not None:
+                before(lo, k)
             out = self.lm(
                 inputs_embeds=emb[:, lo:hi],
                 position_ids=pos[:, lo:hi],
@@ -145,12 +147,19 @@ class Reference:
                 output_hidden_states=True,
             )
             if k == self.K:
-                return torch.stack(thoughts), out.logits[0, -1]
+                return torch.stack(fed), out, first
             thought = out.hidden_states[-1][0, -1]
+            if thoughts and k in thoughts:
+                thought = thoughts[k]
             emb[0, first + k] = thought
-            thoughts.append(thought)
+            fed.append(thought)
             lo, hi = hi, (hi + 1 if k + 1 < self.K else ids.shape[1])
         raise AssertionError("unreachable")
+
+    def run(self, question: str, suffix: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(thoughts (K, d), logits at the last position) for one question."""
+        fed, out, _ = self.loop(question, suffix)
+        return fed, out.logits[0, -1]
 
 
 def _package_inputs(model: CODIModel, questions: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -203,7 +212,6 @@ class PatchingReference(Reference):
     def patched(self, question, suffix, component, patch=None, head=None, thoughts=None):
         """(thoughts, logits, {layer: (K, d) site outputs at the slots}); `patch` = {layer: {k: vec}}
         writes slot k's site output, `thoughts` = {k: vec} replaces the thought fed into slot k."""
-        from transformers import DynamicCache
 
         n_layers = self.lm.config.num_hidden_layers
         records = {i: [] for i in range(n_layers)}
@@ -240,32 +248,13 @@ class PatchingReference(Reference):
         else:
             handles = [m.register_forward_hook(post(i)) for i, m in enumerate(mods)]
         try:
-            ids = torch.tensor([self.ids(question, suffix)])
-            emb = self.lm.get_input_embeddings()(ids).clone()
-            pos = torch.arange(ids.shape[1])[None]
-            first = int((ids[0] == self.latent).nonzero()[0])
-            cache, lo, hi, fed = DynamicCache(), 0, first, []
-            for k in range(self.K + 1):
-                slot["k"] = None if k == 0 else k - 1
-                out = self.lm(
-                    inputs_embeds=emb[:, lo:hi],
-                    position_ids=pos[:, lo:hi],
-                    use_cache=True,
-                    **{self.cache_kw: cache},
-                    output_hidden_states=True,
-                )
-                if k == self.K:
-                    break
-                thought = out.hidden_states[-1][0, -1]
-                if thoughts and k in thoughts:
-                    thought = thoughts[k]
-                emb[0, first + k] = thought
-                fed.append(thought)
-                lo, hi = hi, (hi + 1 if k + 1 < self.K else ids.shape[1])
+            fed, out, _ = self.loop(
+                question, suffix, before=lambda lo, k: slot.update(k=None if k == 0 else k - 1), thoughts=thoughts
+            )
         finally:
             for h in handles:
                 h.remove()
-        return torch.stack(fed), out.logits[0, -1], {i: torch.stack(v) for i, v in records.items()}
+        return fed, out.logits[0, -1], {i: torch.stack(v) for i, v in records.items()}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -598,7 +587,6 @@ class TokenReference(Reference):
     def logits(self, question, suffix, layer, patch=None, keep=None):
         """Answer-position logits; `patch` = {position: vector} writes block `layer`'s output there,
         `keep` (a dict) receives it at every position."""
-        from transformers import DynamicCache
 
         block = (self.lm.transformer.h if hasattr(self.lm, "transformer") else self.lm.model.layers)[layer]
         span = {"lo": 0}
@@ -616,24 +604,7 @@ class TokenReference(Reference):
 
         handle = block.register_forward_hook(hook)
         try:
-            ids = torch.tensor([self.ids(question, suffix)])
-            emb = self.lm.get_input_embeddings()(ids).clone()
-            pos = torch.arange(ids.shape[1])[None]
-            first = int((ids[0] == self.latent).nonzero()[0])
-            cache, lo, hi = DynamicCache(), 0, first
-            for k in range(self.K + 1):
-                span["lo"] = lo
-                out = self.lm(
-                    inputs_embeds=emb[:, lo:hi],
-                    position_ids=pos[:, lo:hi],
-                    use_cache=True,
-                    **{self.cache_kw: cache},
-                    output_hidden_states=True,
-                )
-                if k == self.K:
-                    break
-                emb[0, first + k] = out.hidden_states[-1][0, -1]
-                lo, hi = hi, (hi + 1 if k + 1 < self.K else ids.shape[1])
+            _, out, first = self.loop(question, suffix, before=lambda lo, k: span.update(lo=lo))
         finally:
             handle.remove()
         return out.logits[0, -1], first
