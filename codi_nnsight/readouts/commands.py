@@ -57,6 +57,56 @@ def _common(f: Any) -> Any:
     return f
 
 
+def _load(
+    opts: dict[str, Any],
+    synthetic: bool = False,
+    default_n: int | None = None,
+    folder: bool = False,
+    local_weights: bool = False,
+) -> tuple[Any, Any]:
+    """The pairs and the model of the options every readout shares, each checked before any work:
+    the pairs source, the workers, the output; then the pairs, then the model."""
+    remote = opts["remote"]
+    if synthetic:
+        check_pairs_source(opts["pairs_path"], opts["n_synthetic"])
+    check_workers(opts["workers"], opts["ray_address"], remote)
+    prepare_output(opts["out"], opts["force"], folder=folder)
+    if synthetic:
+        extra = {} if default_n is None else {"default_n": default_n}
+        pairs = pairs_or_synthetic(opts["pairs_path"], opts["n_synthetic"], opts["data_seed"], opts["limit"], **extra)
+    else:
+        pairs = load_cli_pairs(opts["pairs_path"], opts["limit"])
+    if local_weights and remote_value(remote) not in (False, "local"):
+        click.echo(
+            "note: tuned-lens train fits on this machine and needs the model's weights here: "
+            "loading them (the states are still collected remotely)",
+            err=True,
+        )
+    model = load_cli_model(
+        opts["model_spec"], opts["dtype"], opts["device"], opts["normalization"], None if local_weights else remote
+    )
+    return pairs, model
+
+
+def _trace_options(opts: dict[str, Any]) -> dict[str, Any]:
+    """Where and how the traces run: the keywords every readout function takes."""
+    return {
+        "batch_size": opts["batch_size"],
+        "remote": remote_value(opts["remote"]),
+        "workers": opts["workers"],
+        "ray_address": opts["ray_address"],
+    }
+
+
+def _finish(ds: Any, out: str, what: str) -> None:
+    """Write the Dataset (the run layer's writer) and say what it holds."""
+    from ..analysis.readouts import readout_summary
+    from .common import write_dataset
+
+    write_dataset(ds, out)
+    click.echo(f"wrote {out}: {what}\n{readout_summary(ds)}")
+
+
 @click.command("lens")
 @model_options
 @_pairs_options
@@ -70,49 +120,18 @@ def _common(f: Any) -> Any:
     help="Tuned lens folder (from `tuned-lens train`): decode A_L h + b_L instead of h.",
 )
 @_common
-def lens(
-    model_spec,
-    dtype,
-    device,
-    normalization,
-    pairs_path,
-    limit,
-    out,
-    top_k,
-    tuned_path,
-    force,
-    batch_size,
-    remote,
-    workers,
-    ray_address,
-) -> None:
+def lens(top_k: int, tuned_path: str | None, **opts: Any) -> None:
     """Logit lens (or tuned lens) at [bot], every latent step and the answer position, for every layer."""
-    from ..analysis.readouts import readout_summary
-    from .common import write_dataset
     from .lens import logit_lens
 
-    check_workers(workers, ray_address, remote)
-    prepare_output(out, force)
-    pairs = load_cli_pairs(pairs_path, limit)
-    model = load_cli_model(model_spec, dtype, device, normalization, remote)
+    pairs, model = _load(opts)
     tuned = None
     if tuned_path is not None:
         from .tuned import load_tuned_lens
 
         tuned = load_tuned_lens(tuned_path, model)
-    ds = logit_lens(
-        model,
-        pairs,
-        top_k=top_k,
-        batch_size=batch_size,
-        remote=remote_value(remote),
-        tuned=tuned,
-        workers=workers,
-        ray_address=ray_address,
-    )
-    write_dataset(ds, out)
-    kind = "tuned lens" if tuned is not None else "logit lens"
-    click.echo(f"wrote {out}: {kind} of {2 * len(pairs)} questions\n{readout_summary(ds)}")
+    ds = logit_lens(model, pairs, top_k=top_k, tuned=tuned, **_trace_options(opts))
+    _finish(ds, opts["out"], f"{'tuned' if tuned is not None else 'logit'} lens of {2 * len(pairs)} questions")
 
 
 @click.command("attention")
@@ -127,41 +146,13 @@ def lens(
     help="Top question tokens kept per step (averaged over layers and heads).",
 )
 @_common
-def attention(
-    model_spec,
-    dtype,
-    device,
-    normalization,
-    pairs_path,
-    limit,
-    out,
-    top,
-    force,
-    batch_size,
-    remote,
-    workers,
-    ray_address,
-) -> None:
+def attention(top: int, **opts: Any) -> None:
     """Attention of every step on question, [bot], earlier latents and itself, per layer and head."""
-    from ..analysis.readouts import readout_summary
     from .attention import attention_readout
-    from .common import write_dataset
 
-    check_workers(workers, ray_address, remote)
-    prepare_output(out, force)
-    pairs = load_cli_pairs(pairs_path, limit)
-    model = load_cli_model(model_spec, dtype, device, normalization, remote)
-    ds = attention_readout(
-        model,
-        pairs,
-        batch_size=batch_size,
-        top=top,
-        remote=remote_value(remote),
-        workers=workers,
-        ray_address=ray_address,
-    )
-    write_dataset(ds, out)
-    click.echo(f"wrote {out}: attention of {2 * len(pairs)} questions\n{readout_summary(ds)}")
+    pairs, model = _load(opts)
+    ds = attention_readout(model, pairs, top=top, **_trace_options(opts))
+    _finish(ds, opts["out"], f"attention of {2 * len(pairs)} questions")
 
 
 @click.command("probe")
@@ -187,53 +178,24 @@ def attention(
 )
 @click.option("--l2", type=click.FloatRange(min=0), default=1e-3, show_default=True, help="L2 penalty.")
 @_common
-def probe(
-    model_spec,
-    dtype,
-    device,
-    normalization,
-    pairs_path,
-    limit,
-    n_synthetic,
-    data_seed,
-    out,
-    layers,
-    seeds,
-    test_fraction,
-    l2,
-    force,
-    batch_size,
-    remote,
-    workers,
-    ray_address,
-) -> None:
+def probe(layers: str | None, seeds: str, test_fraction: float, l2: float, **opts: Any) -> None:
     """Linear probes for every gold intermediate value at every step and layer, with a control task."""
-    from ..analysis.readouts import readout_summary
     from ..patching.config import parse_layers
-    from .common import write_dataset
     from .probe import probe as run_probe
 
-    check_pairs_source(pairs_path, n_synthetic)
-    check_workers(workers, ray_address, remote)
     seed_list = number_list(seeds, "--seeds", int)
-    prepare_output(out, force)
-    pairs = pairs_or_synthetic(pairs_path, n_synthetic, data_seed, limit)
-    model = load_cli_model(model_spec, dtype, device, normalization, remote)
-    layer_list = parse_layers(layers, model.n_layers)
+    pairs, model = _load(opts, synthetic=True)
+    kw = _trace_options(opts)
     ds = run_probe(
         model,
         pairs,
-        layers=layer_list,
+        layers=parse_layers(layers, model.n_layers),
         seeds=seed_list,
         test_fraction=test_fraction,
         l2=l2,
-        batch_size=batch_size,
-        remote=remote_value(remote),
-        workers=workers,
-        ray_address=ray_address,
+        **kw,
     )
-    write_dataset(ds, out)
-    click.echo(f"wrote {out}: probes on {2 * len(pairs)} questions\n{readout_summary(ds)}")
+    _finish(ds, opts["out"], f"probes on {2 * len(pairs)} questions")
     if ds.attrs.get("warning"):
         click.echo(f"warning: {ds.attrs['warning']}", err=True)
 
@@ -273,42 +235,12 @@ def tuned_lens() -> None:
     help="Train on the latent positions, or also on [bot] and the answer position.",
 )
 @_common
-def tuned_lens_train(
-    model_spec,
-    dtype,
-    device,
-    normalization,
-    pairs_path,
-    limit,
-    n_synthetic,
-    data_seed,
-    out,
-    steps,
-    seed,
-    lr,
-    held_out,
-    positions,
-    force,
-    batch_size,
-    remote,
-    workers,
-    ray_address,
-) -> None:
+def tuned_lens_train(steps: int, seed: int, lr: float, held_out: float, positions: str, **opts: Any) -> None:
     """Train a tuned lens on the model's latent-position states; print the held-out KL per layer."""
     from .tuned import kl_table, save_tuned_lens, train_tuned_lens
 
-    check_pairs_source(pairs_path, n_synthetic)
-    check_workers(workers, ray_address, remote)
-    prepare_output(out, force, folder=True)
-    pairs = pairs_or_synthetic(pairs_path, n_synthetic, data_seed, limit, default_n=500)
-    if remote_value(remote) not in (False, "local"):
-        # The translators are fitted here against the final norm and LM head: those weights must be local.
-        click.echo(
-            "note: tuned-lens train fits on this machine and needs the model's weights here: "
-            "loading them (the states are still collected remotely)",
-            err=True,
-        )
-    model = load_cli_model(model_spec, dtype, device, normalization)
+    # The translators are fitted here against the final norm and LM head: those weights must be local.
+    pairs, model = _load(opts, synthetic=True, default_n=500, folder=True, local_weights=True)
     got = train_tuned_lens(
         model,
         pairs,
@@ -316,13 +248,11 @@ def tuned_lens_train(
         seed=seed,
         lr=lr,
         held_out=held_out,
-        batch_size=batch_size,
-        remote=remote_value(remote),
         positions=positions,
         progress=sys.stderr.isatty(),  # a bar with a time estimate: training takes minutes
-        workers=workers,
-        ray_address=ray_address,
+        **_trace_options(opts),
     )
+    out = opts["out"]
     save_tuned_lens(got, out, force=True)  # `prepare_output` refused an existing folder without --force
     n_test = got.meta["n_heldout_questions"]
     click.echo(
