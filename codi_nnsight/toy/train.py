@@ -636,8 +636,16 @@ def _train_worker(
         # Leave together: a worker that exits while rank 0 still saves and evaluates closes its
         # gloo connections under rank 0's feet, which can abort rank 0 ("terminate called ...").
         dist.barrier()
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    # Everything is written (rank 0 saved before the barrier). Tearing gloo down now races with
+    # the peer doing the same: a rank whose peer has already closed its connections aborts in
+    # gloo's destructor ("terminate called without an active exception", seen once in CI). So the
+    # worker leaves without running destructors; the OS closes its sockets.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _average_over_workers(params: list[nn.Parameter], losses: dict[str, torch.Tensor], world: int) -> dict[str, float]:
