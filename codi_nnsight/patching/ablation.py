@@ -33,7 +33,7 @@ from ..model.inference import decode
 from ..model.remote import remote_errors, trace_kwargs
 from ..model.wrapper import CODIModel
 from ..run import Run
-from ..run.executors import Executor, check_executor, use_executor
+from ..run.executors import Executor
 from .config import SweepConfig
 from .plan import AblationValues, answer_tokens
 from .sites import output_tensor
@@ -147,9 +147,8 @@ def early_exit(
     shard the (k, batch) traces over Ray workers as `patch_sweep`'s are (bit-identical to one
     process on one thread with the same `batch_size`).
     """
-    run = Run(model, remote)  # a refused target or a weightless local run: one line, before any work
-    if not isinstance(workers, Executor):
-        check_executor(workers, ray_address, run.backend)  # Ray installed, a local backend: before any work
+    # A refused target, a weightless local run or workers that cannot run: one line, before any work.
+    run = Run(model, remote, workers=workers, ray_address=ray_address)
     if isinstance(past_trained, bool) or not isinstance(past_trained, (int, np.integer)) or past_trained < 0:
         raise UserError(f"--past-trained {past_trained!r}: expected an int >= 0")
     top = model.num_latent + int(past_trained)
@@ -176,8 +175,8 @@ def early_exit(
             out["correct"][idx] = float(a is not None and a == float(q.answer))
             out["logp_answer"][idx] = lp
 
-    with use_executor(workers, ray_address, run.backend) as executor:
-        executor.map(model, early_exit_batch, (max_new_tokens, remote), jobs, store)
+    with run:
+        run.map(early_exit_batch, (max_new_tokens, remote), jobs, store)
     attrs = {
         "answer": ("number decoded after the teacher-forced prompt", "answer value"),
         "correct": ("the decoded answer equals the question's true answer", "share"),

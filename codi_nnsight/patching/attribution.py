@@ -84,7 +84,7 @@ from ..errors import UserError
 from ..model.remote import remote_errors, trace_kwargs
 from ..model.wrapper import CODIModel
 from ..run import Run, now, recorded_command
-from ..run.executors import Executor, check_executor, use_executor
+from ..run.executors import Executor
 from .plan import answer_tokens
 from .sites import SITES, head_dim, n_heads, output_tensor
 
@@ -458,17 +458,16 @@ def attribution_sweeps(
     model.check_text(pairs)
     # The run layer: what computes the numbers (one small request when remote; refuses a server
     # with other weights), the recorded command (credentials scrubbed) and the start time.
-    run_ = Run(model, remote, command)
-    if not isinstance(workers, Executor):
-        check_executor(workers, ray_address, run_.backend)  # Ray installed, a local backend: before any work
+    # Also the executor: Ray installed, a local backend, checked before any work.
+    run_ = Run(model, remote, command, workers=workers, ray_address=ray_address)
     provenance = run_.provenance()
     start, command, remote = run_.start_time, run_.command, run_.remote
     drops: list[int | None] = [None] + (list(range(model.n_layers)) if method == "atp*" else [])
     chunks = _batches(model, pairs, int(batch_size))
     ctx = _AttributionContext(components, layers, list(metrics), direction, remote, drops)
     results: dict[int, dict[str, Any]] = {}
-    with use_executor(workers, ray_address, run_.backend) as executor:
-        executor.map(model, attribution_batch, ctx, chunks, results.__setitem__)
+    with run_:
+        run_.map(attribution_batch, ctx, chunks, results.__setitem__)
     parts = [results[i] for i in range(len(chunks))]  # batch order, wherever each batch ran
     atp = {m: {c: torch.cat([p["atp"][m][c] for p in parts]).numpy() for c in components} for m in metrics}
     if method == "atp*":

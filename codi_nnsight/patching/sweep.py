@@ -20,7 +20,7 @@ from ..errors import UserError
 from ..model.wrapper import DTYPES, CODIModel
 from ..run import Backend, Run, client_versions, now, write_results
 from ..run.batching import REMOTE_ROWS, auto_batch_size  # noqa: F401  (REMOTE_ROWS: re-exported)
-from ..run.executors import Executor, LocalExecutor, check_executor, use_executor
+from ..run.executors import Executor
 from .config import SweepConfig
 from .dataset import SCHEMA, batch_dataset, check_metric_names, with_pair_coordinates
 from .metrics import METRICS, Metric, check_metrics_on, needed_inputs, user_metrics
@@ -141,10 +141,9 @@ def patch_sweep(
         ablation=ablation,
         tokens=_token_choice(tokens),
     )
-    # The run layer: refuses a forbidden target before any work and probes the server once.
-    run = Run(model, remote, command)
-    if not isinstance(workers, Executor):
-        check_executor(workers, ray_address, run.backend)  # Ray installed, a local backend: before any work
+    # The run layer: refuses a forbidden target and workers that cannot run (Ray missing, a remote
+    # backend) before any work, and probes the server once.
+    run = Run(model, remote, command, workers=workers, ray_address=ray_address)
     if out is not None:
         _refuse_existing(out, force, stacked=len(components) > 1 or split)
     if len(components) > 1 and not split:
@@ -153,8 +152,8 @@ def patch_sweep(
         axis = next((c for c in components if SITES[c].axis), None)
         if axis is not None:
             raise UserError(f"--component {axis} adds a {SITES[axis].axis} dimension: sweep it on its own")
-    # One executor for the whole command: a stacked sweep's parts share its workers.
-    with use_executor(workers, ray_address, run.backend) as executor:
+    # One executor for the whole command (the run's): a stacked sweep's parts share its workers.
+    with run:
         common = dict(
             batch_size=batch_size,
             progress=progress,
@@ -162,7 +161,6 @@ def patch_sweep(
             reference=reference,
             resume=resume,
             force=force,
-            executor=executor,
             user=user,
         )
         if split:
@@ -268,7 +266,6 @@ def _single_sweep(
     seed: int,
     reference: Sequence[str] | None = None,
     force: bool = False,
-    executor: Executor | None = None,
     user: tuple[Metric, ...] = (),
 ) -> xr.Dataset:
     """One component: check everything, run the batches (streamed to the store), assemble the file."""
@@ -294,17 +291,15 @@ def _single_sweep(
         done = store.open(resume, pair_ids=order) if store is not None else set()
         check = full_patch_pair(model, pairs)
         batches, full = _run_batches(
-            model,
+            run,
             [p for p in pairs if int(p.pair_id) not in done],
             cfg,
             bs,
-            run.remote,
             store,
             progress,
             total=len(pairs),
             ablate=ablate,
             full_patch_id=None if check is None else int(pairs[check].pair_id),
-            executor=executor,
             user=user,
         )
         if full is None:  # not carried by a batch: a configuration that cannot, or a resumed run
@@ -474,27 +469,26 @@ def sweep_batch(model: CODIModel, ctx: BatchContext, chunk: list[Any]) -> tuple[
 
 
 def _run_batches(
-    model: CODIModel,
+    run: Run,
     todo: list[Any],
     cfg: SweepConfig,
     bs: int,
-    remote: bool | str,
     store: PartialStore | None,
     progress: bool,
     total: int,
     ablate: dict[str, Any] | None = None,
     full_patch_id: int | None = None,
-    executor: Executor | None = None,
     user: tuple[Metric, ...] = (),
 ) -> tuple[list[xr.Dataset], dict[str, Any] | None]:
-    """Trace `todo` in batches of `bs` on `executor` (default: this process); each finished batch
-    goes to the store (or is kept, in batch order) as it arrives, under one progress bar.
+    """Trace `todo` in batches of `bs` on the run's executor (`Run.map`: this process or Ray
+    workers); each finished batch goes to the store (or is kept, in batch order) as it arrives,
+    under one progress bar.
 
     Returns (the batches kept in memory, the full-patch check if a batch carried it).
     """
     from tqdm.auto import tqdm
 
-    executor = executor or LocalExecutor()
+    remote = run.remote
     bar = tqdm(total=total, initial=total - len(todo), desc="patching pairs", disable=not progress, unit="pair")
     kept: dict[int, xr.Dataset] = {}
     full: dict[str, Any] | None = None
@@ -517,7 +511,7 @@ def _run_batches(
         interrupt.check()
 
     try:
-        executor.map(model, sweep_batch, ctx, chunks, on_result)
+        run.map(sweep_batch, ctx, chunks, on_result)
     except UserError as e:
         if store is not None and finished:  # same error type, with where the work is and how to go on
             e.args = (
