@@ -1,9 +1,10 @@
 """Executors of the run layer: where a command's batches run — this process, or a pool of Ray workers.
 
-A command that loops over batches hands the loop to an executor:
+A command that loops over batches hands the loop to its run, which owns the executor (made on
+first use, one per command, closed with the run):
 
-    with executor_for(model, workers, ray_address, run.backend) as ex:
-        ex.map(model, work, context, jobs, on_result)
+    with Run(model, remote, workers=workers, ray_address=ray_address) as run:
+        run.map(work, context, jobs, on_result)
 
 `work(model, context, job)` is a module-level function (so a worker process can import it by
 name) that traces one batch and returns what the driver keeps; `on_result(index, result)` runs in
