@@ -60,17 +60,18 @@ def collect_states(
     pairs: Sequence[Any],
     layers: Sequence[int] | None = None,
     batch_size: int = 16,
-    remote: bool | str | Run = False,
+    remote: bool | str = False,
     workers: int | Executor | None = None,
     ray_address: str | None = None,
+    run: Run | None = None,
 ) -> tuple[np.ndarray, list[Any]]:
     """Block outputs (questions, steps, layers, d) of every question of `pairs`, and the question infos.
 
-    `remote` may be the caller's `Run` (its backend and executor are used); `workers` /
-    `ray_address` shard the batches over Ray workers otherwise (docs/sharding.md).
+    `workers` / `ray_address` shard the batches over Ray workers (docs/sharding.md); a caller's
+    `run` is used instead of a new one (its backend and executor).
     """
-    if isinstance(remote, Run):
-        return _collect_states(model, pairs, layers, batch_size, remote)
+    if run is not None:
+        return _collect_states(model, pairs, layers, batch_size, run)
     with Run(model, remote, workers=workers, ray_address=ray_address) as run:
         return _collect_states(model, pairs, layers, batch_size, run)
 
@@ -286,7 +287,7 @@ def probe(
             f"--layers: layer {bad[0]!r} out of range (model has {model.n_layers} layers, 0-{model.n_layers - 1})"
         )
     with run:
-        states, infos = collect_states(model, pairs, layers, batch_size, run)
+        states, infos = collect_states(model, pairs, layers, batch_size, run=run)
     names, labels = probe_targets(infos)
     thin = too_few_per_class(names, labels)
     groups = np.array([i.pair_index for i in infos])
