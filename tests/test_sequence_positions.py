@@ -368,3 +368,25 @@ def test_token_choices_refused_in_one_line(tiny_models, kwargs, message):
     with pytest.raises(UserError) as e:
         patch_sweep(tiny_models["gpt2"], pairs_of((3, 5)), **kwargs)
     assert str(e.value) == message
+
+
+def test_cli_tokens_chooses_positions_and_a_bad_choice_is_one_line(tiny_dirs, tmp_path):
+    import xarray as xr
+    from click.testing import CliRunner
+
+    from codi_nnsight.cli import main
+
+    base = ["patch", "--model", tiny_dirs["gpt2"], "--dtype", "float64", "--limit", "2", "--positions", "sequence"]
+    out = tmp_path / "t.nc"
+    r = CliRunner().invoke(main, [*base, "--tokens", "bot,thoughts,-3", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    with xr.open_dataset(out) as ds:
+        assert list(ds.position.values) == [-3, -1, 0, 1, 2]
+        assert ds.attrs["sanity_passed"] == 1
+    r = CliRunner().invoke(main, [*base, "--tokens", "numbers", "--out", str(tmp_path / "u.nc")])
+    assert r.exit_code == 2
+    assert r.output.strip() == (
+        "error: --tokens 'numbers': expected offsets from the first thought (ints, the question's negative) "
+        "or question, number, bot, thoughts, answer"
+    )
+    assert not (tmp_path / "u.nc").exists()
